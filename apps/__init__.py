@@ -1,0 +1,1 @@
+"""Demo WSGI apps served by etc/baton.toml."""

@@ -1,0 +1,99 @@
+"""Bind or inherit the listening sockets named in the config.
+
+Listeners are keyed by name, never by position, so later code (a reload, a handoff)
+can say "this one stays". Sockets are non-blocking: workers accept in batches and a
+shared socket's EAGAIN is normal.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import stat
+
+from supervisor.config import BindAddress, ListenerConfig
+
+
+class ListenerError(Exception):
+    """A listener could not be bound or inherited; the message names it."""
+
+
+def open_listener(listener: ListenerConfig) -> socket.socket:
+    try:
+        sock = _open(listener.bind, listener.backlog)
+    except OSError as exc:
+        raise ListenerError(f"listener {listener.name!r} ({listener.bind}): {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def open_all(listeners) -> dict[str, socket.socket]:
+    """Open every listener or none: on a failure the ones already opened are closed."""
+    opened: dict[str, socket.socket] = {}
+    try:
+        for name, listener in listeners.items():
+            opened[name] = open_listener(listener)
+    except BaseException:
+        close_all(opened, listeners)
+        raise
+    return opened
+
+
+def close_all(sockets: dict[str, socket.socket], listeners) -> None:
+    for name, sock in sockets.items():
+        path = listeners[name].bind.path if name in listeners else None
+        sock.close()
+        if path:
+            _unlink_socket_file(path)
+
+
+def _open(bind: BindAddress, backlog: int) -> socket.socket:
+    if bind.kind == "fd":
+        sock = socket.socket(fileno=os.dup(bind.fd))
+        if sock.type != socket.SOCK_STREAM:
+            sock.close()
+            raise OSError(f"fd {bind.fd} is not a stream socket")
+        return sock
+    if bind.kind == "unix":
+        _unlink_socket_file(bind.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(bind.path)
+            sock.listen(backlog)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    family = socket.AF_INET6 if ":" in (bind.host or "") else socket.AF_INET
+    host = bind.host
+    if family == socket.AF_INET and host not in ("", None):
+        # A name like "localhost" must resolve to one concrete address we bind.
+        host = socket.getaddrinfo(host, bind.port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # "[::]:80" means IPv6 only, so "0.0.0.0:80" can be bound beside it.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, bind.port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _unlink_socket_file(path: str) -> None:
+    """Remove a stale UNIX socket file, but never a regular file someone cares about."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def describe(sock: socket.socket) -> str:
+    address = sock.getsockname()
+    if isinstance(address, tuple):
+        host, port = address[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"unix:{address}"

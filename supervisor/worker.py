@@ -1,0 +1,166 @@
+"""The worker process: become the app's user, import the app, say READY, serve.
+
+Runs in a freshly forked child (see `spawn.fork`), in the order that keeps root away
+from application code: drop privileges, set the app's environment, arrange to die with
+the master, and only then import the app. The master hears READY or BOOT_FAILED (with
+the traceback) over the channel; after that the channel carries STOP.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+
+import setproctitle
+
+from supervisor import appload, channel, privileges
+from supervisor.channel import ChannelClosed
+from supervisor.config import AppConfig
+from supervisor.httpserver import Server, ServerSettings
+from supervisor.log import Logs
+from supervisor.messages import BOOT_FAILED, READY, STOP, Message, MessageError
+
+_PR_SET_PDEATHSIG = 1
+EXIT_BOOT_FAILED = 3
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs, decided by the master before the fork."""
+    app: AppConfig
+    index: int
+    generation: int
+    identity: privileges.Identity
+    graceful_timeout_s: float
+    master_pid: int
+    channel: socket.socket
+    listeners: dict[str, socket.socket]
+    logs: Logs
+
+    def owned_fds(self) -> list[int]:
+        return [self.channel.fileno(), *(s.fileno() for s in self.listeners.values()), *self.logs.fds]
+
+
+def title(spec: WorkerSpec) -> str:
+    return f"baton: worker {spec.app.name}#{spec.index} gen {spec.generation} ({spec.identity.name})"
+
+
+def main(spec: WorkerSpec) -> int:
+    log = spec.logs.error
+    try:
+        app = _boot(spec)
+    except BaseException:
+        text = traceback.format_exc()
+        log.error("worker %s#%d failed to boot:\n%s", spec.app.name, spec.index, text.rstrip())
+        try:
+            channel.send(spec.channel, Message(BOOT_FAILED, {"traceback": text[-16000:]}))
+        except OSError:
+            pass
+        return EXIT_BOOT_FAILED
+    return Worker(spec, app).serve()
+
+
+def _boot(spec: WorkerSpec):
+    privileges.drop(spec.identity)
+    app = spec.app
+    if app.chdir:
+        os.chdir(app.chdir)
+    if app.umask is not None:
+        os.umask(app.umask)
+    os.environ.update(app.env)
+    for path in reversed(app.pythonpath):
+        sys.path.insert(0, path)
+    if app.chdir and app.chdir not in sys.path:
+        sys.path.insert(0, app.chdir)
+    _die_with_master(spec.master_pid)
+    setproctitle.setproctitle(title(spec))
+    return appload.load(app.module)
+
+
+def _die_with_master(master_pid: int) -> None:
+    # setuid() clears the death signal, so this must come after the drop; the master
+    # may already have died in between, hence the parent check.
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != master_pid:
+        raise RuntimeError("the master exited while this worker was booting")
+
+
+class Worker:
+    """A booted worker: an HTTP server plus the master channel and signal wakeups."""
+
+    _SIGNALS = {
+        signal.SIGTERM: "stop_graceful",
+        signal.SIGINT: "stop_quick",
+        signal.SIGQUIT: "stop_quick",
+    }
+
+    def __init__(self, spec: WorkerSpec, app):
+        self.spec = spec
+        settings = ServerSettings(
+            threads=spec.app.threads,
+            keepalive_s=spec.app.keepalive,
+            header_timeout_s=spec.app.header_timeout,
+            limit_request_line=spec.app.limit_request_line,
+            limit_request_fields=spec.app.limit_request_fields,
+            limit_request_field_size=spec.app.limit_request_field_size,
+            max_body_size=spec.app.max_body_size,
+            forwarded_allow_ips=spec.app.forwarded_allow_ips,
+        )
+        self.server = Server(app, list(spec.listeners.values()), settings,
+                             spec.logs.error, spec.logs.access)
+        self._wakeup_read, self._wakeup_write = socket.socketpair()
+        for sock in (self._wakeup_read, self._wakeup_write):
+            sock.setblocking(False)
+
+    def serve(self) -> int:
+        signal.set_wakeup_fd(self._wakeup_write.fileno(), warn_on_full_buffer=False)
+        for signum in self._SIGNALS:
+            signal.signal(signum, _record_only)
+        self.server.watch(self._wakeup_read.fileno(), self._on_signal)
+        self.server.watch(self.spec.channel.fileno(), self._on_channel)
+        channel.send(self.spec.channel, Message(READY, {"pid": os.getpid()}))
+        self.server.run()
+        return 0
+
+    def stop_graceful(self) -> None:
+        self.server.stop(graceful=True)
+
+    def stop_quick(self) -> None:
+        self.server.stop(graceful=False)
+
+    def _on_signal(self) -> None:
+        try:
+            data = self._wakeup_read.recv(512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            action = self._SIGNALS.get(signum)
+            if action:
+                getattr(self, action)()
+
+    def _on_channel(self) -> None:
+        try:
+            message, fds = channel.receive(self.spec.channel)
+        except BlockingIOError:
+            return
+        except (ChannelClosed, ConnectionError):
+            # The master is gone; the death signal normally beats us to this.
+            self.server.stop(graceful=False)
+            return
+        except MessageError as exc:
+            self.spec.logs.error.error("bad message from master: %s", exc)
+            return
+        for fd in fds:
+            os.close(fd)
+        if message.kind == STOP:
+            self.server.stop(graceful=bool(message.fields.get("graceful", True)))
+
+
+def _record_only(signum, frame) -> None:
+    """The wakeup fd carries the signal number to the loop; the handler does nothing."""

@@ -1,0 +1,166 @@
+"""Real masters on free ports, and the polling helpers that wait for them.
+
+Nothing here sleeps to synchronise: every wait polls a condition until a deadline.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def wait_for(condition, timeout=10.0, interval=0.02, message="condition"):
+    """Poll `condition` until it returns a truthy value; return that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_request(port, path="/", method="GET", headers=None, body=None, timeout=10.0, host="127.0.0.1"):
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def get_json(port, path="/"):
+    status, _, body = http_request(port, path)
+    assert status == 200, body
+    return json.loads(body)
+
+
+def answers(port, path="/"):
+    try:
+        return http_request(port, path, timeout=2.0)[0] == 200
+    except OSError:
+        return False
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+
+
+class Baton:
+    """A real `baton run` master started on a temp config."""
+
+    def __init__(self, tmp_path: Path, toml: str):
+        self.dir = tmp_path
+        self.config = tmp_path / "baton.toml"
+        self.config.write_text(textwrap.dedent(toml))
+        self.log_path = tmp_path / "baton.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, *args: str) -> "Baton":
+        self._log = open(self.log_path, "wb")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "run", "-c", str(self.config), *args],
+            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, text: str, timeout=10.0, count=1) -> None:
+        wait_for(lambda: self.log().count(text) >= count, timeout, message=f"{text!r} x{count} in log:\n{self.log()}")
+
+    def workers(self) -> list[int]:
+        return children_of(self.pid)
+
+    def wait_workers(self, count: int, timeout=10.0, exclude=()) -> list[int]:
+        """Wait until exactly `count` workers are READY (as logged) and alive."""
+        def ready():
+            pids = [p for p in self.workers() if p not in exclude and alive(p)]
+            logged = [p for p in pids if f"(pid {p}) ready" in self.log()]
+            return logged if len(logged) == count and len(pids) == count else None
+        return wait_for(ready, timeout, message=f"{count} ready workers; log:\n{self.log()}")
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait_exit(self, timeout=15.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"master did not exit; log:\n{self.log()}") from None
+
+    def close(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        if self.proc:
+            self._log.close()
+
+
+@pytest.fixture
+def baton(tmp_path):
+    """Factory: baton(toml) -> started master; every master is killed at teardown."""
+    started: list[Baton] = []
+    os.chmod(tmp_path, 0o755)  # workers running as nobody read the config dir
+
+    def start(toml: str, *args: str) -> Baton:
+        instance = Baton(tmp_path, toml).start(*args)
+        started.append(instance)
+        return instance
+
+    yield start
+    for instance in started:
+        instance.close()
+
+
+@pytest.fixture
+def port():
+    return free_port()

@@ -1,0 +1,82 @@
+"""Channel messages: encoding, and strict fd passing over real SEQPACKET pairs."""
+import os
+import socket
+
+import pytest
+
+from supervisor import channel, messages
+from supervisor.channel import ChannelClosed
+from supervisor.messages import BOOT_FAILED, READY, STOP, Message, MessageError
+
+
+@pytest.mark.parametrize("message", [
+    Message(READY, {"pid": 42}),
+    Message(STOP, {"graceful": False}),
+    Message(BOOT_FAILED, {"traceback": "Traceback...\nImportError: ü"}),
+    Message(READY),
+])
+def test_encode_decode_round_trip(message):
+    data = messages.encode(message, fd_count=3)
+    assert messages.decode(data) == (message, 3)
+
+
+@pytest.mark.parametrize("data", [b"", b"\0", b"\0ready", b"\0nonsense\0{}", b"\0ready\0[1]", b"\0ready\0{bad"])
+def test_decode_rejects_garbage(data):
+    with pytest.raises(MessageError):
+        messages.decode(data)
+
+
+def test_encode_rejects_unknown_kind():
+    with pytest.raises(ValueError):
+        messages.encode(Message("launch-missiles"))
+
+
+def _open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def test_fds_travel_with_their_message_and_arrive_cloexec():
+    left, right = channel.pair()
+    r, w = os.pipe()
+    try:
+        channel.send(left, Message(READY, {"n": 1}), [r, w])
+        message, fds = channel.receive(right)
+        assert message == Message(READY, {"n": 1})
+        assert len(fds) == 2
+        assert all(not os.get_inheritable(fd) for fd in fds)
+        os.write(fds[1], b"x")
+        assert os.read(r, 1) == b"x"
+        for fd in fds:
+            os.close(fd)
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        left.close()
+        right.close()
+
+
+def test_fd_count_mismatch_is_rejected_and_fds_are_closed():
+    left, right = channel.pair()
+    r, w = os.pipe()
+    try:
+        # Announce one fd, attach two: the receiver must refuse and close both copies.
+        data = messages.encode(Message(READY), fd_count=1)
+        left.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(memoryview(
+            __import__("array").array("i", [r, w]))))])
+        before = _open_fds()
+        with pytest.raises(MessageError):
+            channel.receive(right)
+        assert _open_fds() <= before
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        left.close()
+        right.close()
+
+
+def test_closed_peer_raises_channel_closed():
+    left, right = channel.pair()
+    left.close()
+    with pytest.raises(ChannelClosed):
+        channel.receive(right)
+    right.close()
