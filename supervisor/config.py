@@ -2,14 +2,30 @@
 
 Promises: `load(path)` either returns a complete, validated `Config` or raises
 `ConfigError` carrying *every* problem found, each naming the file, the dotted key and
-what was expected versus found. Nothing here forks, binds or imports application code.
+what was expected versus found. Nothing here forks, binds or imports application code;
+it only reads the config file and asks the system whether users, groups and directories
+exist.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import grp
+import ipaddress
+import json
+import math
+import os
+import pwd
+import re
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Mapping
+from typing import Any, Mapping
 
+from supervisor import balancing, routing
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib  # type: ignore[no-redef]
 
 @dataclass(frozen=True)
 class BindAddress:
@@ -33,7 +49,7 @@ class BindAddress:
 class ListenerConfig:
     name: str
     bind: BindAddress
-    mode: str = "share"
+    mode: str = "balance"             # "balance", "share" or "reuseport"
     backlog: int = 2048
     proxy_protocol: bool = False
 
@@ -59,6 +75,9 @@ class AppConfig:
     max_body_size: int | None = None
     header_timeout: float = 10.0
     forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
+    hosts: tuple[str, ...] = ()       # Host/SNI names routed to this app on a shared listener
+    default: bool = False             # takes the hosts no other app on the listener claims
+    balance: str = "least-connections"
 
 
 @dataclass(frozen=True)
@@ -69,6 +88,8 @@ class MasterConfig:
     access_log: str | None = None     # path, "-" for stdout, None for off
     error_log: str | None = None      # path, "-"/None for stderr
     pidfile: str | None = None
+    balancer_user: str | None = None  # None: "nobody" when root, else ourselves
+    crash_backoff_max: float = 30.0   # cap on the delay before respawning a crash-looping app
 
 
 @dataclass(frozen=True)
@@ -85,3 +106,642 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+
+COMMAND_LINE = "<command line>"   # the source named in problems when there is no file
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LISTENER_MODES = ("balance", "share", "reuseport")
+_LATER_MODES = ()  # designed, not built yet: refused with a clear reason
+DEFAULT_USER = "nobody"                  # workers of a root master run as this when `user` is unset
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_IDENTIFIERS = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+# "pkg.mod:app", "pkg.mod:obj.attr" or "pkg.mod:create_app()": the shapes appload.load accepts.
+_MODULE_SPEC = re.compile(rf"{_IDENTIFIERS}:{_IDENTIFIERS}(?:\(\))?")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
+_UNIX_PATH_MAX = 107  # sun_path holds 108 bytes on Linux, one of them the terminating NUL
+_BIND_FORMS = "HOST:PORT, [IPV6]:PORT, :PORT, unix:PATH or fd://N"
+_TOML_POSITION = re.compile(r"(?P<reason>.*) \(at line (?P<line>\d+), column (?P<column>\d+)\)", re.DOTALL)
+_MISSING = object()
+
+
+# -- public API ---------------------------------------------------------------
+
+
+def load(path: str | os.PathLike, *, running_as_root: bool | None = None) -> Config:
+    """Read, parse and validate the config file at `path`."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as file:
+            raw = file.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the config file: {exc.strerror or exc}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        found = f"byte {raw[exc.start]:#04x} at offset {exc.start}"
+        raise ConfigError([f"{path}: expected UTF-8 text, found {found}"]) from None
+    return parse(text, path, running_as_root=running_as_root)
+
+
+def parse(text: str, path: str, *, running_as_root: bool | None = None) -> Config:
+    """Parse TOML `text`; `path` names the file in problems and anchors relative paths."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([_syntax_problem(path, exc)]) from None
+    return from_mapping(data, path, running_as_root=running_as_root)
+
+
+def from_mapping(data: dict, path: str | None, *, running_as_root: bool | None = None,
+                 base_dir: str | None = None) -> Config:
+    """Validate already-parsed config data (a TOML document, or `baton serve` arguments).
+
+    `path` None means the data came from the command line. Relative paths resolve
+    against `base_dir`, by default the config file's directory (or the current one).
+    `running_as_root` None asks the system (effective uid 0).
+    """
+    if running_as_root is None:
+        running_as_root = os.geteuid() == 0
+    if base_dir is None:
+        base_dir = os.path.dirname(os.path.abspath(path)) if path is not None else os.getcwd()
+    problems = _Problems(path if path is not None else COMMAND_LINE)
+    top = _Table(problems, (), data)
+    master = _master(top.section("master"), base_dir)
+    listeners_data = top.table("listeners")
+    listeners = _listeners(problems, listeners_data, base_dir)
+    apps_data = top.table("apps")
+    apps = {}
+    for name, app_data in apps_data.items():
+        app = _app(problems, name, app_data, tuple(listeners_data), base_dir, running_as_root)
+        if app is not None:
+            apps[name] = app
+    if not apps_data:
+        problems.add(("apps",), "expected at least one app: define at least one [apps.NAME] table")
+    if not problems.lines:
+        # Routing is a cross-app check: judged only once every app reads correctly,
+        # so one typo is not echoed as a routing conflict.
+        _check_routes(problems, listeners, apps)
+    top.finish(elsewhere=_elsewhere())
+    if problems.lines:
+        raise ConfigError(problems.lines)
+    return Config(
+        path=os.path.abspath(path) if path is not None else None,
+        master=master,
+        listeners=MappingProxyType(listeners),
+        apps=MappingProxyType(apps),
+    )
+
+
+def parse_bind(spec: str, base_dir: str) -> BindAddress:
+    """Parse one `bind` spec; raise ValueError with a readable reason when it is wrong.
+
+    "HOST:PORT" keeps a host name as written (the listener resolves it) and normalises
+    IP literals; ":PORT" and "*:PORT" mean every IPv4 interface. A relative unix path
+    resolves against `base_dir`.
+    """
+    if spec.startswith("unix:"):
+        return _parse_unix(spec[len("unix:"):], base_dir)
+    if spec.startswith("fd://"):
+        number = spec[len("fd://"):]
+        if not (number.isascii() and number.isdigit()):
+            raise ValueError(f"expected a file descriptor number >= 0 after 'fd://', found {number!r}")
+        return BindAddress("fd", fd=int(number))
+    if spec.startswith("systemd:"):
+        raise ValueError("systemd socket activation ('systemd:NAME') is not available yet")
+    host, colon, port_text = spec.rpartition(":")
+    if not colon:
+        hint = f"; did you mean ':{spec}'?" if spec.isascii() and spec.isdigit() else ""
+        raise ValueError(f"expected {_BIND_FORMS}, found {spec!r}{hint}")
+    port = _parse_port(port_text)
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            address = ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"expected an IPv6 address between the brackets, found {host[1:-1]!r}") from None
+        return BindAddress("tcp", host=str(address), port=port)
+    if ":" in host or "[" in host or "]" in host:
+        raise ValueError(f"expected an IPv6 address in brackets, as in '[::1]:8000', found {spec!r}")
+    if host in ("", "*"):
+        return BindAddress("tcp", host="0.0.0.0", port=port)
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            return BindAddress("tcp", host=str(ipaddress.IPv4Address(host)), port=port)
+        except ValueError:
+            raise ValueError(f"expected an IPv4 address, found {host!r}") from None
+    if not _HOSTNAME.fullmatch(host):
+        raise ValueError(f"expected a host name or IP address before ':{port_text}', found {host!r}")
+    return BindAddress("tcp", host=host, port=port)
+
+
+def effective_user(app: AppConfig, running_as_root: bool) -> str | None:
+    """The user an app's workers run as: its own, else "nobody" under a root master,
+    else None (stay the master's user)."""
+    if app.user is not None:
+        return app.user
+    return DEFAULT_USER if running_as_root else None
+
+
+# -- reading tables -----------------------------------------------------------
+
+
+class _Problems:
+    """The problem lines found so far in one config source."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.lines: list[str] = []
+
+    def add(self, key: tuple, message: str) -> None:
+        where = f"{_dotted(key)}: " if key else ""
+        self.lines.append(f"{self.source}: {where}{message}")
+
+    def expected(self, key: tuple, what: str, found: Any, hint: str = "") -> None:
+        self.add(key, f"expected {what}, found {_describe(found)}{hint}")
+
+
+class _Table:
+    """One TOML table being read.
+
+    Each getter checks one key: on a wrong value it records a problem and returns the
+    default, so reading goes on and every problem is found in one pass. Keys asked for
+    are remembered; `finish()` reports every other key as unknown.
+    """
+
+    def __init__(self, problems: _Problems, key: tuple, data: dict):
+        self.problems = problems
+        self.key = key
+        self.data = data
+        self.known: list[str] = []
+
+    def raw(self, name: str, *, required: str | None = None) -> Any:
+        """The value of `name` or _MISSING; `required` describes it if it must be present."""
+        self.known.append(name)
+        value = self.data.get(name, _MISSING)
+        if value is _MISSING and required:
+            self.problems.add(self.key + (name,), f"expected {required}, found nothing (the key is required)")
+        return value
+
+    def table(self, name: str) -> dict:
+        value = self.raw(name)
+        if value is _MISSING:
+            return {}
+        if not isinstance(value, dict):
+            self.problems.expected(self.key + (name,), "a table", value)
+            return {}
+        return value
+
+    def section(self, name: str) -> _Table:
+        return _Table(self.problems, self.key + (name,), self.table(name))
+
+    def integer(self, name: str, default: int | None, *, low: int, high: int | None = None) -> int | None:
+        value = self.raw(name)
+        if value is _MISSING:
+            return default
+        if _is_int(value) and low <= value and (high is None or value <= high):
+            return value
+        what = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+        self.problems.expected(self.key + (name,), what, value)
+        return default
+
+    def seconds(self, name: str, default: float | None, *, positive: bool = False) -> float | None:
+        value = self.raw(name)
+        if value is _MISSING:
+            return default
+        if _is_number(value) and math.isfinite(value) and (value > 0 if positive else value >= 0):
+            return float(value)
+        what = "a number of seconds > 0" if positive else "a number of seconds >= 0"
+        self.problems.expected(self.key + (name,), what, value)
+        return default
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool):
+            return value
+        self.problems.expected(self.key + (name,), "true or false", value)
+        return default
+
+    def string(self, name: str, *, required: str | None = None, what: str = "a non-empty string") -> str | None:
+        value = self.raw(name, required=required)
+        if value is _MISSING:
+            return None
+        if _is_text(value):
+            return value
+        self.problems.expected(self.key + (name,), required or what, value)
+        return None
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.raw(name)
+        if value is _MISSING:
+            return default
+        if isinstance(value, str) and value.lower() in choices:
+            return value.lower()
+        self.problems.expected(self.key + (name,), f"one of {_or_list(choices)}", value)
+        return default
+
+    def strings(self, name: str, *, required: str | None = None, nonempty: bool = False,
+                item=None) -> tuple | None:
+        """An array of non-empty strings, each passed through `item(text)` if given;
+        `item` raises ValueError(what_was_expected[, hint]) to refuse one element."""
+        value = self.raw(name, required=required)
+        if value is _MISSING:
+            return None
+        what = required or "an array of strings"
+        if not isinstance(value, (list, tuple)):
+            self.problems.expected(self.key + (name,), what, value)
+            return None
+        if nonempty and not value:
+            self.problems.expected(self.key + (name,), what, value)
+            return None
+        result = []
+        for index, element in enumerate(value):
+            key = self.key + (name, index)
+            if not _is_text(element):
+                self.problems.expected(key, "a non-empty string", element)
+                continue
+            try:
+                result.append(item(element) if item else element)
+            except ValueError as exc:
+                what_expected, *hint = exc.args
+                self.problems.expected(key, what_expected, element, *hint)
+        return tuple(result)
+
+    def path(self, name: str, base_dir: str, *, dash: bool = False) -> str | None:
+        """A file path, absolute once read; "-" (standard output or error) if `dash`."""
+        value = self.string(name, what='a file path or "-"' if dash else "a file path")
+        if value is None or (dash and value == "-"):
+            return value
+        if value == "-":
+            self.problems.expected(self.key + (name,), "a file path", value)
+            return None
+        return _absolute(base_dir, value)
+
+    def finish(self, elsewhere: Mapping[str, str] | None = None) -> None:
+        """Report every key no getter asked for, with a suggestion when one is close."""
+        for name in self.data:
+            if name in self.known:
+                continue
+            hint = _suggestion(name, self.known)
+            if not hint and elsewhere and name in elsewhere:
+                hint = f"; it belongs in {elsewhere[name]}"
+            self.problems.add(self.key + (name,), f"unknown key{hint}")
+
+
+# -- sections -----------------------------------------------------------------
+
+
+def _master(table: _Table, base_dir: str) -> MasterConfig:
+    defaults = MasterConfig()
+    master = MasterConfig(
+        graceful_timeout=table.seconds("graceful_timeout", defaults.graceful_timeout),
+        boot_timeout=table.seconds("boot_timeout", defaults.boot_timeout, positive=True),
+        log_level=table.choice("log_level", defaults.log_level, LOG_LEVELS),
+        access_log=table.path("access_log", base_dir, dash=True),
+        error_log=table.path("error_log", base_dir, dash=True),
+        pidfile=table.path("pidfile", base_dir),
+        balancer_user=_identity(table, "balancer_user"),
+        crash_backoff_max=table.seconds("crash_backoff_max", defaults.crash_backoff_max, positive=True),
+    )
+    table.finish()
+    return master
+
+
+def _listeners(problems: _Problems, data: dict, base_dir: str) -> dict[str, ListenerConfig]:
+    listeners: dict[str, ListenerConfig] = {}
+    for name, listener_data in data.items():
+        key = ("listeners", name)
+        if not _check_name(problems, key, name, "a listener"):
+            continue
+        if not isinstance(listener_data, dict):
+            problems.expected(key, "a table", listener_data)
+            continue
+        table = _Table(problems, key, listener_data)
+        spec = table.string("bind", required=f"a bind address ({_BIND_FORMS})")
+        bind = None
+        if spec is not None:
+            try:
+                bind = parse_bind(spec, base_dir)
+            except ValueError as exc:
+                problems.add(key + ("bind",), str(exc))
+        mode = table.raw("mode")
+        if mode is _MISSING:
+            mode = ListenerConfig.mode
+        elif mode in _LATER_MODES:
+            problems.add(key + ("mode",), f"mode {mode!r} is not available yet; use {_or_list(LISTENER_MODES)}")
+        elif mode not in LISTENER_MODES:
+            problems.expected(key + ("mode",), f"one of {_or_list(LISTENER_MODES)}", mode)
+        backlog = table.integer("backlog", ListenerConfig.backlog, low=1, high=65535)
+        proxy_protocol = table.boolean("proxy_protocol", ListenerConfig.proxy_protocol)
+        table.finish()
+        if mode == "reuseport" and bind is not None and bind.kind != "tcp":
+            problems.add(key + ("mode",), f"mode 'reuseport' needs a HOST:PORT bind, found {str(bind)!r}")
+        if bind is not None:
+            _check_bind_clash(problems, key, bind, listeners)
+            listeners[name] = ListenerConfig(name, bind, mode, backlog, proxy_protocol)
+    return listeners
+
+
+def _check_bind_clash(problems: _Problems, key: tuple, bind: BindAddress,
+                      earlier: Mapping[str, ListenerConfig]) -> None:
+    for other in earlier.values():
+        if _clash(bind, other.bind):
+            what = "is already bound by" if bind == other.bind else "overlaps"
+            problems.add(key + ("bind",), f"{str(bind)!r} {what} listeners.{other.name} ({str(other.bind)!r})")
+            return
+
+
+def _clash(a: BindAddress, b: BindAddress) -> bool:
+    """Whether two addresses cannot both be bound (IPv6 listeners are IPV6_V6ONLY)."""
+    if a.kind != "tcp" or b.kind != "tcp":
+        return a == b
+    if a.port != b.port or a.port == 0:  # port 0: the kernel picks a fresh port each time
+        return False
+    if a.host == b.host:
+        return True
+    wildcards = {"0.0.0.0": 4, "::": 6}
+    return any(x.host in wildcards and _ip_version(y.host) == wildcards[x.host] for x, y in ((a, b), (b, a)))
+
+
+def _app(problems: _Problems, name: str, data: Any, listener_names: tuple[str, ...], base_dir: str,
+         running_as_root: bool) -> AppConfig | None:
+    key = ("apps", name)
+    if not _check_name(problems, key, name, "an app"):
+        return None
+    if not isinstance(data, dict):
+        problems.expected(key, "a table", data)
+        return None
+    table = _Table(problems, key, data)
+    module = table.string("module", required="'pkg.mod:callable' or 'pkg.mod:factory()'")
+    if module is not None and not _MODULE_SPEC.fullmatch(module):
+        problems.expected(key + ("module",), "'pkg.mod:callable' or 'pkg.mod:factory()'", module)
+    listeners = table.strings("listeners", required="a non-empty array of listener names", nonempty=True,
+                              item=lambda text: _known_listener(text, listener_names))
+    if listeners is not None and len(set(listeners)) != len(listeners):
+        problems.add(key + ("listeners",), "names a listener twice")
+    user = _identity(table, "user")
+    group = _identity(table, "group")
+    chdir = table.path("chdir", base_dir)
+    if chdir is not None and not os.path.isdir(chdir):
+        why = "not a directory" if os.path.exists(chdir) else "does not exist"
+        problems.add(key + ("chdir",), f"expected an existing directory, found {chdir!r} ({why})")
+    pythonpath = table.strings("pythonpath", item=lambda text: _absolute(chdir or base_dir, text))
+    defaults = AppConfig(name, "", ())
+    app = AppConfig(
+        name=name,
+        module=module,
+        listeners=listeners,
+        workers=table.integer("workers", defaults.workers, low=1),
+        threads=table.integer("threads", defaults.threads, low=1),
+        user=user,
+        group=group,
+        chdir=chdir,
+        pythonpath=pythonpath or (),
+        env=_env(table),
+        umask=_umask(table),
+        keepalive=table.seconds("keepalive", defaults.keepalive),
+        graceful_timeout=table.seconds("graceful_timeout", None),
+        limit_request_line=table.integer("limit_request_line", defaults.limit_request_line, low=64, high=65535),
+        limit_request_fields=table.integer("limit_request_fields", defaults.limit_request_fields, low=1),
+        limit_request_field_size=table.integer("limit_request_field_size", defaults.limit_request_field_size,
+                                               low=64),
+        max_body_size=table.integer("max_body_size", None, low=0),
+        header_timeout=table.seconds("header_timeout", defaults.header_timeout, positive=True),
+        forwarded_allow_ips=_forwarded_allow_ips(table, defaults.forwarded_allow_ips),
+        hosts=tuple(table.strings("hosts") or ()),
+        default=table.boolean("default", defaults.default),
+        balance=table.choice("balance", defaults.balance, balancing.POLICIES),
+    )
+    table.finish(elsewhere={"bind": "a [listeners.NAME] table that this app names in 'listeners'"})
+    _check_identity(problems, key, user, group, running_as_root)
+    return app
+
+
+def _check_routes(problems: _Problems, listeners: Mapping[str, ListenerConfig],
+                  apps: Mapping[str, AppConfig]) -> None:
+    """Apps sharing a `balance` listener must be told apart by `hosts` (or one `default`)."""
+    for name, listener in listeners.items():
+        sharing = [app for app in apps.values() if name in (app.listeners or ())]
+        if len(sharing) < 2:
+            continue
+        if listener.mode != "balance":
+            names = ", ".join(app.name for app in sharing)
+            problems.add(("listeners", name, "mode"),
+                         f"apps {names} share this listener: expected mode 'balance' to route them by host,"
+                         f" found {listener.mode!r}")
+            continue
+        for app in sharing:
+            if not app.hosts and not app.default:
+                problems.add(("apps", app.name, "hosts"),
+                             f"expected host names (or default = true): listener {name!r} is shared by several apps")
+        try:
+            routing.HostTable([(app.name, app.hosts, app.default) for app in sharing])
+        except ValueError as exc:
+            problems.add(("listeners", name), f"apps sharing this listener conflict: {exc}")
+
+
+def _known_listener(name: str, defined: tuple[str, ...]) -> str:
+    if name in defined:
+        return name
+    hint = _suggestion(name, defined) if defined else "; no [listeners.NAME] table is defined"
+    raise ValueError("the name of a [listeners.NAME] table", hint)
+
+
+def _identity(table: _Table, name: str) -> str | None:
+    """A user or group: a name, or a numeric id (a TOML integer or a string of digits)."""
+    value = table.raw(name)
+    if value is _MISSING:
+        return None
+    if _is_text(value):
+        return value
+    if _is_int(value) and value >= 0:
+        return str(value)
+    table.problems.expected(table.key + (name,), f"a {name} name or numeric id", value)
+    return None
+
+
+def _check_identity(problems: _Problems, key: tuple, user: str | None, group: str | None,
+                    running_as_root: bool) -> None:
+    """Users and groups must exist; without root, workers can only be who the master is."""
+    if user is not None:
+        entry = _find(pwd.getpwnam, pwd.getpwuid, user)
+        if entry is None:
+            problems.add(key + ("user",),
+                         f"expected an existing user, found {user!r}, which this system does not know")
+        elif not running_as_root and entry.pw_uid != os.geteuid():
+            problems.add(key + ("user",), f"expected the master's own user (uid {os.geteuid()}), found {user!r} "
+                                          f"(uid {entry.pw_uid}): the master must run as root to start workers as "
+                                          "another user")
+    elif running_as_root and _find(pwd.getpwnam, pwd.getpwuid, DEFAULT_USER) is None:
+        problems.add(key + ("user",), f"expected a user name: the master runs as root and the default user "
+                                      f"{DEFAULT_USER!r} does not exist on this system")
+    if group is not None:
+        entry = _find(grp.getgrnam, grp.getgrgid, group)
+        if entry is None:
+            problems.add(key + ("group",),
+                         f"expected an existing group, found {group!r}, which this system does not know")
+        elif not running_as_root and entry.gr_gid != os.getegid():
+            problems.add(key + ("group",), f"expected the master's own group (gid {os.getegid()}), found {group!r} "
+                                           f"(gid {entry.gr_gid}): the master must run as root to start workers in "
+                                           "another group")
+
+
+def _find(by_name, by_id, name: str):
+    """The passwd or group entry for a name or numeric id, or None."""
+    try:
+        return by_id(int(name)) if name.isascii() and name.isdigit() else by_name(name)
+    except (KeyError, OverflowError, ValueError):
+        return None
+
+
+def _env(table: _Table) -> Mapping[str, str]:
+    env = {}
+    for name, value in table.table("env").items():
+        key = table.key + ("env", name)
+        if not name or "=" in name or "\0" in name:
+            table.problems.add(key, f"expected an environment variable name without '=', found {name!r}")
+        elif not isinstance(value, str) or "\0" in value:
+            table.problems.expected(key, "a string", value)
+        else:
+            env[name] = value
+    return MappingProxyType(env)
+
+
+def _umask(table: _Table) -> int | None:
+    value = table.raw("umask")
+    if value is _MISSING:
+        return None
+    if _is_int(value) and 0 <= value <= 0o777:
+        return value
+    if isinstance(value, str) and re.fullmatch(r"(?:0o)?[0-7]{1,4}", value):
+        umask = int(value.removeprefix("0o"), 8)
+        if umask <= 0o777:
+            return umask
+    table.problems.expected(table.key + ("umask",), "an octal string like \"022\" or an integer from 0 to 0o777",
+                            value)
+    return None
+
+
+def _forwarded_allow_ips(table: _Table, default: tuple[str, ...]) -> tuple[str, ...]:
+    def address(text: str) -> str:
+        try:
+            return str(ipaddress.ip_address(text))
+        except ValueError:
+            raise ValueError("an IPv4 or IPv6 address") from None
+    addresses = table.strings("forwarded_allow_ips", item=address)
+    return default if addresses is None else addresses
+
+
+# -- small helpers ------------------------------------------------------------
+
+
+def _parse_unix(path: str, base_dir: str) -> BindAddress:
+    if not path or "\0" in path:
+        raise ValueError(f"expected a socket path after 'unix:', found {path!r}")
+    path = _absolute(base_dir, path)
+    if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+        raise ValueError(f"expected a unix socket path of at most {_UNIX_PATH_MAX} bytes, "
+                         f"found {path!r} ({len(os.fsencode(path))} bytes)")
+    return BindAddress("unix", path=path)
+
+
+def _parse_port(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"expected a port number after the last ':', found {text!r}")
+    port = int(text)
+    if port > 65535:
+        raise ValueError(f"expected a port from 0 to 65535, found {port}")
+    return port
+
+
+def _ip_version(host: str | None) -> int | None:
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return None  # a host name: resolved only when bound
+
+
+def _check_name(problems: _Problems, key: tuple, name: str, kind: str) -> bool:
+    if _NAME.fullmatch(name):
+        return True
+    problems.add(key, f"expected {kind} name made of letters, digits, '_', '.' and '-', found {name!r}")
+    return False
+
+
+def _absolute(base_dir: str, path: str) -> str:
+    return os.path.normpath(os.path.join(base_dir, path))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # TOML true is not 1
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and value != "" and "\0" not in value
+
+
+def _suggestion(name: str, known: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _elsewhere() -> dict[str, str]:
+    """Where a key misplaced at the top level belongs, for the unknown-key hint."""
+    where = {}
+    for cls, section in ((AppConfig, "an [apps.NAME] table"), (ListenerConfig, "a [listeners.NAME] table"),
+                         (MasterConfig, "[master]")):  # last wins: graceful_timeout is the master's
+        where.update((f.name, section) for f in fields(cls) if f.name != "name")
+    return where
+
+
+def _or_list(choices: tuple[str, ...]) -> str:
+    quoted = [repr(choice) for choice in choices]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
+def _dotted(key: tuple) -> str:
+    """A key path as TOML would write it: apps.blog.listeners[0], apps."my app"."""
+    text = ""
+    for part in key:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            part = part if _BARE_KEY.fullmatch(part) else json.dumps(part, ensure_ascii=False)
+            text += f".{part}" if text else part
+    return text
+
+
+def _describe(value: Any) -> str:
+    """A found value as TOML would call it: integer 0, boolean true, string 'x'."""
+    if isinstance(value, bool):
+        return f"boolean {'true' if value else 'false'}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"float {value!r}"
+    if isinstance(value, str):
+        return f"string {_clip(repr(value))}" if value else "an empty string"
+    if isinstance(value, (list, tuple)):
+        return f"array {_clip(repr(list(value)))}" if value else "an empty array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"{type(value).__name__} {_clip(str(value))}"
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _syntax_problem(path: str, exc: Exception) -> str:
+    """tomllib says "Reason (at line L, column C)"; say "file:L:C: invalid TOML: reason"."""
+    match = _TOML_POSITION.fullmatch(str(exc))
+    if match:
+        return f"{path}:{match['line']}:{match['column']}: invalid TOML: {match['reason']}"
+    return f"{path}: invalid TOML: {exc}"

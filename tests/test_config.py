@@ -1,0 +1,533 @@
+"""Config loading: every problem names the file, the dotted key, what was expected and
+what was found; a valid file becomes frozen dataclasses with absolute paths."""
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+from types import MappingProxyType
+
+import pytest
+
+from supervisor.config import (
+    COMMAND_LINE, AppConfig, BindAddress, ConfigError, effective_user, from_mapping, load, parse, parse_bind,
+)
+
+
+def document(*, master: str = "", listener: str = "", app: str = "", extra: str = "") -> str:
+    """A valid config, with lines added to its [master], [listeners.web] and [apps.blog]
+    tables and more tables after them."""
+    return f"""\
+[master]
+{master}
+
+[listeners.web]
+bind = "127.0.0.1:8000"
+{listener}
+
+[apps.blog]
+module = "blog.wsgi:app"
+listeners = ["web"]
+{app}
+
+{extra}
+"""
+
+
+def write(tmp_path, text: str, name: str = "baton.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def problems(tmp_path, text: str, *, running_as_root: bool = False) -> tuple[str, list[str]]:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path, running_as_root=running_as_root)
+    return str(path), info.value.problems
+
+
+def other_user() -> pwd.struct_passwd:
+    return next(entry for entry in pwd.getpwall() if entry.pw_uid != os.geteuid())
+
+
+def other_group() -> grp.struct_group:
+    return next(entry for entry in grp.getgrall() if entry.gr_gid != os.getegid())
+
+
+# -- one wrong value, one problem ---------------------------------------------
+
+ONE_PROBLEM = [
+    # (id, document, dotted key, fragments the problem must contain)
+    ("graceful_timeout negative", document(master="graceful_timeout = -1"),
+     "master.graceful_timeout", ["expected a number of seconds >= 0", "found integer -1"]),
+    ("graceful_timeout string", document(master='graceful_timeout = "30s"'),
+     "master.graceful_timeout", ["expected a number of seconds >= 0", "found string '30s'"]),
+    ("graceful_timeout inf", document(master="graceful_timeout = inf"),
+     "master.graceful_timeout", ["expected a number of seconds >= 0", "found float inf"]),
+    ("boot_timeout zero", document(master="boot_timeout = 0"),
+     "master.boot_timeout", ["expected a number of seconds > 0", "found integer 0"]),
+    ("log_level", document(master='log_level = "loud"'),
+     "master.log_level", ["expected one of 'debug', 'info', 'warning', 'error' or 'critical'", "found string 'loud'"]),
+    ("access_log integer", document(master="access_log = 3"),
+     "master.access_log", ['expected a file path or "-"', "found integer 3"]),
+    ("pidfile dash", document(master='pidfile = "-"'),
+     "master.pidfile", ["expected a file path", "found string '-'"]),
+    ("master not a table", document(extra="").replace("[master]\n", "master = 1\n"),
+     "master", ["expected a table", "found integer 1"]),
+
+    ("mode reuseport on unix", document(listener='mode = "reuseport"').replace('"127.0.0.1:8000"', '"unix:web.sock"'),
+     "listeners.web.mode", ["mode 'reuseport' needs a HOST:PORT bind"]),
+    ("mode unknown", document(listener='mode = "fast"'),
+     "listeners.web.mode", ["expected one of 'balance', 'share' or 'reuseport'", "found string 'fast'"]),
+    ("balance unknown", document(app='balance = "fastest"'),
+     "apps.blog.balance", ["expected one of 'least-connections'", "found string 'fastest'"]),
+    ("hosts not strings", document(app="hosts = [1]"),
+     "apps.blog.hosts[0]", ["found integer 1"]),
+    ("default not bool", document(app='default = "yes"'),
+     "apps.blog.default", ["expected true or false"]),
+    ("crash_backoff_max zero", document(master="crash_backoff_max = 0"),
+     "master.crash_backoff_max", ["found integer 0"]),
+    ("shared listener without hosts", document(extra='[apps.shop]\nmodule = "shop:app"\nlisteners = ["web"]\nhosts = ["shop.test"]'),
+     "apps.blog.hosts", ["expected host names (or default = true)"]),
+    ("shared listener in share mode", document(listener='mode = "share"', app='hosts = ["blog.test"]',
+                                               extra='[apps.shop]\nmodule = "shop:app"\nlisteners = ["web"]\nhosts = ["shop.test"]'),
+     "listeners.web.mode", ["expected mode 'balance' to route them by host", "found 'share'"]),
+    ("two apps claim one host", document(app='hosts = ["same.test"]',
+                                         extra='[apps.shop]\nmodule = "shop:app"\nlisteners = ["web"]\nhosts = ["SAME.test"]'),
+     "listeners.web", ["apps sharing this listener conflict"]),
+    ("backlog zero", document(listener="backlog = 0"),
+     "listeners.web.backlog", ["expected an integer from 1 to 65535", "found integer 0"]),
+    ("backlog bool", document(listener="backlog = true"),
+     "listeners.web.backlog", ["expected an integer from 1 to 65535", "found boolean true"]),
+    ("proxy_protocol string", document(listener='proxy_protocol = "yes"'),
+     "listeners.web.proxy_protocol", ["expected true or false", "found string 'yes'"]),
+    ("bind missing", document(extra="[listeners.api]\nbacklog = 5"),
+     "listeners.api.bind", ["expected a bind address", "found nothing (the key is required)"]),
+    ("bind not a string", document(extra="[listeners.api]\nbind = 8000"),
+     "listeners.api.bind", ["expected a bind address", "found integer 8000"]),
+    ("bind unparsable", document(extra='[listeners.api]\nbind = "8000"'),
+     "listeners.api.bind", ["expected HOST:PORT", "found '8000'", "did you mean ':8000'?"]),
+    ("bind duplicate", document(extra='[listeners.api]\nbind = "127.0.0.1:8000"'),
+     "listeners.api.bind", ["'127.0.0.1:8000' is already bound by listeners.web"]),
+    ("bind overlaps wildcard", document(extra='[listeners.api]\nbind = "*:8000"'),
+     "listeners.api.bind", ["'0.0.0.0:8000' overlaps listeners.web ('127.0.0.1:8000')"]),
+    ("listener not a table", document(extra='[listeners]\napi = "x"'),
+     "listeners.api", ["expected a table", "found string 'x'"]),
+    ("listener name", document(extra='[listeners."my api"]\nbind = ":9000"'),
+     'listeners."my api"', ["expected a listener name made of letters, digits", "found 'my api'"]),
+
+    ("module shape", document(extra='[apps.shop]\nmodule = "shop"\nlisteners = ["web"]'),
+     "apps.shop.module", ["expected 'pkg.mod:callable' or 'pkg.mod:factory()'", "found string 'shop'"]),
+    ("module missing", document(extra='[apps.shop]\nlisteners = ["web"]'),
+     "apps.shop.module", ["expected 'pkg.mod:callable'", "found nothing (the key is required)"]),
+    ("listeners missing", document(extra='[apps.shop]\nmodule = "shop:app"'),
+     "apps.shop.listeners", ["expected a non-empty array of listener names", "found nothing"]),
+    ("listeners empty", document(extra='[apps.shop]\nmodule = "shop:app"\nlisteners = []'),
+     "apps.shop.listeners", ["expected a non-empty array of listener names", "found an empty array"]),
+    ("listeners string", document(extra='[apps.shop]\nmodule = "shop:app"\nlisteners = "web"'),
+     "apps.shop.listeners", ["expected a non-empty array of listener names", "found string 'web'"]),
+    ("listener undefined", document(extra='[apps.shop]\nmodule = "shop:app"\nlisteners = ["web", "wbe"]'),
+     "apps.shop.listeners[1]", ["expected the name of a [listeners.NAME] table", "found string 'wbe'",
+                                "did you mean 'web'?"]),
+    ("listener twice", document(extra='[apps.shop]\nmodule = "shop:app"\nlisteners = ["web", "web"]'),
+     "apps.shop.listeners", ["names a listener twice"]),
+    ("app name", document(extra='[apps."my shop"]\nmodule = "shop:app"\nlisteners = ["web"]'),
+     'apps."my shop"', ["expected an app name made of letters, digits", "found 'my shop'"]),
+    ("app not a table", document(extra='[apps]\nshop = 1'),
+     "apps.shop", ["expected a table", "found integer 1"]),
+    ("workers bool", document(app="workers = true"),
+     "apps.blog.workers", ["expected an integer >= 1", "found boolean true"]),
+    ("workers zero", document(app="workers = 0"),
+     "apps.blog.workers", ["expected an integer >= 1", "found integer 0"]),
+    ("threads float", document(app="threads = 1.5"),
+     "apps.blog.threads", ["expected an integer >= 1", "found float 1.5"]),
+    ("chdir missing", document(app='chdir = "nowhere"'),
+     "apps.blog.chdir", ["expected an existing directory", "nowhere' (does not exist)"]),
+    ("chdir a file", document(app='chdir = "baton.toml"'),
+     "apps.blog.chdir", ["expected an existing directory", "baton.toml' (not a directory)"]),
+    ("pythonpath string", document(app='pythonpath = "src"'),
+     "apps.blog.pythonpath", ["expected an array of strings", "found string 'src'"]),
+    ("pythonpath element", document(app='pythonpath = ["src", ""]'),
+     "apps.blog.pythonpath[1]", ["expected a non-empty string", "found an empty string"]),
+    ("env not a table", document(app='env = ["A=1"]'),
+     "apps.blog.env", ["expected a table", "found array ['A=1']"]),
+    ("env value", document(app="env = { PORT = 8000 }"),
+     "apps.blog.env.PORT", ["expected a string", "found integer 8000"]),
+    ("env name", document(app='env = { "A=B" = "x" }'),
+     'apps.blog.env."A=B"', ["expected an environment variable name without '='", "found 'A=B'"]),
+    ("umask string", document(app='umask = "999"'),
+     "apps.blog.umask", ['expected an octal string like "022"', "found string '999'"]),
+    ("umask too big", document(app="umask = 0o1000"),
+     "apps.blog.umask", ["an integer from 0 to 0o777", "found integer 512"]),
+    ("keepalive negative", document(app="keepalive = -1"),
+     "apps.blog.keepalive", ["expected a number of seconds >= 0", "found integer -1"]),
+    ("graceful_timeout string", document(app='graceful_timeout = "5"'),
+     "apps.blog.graceful_timeout", ["expected a number of seconds >= 0", "found string '5'"]),
+    ("limit_request_line small", document(app="limit_request_line = 10"),
+     "apps.blog.limit_request_line", ["expected an integer from 64 to 65535", "found integer 10"]),
+    ("limit_request_fields zero", document(app="limit_request_fields = 0"),
+     "apps.blog.limit_request_fields", ["expected an integer >= 1", "found integer 0"]),
+    ("limit_request_field_size small", document(app="limit_request_field_size = 63"),
+     "apps.blog.limit_request_field_size", ["expected an integer >= 64", "found integer 63"]),
+    ("max_body_size negative", document(app="max_body_size = -1"),
+     "apps.blog.max_body_size", ["expected an integer >= 0", "found integer -1"]),
+    ("header_timeout zero", document(app="header_timeout = 0.0"),
+     "apps.blog.header_timeout", ["expected a number of seconds > 0", "found float 0.0"]),
+    ("forwarded_allow_ips name", document(app='forwarded_allow_ips = ["127.0.0.1", "localhost"]'),
+     "apps.blog.forwarded_allow_ips[1]", ["expected an IPv4 or IPv6 address", "found string 'localhost'"]),
+    ("user bool", document(app="user = true"),
+     "apps.blog.user", ["expected a user name or numeric id", "found boolean true"]),
+    ("group negative", document(app="group = -1"),
+     "apps.blog.group", ["expected a group name or numeric id", "found integer -1"]),
+
+    ("unknown master key", document(master="graceful_timout = 5"),
+     "master.graceful_timout", ["unknown key; did you mean 'graceful_timeout'?"]),
+    ("unknown listener key", document(listener="backlg = 5"),
+     "listeners.web.backlg", ["unknown key; did you mean 'backlog'?"]),
+    ("unknown app key", document(app="wrkers = 4"),
+     "apps.blog.wrkers", ["unknown key; did you mean 'workers'?"]),
+    ("unknown app key, listener's", document(app='bind = ":80"'),
+     "apps.blog.bind", ["unknown key; it belongs in a [listeners.NAME] table"]),
+    ("unknown top-level table", document(extra='[app.shop]\nmodule = "shop:app"'),
+     "app", ["unknown key; did you mean 'apps'?"]),
+    ("top-level key of master", "graceful_timeout = 5\n" + document(),
+     "graceful_timeout", ["unknown key; it belongs in [master]"]),
+    ("top-level key of apps", "workers = 5\n" + document(),
+     "workers", ["unknown key; it belongs in an [apps.NAME] table"]),
+    ("unknown key, nothing close", document(app="zzz = 1"),
+     "apps.blog.zzz", ["unknown key"]),
+    ("no apps", document().split("[apps.blog]")[0],
+     "apps", ["define at least one [apps.NAME] table"]),
+]
+
+
+@pytest.mark.parametrize("text, key, fragments", [case[1:] for case in ONE_PROBLEM],
+                         ids=[case[0] for case in ONE_PROBLEM])
+def test_one_problem_names_file_key_expectation(tmp_path, text, key, fragments):
+    path, found = problems(tmp_path, text)
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{path}: {key}: "), found[0]
+    for fragment in fragments:
+        assert fragment in found[0]
+
+
+def test_unknown_key_without_close_match_has_no_suggestion(tmp_path):
+    _, found = problems(tmp_path, document(app="zzz = 1"))
+    assert found[0].endswith("apps.blog.zzz: unknown key")
+
+
+def test_several_problems_reported_at_once_in_reading_order(tmp_path):
+    text = document(master="boot_timeout = -1", listener='mode = "fast"',
+                    app="workers = 0\nthreads = true",
+                    extra='[apps.shop]\nmodule = "shop"\nlisteners = ["gone"]')
+    path, found = problems(tmp_path, text)
+    keys = [line[len(path) + 2:].split(":")[0] for line in found]
+    assert keys == ["master.boot_timeout", "listeners.web.mode", "apps.blog.workers", "apps.blog.threads",
+                    "apps.shop.module", "apps.shop.listeners[0]"]
+    assert all(line.startswith(f"{path}: ") for line in found)
+
+
+def test_config_error_message_joins_problems(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, document(app="workers = 0\nthreads = 0")), running_as_root=False)
+    assert str(info.value) == "\n".join(info.value.problems)
+    assert len(info.value.problems) == 2
+
+
+# -- file-level problems --------------------------------------------------------
+
+@pytest.mark.parametrize("text, line, column", [
+    ('[master]\nlog_level = \n', 2, 13),
+    ('[apps.blog]\nmodule = "a:b"\nmodule = "c:d"\n', 3, 15),
+    ('[listeners.web\nbind = ":80"\n', 1, 15),
+])
+def test_toml_syntax_error_names_file_line_and_column(tmp_path, text, line, column):
+    path, found = problems(tmp_path, text)
+    assert len(found) == 1
+    assert found[0].startswith(f"{path}:{line}:{column}: invalid TOML: "), found[0]
+
+
+def test_missing_file_is_one_clear_problem(tmp_path):
+    path = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.problems == [f"{path}: cannot read the config file: No such file or directory"]
+
+
+def test_non_utf8_file(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"# caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.problems == [f"{path}: expected UTF-8 text, found byte 0xe9 at offset 5"]
+
+
+def test_parse_names_the_given_path():
+    with pytest.raises(ConfigError) as info:
+        parse(document(app="workers = 0"), "/srv/site/baton.toml", running_as_root=False)
+    assert info.value.problems[0].startswith("/srv/site/baton.toml: apps.blog.workers: ")
+
+
+def test_reference_to_listener_when_none_is_defined(tmp_path):
+    text = '[apps.blog]\nmodule = "blog:app"\nlisteners = ["web"]\n'
+    path, found = problems(tmp_path, text)
+    assert found == [f"{path}: apps.blog.listeners[0]: expected the name of a [listeners.NAME] table, "
+                     "found string 'web'; no [listeners.NAME] table is defined"]
+
+
+def test_listener_with_a_bad_bind_is_still_defined_for_apps(tmp_path):
+    path, found = problems(tmp_path, document(extra='[listeners.api]\nbind = "nope"\n'
+                                                    '[apps.shop]\nmodule = "shop:app"\nlisteners = ["api"]'))
+    assert len(found) == 1 and found[0].startswith(f"{path}: listeners.api.bind: ")
+
+
+# -- users and groups -----------------------------------------------------------
+
+@pytest.mark.parametrize("running_as_root", [True, False])
+@pytest.mark.parametrize("key", ["user", "group"])
+def test_nonexistent_user_or_group(tmp_path, running_as_root, key):
+    path, found = problems(tmp_path, document(app=f'{key} = "no-such-{key}-here"'), running_as_root=running_as_root)
+    assert found == [f"{path}: apps.blog.{key}: expected an existing {key}, found 'no-such-{key}-here', "
+                     "which this system does not know"]
+
+
+def test_non_root_cannot_name_another_user(tmp_path):
+    other = other_user()
+    path, found = problems(tmp_path, document(app=f'user = "{other.pw_name}"'), running_as_root=False)
+    assert len(found) == 1
+    assert found[0].startswith(f"{path}: apps.blog.user: expected the master's own user (uid {os.geteuid()}), "
+                               f"found '{other.pw_name}' (uid {other.pw_uid})")
+    assert "the master must run as root" in found[0]
+
+
+def test_non_root_cannot_name_another_group(tmp_path):
+    other = other_group()
+    path, found = problems(tmp_path, document(app=f'group = "{other.gr_name}"'), running_as_root=False)
+    assert len(found) == 1
+    assert found[0].startswith(f"{path}: apps.blog.group: expected the master's own group")
+    assert "the master must run as root" in found[0]
+
+
+def test_non_root_may_name_itself_by_name_or_id(tmp_path):
+    me = pwd.getpwuid(os.geteuid())
+    mine = grp.getgrgid(os.getegid())
+    config = load(write(tmp_path, document(
+        app=f'user = "{me.pw_name}"\ngroup = {mine.gr_gid}')), running_as_root=False)
+    assert (config.apps["blog"].user, config.apps["blog"].group) == (me.pw_name, str(mine.gr_gid))
+
+
+def test_root_may_name_any_existing_user_and_group(tmp_path):
+    other, group = other_user(), other_group()
+    config = load(write(tmp_path, document(app=f'user = "{other.pw_uid}"\ngroup = "{group.gr_name}"')),
+                  running_as_root=True)
+    assert (config.apps["blog"].user, config.apps["blog"].group) == (str(other.pw_uid), group.gr_name)
+
+
+def test_effective_user():
+    app = AppConfig("blog", "blog:app", ("web",))
+    assert effective_user(app, running_as_root=True) == "nobody"
+    assert effective_user(app, running_as_root=False) is None
+    named = AppConfig("blog", "blog:app", ("web",), user="www-data")
+    assert effective_user(named, running_as_root=True) == "www-data"
+    assert effective_user(named, running_as_root=False) == "www-data"
+
+
+# -- valid configs ----------------------------------------------------------------
+
+def test_minimal_config_gets_the_defaults(tmp_path):
+    path = write(tmp_path, document())
+    config = load(path, running_as_root=False)
+    assert config.path == str(path)
+    master = config.master
+    assert (master.graceful_timeout, master.boot_timeout, master.log_level) == (30.0, 30.0, "info")
+    assert (master.access_log, master.error_log, master.pidfile) == (None, None, None)
+    web = config.listeners["web"]
+    assert (web.name, web.bind, web.mode, web.backlog, web.proxy_protocol) == (
+        "web", BindAddress("tcp", host="127.0.0.1", port=8000), "balance", 2048, False)
+    assert config.apps["blog"] == AppConfig("blog", "blog.wsgi:app", ("web",))
+    blog = config.apps["blog"]
+    assert (blog.workers, blog.threads, blog.keepalive, blog.header_timeout) == (1, 1, 5.0, 10.0)
+    assert (blog.limit_request_line, blog.limit_request_fields, blog.limit_request_field_size) == (8190, 100, 8190)
+    assert blog.forwarded_allow_ips == ("127.0.0.1", "::1")
+    assert (blog.graceful_timeout, blog.max_body_size, blog.umask, blog.chdir) == (None, None, None, None)
+
+
+def test_full_config_round_trip(tmp_path):
+    (tmp_path / "site").mkdir()
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    text = f"""\
+[master]
+graceful_timeout = 12
+boot_timeout = 2.5
+log_level = "DEBUG"
+access_log = "-"
+error_log = "logs/error.log"
+pidfile = "/run/baton.pid"
+
+[listeners.web]
+bind = "[::]:8080"
+backlog = 128
+proxy_protocol = true
+
+[listeners.local]
+bind = "unix:run/web.sock"
+mode = "share"
+
+[listeners.inherited]
+bind = "fd://3"
+
+[apps.blog]
+module = "blog.wsgi:create_app()"
+listeners = ["web", "local"]
+workers = 4
+threads = 8
+user = "{me}"
+chdir = "site"
+pythonpath = ["src", "/opt/lib"]
+env = {{ DJANGO_SETTINGS_MODULE = "blog.settings", EMPTY = "" }}
+umask = "027"
+keepalive = 2
+graceful_timeout = 7.5
+limit_request_line = 4094
+limit_request_fields = 50
+limit_request_field_size = 1024
+max_body_size = 1_000_000
+header_timeout = 3
+forwarded_allow_ips = ["10.0.0.1", "::ffff:10.0.0.2", "0:0::1"]
+
+[apps."shop.v2"]
+module = "shop:app"
+listeners = ["inherited"]
+umask = 0o022
+"""
+    path = write(tmp_path, text)
+    config = load(path, running_as_root=False)
+    here = str(tmp_path)
+    assert config.master.graceful_timeout == 12.0 and isinstance(config.master.graceful_timeout, float)
+    assert (config.master.boot_timeout, config.master.log_level) == (2.5, "debug")
+    assert config.master.access_log == "-"
+    assert config.master.error_log == f"{here}/logs/error.log"
+    assert config.master.pidfile == "/run/baton.pid"
+
+    assert list(config.listeners) == ["web", "local", "inherited"]
+    assert isinstance(config.listeners, MappingProxyType)
+    assert config.listeners["web"].bind == BindAddress("tcp", host="::", port=8080)
+    assert (config.listeners["web"].backlog, config.listeners["web"].proxy_protocol) == (128, True)
+    assert config.listeners["local"].bind == BindAddress("unix", path=f"{here}/run/web.sock")
+    assert config.listeners["inherited"].bind == BindAddress("fd", fd=3)
+
+    assert list(config.apps) == ["blog", "shop.v2"]
+    assert isinstance(config.apps, MappingProxyType)
+    blog = config.apps["blog"]
+    assert blog.module == "blog.wsgi:create_app()"
+    assert blog.listeners == ("web", "local")
+    assert (blog.workers, blog.threads, blog.user, blog.group) == (4, 8, me, None)
+    assert blog.chdir == f"{here}/site"
+    assert blog.pythonpath == (f"{here}/site/src", "/opt/lib")
+    assert isinstance(blog.env, MappingProxyType)
+    assert dict(blog.env) == {"DJANGO_SETTINGS_MODULE": "blog.settings", "EMPTY": ""}
+    assert blog.umask == 0o027
+    assert (blog.keepalive, blog.graceful_timeout, blog.header_timeout) == (2.0, 7.5, 3.0)
+    assert (blog.limit_request_line, blog.limit_request_fields, blog.limit_request_field_size) == (4094, 50, 1024)
+    assert blog.max_body_size == 1_000_000
+    assert blog.forwarded_allow_ips == ("10.0.0.1", "::ffff:a00:2", "::1")
+    assert config.apps["shop.v2"].umask == 0o022
+    assert config.apps["shop.v2"].pythonpath == ()
+
+
+def test_pythonpath_without_chdir_resolves_against_config_dir(tmp_path):
+    config = load(write(tmp_path, document(app='pythonpath = ["src", "../lib"]')), running_as_root=False)
+    assert config.apps["blog"].pythonpath == (str(tmp_path / "src"), str(tmp_path.parent / "lib"))
+
+
+@pytest.mark.parametrize("first, second", [
+    ("[::]:8000", "0.0.0.0:8000"),          # IPv6 listeners are V6ONLY
+    ("127.0.0.1:0", "127.0.0.1:0"),         # two kernel-chosen ports
+    ("127.0.0.1:8000", "127.0.0.2:8000"),
+    ("unix:a.sock", "unix:b.sock"),
+    ("fd://3", "fd://4"),
+])
+def test_binds_that_can_coexist(tmp_path, first, second):
+    text = document().replace('"127.0.0.1:8000"', f'"{first}"') + f'[listeners.api]\nbind = "{second}"\n'
+    load(write(tmp_path, text), running_as_root=False)
+
+
+@pytest.mark.parametrize("first, second", [
+    ("unix:run/a.sock", "unix:" + "run/../run/a.sock"),
+    ("fd://3", "fd://3"),
+    ("[::]:8000", "[::1]:8000"),
+    ("[::1]:8000", "[0::1]:8000"),
+])
+def test_binds_that_clash(tmp_path, first, second):
+    text = document().replace('"127.0.0.1:8000"', f'"{first}"') + f'[listeners.api]\nbind = "{second}"\n'
+    path, found = problems(tmp_path, text)
+    assert len(found) == 1 and found[0].startswith(f"{path}: listeners.api.bind: "), found
+
+
+def test_from_mapping_names_the_command_line(tmp_path):
+    data = {"listeners": {"bind0": {"bind": "unix:web.sock"}},
+            "apps": {"app": {"module": "hello:app", "listeners": ["bind0"], "workers": 0}}}
+    with pytest.raises(ConfigError) as info:
+        from_mapping(data, None, running_as_root=False, base_dir=str(tmp_path))
+    assert info.value.problems == [f"{COMMAND_LINE}: apps.app.workers: expected an integer >= 1, found integer 0"]
+    data["apps"]["app"]["workers"] = 2
+    config = from_mapping(data, None, running_as_root=False, base_dir=str(tmp_path))
+    assert config.path is None
+    assert config.listeners["bind0"].bind.path == str(tmp_path / "web.sock")
+
+
+# -- bind specs ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, expected", [
+    ("127.0.0.1:8000", BindAddress("tcp", host="127.0.0.1", port=8000)),
+    ("localhost:80", BindAddress("tcp", host="localhost", port=80)),
+    ("web-1.example.com.:443", BindAddress("tcp", host="web-1.example.com.", port=443)),
+    (":8000", BindAddress("tcp", host="0.0.0.0", port=8000)),
+    ("*:8000", BindAddress("tcp", host="0.0.0.0", port=8000)),
+    ("0.0.0.0:0", BindAddress("tcp", host="0.0.0.0", port=0)),
+    ("1.2.3.4:65535", BindAddress("tcp", host="1.2.3.4", port=65535)),
+    ("[::]:8080", BindAddress("tcp", host="::", port=8080)),
+    ("[::1]:8080", BindAddress("tcp", host="::1", port=8080)),
+    ("[2001:DB8:0::1]:80", BindAddress("tcp", host="2001:db8::1", port=80)),
+    ("[fe80::1%eth0]:80", BindAddress("tcp", host="fe80::1%eth0", port=80)),
+    ("unix:/run/baton.sock", BindAddress("unix", path="/run/baton.sock")),
+    ("unix:run/baton.sock", BindAddress("unix", path="/etc/baton/run/baton.sock")),
+    ("unix:../baton.sock", BindAddress("unix", path="/etc/baton.sock")),
+    ("fd://0", BindAddress("fd", fd=0)),
+    ("fd://12", BindAddress("fd", fd=12)),
+])
+def test_parse_bind(spec, expected):
+    assert parse_bind(spec, "/etc/baton") == expected
+
+
+@pytest.mark.parametrize("spec, reason", [
+    ("8000", "expected HOST:PORT, [IPV6]:PORT, :PORT, unix:PATH or fd://N, found '8000'; did you mean ':8000'?"),
+    ("localhost", "expected HOST:PORT, [IPV6]:PORT, :PORT, unix:PATH or fd://N, found 'localhost'"),
+    ("", "expected HOST:PORT"),
+    ("127.0.0.1:", "expected a port number after the last ':', found ''"),
+    ("127.0.0.1:http", "expected a port number after the last ':', found 'http'"),
+    ("127.0.0.1:-1", "expected a port number after the last ':', found '-1'"),
+    ("127.0.0.1:65536", "expected a port from 0 to 65535, found 65536"),
+    ("::1:8000", "expected an IPv6 address in brackets, as in '[::1]:8000'"),
+    ("[::1:8000", "expected an IPv6 address in brackets"),
+    ("[1.2.3.4]:80", "expected an IPv6 address between the brackets, found '1.2.3.4'"),
+    ("[nope]:80", "expected an IPv6 address between the brackets, found 'nope'"),
+    ("256.1.1.1:80", "expected an IPv4 address, found '256.1.1.1'"),
+    ("bad_host!:80", "expected a host name or IP address before ':80', found 'bad_host!'"),
+    ("unix:", "expected a socket path after 'unix:', found ''"),
+    ("unix:/" + "x" * 120, "expected a unix socket path of at most 107 bytes"),
+    ("fd://", "expected a file descriptor number >= 0 after 'fd://', found ''"),
+    ("fd://-1", "expected a file descriptor number >= 0 after 'fd://', found '-1'"),
+    ("fd://three", "found 'three'"),
+    ("systemd:web", "not available yet"),
+])
+def test_parse_bind_rejects(spec, reason):
+    with pytest.raises(ValueError) as info:
+        parse_bind(spec, "/etc/baton")
+    assert reason in str(info.value)
+
+
+def test_bind_address_round_trips_through_str():
+    for spec in ("127.0.0.1:80", "[::1]:80", "unix:/run/a.sock", "fd://3", "localhost:8000"):
+        assert str(parse_bind(spec, "/")) == spec
