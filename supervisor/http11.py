@@ -1,0 +1,597 @@
+"""Sans-I/O HTTP/1.1 server connection state, on top of ``httptools``.
+
+A :class:`Connection` is fed the bytes a client sent (``receive_data``) and hands
+out request events (``next_event``); it builds response heads and frames response
+bodies, and never touches a socket. Two promises:
+
+* After any framing error the connection is dead: the error is raised once the
+  events before it are consumed, and nothing after it is ever parsed or delivered.
+  Pipelined requests are delivered one at a time: the next request is only
+  handed out after :meth:`Connection.start_next_cycle`.
+* The bytes of a request that has not been completely received are never lost:
+  :meth:`Connection.unparsed_bytes` returns them verbatim, so an idle connection
+  can be handed to another process that parses them from scratch.
+
+httptools (llhttp) is strict about most of RFC 9112; the checks it does not make
+(HTTP/1.0 + Transfer-Encoding, unknown codings, versions other than 1.0/1.1,
+target forms, Host, trailing whitespace, forbidden trailers, limits) are made here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from email.utils import formatdate
+from urllib.parse import urlsplit
+
+import httptools
+
+__all__ = [
+    "Connection", "Request", "Data", "EndOfMessage", "NEED_DATA", "PAUSED",
+    "CONNECTION_CLOSED", "RemoteProtocolError", "LocalProtocolError", "DateCache",
+]
+
+
+class ProtocolError(Exception):
+    """Base of both error kinds; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}"
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol (answer ``status`` with Connection: close)."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We (or the application) tried to break the protocol."""
+
+
+class _Sentinel:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA = _Sentinel("NEED_DATA")            # feed more bytes
+PAUSED = _Sentinel("PAUSED")                  # finish the current response first
+CONNECTION_CLOSED = _Sentinel("CONNECTION_CLOSED")  # no more requests on this connection
+
+
+class Request:
+    """A request head. Header names and values are bytes, in arrival order."""
+
+    __slots__ = ("method", "target", "path", "query", "version", "headers",
+                 "keep_alive", "expects_continue", "chunked", "content_length",
+                 "upgrade")
+
+    def __init__(self, method, target, path, query, version, headers, keep_alive,
+                 expects_continue, chunked, content_length, upgrade=False):
+        self.method = method
+        self.target = target
+        self.path = path
+        self.query = query
+        self.version = version            # "1.0" or "1.1"
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.expects_continue = expects_continue
+        self.chunked = chunked
+        self.content_length = content_length
+        self.upgrade = upgrade
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method!r} {self.target!r} HTTP/{self.version}>"
+
+
+class Data:
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"<Data {len(self.data)} bytes>"
+
+
+class EndOfMessage:
+    __slots__ = ("trailers",)
+
+    def __init__(self, trailers: list) -> None:
+        self.trailers = trailers
+
+    def __repr__(self) -> str:
+        return f"<EndOfMessage trailers={self.trailers!r}>"
+
+
+class _StopParsing(Exception):
+    pass
+
+
+class DateCache:
+    """The Date header value, formatted at most once per second."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = ""
+
+    def get(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._value = formatdate(now, usegmt=True)
+            self._second = second
+        return self._value
+
+
+# Codings a client may legitimately list before "chunked" (RFC 9110 §18.6 registry).
+_KNOWN_CODINGS = frozenset((b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress",
+                            b"x-compress", b"identity"))
+# Fields that would change framing or routing if a trailer could set them.
+_FORBIDDEN_TRAILERS = frozenset((b"content-length", b"transfer-encoding", b"host",
+                                 b"connection", b"keep-alive", b"upgrade", b"te",
+                                 b"trailer", b"expect", b"content-range"))
+_SPECIAL = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection",
+                      b"expect", b"content-type"))
+_NO_BODY_STATUS = frozenset((204, 304))
+_HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "te",
+                         "trailer", "upgrade", "proxy-connection"))
+# Anything below space except HTAB, and DEL: never valid in a field value.
+_CTL_TABLE = bytes(range(256)).translate(None, bytes(range(32, 127)) + b"\t" + bytes(range(128, 256)))
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    return [t.strip(b" \t").lower() for t in value.split(b",")]
+
+
+class Connection:
+    """Server side of one HTTP/1.1 connection.
+
+    ``next_event()`` returns, for each request: a :class:`Request`, zero or more
+    :class:`Data`, an :class:`EndOfMessage`; then ``PAUSED`` until
+    ``start_next_cycle()`` is called after the response was sent. ``NEED_DATA``
+    means more bytes are needed, ``CONNECTION_CLOSED`` that no request will follow.
+    Raises :class:`RemoteProtocolError` for a bad request, after which the
+    connection is dead.
+    """
+
+    def __init__(self, *, limit_request_line: int = 8190, limit_request_fields: int = 100,
+                 limit_request_field_size: int = 8190, max_body_size: int | None = None,
+                 require_host: bool = True, date_cache: DateCache | None = None) -> None:
+        self.limit_request_line = limit_request_line
+        self.limit_request_fields = limit_request_fields
+        self.limit_request_field_size = limit_request_field_size
+        self.max_body_size = max_body_size
+        self.require_host = require_host
+        # A head may be at most this long before it is complete (memory guard for
+        # clients that trickle an endless header block).
+        self._head_cap = (limit_request_line + 2
+                          + limit_request_fields * (limit_request_field_size + 2) + 2)
+        self._date = date_cache if date_cache is not None else DateCache()
+        self._parser = httptools.HttpRequestParser(self)
+        self._events: deque = deque()
+        self._unfed: list[bytes] = []    # received, not yet given to the parser
+        self._raw: list[bytes] = []      # fed bytes of the message in progress
+        self._raw_len = 0
+        self._error: RemoteProtocolError | None = None   # raised after queued events
+        self._dead = False               # parser must never see another byte
+        self._eof = False
+        self._paused = False             # request delivered, response not done
+        self._closing = False            # no request after the current one
+        self._in_message = False
+        self._reset_message()
+        # Response state.
+        self.response_keep_alive = False
+        self._resp_chunked = False
+        self._resp_no_body = False
+        self._resp_remaining: int | None = None
+        self._resp_started = False
+
+    # ---------------------------------------------------------------- receiving
+
+    def _reset_message(self) -> None:
+        self._url = b""
+        self._headers: list = []
+        self._nfields = 0
+        self._host_count = 0
+        self._cl: bytes | None = None
+        self._te: bytes | None = None
+        self._conn_tokens: list = []
+        self._expect: bytes | None = None
+        self._ctype_seen = False
+        self._request: Request | None = None
+        self._trailers: list | None = None
+        self._body_len = 0
+        self._head_len = 0
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes from the peer; ``b""`` means the peer closed its side."""
+        if not data:
+            self._eof = True
+        elif not self._dead:
+            self._unfed.append(data)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def idle(self) -> bool:
+        """True between requests: nothing delivered and unanswered, nothing queued."""
+        return not (self._paused or self._events or self._request is not None
+                    or self._dead or self._closing)
+
+    @property
+    def has_unparsed(self) -> bool:
+        """Bytes of a request not yet delivered are waiting (or already queued)."""
+        return bool(self._raw_len or self._unfed or self._events)
+
+    def unparsed_bytes(self) -> bytes:
+        """Bytes received that belong to no request delivered so far.
+
+        Only meaningful while ``idle``: they can be fed to a fresh Connection.
+        """
+        return b"".join(self._raw) + b"".join(self._unfed)
+
+    def next_event(self):
+        if self._paused:
+            return PAUSED
+        events = self._events
+        if not events:
+            if self._error is not None:
+                err, self._error = self._error, None
+                raise err
+            if self._closing or self._dead:
+                return CONNECTION_CLOSED
+            if self._unfed:
+                self._feed()
+            if not events:
+                if self._error is not None:
+                    err, self._error = self._error, None
+                    raise err
+                if self._eof:
+                    self._dead = True
+                    if self._in_message or self._raw_len:
+                        raise RemoteProtocolError(400, "incomplete request")
+                    return CONNECTION_CLOSED
+                return NEED_DATA
+        event = events.popleft()
+        if event.__class__ is EndOfMessage:
+            self._paused = True
+        return event
+
+    def _feed(self) -> None:
+        unfed = self._unfed
+        data = unfed[0] if len(unfed) == 1 else b"".join(unfed)
+        unfed.clear()
+        self._raw.append(data)
+        self._raw_len += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            # CONNECT or Upgrade: the request is complete (llhttp skips its body);
+            # we tunnel nothing, so the connection closes after the response.
+            self._dead = True
+            self._closing = True
+            self._raw.clear()
+            self._raw_len = 0
+            del exc
+        except httptools.HttpParserError as exc:
+            self._dead = True
+            self._raw.clear()
+            self._raw_len = 0
+            if self._error is None and not self._closing:
+                status = 400
+                reason = str(exc) or type(exc).__name__
+                self._error = RemoteProtocolError(status, reason)
+        else:
+            # Still in a head: guard the memory an unfinished head can take.
+            if self._in_message and self._request is None and self._raw_len > self._head_cap:
+                self._dead = True
+                self._error = RemoteProtocolError(431, "request header block too large")
+
+    def _fail(self, status: int, reason: str):
+        """Record the error and abort parsing (called from parser callbacks)."""
+        err = RemoteProtocolError(status, reason)
+        if self._error is None:
+            self._error = err
+        raise err
+
+    # httptools callbacks ------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._closing:
+            # The previous request said Connection: close; whatever follows is
+            # never parsed (abort llhttp; the error is swallowed in _feed).
+            raise _StopParsing
+        self._in_message = True
+
+    def on_url(self, url: bytes) -> None:
+        url = self._url + url if self._url else url
+        self._url = url
+        if len(url) + 13 > self.limit_request_line:
+            self._fail(414, "request line too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._nfields += 1
+        if self._nfields > self.limit_request_fields:
+            self._fail(431, "too many header fields")
+        if len(name) + len(value) + 4 > self.limit_request_field_size:
+            self._fail(431, "header field too large")
+        # llhttp keeps trailing whitespace; RFC 9110 §5.5 says it is not part of the value.
+        if value[-1:] in (b" ", b"\t"):
+            value = value.rstrip(b" \t")
+        if value.translate(None, _CTL_TABLE) != value:
+            self._fail(400, "invalid character in header value")
+        if self._request is not None:
+            lname = name.lower()
+            if lname in _FORBIDDEN_TRAILERS:
+                self._fail(400, "forbidden trailer field")
+            if b"_" not in name:
+                self._trailers.append((name, value))
+            return
+        if b"_" in name:
+            # Dropped, never forwarded: with CGI-style mapping X_Y and X-Y collide,
+            # which lets a client spoof headers a proxy set.
+            return
+        lname = name.lower()
+        if lname in _SPECIAL:
+            if lname == b"host":
+                self._host_count += 1
+            elif lname == b"content-length":
+                if self._cl is not None and self._cl != value:
+                    self._fail(400, "conflicting Content-Length")
+                if not value.isdigit():
+                    self._fail(400, "invalid Content-Length")
+                self._cl = value
+            elif lname == b"transfer-encoding":
+                self._te = value if self._te is None else self._te + b"," + value
+            elif lname == b"connection":
+                self._conn_tokens.extend(_tokens(value))
+            elif lname == b"expect":
+                self._expect = value
+            elif lname == b"content-type":
+                if self._ctype_seen:
+                    self._fail(400, "duplicate Content-Type")
+                self._ctype_seen = True
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._fail(400, "unsupported HTTP version")
+        method = parser.get_method()
+        target = self._url
+        if len(method) + len(target) + 10 > self.limit_request_line:
+            self._fail(414, "request line too long")
+        if target[:1] == b"/":
+            path, _, query = target.partition(b"?")
+            if b"#" in query:
+                query = query.partition(b"#")[0]
+            elif b"#" in path:
+                path = path.partition(b"#")[0]
+        else:
+            path, query = self._other_target(method, target)
+        hosts = self._host_count
+        if hosts > 1 or (hosts == 0 and version == "1.1" and self.require_host):
+            self._fail(400, "a request needs exactly one Host header")
+        chunked = False
+        content_length = None
+        if self._te is not None:
+            if version == "1.0":
+                self._fail(400, "Transfer-Encoding in an HTTP/1.0 request")
+            if self._cl is not None:
+                self._fail(400, "both Content-Length and Transfer-Encoding")
+            codings = _tokens(self._te)
+            if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
+                self._fail(400, "Transfer-Encoding must end with chunked")
+            for coding in codings:
+                if coding not in _KNOWN_CODINGS:
+                    self._fail(400, "unknown transfer coding")
+            chunked = True
+            self._trailers = []
+        elif self._cl is not None:
+            content_length = int(self._cl)
+            if self.max_body_size is not None and content_length > self.max_body_size:
+                self._fail(413, "request body too large")
+        tokens = self._conn_tokens
+        if version == "1.1":
+            keep_alive = b"close" not in tokens
+        else:
+            keep_alive = b"keep-alive" in tokens and b"close" not in tokens
+        upgrade = parser.should_upgrade()
+        if upgrade:
+            keep_alive = False
+        expect = self._expect
+        expects_continue = (expect is not None and version == "1.1"
+                            and expect.lower() == b"100-continue"
+                            and (chunked or bool(content_length)))
+        request = Request(method, target, path, query, version, self._headers,
+                          keep_alive, expects_continue, chunked, content_length, upgrade)
+        self._request = request
+        self._events.append(request)
+
+    def _other_target(self, method: bytes, target: bytes) -> tuple[bytes, bytes]:
+        """Validate asterisk-, authority- and absolute-form targets (RFC 9112 §3.2)."""
+        if target == b"*":
+            if method != b"OPTIONS":
+                self._fail(400, "asterisk-form target is only for OPTIONS")
+            return b"*", b""
+        if method == b"CONNECT":
+            host, sep, port = target.rpartition(b":")
+            if not sep or not host or not port.isdigit() or b"/" in target or b"@" in target:
+                self._fail(400, "invalid authority-form target")
+            return b"", b""
+        try:
+            parts = urlsplit(target.decode("latin-1"))
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError:
+            self._fail(400, "invalid request target")
+        if not parts.scheme or not parts.netloc or not target.lower().startswith(
+                (parts.scheme.encode("latin-1") + b"://")):
+            self._fail(400, "invalid request target")
+        if parts.scheme.lower() not in ("http", "https"):
+            self._fail(400, "unsupported target scheme")
+        return (parts.path or "/").encode("latin-1"), parts.query.encode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_len += len(body)
+        if self.max_body_size is not None and self._body_len > self.max_body_size:
+            self._fail(413, "request body too large")
+        self._events.append(Data(body))
+
+    def on_message_complete(self) -> None:
+        request = self._request
+        self._events.append(EndOfMessage(self._trailers or []))
+        if not request.keep_alive:
+            self._closing = True
+        # Find where this message ended in the raw stream, so that what follows
+        # (a pipelined request) is accounted to the next message.
+        raw = self._raw
+        data = raw[0] if len(raw) == 1 else b"".join(raw)
+        end = self._message_end(data, request)
+        raw.clear()
+        if end < len(data):
+            rest = data[end:]
+            raw.append(rest)
+            self._raw_len = len(rest)
+        else:
+            self._raw_len = 0
+        self._in_message = False
+        self._reset_message()
+
+    @staticmethod
+    def _message_end(data: bytes, request: Request) -> int:
+        start = 0
+        while data.startswith(b"\r\n", start):   # empty lines before a request line
+            start += 2
+        pos = data.find(b"\r\n\r\n", start) + 4
+        if request.content_length:
+            return pos + request.content_length
+        if not request.chunked:
+            return pos
+        # llhttp already validated the framing; this only measures it.
+        while True:
+            eol = data.index(b"\r\n", pos)
+            size = int(data[pos:eol].partition(b";")[0], 16)
+            pos = eol + 2
+            if size == 0:
+                break
+            pos += size + 2
+        if data.startswith(b"\r\n", pos):
+            return pos + 2
+        return data.index(b"\r\n\r\n", pos) + 4
+
+    def start_next_cycle(self) -> None:
+        """The response to the current request is complete: allow the next one."""
+        self._paused = False
+        self._resp_started = False
+
+    # ---------------------------------------------------------------- responding
+
+    def response_head(self, request: Request, status: str, headers: list,
+                      content_length_hint: int | None = None) -> bytes:
+        """Build the response head; ``status`` is "NNN Reason", headers are
+        validated latin-1 ``str`` pairs (WSGI native strings).
+
+        ``content_length_hint``: the whole body length, when the caller knows it
+        although the application gave no Content-Length.
+        """
+        if self._resp_started:
+            raise LocalProtocolError(500, "response already started")
+        code = int(status[:3])
+        keep_alive = request.keep_alive
+        parts = ["HTTP/1.1 ", status, "\r\nServer: baton\r\nDate: ", self._date.get(), "\r\n"]
+        length = None
+        for name, value in headers:
+            lname = name.lower()
+            if lname in _HOP_BY_HOP:
+                if lname == "connection":
+                    if "close" in value.lower():
+                        keep_alive = False
+                    continue
+                raise LocalProtocolError(500, f"hop-by-hop header {name!r} from application")
+            if lname == "content-length":
+                if length is not None or not value.isdigit():
+                    raise LocalProtocolError(500, "invalid Content-Length from application")
+                length = int(value)
+            parts += (name, ": ", value, "\r\n")
+        no_body = code < 200 or code in _NO_BODY_STATUS or request.method == b"HEAD"
+        chunked = False
+        if no_body:
+            if code < 200 or code in _NO_BODY_STATUS:
+                length = 0
+        elif length is None:
+            if content_length_hint is not None:
+                length = content_length_hint
+                parts += ("Content-Length: ", str(length), "\r\n")
+            elif request.version == "1.1":
+                chunked = True
+                parts.append("Transfer-Encoding: chunked\r\n")
+            else:
+                keep_alive = False   # the body ends when we close
+        if not keep_alive:
+            parts.append("Connection: close\r\n\r\n")
+            self._closing = True
+        elif request.version == "1.0":
+            parts.append("Connection: keep-alive\r\n\r\n")
+        else:
+            parts.append("\r\n")
+        self.response_keep_alive = keep_alive
+        self._resp_chunked = chunked
+        self._resp_no_body = no_body
+        self._resp_remaining = None if no_body else length
+        self._resp_started = True
+        return "".join(parts).encode("latin-1")
+
+    def body(self, data: bytes) -> bytes:
+        """Frame one piece of response body (may return b"")."""
+        if self._resp_no_body or not data:
+            return b""
+        if self._resp_chunked:
+            return b"%x\r\n%b\r\n" % (len(data), data)
+        remaining = self._resp_remaining
+        if remaining is not None:
+            if len(data) > remaining:
+                self.response_keep_alive = False
+                self._closing = True
+                raise LocalProtocolError(500, "application wrote more than Content-Length")
+            self._resp_remaining = remaining - len(data)
+        return data
+
+    def count_body(self, nbytes: int) -> None:
+        """Account for body bytes sent outside :meth:`body` (sendfile)."""
+        if self._resp_remaining is not None:
+            if nbytes > self._resp_remaining:
+                raise LocalProtocolError(500, "file longer than Content-Length")
+            self._resp_remaining -= nbytes
+
+    def end_of_response(self) -> bytes:
+        """Bytes that end the body; afterwards ``response_keep_alive`` is final."""
+        if self._resp_chunked:
+            return b"0\r\n\r\n"
+        if self._resp_remaining:
+            # The app promised more than it sent: the client would wait forever.
+            self.response_keep_alive = False
+            self._closing = True
+        return b""
+
+    @property
+    def response_remaining(self) -> int | None:
+        """Body bytes still owed under the response's Content-Length (None: unbounded)."""
+        return self._resp_remaining
+
+    @property
+    def response_chunked(self) -> bool:
+        return self._resp_chunked

@@ -1,0 +1,402 @@
+"""PEP 3333 glue: the environ, ``wsgi.input``, ``start_response`` and running an app.
+
+Nothing here touches a socket: :func:`run_app` is given a ``send(bytes)`` callable
+(and a ``sendfile(file, offset, count)`` one for ``wsgi.file_wrapper`` objects) and
+an :class:`~supervisor.http11.Connection` to frame the response. Promises:
+
+* the application's ``close()`` is always called;
+* a status or header the application returns is validated (no CR, LF, NUL, no
+  hop-by-hop framing) before one byte goes out: a bad one becomes a 500, never a
+  split or smuggled response;
+* an exception becomes a 500 with the traceback in the error log, never in the
+  response; if the head was already sent the connection must be closed
+  (:attr:`Outcome.must_close`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable
+from urllib.parse import unquote_to_bytes
+
+from .http11 import Connection, LocalProtocolError, Request
+
+__all__ = ["EnvironBuilder", "Input", "FileWrapper", "Outcome", "run_app",
+           "valid_status", "valid_header"]
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+_STATUS = re.compile(r"[1-5][0-9][0-9] [\t\x20-\x7e\x80-\xff]*")
+
+
+def valid_status(status) -> bool:
+    return type(status) is str and _STATUS.fullmatch(status) is not None
+
+
+def valid_header(name, value) -> bool:
+    return (type(name) is str and type(value) is str
+            and _TOKEN.fullmatch(name) is not None and _FIELD_VALUE.fullmatch(value) is not None)
+
+
+class Input:
+    """``wsgi.input`` over a body that arrives later (Expect: 100-continue).
+
+    ``pull()`` returns the next piece of body, ``b""`` at its end; it is first
+    called when the application first reads, which is when the server sends the
+    interim 100 Continue.
+    """
+
+    def __init__(self, pull: Callable[[], bytes]) -> None:
+        self._pull = pull
+        self._buf = b""
+        self._done = False
+
+    def _fill(self) -> bool:
+        if self._done:
+            return False
+        data = self._pull()
+        if not data:
+            self._done = True
+            return False
+        self._buf += data
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            while self._fill():
+                pass
+            data, self._buf = self._buf, b""
+            return data
+        while len(self._buf) < size and self._fill():
+            pass
+        data, self._buf = self._buf[:size], self._buf[size:]
+        return data
+
+    def readline(self, size: int | None = -1) -> bytes:
+        while True:
+            end = self._buf.find(b"\n") + 1
+            if end or (size is not None and 0 <= size <= len(self._buf)) or not self._fill():
+                break
+        if not end:
+            end = len(self._buf)
+        if size is not None and 0 <= size < end:
+            end = size
+        data, self._buf = self._buf[:end], self._buf[end:]
+        return data
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        lines, total = [], 0
+        while True:
+            line = self.readline()
+            if not line:
+                return lines
+            lines.append(line)
+            total += len(line)
+            if hint is not None and 0 < hint <= total:
+                return lines
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+    def close(self) -> None:
+        pass
+
+
+class FileWrapper:
+    """``wsgi.file_wrapper``: the server sends these with ``os.sendfile``."""
+
+    def __init__(self, filelike, blksize: int = 65536) -> None:
+        self.filelike = filelike
+        self.blksize = blksize
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def fileno(self) -> int | None:
+        try:
+            return self.filelike.fileno()
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            return None
+
+    def __iter__(self):
+        # The fallback when sendfile cannot be used (no real file descriptor).
+        read = self.filelike.read
+        while True:
+            data = read(self.blksize)
+            if not data:
+                return
+            yield data
+
+
+class EnvironBuilder:
+    """Builds environs for one listener; everything constant is computed once."""
+
+    def __init__(self, *, server_name: str, server_port: str, url_scheme: str = "http",
+                 errors=None, multithread: bool = False,
+                 forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")) -> None:
+        self.forwarded_allow_ips = frozenset(forwarded_allow_ips)
+        self._base = {
+            "SCRIPT_NAME": "",
+            "SERVER_NAME": server_name,
+            "SERVER_PORT": server_port,
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": url_scheme,
+            "wsgi.errors": errors if errors is not None else sys.stderr,
+            "wsgi.multithread": multithread,
+            "wsgi.multiprocess": True,
+            "wsgi.run_once": False,
+            "wsgi.file_wrapper": FileWrapper,
+        }
+
+    def build(self, request: Request, wsgi_input, peer) -> dict:
+        environ = self._base.copy()
+        environ["REQUEST_METHOD"] = request.method.decode("latin-1")
+        path = request.path
+        if b"%" in path:
+            path = unquote_to_bytes(path)
+        environ["PATH_INFO"] = path.decode("latin-1")
+        environ["QUERY_STRING"] = request.query.decode("latin-1")
+        environ["RAW_URI"] = request.target.decode("latin-1")
+        environ["SERVER_PROTOCOL"] = "HTTP/1.1" if request.version == "1.1" else "HTTP/1.0"
+        if type(peer) is tuple:
+            environ["REMOTE_ADDR"] = peer[0]
+            environ["REMOTE_PORT"] = str(peer[1])
+        else:
+            environ["REMOTE_ADDR"] = str(peer or "")
+        environ["wsgi.input"] = wsgi_input
+        forwarded = False
+        for name, value in request.headers:
+            key = name.decode("latin-1").upper().replace("-", "_")
+            if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
+                pass
+            else:
+                if key[0] == "X" and key.startswith(("X_FORWARDED_", "X_REAL")) or key == "FORWARDED":
+                    forwarded = True
+                key = "HTTP_" + key
+            svalue = value.decode("latin-1")
+            if key in environ:
+                environ[key] += ", " + svalue
+            else:
+                environ[key] = svalue
+        if request.chunked and "CONTENT_LENGTH" not in environ:
+            # The body was de-chunked for the application; wsgi.input ends with it.
+            environ["wsgi.input_terminated"] = True
+        if forwarded and environ["REMOTE_ADDR"] in self.forwarded_allow_ips:
+            self._apply_forwarded(environ)
+        return environ
+
+    @staticmethod
+    def _apply_forwarded(environ: dict) -> None:
+        """Trust proxy headers (only called for a peer in forwarded_allow_ips)."""
+        fwd = environ.get("HTTP_FORWARDED")
+        addr = proto = None
+        if fwd:
+            first = fwd.split(",")[0]
+            for pair in first.split(";"):
+                key, _, val = pair.strip().partition("=")
+                val = val.strip().strip('"')
+                key = key.lower()
+                if key == "for" and val:
+                    addr = val
+                elif key == "proto" and val:
+                    proto = val
+            if addr and addr.startswith("["):
+                addr = addr[1:].partition("]")[0]
+            elif addr and addr.count(":") == 1:
+                addr = addr.partition(":")[0]
+        if addr is None and "HTTP_X_FORWARDED_FOR" in environ:
+            addr = environ["HTTP_X_FORWARDED_FOR"].split(",")[0].strip() or None
+        if proto is None and "HTTP_X_FORWARDED_PROTO" in environ:
+            proto = environ["HTTP_X_FORWARDED_PROTO"].split(",")[0].strip() or None
+        if addr:
+            environ["REMOTE_ADDR"] = addr
+            environ.pop("REMOTE_PORT", None)
+        if proto and proto.lower() in ("http", "https"):
+            environ["wsgi.url_scheme"] = proto.lower()
+
+
+class Outcome:
+    """What happened on one request, for the server and the access log."""
+
+    __slots__ = ("status", "sent", "must_close", "head_sent")
+
+    def __init__(self) -> None:
+        self.status = "500"
+        self.sent = 0           # body bytes sent
+        self.must_close = False
+        self.head_sent = False
+
+
+_ERROR_BODY = b"Internal Server Error\n"
+
+
+class _Responder:
+    """start_response and write() for one request."""
+
+    __slots__ = ("conn", "request", "send", "status", "headers", "outcome")
+
+    def __init__(self, conn: Connection, request: Request, send, outcome: Outcome) -> None:
+        self.conn = conn
+        self.request = request
+        self.send = send
+        self.status = None
+        self.headers = None
+        self.outcome = outcome
+
+    def start_response(self, status, headers, exc_info=None):
+        if exc_info is not None:
+            try:
+                if self.outcome.head_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None   # no reference cycle through the frame
+        elif self.status is not None:
+            raise AssertionError("start_response called twice without exc_info")
+        if not valid_status(status):
+            raise LocalProtocolError(500, f"invalid status from application: {status!r}")
+        if type(headers) is not list:
+            raise LocalProtocolError(500, "response headers must be a list")
+        for item in headers:
+            if type(item) is not tuple or len(item) != 2 or not valid_header(*item):
+                raise LocalProtocolError(500, f"invalid header from application: {item!r}")
+        self.status = status
+        self.headers = headers
+        return self.write
+
+    def send_head(self, hint: int | None) -> bytes:
+        if self.status is None:
+            raise LocalProtocolError(500, "application did not call start_response")
+        head = self.conn.response_head(self.request, self.status, self.headers, hint)
+        self.outcome.head_sent = True
+        self.outcome.status = self.status[:3]
+        return head
+
+    def write(self, data: bytes) -> None:
+        if type(data) is not bytes:
+            raise TypeError("write() needs bytes")
+        out = b""
+        if not self.outcome.head_sent:
+            out = self.send_head(None)
+        framed = self.conn.body(data)
+        self.outcome.sent += len(data)
+        self.send(out + framed if out else framed)
+
+
+def run_app(app, environ: dict, conn: Connection, request: Request,
+            send: Callable[[bytes], None], error_log: logging.Logger,
+            sendfile: Callable[[object, int, int], int] | None = None) -> Outcome:
+    """Call ``app`` and send its whole response through ``send``.
+
+    ``send`` must send everything or raise OSError; ``sendfile(file, offset,
+    count)`` sends a file's bytes and returns how many went out.
+    """
+    outcome = Outcome()
+    responder = _Responder(conn, request, send, outcome)
+    result = None
+    try:
+        result = app(environ, responder.start_response)
+        if type(result) is list and len(result) == 1 and not outcome.head_sent:
+            # The fast path: one bytes chunk, one send with a Content-Length.
+            body = result[0]
+            if type(body) is not bytes:
+                raise TypeError(f"application returned {type(body).__name__}, not bytes")
+            head = responder.send_head(len(body))
+            data = head + conn.body(body) + conn.end_of_response()
+            outcome.sent = len(body)
+            send(data)
+            return outcome
+        if isinstance(result, FileWrapper) and sendfile is not None and result.fileno() is not None:
+            _send_file(result, responder, conn, send, sendfile, outcome)
+            return outcome
+        for chunk in result:
+            if type(chunk) is not bytes:
+                raise TypeError(f"application yielded {type(chunk).__name__}, not bytes")
+            if not chunk:
+                continue
+            if not outcome.head_sent:
+                send(responder.send_head(None) + conn.body(chunk))
+            else:
+                send(conn.body(chunk))
+            outcome.sent += len(chunk)
+        tail = b"" if outcome.head_sent else responder.send_head(0)
+        tail += conn.end_of_response()
+        if tail:
+            send(tail)
+        return outcome
+    except OSError:
+        # The client went away (or the socket broke): nothing more can be sent.
+        outcome.must_close = True
+        return outcome
+    except Exception:
+        error_log.exception("Error handling request %s %s",
+                            environ.get("REQUEST_METHOD"), environ.get("RAW_URI"))
+        outcome.must_close = True
+        if not outcome.head_sent:
+            _send_error(conn, request, send, outcome)
+        return outcome
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                error_log.exception("Error closing the application's response")
+                outcome.must_close = True
+
+
+def _send_file(wrapper: FileWrapper, responder: _Responder, conn: Connection, send,
+               sendfile, outcome: Outcome) -> None:
+    fd = wrapper.fileno()
+    try:
+        offset = wrapper.filelike.tell()
+    except (AttributeError, OSError):
+        offset = 0
+    size = os.fstat(fd).st_size
+    count = max(0, size - offset)
+    head = responder.send_head(count)
+    if conn.response_chunked or responder.request.method == b"HEAD":
+        send(head)
+        if responder.request.method != b"HEAD":
+            for chunk in wrapper:
+                send(conn.body(chunk))
+                outcome.sent += len(chunk)
+        tail = conn.end_of_response()
+        if tail:
+            send(tail)
+        return
+    send(head)
+    remaining = count
+    declared = conn.response_remaining
+    if declared is not None:
+        remaining = min(remaining, declared)
+    while remaining > 0:
+        n = sendfile(wrapper.filelike, offset, remaining)
+        if n <= 0:
+            break
+        offset += n
+        remaining -= n
+        conn.count_body(n)
+        outcome.sent += n
+    conn.end_of_response()
+
+
+def _send_error(conn: Connection, request: Request, send, outcome: Outcome) -> None:
+    head = conn.response_head(request, "500 Internal Server Error",
+                              [("Content-Type", "text/plain"), ("Connection", "close")],
+                              len(_ERROR_BODY))
+    outcome.status = "500"
+    outcome.head_sent = True
+    try:
+        send(head + conn.body(_ERROR_BODY) + conn.end_of_response())
+        outcome.sent = len(_ERROR_BODY)
+    except OSError:
+        pass

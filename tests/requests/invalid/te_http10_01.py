@@ -1,0 +1,2 @@
+# Baton regression case.
+request = InvalidHeader

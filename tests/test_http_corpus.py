@@ -1,0 +1,256 @@
+"""gunicorn's request corpus (plus our own cases in tests/requests) through http11.
+
+Every valid case must parse to the same requests whole, byte by byte and in seeded
+random splits, and leave a trailing partial request unparsed; every invalid case
+must be rejected. The expectation files are evaluated with imports stripped and
+stub names only: gunicorn is never imported.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from supervisor import http11
+
+HERE = Path(__file__).resolve().parent
+CORPUS = Path(os.environ.get("BATON_CORPUS")
+              or HERE.parents[1] / "shared" / "corpus" / "gunicorn-requests")
+OURS = HERE / "requests"
+
+# Cases whose expectation relies on gunicorn options Baton does not have, or where
+# Baton is deliberately stricter. "reject": we assert the request is refused.
+STRICTER = {
+    "valid/009": "Content-Length with Transfer-Encoding (even identity) is refused",
+    "valid/027": "raw non-ASCII bytes in the target: llhttp refuses them (RFC 9112 targets are ASCII)",
+    "valid/031": "llhttp only accepts registered methods",
+    "valid/031compat": "permit_unconventional_http_method: llhttp only accepts registered methods",
+    "valid/031compat2": "permit_unconventional_http_method: llhttp only accepts registered methods",
+    "valid/099": "Content-Length 17914 with 8599 body bytes then EOF: an incomplete request",
+    "valid/013": "whitespace inside chunk extensions: llhttp refuses it",
+    "valid/028": "strip_header_spaces: whitespace before ':' is always refused",
+    "valid/compat_obs_fold": "permit_obsolete_folding: obs-fold is always refused",
+    "valid/compat_obs_fold_huge": "permit_obsolete_folding: obs-fold is always refused",
+}
+SKIPPED = {
+    "valid/040_compat": "header_map=dangerous: Baton always drops names with '_' (valid/040)",
+    "invalid/040": "header_map=refuse: Baton drops names with '_' instead (valid/040)",
+    "invalid/chunked_07": "header_map=refuse: Baton drops names with '_' instead",
+    "invalid/019": "X-Forwarded-* scheme conflicts are a WSGI-layer matter (test_wsgi)",
+}
+for _name in ("valid/pp_01", "valid/pp_02", "valid/pp_03", "valid/pp_04", "valid/pp_05",
+              "invalid/pp_01", "invalid/pp_02", "invalid/pp_03"):
+    SKIPPED[_name] = "PROXY protocol is not part of the HTTP engine"
+# gunicorn options that map onto our constructor arguments.
+LIMIT_OPTIONS = {"limit_request_line", "limit_request_fields", "limit_request_field_size"}
+# gunicorn's defaults (its request line limit is 4094, ours 8190).
+DEFAULT_LIMITS = {"limit_request_line": 4094, "limit_request_fields": 100,
+                  "limit_request_field_size": 8190}
+
+
+def decode_http(text: str) -> bytes:
+    """The corpus escape format (see SOURCE.md)."""
+    text = text.replace("\r", "").replace("\n", "")
+    out = bytearray()
+    i = 0
+    escapes = {"r": b"\r", "n": b"\n", "t": b"\t", "0": b"\0"}
+    while i < len(text):
+        ch = text[i]
+        if ch != "\\":
+            out += ch.encode("latin-1") if ord(ch) < 256 else ch.encode("utf-8")
+            i += 1
+            continue
+        nxt = text[i + 1]
+        if nxt in escapes:
+            out += escapes[nxt]
+            i += 2
+        elif nxt == "x":
+            out.append(int(text[i + 2:i + 4], 16))
+            i += 4
+        else:
+            raise ValueError(f"unknown escape \\{nxt}")
+    return bytes(out)
+
+
+class _Config:
+    def __init__(self) -> None:
+        self.settings: dict = {}
+
+    def set(self, name, value) -> None:
+        self.settings[name] = value
+
+
+class _ErrorStub(Exception):
+    pass
+
+
+class _Namespace(dict):
+    """Unknown names (gunicorn error classes) resolve to a stub class."""
+
+    def __missing__(self, key):
+        if key[:1].isupper():
+            return type(key, (_ErrorStub,), {})
+        raise KeyError(key)
+
+
+def load_expectation(path: Path) -> tuple[object, dict]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    tree.body = [node for node in tree.body if not isinstance(node, (ast.Import, ast.ImportFrom))]
+    ns = _Namespace(uri=lambda raw: raw, Config=_Config, __builtins__={})
+    exec(compile(tree, str(path), "exec"), ns)  # noqa: S102 - data files, stub namespace
+    cfg = ns.get("cfg")
+    return ns["request"], (cfg.settings if cfg is not None else {})
+
+
+def collect():
+    cases = []
+    for root, prefix in ((CORPUS, ""), (OURS, "ours:")):
+        for kind in ("valid", "invalid"):
+            folder = root / kind
+            if not folder.is_dir():
+                continue
+            for http in sorted(folder.glob("*.http")):
+                cases.append(pytest.param(prefix, kind, http, id=f"{prefix}{kind}/{http.stem}"))
+    return cases
+
+
+CASES = collect()
+
+
+def connection_for(settings: dict, *, require_host: bool) -> http11.Connection:
+    limits = dict(DEFAULT_LIMITS)
+    for name in LIMIT_OPTIONS & settings.keys():
+        # gunicorn treats 0 as "use the default".
+        limits[name] = settings[name] or DEFAULT_LIMITS[name]
+    return http11.Connection(require_host=require_host, **limits)
+
+
+def run(conn: http11.Connection, chunks, *, eof: bool) -> list[dict]:
+    """Feed ``chunks``; return the requests seen. Raises RemoteProtocolError."""
+    done: list[dict] = []
+    current: dict | None = None
+    feeds = list(chunks) + ([b""] if eof else [])
+    for chunk in feeds:
+        conn.receive_data(chunk)
+        while True:
+            event = conn.next_event()
+            if isinstance(event, http11.Request):
+                current = {
+                    "method": event.method.decode("latin-1"),
+                    "uri": event.target.decode("latin-1"),
+                    "version": tuple(int(p) for p in event.version.split(".")),
+                    "headers": [(n.decode("latin-1").upper(), v.decode("latin-1"))
+                                for n, v in event.headers],
+                    "body": b"",
+                }
+            elif isinstance(event, http11.Data):
+                current["body"] += event.data
+            elif isinstance(event, http11.EndOfMessage):
+                if event.trailers:
+                    current["trailers"] = [(n.decode("latin-1").upper(), v.decode("latin-1"))
+                                           for n, v in event.trailers]
+                done.append(current)
+                current = None
+            elif event is http11.PAUSED:
+                conn.start_next_cycle()
+            elif event is http11.NEED_DATA:
+                break
+            elif event is http11.CONNECTION_CLOSED:
+                return done
+    return done
+
+
+def splits(data: bytes, seed: int) -> list[bytes]:
+    rnd = random.Random(seed)
+    out, i = [], 0
+    while i < len(data):
+        n = rnd.randint(1, 64)
+        out.append(data[i:i + n])
+        i += n
+    return out
+
+
+def normalise(expected) -> list[dict]:
+    reqs = expected if isinstance(expected, list) else [expected]
+    out = []
+    for req in reqs:
+        req = dict(req)
+        if isinstance(req["body"], str):
+            req["body"] = req["body"].encode("latin-1")
+        req["headers"] = [tuple(h) for h in req["headers"]]
+        if "trailers" in req:
+            req["trailers"] = [tuple(h) for h in req["trailers"]]
+        out.append(req)
+    return out
+
+
+def has_one_host(req: dict) -> bool:
+    return sum(1 for n, _ in req["headers"] if n == "HOST") == 1
+
+
+@pytest.mark.parametrize(("prefix", "kind", "http"), CASES)
+def test_case(prefix: str, kind: str, http: Path) -> None:
+    key = f"{kind}/{http.stem}"
+    if not prefix and key in SKIPPED:
+        pytest.skip(SKIPPED[key])
+    data = decode_http(http.read_text(encoding="latin-1"))
+    expected, settings = load_expectation(http.with_suffix(".py"))
+    unknown = settings.keys() - LIMIT_OPTIONS
+    # Our own cases run with the default (strict) Host rule; gunicorn's corpus has
+    # many HTTP/1.1 requests without Host, so it runs with the rule off (see below).
+    require_host = bool(prefix)
+    if kind == "invalid" or (not prefix and key in STRICTER):
+        if kind == "valid":
+            assert unknown or key in STRICTER
+        for chunks in ([data], [bytes([b]) for b in data], splits(data, 1)):
+            conn = connection_for(settings, require_host=require_host)
+            with pytest.raises(http11.RemoteProtocolError) as info:
+                run(conn, chunks, eof=True)
+            assert info.value.status in (400, 413, 414, 431)
+        return
+    assert not unknown, f"unhandled gunicorn options {unknown}"
+    want = normalise(expected)
+    for chunks in ([data], [bytes([b]) for b in data], splits(data, 1), splits(data, 7)):
+        conn = connection_for(settings, require_host=require_host)
+        assert run(conn, chunks, eof=True) == want
+    # Trailing bytes: a partial next request is kept verbatim, unparsed.
+    tail = b"GET /next HTTP/1.1\r\nHo"
+    conn = connection_for(settings, require_host=require_host)
+    got = run(conn, [data + tail], eof=False)
+    assert got == want
+    last = want[-1]
+    closes = (last["version"] == (1, 0) and ("CONNECTION", "keep-alive") not in
+              [(n, v.lower()) for n, v in last["headers"]]) or any(
+        n == "CONNECTION" and "close" in v.lower() for n, v in last["headers"])
+    closes = closes or last["method"] == "CONNECT"   # no tunnels: closes after answering
+    if not closes:
+        assert conn.idle
+        assert conn.unparsed_bytes() == tail
+
+
+@pytest.mark.parametrize(("prefix", "kind", "http"),
+                         [c for c in CASES if c.values[1] == "valid" and not c.values[0]])
+def test_host_rule(prefix: str, kind: str, http: Path) -> None:
+    """With the default strictness, HTTP/1.1 requests need exactly one Host."""
+    key = f"{kind}/{http.stem}"
+    if key in SKIPPED or key in STRICTER:
+        pytest.skip("covered by test_case")
+    data = decode_http(http.read_text(encoding="latin-1"))
+    expected, settings = load_expectation(http.with_suffix(".py"))
+    want = normalise(expected)
+    conn = connection_for(settings, require_host=True)
+    ok = [r for r in want if r["version"] == (1, 0) or has_one_host(r)]
+    if len(ok) == len(want):
+        assert run(conn, [data], eof=True) == want
+    else:
+        with pytest.raises(http11.RemoteProtocolError):
+            run(conn, [data], eof=True)
+
+
+def test_corpus_present() -> None:
+    assert (CORPUS / "valid").is_dir(), f"corpus not found at {CORPUS}"
+    assert len([c for c in CASES if not c.values[0]]) >= 130

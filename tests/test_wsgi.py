@@ -1,0 +1,141 @@
+"""PEP 3333 glue without sockets."""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+
+import pytest
+
+from supervisor import http11, wsgi
+
+
+def make_request(data: bytes):
+    conn = http11.Connection()
+    conn.receive_data(data)
+    req = conn.next_event()
+    body = b""
+    while True:
+        ev = conn.next_event()
+        if isinstance(ev, http11.Data):
+            body += ev.data
+        else:
+            break
+    return conn, req, body
+
+
+RAW = (b"POST /a%2Fb%C3%A9?q=1 HTTP/1.1\r\nHost: ex:80\r\nContent-Type: text/plain\r\n"
+       b"Content-Length: 11\r\nAccept: a\r\nAccept: b\r\nX-Forwarded-For: 9.9.9.9, 1.1.1.1\r\n"
+       b"X-Forwarded-Proto: https\r\n\r\nline1\nline2")
+
+
+def build(peer=("10.0.0.1", 1234), allow=("127.0.0.1",)):
+    conn, req, body = make_request(RAW)
+    b = wsgi.EnvironBuilder(server_name="127.0.0.1", server_port="8000",
+                            forwarded_allow_ips=allow)
+    return conn, req, b.build(req, io.BytesIO(body), peer)
+
+
+def test_environ_keys_and_types() -> None:
+    _, _, env = build()
+    assert env["REQUEST_METHOD"] == "POST" and env["SCRIPT_NAME"] == ""
+    assert env["PATH_INFO"] == "/a/b\xc3\xa9" and env["QUERY_STRING"] == "q=1"
+    assert env["CONTENT_TYPE"] == "text/plain" and env["CONTENT_LENGTH"] == "11"
+    assert "HTTP_CONTENT_TYPE" not in env and env["HTTP_ACCEPT"] == "a, b"
+    assert env["SERVER_PROTOCOL"] == "HTTP/1.1" and env["SERVER_PORT"] == "8000"
+    assert env["REMOTE_ADDR"] == "10.0.0.1" and env["wsgi.url_scheme"] == "http"
+    assert env["wsgi.version"] == (1, 0) and env["wsgi.multiprocess"] is True
+    for k, v in env.items():
+        if k.isupper():
+            assert type(v) is str, k
+
+
+def test_forwarded_only_from_allowed_peers() -> None:
+    _, _, env = build(peer=("127.0.0.1", 5), allow=("127.0.0.1",))
+    assert env["REMOTE_ADDR"] == "9.9.9.9" and env["wsgi.url_scheme"] == "https"
+
+
+def test_input_lazy_semantics() -> None:
+    pieces = [b"ab\ncd", b"\nef", b""]
+    pulled = []
+
+    def pull():
+        pulled.append(1)
+        return pieces.pop(0)
+    inp = wsgi.Input(pull)
+    assert not pulled                   # nothing read (no 100 Continue) until the app reads
+    assert inp.readline() == b"ab\n" and inp.read(2) == b"cd"
+    assert list(inp) == [b"\n", b"ef"] and inp.read() == b""
+
+
+def run(app, data=b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"):
+    conn, req, body = make_request(data)
+    env = wsgi.EnvironBuilder(server_name="h", server_port="80").build(req, io.BytesIO(body), ("1.2.3.4", 1))
+    sent = []
+    log = logging.getLogger("test.wsgi")
+    out = wsgi.run_app(app, env, conn, req, sent.append, log)
+    return out, b"".join(sent)
+
+
+def test_bad_status_and_header_become_500() -> None:
+    for status, headers in [("200 OK\r\nX: y", []), ("OK", []),
+                            ("200 OK", [("X", "a\nb")]), ("200 OK", [("Bad Name", "v")]),
+                            ("200 OK", [("X", "\0")])]:
+        def app(environ, start_response, status=status, headers=headers):
+            start_response(status, headers)
+            return [b"body"]
+        out, data = run(app)
+        assert data.startswith(b"HTTP/1.1 500 ") and out.must_close
+
+
+def test_exc_info_rules_and_close_called() -> None:
+    closed = []
+
+    class Body(list):
+        def close(self):
+            closed.append(True)
+
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        try:
+            raise ValueError("x")
+        except ValueError:
+            start_response("503 Busy", [("Content-Type", "text/plain")], sys.exc_info())
+        return Body([b"a", b"b"])
+    out, data = run(app)
+    assert data.startswith(b"HTTP/1.1 503 Busy") and closed == [True]
+
+    def twice(environ, start_response):
+        start_response("200 OK", [])
+        start_response("200 OK", [])
+        return [b""]
+    out, data = run(twice)
+    assert data.startswith(b"HTTP/1.1 500")
+
+
+def test_exception_after_head_closes() -> None:
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        yield b"partial"
+        raise RuntimeError("late")
+    out, data = run(app)
+    assert data.startswith(b"HTTP/1.1 200") and out.must_close and b"500" not in data
+
+
+def test_write_callable() -> None:
+    def app(environ, start_response):
+        write = start_response("200 OK", [("Content-Length", "6")])
+        write(b"abc")
+        return [b"def"]
+    out, data = run(app)
+    assert data.endswith(b"\r\n\r\nabcdef") and out.sent == 6
+
+
+@pytest.mark.parametrize("name", ["Connection", "Transfer-Encoding"])
+def test_app_hop_by_hop(name) -> None:
+    def app(environ, start_response):
+        start_response("200 OK", [(name, "close")])
+        return [b"x"]
+    out, data = run(app)
+    assert data.startswith(b"HTTP/1.1 200" if name == "Connection" else b"HTTP/1.1 500")
