@@ -17,9 +17,9 @@ class ListenerError(Exception):
     """A listener could not be bound or inherited; the message names it."""
 
 
-def open_listener(listener: ListenerConfig) -> socket.socket:
+def open_listener(listener: ListenerConfig, reuseport: bool = False) -> socket.socket:
     try:
-        sock = _open(listener.bind, listener.backlog)
+        sock = _open(listener.bind, listener.backlog, reuseport)
     except OSError as exc:
         raise ListenerError(f"listener {listener.name!r} ({listener.bind}): {exc.strerror or exc}") from None
     sock.setblocking(False)
@@ -27,11 +27,15 @@ def open_listener(listener: ListenerConfig) -> socket.socket:
 
 
 def open_all(listeners) -> dict[str, socket.socket]:
-    """Open every listener or none: on a failure the ones already opened are closed."""
+    """Open every listener or none: on a failure the ones already opened are closed.
+
+    `reuseport` listeners are left out: the master binds one socket per worker for them.
+    """
     opened: dict[str, socket.socket] = {}
     try:
         for name, listener in listeners.items():
-            opened[name] = open_listener(listener)
+            if listener.mode != "reuseport":
+                opened[name] = open_listener(listener)
     except BaseException:
         close_all(opened, listeners)
         raise
@@ -46,7 +50,7 @@ def close_all(sockets: dict[str, socket.socket], listeners) -> None:
             _unlink_socket_file(path)
 
 
-def _open(bind: BindAddress, backlog: int) -> socket.socket:
+def _open(bind: BindAddress, backlog: int, reuseport: bool = False) -> socket.socket:
     if bind.kind == "fd":
         sock = socket.socket(fileno=os.dup(bind.fd))
         if sock.type != socket.SOCK_STREAM:
@@ -71,6 +75,8 @@ def _open(bind: BindAddress, backlog: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # "[::]:80" means IPv6 only, so "0.0.0.0:80" can be bound beside it.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

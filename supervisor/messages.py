@@ -17,7 +17,17 @@ READY = "ready"              # worker -> master: app imported, serving
 BOOT_FAILED = "boot_failed"  # worker -> master: fields: traceback
 STOP = "stop"                # master -> worker: fields: graceful (bool)
 
-KINDS = frozenset({READY, BOOT_FAILED, STOP})
+# Master -> balancer: a worker's balancer-side channel end (one fd) once it is READY,
+# and its removal when it retires or exits.
+ATTACH = "attach"            # fields: key (worker pid), app; fds: [channel end]
+DETACH = "detach"            # fields: key
+
+# Balancer <-> worker: connections travel as fds.
+CONN = "conn"                # balancer -> worker: fields: id, peer, listener; fds: [connection]
+ACK = "ack"                  # worker -> balancer: fields: id, busy (the worker now owns it)
+CLOSED = "closed"            # worker -> balancer: fields: id, busy (connection ended)
+
+KINDS = frozenset({READY, BOOT_FAILED, STOP, ATTACH, DETACH, CONN, ACK, CLOSED})
 
 MAX_MESSAGE_BYTES = 64 * 1024
 

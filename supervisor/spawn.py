@@ -7,11 +7,14 @@ does not own is closed before the child's own code runs.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
 import traceback
 from typing import Callable, Iterable
+
+_PR_SET_PDEATHSIG = 1
 
 # Signals the master catches; a child starts with the default disposition for each.
 _RESET_SIGNALS = (
@@ -56,3 +59,16 @@ def close_fds_except(keep: frozenset[int]) -> None:
                 os.close(fd)
             except OSError:
                 pass  # the directory's own fd, already gone
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL us when the parent dies, so nothing is ever orphaned.
+
+    setuid() clears the death signal, so call this after any privilege drop; the
+    parent may have died before we asked, hence the check afterwards.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:
+        raise RuntimeError("the parent exited while this child was starting")

@@ -7,7 +7,6 @@ the traceback) over the channel; after that the channel carries STOP.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -17,14 +16,13 @@ from dataclasses import dataclass
 
 import setproctitle
 
-from supervisor import appload, channel, privileges
+from supervisor import appload, channel, privileges, spawn
 from supervisor.channel import ChannelClosed
 from supervisor.config import AppConfig
 from supervisor.httpserver import Server, ServerSettings
 from supervisor.log import Logs
-from supervisor.messages import BOOT_FAILED, READY, STOP, Message, MessageError
+from supervisor.messages import ACK, BOOT_FAILED, CLOSED, CONN, READY, STOP, Message, MessageError
 
-_PR_SET_PDEATHSIG = 1
 EXIT_BOOT_FAILED = 3
 
 
@@ -40,9 +38,13 @@ class WorkerSpec:
     channel: socket.socket
     listeners: dict[str, socket.socket]
     logs: Logs
+    balancer: socket.socket | None = None   # connections arrive here in `balance` mode
 
     def owned_fds(self) -> list[int]:
-        return [self.channel.fileno(), *(s.fileno() for s in self.listeners.values()), *self.logs.fds]
+        fds = [self.channel.fileno(), *(s.fileno() for s in self.listeners.values()), *self.logs.fds]
+        if self.balancer is not None:
+            fds.append(self.balancer.fileno())
+        return fds
 
 
 def title(spec: WorkerSpec) -> str:
@@ -76,19 +78,9 @@ def _boot(spec: WorkerSpec):
         sys.path.insert(0, path)
     if app.chdir and app.chdir not in sys.path:
         sys.path.insert(0, app.chdir)
-    _die_with_master(spec.master_pid)
+    spawn.die_with_parent(spec.master_pid)
     setproctitle.setproctitle(title(spec))
     return appload.load(app.module)
-
-
-def _die_with_master(master_pid: int) -> None:
-    # setuid() clears the death signal, so this must come after the drop; the master
-    # may already have died in between, hence the parent check.
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != master_pid:
-        raise RuntimeError("the master exited while this worker was booting")
 
 
 class Worker:
@@ -124,6 +116,9 @@ class Worker:
             signal.signal(signum, _record_only)
         self.server.watch(self._wakeup_read.fileno(), self._on_signal)
         self.server.watch(self.spec.channel.fileno(), self._on_channel)
+        if self.spec.balancer is not None:
+            link = BalancerLink(self.spec.balancer, self.server, self.spec.logs.error)
+            self.server.watch(self.spec.balancer.fileno(), link.on_readable)
         channel.send(self.spec.channel, Message(READY, {"pid": os.getpid()}))
         self.server.run()
         return 0
@@ -160,6 +155,50 @@ class Worker:
             os.close(fd)
         if message.kind == STOP:
             self.server.stop(graceful=bool(message.fields.get("graceful", True)))
+
+
+class BalancerLink:
+    """The worker's end of its channel to the balancer: connections in, load out."""
+
+    def __init__(self, sock: socket.socket, server: Server, log):
+        self.sock = sock
+        self.server = server
+        self.log = log
+        sock.setblocking(False)
+
+    def on_readable(self) -> None:
+        for _ in range(64):
+            try:
+                message, fds = channel.receive(self.sock)
+            except BlockingIOError:
+                return
+            except (ChannelClosed, ConnectionError):
+                self.server.unwatch(self.sock.fileno())
+                return
+            except MessageError as exc:
+                self.log.error("bad message from the balancer: %s", exc)
+                continue
+            if message.kind != CONN or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            self._take(message, fds[0])
+
+    def _take(self, message: Message, fd: int) -> None:
+        conn_id = message.fields.get("id")
+        conn = socket.socket(fileno=fd)
+        peer = tuple(message.fields.get("peer") or ("", 0))
+        # Acknowledge before reading a byte: from here on the connection is ours, and
+        # the balancer may drop its copy.
+        self._send(ACK, conn_id)
+        self.server.add_connection(conn, peer, str(message.fields.get("listener", "")),
+                                   on_close=lambda: self._send(CLOSED, conn_id))
+
+    def _send(self, kind: str, conn_id) -> None:
+        try:
+            channel.send(self.sock, Message(kind, {"id": conn_id, "busy": self.server.busy_threads}))
+        except OSError:
+            pass  # the balancer is restarting; the next one starts its counts afresh
 
 
 def _record_only(signum, frame) -> None:

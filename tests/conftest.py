@@ -7,10 +7,12 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -28,7 +30,8 @@ def wait_for(condition, timeout=10.0, interval=0.02, message="condition"):
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+            text = message() if callable(message) else message
+            raise AssertionError(f"timed out after {timeout}s waiting for {text}")
         time.sleep(interval)
 
 
@@ -89,6 +92,22 @@ def cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
 
 
+def _is_balancer(pid: int) -> bool:
+    try:
+        return cmdline(pid).startswith("baton: balancer")
+    except FileNotFoundError:
+        return False
+
+
+def listening_inode(port):
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
+            return f"socket:[{fields[9]}]"
+    raise AssertionError(f"nothing listens on {port}")
+
+
+
 class Baton:
     """A real `baton run` master started on a temp config."""
 
@@ -115,10 +134,16 @@ class Baton:
         return self.log_path.read_text(errors="replace")
 
     def wait_log(self, text: str, timeout=10.0, count=1) -> None:
-        wait_for(lambda: self.log().count(text) >= count, timeout, message=f"{text!r} x{count} in log:\n{self.log()}")
+        wait_for(lambda: self.log().count(text) >= count, timeout,
+                 message=lambda: f"{text!r} x{count} in log:\n{self.log()}")
 
     def workers(self) -> list[int]:
-        return children_of(self.pid)
+        """The master's worker processes (its children, less the balancer)."""
+        return [pid for pid in children_of(self.pid) if not _is_balancer(pid)]
+
+    def balancer(self) -> int:
+        return wait_for(lambda: next((pid for pid in children_of(self.pid) if _is_balancer(pid)), None),
+                        message=lambda: f"the balancer; log:\n{self.log()}")
 
     def wait_workers(self, count: int, timeout=10.0, exclude=()) -> list[int]:
         """Wait until exactly `count` workers are READY (as logged) and alive."""
@@ -126,7 +151,7 @@ class Baton:
             pids = [p for p in self.workers() if p not in exclude and alive(p)]
             logged = [p for p in pids if f"(pid {p}) ready" in self.log()]
             return logged if len(logged) == count and len(pids) == count else None
-        return wait_for(ready, timeout, message=f"{count} ready workers; log:\n{self.log()}")
+        return wait_for(ready, timeout, message=lambda: f"{count} ready workers; log:\n{self.log()}")
 
     def signal(self, signum: int) -> None:
         os.kill(self.pid, signum)
@@ -149,7 +174,6 @@ class Baton:
 def baton(tmp_path):
     """Factory: baton(toml) -> started master; every master is killed at teardown."""
     started: list[Baton] = []
-    os.chmod(tmp_path, 0o755)  # workers running as nobody read the config dir
 
     def start(toml: str, *args: str) -> Baton:
         instance = Baton(tmp_path, toml).start(*args)
@@ -159,6 +183,15 @@ def baton(tmp_path):
     yield start
     for instance in started:
         instance.close()
+
+
+@pytest.fixture
+def scratch():
+    """A directory that workers running as other users (nobody, www-data) can write to."""
+    path = Path(tempfile.mkdtemp(prefix="baton-test-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

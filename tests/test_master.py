@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, alive, answers, cmdline, get_json, http_request, proc_status, wait_for
+from conftest import REPO, alive, answers, cmdline, get_json, http_request, listening_inode, proc_status, wait_for
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="switching users needs root")
@@ -89,7 +89,7 @@ def test_a_killed_worker_is_replaced(baton, port):
     assert answers(port)
 
 
-def test_broken_app_backs_off_without_touching_a_healthy_one(baton, port, tmp_path):
+def test_broken_app_backs_off_without_touching_a_healthy_one(baton, port):
     other = port + 1 if port < 65000 else port - 1
     master = baton(config(port) + f"""
         [listeners.other]
@@ -117,10 +117,10 @@ def test_master_exits_nonzero_with_the_traceback_when_no_app_can_boot(baton, por
     assert not master.workers()
 
 
-def test_term_finishes_the_in_flight_request_then_exits_zero(baton, port, tmp_path):
+def test_term_finishes_the_in_flight_request_then_exits_zero(baton, port, scratch):
     master = baton(config(port, extra_app="threads = 2"))
     master.wait_workers(1)
-    mark = tmp_path / "running"
+    mark = scratch / "running"
     result = {}
 
     def slow_request():
@@ -182,11 +182,31 @@ def test_no_zombie_or_fd_growth_after_50_worker_restarts(baton, port):
     assert answers(port)
 
 
+def _socket_inodes(pid):
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass
+    return {link for link in links if link.startswith("socket:")}
+
+
 def test_worker_keeps_only_its_own_fds(baton, port):
     other = port + 1 if port < 65000 else port - 1
-    master = baton(config(port) + f"""
+    master = baton(f"""
+        [listeners.web]
+        bind = "127.0.0.1:{port}"
+        mode = "share"
+
         [listeners.other]
         bind = "127.0.0.1:{other}"
+        mode = "share"
+
+        [apps.first]
+        module = "tests.apps.probe:app"
+        listeners = ["web"]
+        chdir = "{REPO}"
 
         [apps.second]
         module = "tests.apps.probe:app"
@@ -194,8 +214,10 @@ def test_worker_keeps_only_its_own_fds(baton, port):
         chdir = "{REPO}"
     """)
     pids = master.wait_workers(2)
-    for pid in pids:
-        sockets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-        # stdio, the log stream, its listener, its channel, the signal wakeup pair,
-        # the selector: nothing of the other app or of the master.
-        assert len([s for s in sockets if s.startswith("socket:")]) <= 4, sockets
+    first, second = sorted(pids, key=lambda pid: cmdline(pid))
+    in_master = _socket_inodes(master.pid)
+    # Of everything the master holds, a worker keeps only its own listener: not the
+    # other app's, not the master's ends of any channel.
+    assert _socket_inodes(first) & in_master == {listening_inode(port)}
+    assert _socket_inodes(second) & in_master == {listening_inode(other)}
+    assert not _socket_inodes(first) & _socket_inodes(second)

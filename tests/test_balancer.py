@@ -1,0 +1,195 @@
+"""The balancer as real processes: Host routing, worker choice, reuseport, resilience."""
+from __future__ import annotations
+
+import collections
+import http.client
+import json
+import os
+import pwd
+import signal
+import socket
+import threading
+
+import pytest
+
+from conftest import REPO, alive, http_request, listening_inode, proc_status, wait_for
+
+ROOT = os.geteuid() == 0
+
+
+def app_block(name, listener="web", workers=1, extra=""):
+    return f"""
+        [apps.{name}]
+        module = "tests.apps.probe:app"
+        listeners = ["{listener}"]
+        workers = {workers}
+        chdir = "{REPO}"
+        {extra}
+    """
+
+
+def master_config(port, mode="balance", **master):
+    extra = "\n".join(f"{k} = {v}" for k, v in master.items())
+    return f"""
+        [master]
+        graceful_timeout = 5
+        {extra}
+
+        [listeners.web]
+        bind = "127.0.0.1:{port}"
+        mode = "{mode}"
+    """
+
+
+def balancer_pid(master):
+    return master.balancer()
+
+
+def request_pid(port, path="/", headers=None, source=None):
+    """One request on a new connection; returns (status, pid or None)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0) if source else None)
+    with sock:
+        head = "".join(f"{k}: {v}\r\n" for k, v in (headers or {"Host": "x"}).items())
+        sock.sendall(f"GET {path} HTTP/1.1\r\n{head}Connection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    body = data.split(b"\r\n\r\n", 1)[1]
+    pid = json.loads(body)["pid"] if status == 200 else None
+    return status, pid
+
+
+def test_two_apps_under_different_users_share_one_port_by_host(baton, port):
+    users = ('user = "www-data"', 'user = "nobody"') if ROOT else ("", "")
+    master = baton(master_config(port)
+                   + app_block("alpha", extra=f'hosts = ["alpha.test"]\n{users[0]}')
+                   + app_block("beta", extra=f'hosts = ["beta.test", "*.beta.test"]\n{users[1]}'))
+    master.wait_workers(2)
+    alpha = get_json_host(port, "alpha.test")
+    beta = get_json_host(port, "WWW.Beta.Test:8080")
+    assert alpha["pid"] != beta["pid"]
+    if ROOT:
+        assert alpha["uid"] == pwd.getpwnam("www-data").pw_uid
+        assert beta["uid"] == pwd.getpwnam("nobody").pw_uid
+    assert http_request(port, "/", headers={"Host": "gamma.test"})[0] == 421
+
+
+def get_json_host(port, host):
+    status, _, body = http_request(port, "/", headers={"Host": host})
+    assert status == 200, body
+    return json.loads(body)
+
+
+def test_unknown_host_goes_to_the_default_app(baton, port):
+    master = baton(master_config(port)
+                   + app_block("alpha", extra='hosts = ["alpha.test"]')
+                   + app_block("fallback", extra="default = true"))
+    master.wait_workers(2)
+    assert get_json_host(port, "alpha.test")["pid"] != get_json_host(port, "nobody.test")["pid"]
+
+
+def test_balancer_runs_unprivileged(baton, port):
+    master = baton(master_config(port) + app_block("alpha"))
+    pid = balancer_pid(master)
+    uid = int(proc_status(pid)["Uid"].split()[0])
+    assert uid == (pwd.getpwnam("nobody").pw_uid if ROOT else os.geteuid())
+
+
+def test_least_connections_routes_around_a_worker_busy_with_a_slow_request(baton, port, scratch):
+    master = baton(master_config(port) + app_block("alpha", workers=2))
+    master.wait_workers(2)
+    mark = scratch / "slow-running"
+    slow = {}
+    thread = threading.Thread(target=lambda: slow.update(r=request_pid(port, f"/?sleep=2&mark={mark}")))
+    thread.start()
+    wait_for(mark.exists, message="the slow request to start")
+    quick = [request_pid(port) for _ in range(10)]
+    thread.join(10)
+    busy_pid = slow["r"][1]
+    assert all(status == 200 for status, _ in quick)
+    assert busy_pid not in {pid for _, pid in quick}
+
+
+def test_keep_alive_connections_spread_evenly(baton, port):
+    master = baton(master_config(port) + app_block("alpha", workers=3))
+    master.wait_workers(3)
+    connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(9)]
+    pids = []
+    for conn in connections:
+        conn.request("GET", "/")
+        pids.append(json.loads(conn.getresponse().read())["pid"])
+    for conn in connections:
+        conn.close()
+    assert sorted(collections.Counter(pids).values()) == [3, 3, 3]
+
+
+def test_ip_hash_keeps_a_client_on_its_worker(baton, port):
+    master = baton(master_config(port) + app_block("alpha", workers=3, extra='balance = "ip-hash"'))
+    master.wait_workers(3)
+    chosen = {}
+    for n in range(2, 22):
+        source = f"127.0.0.{n}"
+        pids = {request_pid(port, source=source)[1] for _ in range(3)}
+        assert len(pids) == 1, (source, pids)
+        chosen[source] = pids.pop()
+    assert len(set(chosen.values())) > 1
+
+
+def test_reuseport_serves_from_every_worker(baton, port):
+    master = baton(master_config(port, mode="reuseport") + app_block("alpha", workers=3))
+    workers = master.wait_workers(3)
+    seen = {request_pid(port, source=f"127.0.0.{2 + n % 50}")[1] for n in range(150)}
+    assert seen == set(workers)
+
+
+def test_half_sent_heads_do_not_delay_a_normal_request(baton, port):
+    master = baton(master_config(port)
+                   + app_block("alpha", extra='hosts = ["alpha.test"]')
+                   + app_block("beta", extra='hosts = ["beta.test"]'))
+    master.wait_workers(2)
+    stalled = []
+    try:
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: alph")
+            stalled.append(sock)
+        assert get_json_host(port, "beta.test")["path"] == "/"
+        assert get_json_host(port, "alpha.test")["path"] == "/"
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_killed_balancer_is_restarted_and_no_listener_is_closed(baton, port):
+    master = baton(master_config(port) + app_block("alpha", workers=2))
+    first = balancer_pid(master)
+    master.wait_workers(2, exclude=(first,))
+    before = listening_inode(port)
+    os.kill(first, signal.SIGKILL)
+    # Sent at once, while the balancer may still be down: the backlog keeps it.
+    assert request_pid(port)[0] == 200
+    second = wait_for(lambda: (lambda pid: pid if pid != first and alive(pid) else None)(master.balancer()))
+    assert listening_inode(port) == before  # the very same socket, never closed
+    assert {request_pid(port)[0] for _ in range(5)} == {200}
+
+
+def test_a_connection_sent_to_a_dying_worker_is_handed_to_another(baton, port):
+    master = baton(master_config(port) + app_block("alpha", workers=2))
+    pids = master.wait_workers(2)
+    frozen = pids[0]
+    os.kill(frozen, signal.SIGSTOP)  # it will never take the connections sent to it
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(request_pid(port))) for _ in range(6)]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(results) >= 3, message="the healthy worker's share")
+        os.kill(frozen, signal.SIGKILL)
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    for thread in threads:
+        thread.join(10)
+    assert len(results) == 6
+    assert {status for status, _ in results} == {200}
+    assert frozen not in {pid for _, pid in results}
