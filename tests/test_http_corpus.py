@@ -2,7 +2,9 @@
 
 Every valid case must parse to the same requests whole, byte by byte and in seeded
 random splits, and leave a trailing partial request unparsed; every invalid case
-must be rejected. The expectation files are evaluated with imports stripped and
+must be rejected. Cases with gunicorn's ``proxy_protocol`` option go through
+supervisor.proxyproto first, as a PROXY listener's connections do, and the rest of the
+stream to http11. The expectation files are evaluated with imports stripped and
 stub names only: gunicorn is never imported.
 """
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import http11
+from supervisor import http11, proxyproto
 
 HERE = Path(__file__).resolve().parent
 CORPUS = Path(os.environ.get("BATON_CORPUS")
@@ -35,6 +37,8 @@ STRICTER = {
     "valid/028": "strip_header_spaces: whitespace before ':' is always refused",
     "valid/compat_obs_fold": "permit_obsolete_folding: obs-fold is always refused",
     "valid/compat_obs_fold_huge": "permit_obsolete_folding: obs-fold is always refused",
+    "valid/pp_03": "a proxy_protocol listener requires the PROXY header (gunicorn's is "
+                   "optional): without it any client could choose its REMOTE_ADDR",
 }
 SKIPPED = {
     "valid/040_compat": "header_map=dangerous: Baton always drops names with '_' (valid/040)",
@@ -42,11 +46,9 @@ SKIPPED = {
     "invalid/chunked_07": "header_map=refuse: Baton drops names with '_' instead",
     "invalid/019": "X-Forwarded-* scheme conflicts are a WSGI-layer matter (test_wsgi)",
 }
-for _name in ("valid/pp_01", "valid/pp_02", "valid/pp_03", "valid/pp_04", "valid/pp_05",
-              "invalid/pp_01", "invalid/pp_02", "invalid/pp_03"):
-    SKIPPED[_name] = "PROXY protocol is not part of the HTTP engine"
 # gunicorn options that map onto our constructor arguments.
 LIMIT_OPTIONS = {"limit_request_line", "limit_request_fields", "limit_request_field_size"}
+KNOWN_OPTIONS = LIMIT_OPTIONS | {"proxy_protocol"}
 # gunicorn's defaults (its request line limit is 4094, ours 8190).
 DEFAULT_LIMITS = {"limit_request_line": 4094, "limit_request_fields": 100,
                   "limit_request_field_size": 8190}
@@ -129,12 +131,29 @@ def connection_for(settings: dict, *, require_host: bool) -> http11.Connection:
     return http11.Connection(require_host=require_host, **limits)
 
 
-def run(conn: http11.Connection, chunks, *, eof: bool) -> list[dict]:
-    """Feed ``chunks``; return the requests seen. Raises RemoteProtocolError."""
+class ProxyRejected(Exception):
+    """The PROXY header in front of the HTTP stream was refused (the server closes)."""
+
+
+def run(conn: http11.Connection, chunks, *, eof: bool, proxy: bool = False) -> list[dict]:
+    """Feed ``chunks`` (after a PROXY header if ``proxy``); return the requests seen.
+    Raises RemoteProtocolError or ProxyRejected."""
     done: list[dict] = []
     current: dict | None = None
     feeds = list(chunks) + ([b""] if eof else [])
+    header = bytearray() if proxy else None   # PROXY bytes still undecided
     for chunk in feeds:
+        if header is not None:
+            header += chunk
+            result = proxyproto.parse(bytes(header))
+            if result.status == "invalid" or (result.status == "need_more" and not chunk):
+                raise ProxyRejected(result.reason or "EOF inside the PROXY header")
+            if result.status == "need_more":
+                continue
+            chunk = bytes(header[result.consumed:])
+            header = None
+            if not chunk:
+                continue                      # b"" would mean EOF to http11
         conn.receive_data(chunk)
         while True:
             event = conn.next_event()
@@ -199,7 +218,8 @@ def test_case(prefix: str, kind: str, http: Path) -> None:
         pytest.skip(SKIPPED[key])
     data = decode_http(http.read_text(encoding="latin-1"))
     expected, settings = load_expectation(http.with_suffix(".py"))
-    unknown = settings.keys() - LIMIT_OPTIONS
+    unknown = settings.keys() - KNOWN_OPTIONS
+    proxy = bool(settings.get("proxy_protocol"))
     # Our own cases run with the default (strict) Host rule; gunicorn's corpus has
     # many HTTP/1.1 requests without Host, so it runs with the rule off (see below).
     require_host = bool(prefix)
@@ -208,19 +228,23 @@ def test_case(prefix: str, kind: str, http: Path) -> None:
             assert unknown or key in STRICTER
         for chunks in ([data], [bytes([b]) for b in data], splits(data, 1)):
             conn = connection_for(settings, require_host=require_host)
-            with pytest.raises(http11.RemoteProtocolError) as info:
-                run(conn, chunks, eof=True)
-            assert info.value.status in (400, 413, 414, 431)
+            with pytest.raises((http11.RemoteProtocolError, ProxyRejected)) as info:
+                run(conn, chunks, eof=True, proxy=proxy)
+            if proxy and key.startswith(("valid/pp_", "invalid/pp_")):
+                assert info.type is ProxyRejected   # these cases are about the header
+            else:
+                assert info.type is http11.RemoteProtocolError
+                assert info.value.status in (400, 413, 414, 431)
         return
     assert not unknown, f"unhandled gunicorn options {unknown}"
     want = normalise(expected)
     for chunks in ([data], [bytes([b]) for b in data], splits(data, 1), splits(data, 7)):
         conn = connection_for(settings, require_host=require_host)
-        assert run(conn, chunks, eof=True) == want
+        assert run(conn, chunks, eof=True, proxy=proxy) == want
     # Trailing bytes: a partial next request is kept verbatim, unparsed.
     tail = b"GET /next HTTP/1.1\r\nHo"
     conn = connection_for(settings, require_host=require_host)
-    got = run(conn, [data + tail], eof=False)
+    got = run(conn, [data + tail], eof=False, proxy=proxy)
     assert got == want
     last = want[-1]
     closes = (last["version"] == (1, 0) and ("CONNECTION", "keep-alive") not in
@@ -242,13 +266,14 @@ def test_host_rule(prefix: str, kind: str, http: Path) -> None:
     data = decode_http(http.read_text(encoding="latin-1"))
     expected, settings = load_expectation(http.with_suffix(".py"))
     want = normalise(expected)
+    proxy = bool(settings.get("proxy_protocol"))
     conn = connection_for(settings, require_host=True)
     ok = [r for r in want if r["version"] == (1, 0) or has_one_host(r)]
     if len(ok) == len(want):
-        assert run(conn, [data], eof=True) == want
+        assert run(conn, [data], eof=True, proxy=proxy) == want
     else:
         with pytest.raises(http11.RemoteProtocolError):
-            run(conn, [data], eof=True)
+            run(conn, [data], eof=True, proxy=proxy)
 
 
 def test_corpus_present() -> None:

@@ -33,7 +33,7 @@ def hello(environ, start_response):
 
 
 class Running:
-    def __init__(self, app, validate: bool = True, **settings) -> None:
+    def __init__(self, app, validate: bool = True, proxy_protocol: bool = False, **settings) -> None:
         self.clients: list[socket.socket] = []
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -56,7 +56,8 @@ class Running:
         self.access.setLevel(logging.INFO)
         self.access_handler = ah
         self.server = Server(validator(app) if validate else app, [self.listener], ServerSettings(**settings),
-                             self.log, self.access)
+                             self.log, self.access,
+                             proxy_protocol_fds=frozenset({self.listener.fileno()} if proxy_protocol else ()))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
 
@@ -376,3 +377,123 @@ def test_take_idle_connections_returns_unparsed_bytes(serve) -> None:
     assert moved.wait(DEADLINE_S)
     s.sendall(b"TP/1.1\r\nHost: t\r\n\r\n")
     assert read_response(s, buf)[2] == b"hello /second"
+
+
+# ---------------------------------------------------------------- PROXY protocol
+
+def whoami(environ, start_response):
+    body = f"{environ['REMOTE_ADDR']} {environ.get('REMOTE_PORT', '-')}".encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+PP_V2_INET6 = (b"\r\n\r\n\x00\r\nQUIT\n\x21\x21\x00\x24"
+               + socket.inet_pton(socket.AF_INET6, "2001:db8::1")
+               + socket.inet_pton(socket.AF_INET6, "2001:db8::2") + b"\xd4\x31\x01\xbb")
+PP_V2_LOCAL = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"
+
+
+def assert_closed(sock: socket.socket) -> None:
+    """The server closed without answering (a reset counts: it read everything we sent)."""
+    try:
+        assert sock.recv(100) == b""
+    except ConnectionResetError:
+        pass
+
+
+def test_proxy_v1_and_v2_set_remote_addr(serve) -> None:
+    r = serve(whoami, proxy_protocol=True)
+    s = r.connect()
+    buf = bytearray()
+    s.sendall(b"PROXY TCP4 203.0.113.7 192.0.2.1 56324 443\r\nGET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert read_response(s, buf)[2] == b"203.0.113.7 56324"
+    get(s, "/again")                     # keep-alive: the address holds for the connection
+    assert read_response(s, buf)[2] == b"203.0.113.7 56324"
+    s2 = r.connect()
+    s2.sendall(PP_V2_INET6[:20])         # a header split across reads
+    wait_for(lambda: r.server.active_connections == 2, "second connection accepted")
+    s2.sendall(PP_V2_INET6[20:])
+    get(s2, "/v2")
+    assert read_response(s2, bytearray())[2] == b"2001:db8::1 54321"
+    s3 = r.connect()                     # LOCAL (a health check): the real peer
+    s3.sendall(PP_V2_LOCAL + b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert read_response(s3, bytearray())[2] == f"127.0.0.1 {s3.getsockname()[1]}".encode()
+    assert '"GET /a HTTP/1.1" 200' in r.access_lines[0] and r.access_lines[0].startswith("203.0.113.7 ")
+
+
+def test_proxy_garbage_is_closed_and_server_keeps_serving(serve) -> None:
+    r = serve(whoami, proxy_protocol=True)
+    bad = r.connect()
+    get(bad, "/no-header")               # plain HTTP on a PROXY listener
+    assert_closed(bad)
+    assert any("bad PROXY header" in rec.getMessage() for rec in r.records)
+    bad2 = r.connect()
+    bad2.sendall(b"PROXY TCP4 1.2.3.4 5.6.7.8 99999 1\r\n")
+    assert_closed(bad2)
+    s = r.connect()
+    s.sendall(b"PROXY UNKNOWN\r\n")
+    get(s, "/ok")
+    assert read_response(s, bytearray())[2] == f"127.0.0.1 {s.getsockname()[1]}".encode()
+    wait_for(lambda: r.server.requests_served == 1, "one request served")
+
+
+def test_proxy_header_timeout_closes_without_408(serve) -> None:
+    r = serve(whoami, proxy_protocol=True, header_timeout_s=0.05)
+    s = r.connect()
+    s.sendall(b"PROXY TCP4 1.2.3.4 ")
+    assert_closed(s)
+
+
+def test_plain_listener_ignores_proxy_lines(serve) -> None:
+    """Without the flag a PROXY line is just a bad request line: no one can spoof."""
+    r = serve(whoami)
+    s = r.connect()
+    s.sendall(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert read_response(s, bytearray())[0].startswith(b"HTTP/1.1 400")
+
+
+def test_add_connection_with_proxy_header_in_initial_bytes(serve) -> None:
+    r = serve(whoami)
+    a, b = socket.socketpair()
+    a.settimeout(DEADLINE_S)
+    r.clients += [a, b]
+    header = b"PROXY TCP6 2001:db8::7 2001:db8::1 1000 80\r\n"
+    v1, v2 = socket.socketpair()
+    r.clients += [v1, v2]
+    added = threading.Event()
+
+    def adopt():
+        v1.recv(1)
+        # As from the balancer: part of the header was already read off the socket.
+        r.server.add_connection(b, ("10.0.0.9", 5), "", header[:9], proxy_protocol=True)
+        added.set()
+    r.server.watch(v1.fileno(), adopt)
+    v2.send(b"x")
+    assert added.wait(DEADLINE_S)
+    a.sendall(header[9:] + b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert read_response(a, bytearray())[2] == b"2001:db8::7 1000"
+
+
+def test_connection_awaiting_proxy_header_is_not_taken(serve) -> None:
+    """A half-read PROXY header cannot travel as "unparsed bytes": it stays, bounded by
+    header_timeout_s, and is never handed to another server as if it were HTTP."""
+    r = serve(whoami, proxy_protocol=True)
+    s = r.connect()
+    s.sendall(b"PROXY TCP4 1.2")
+    wait_for(lambda: r.server.active_connections == 1, "connection accepted")
+    taken: list = []
+    done = threading.Event()
+    w1, w2 = socket.socketpair()
+    r.clients += [w1, w2]
+
+    def grab():
+        w1.recv(1)
+        taken.extend(r.server.take_idle_connections())
+        done.set()
+    r.server.watch(w1.fileno(), grab)
+    w2.send(b"x")
+    assert done.wait(DEADLINE_S)
+    assert taken == []
+    s.sendall(b".3.4 5.6.7.8 1 2\r\n")
+    get(s, "/")
+    assert read_response(s, bytearray())[2] == b"1.2.3.4 1"
