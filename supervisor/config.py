@@ -9,6 +9,7 @@ exist.
 from __future__ import annotations
 
 import difflib
+import glob
 import grp
 import ipaddress
 import json
@@ -78,6 +79,7 @@ class AppConfig:
     hosts: tuple[str, ...] = ()       # Host/SNI names routed to this app on a shared listener
     default: bool = False             # takes the hosts no other app on the listener claims
     balance: str = "least-connections"
+    reload_on: tuple[str, ...] = ()   # absolute globs: a change restarts just this app (the watcher's)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class MasterConfig:
     pidfile: str | None = None
     balancer_user: str | None = None  # None: "nobody" when root, else ourselves
     crash_backoff_max: float = 30.0   # cap on the delay before respawning a crash-looping app
+    include: tuple[str, ...] = ()     # absolute globs of files adding [listeners.*] and [apps.*]
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class Config:
     master: MasterConfig
     listeners: Mapping[str, ListenerConfig]
     apps: Mapping[str, AppConfig]
+    sources: tuple[str, ...] = ()     # absolute paths of every file read, the main one first
 
 
 class ConfigError(Exception):
@@ -131,19 +135,9 @@ _MISSING = object()
 
 
 def load(path: str | os.PathLike, *, running_as_root: bool | None = None) -> Config:
-    """Read, parse and validate the config file at `path`."""
+    """Read, parse and validate the config file at `path` and the files it includes."""
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as file:
-            raw = file.read()
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read the config file: {exc.strerror or exc}"]) from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        found = f"byte {raw[exc.start]:#04x} at offset {exc.start}"
-        raise ConfigError([f"{path}: expected UTF-8 text, found {found}"]) from None
-    return parse(text, path, running_as_root=running_as_root)
+    return from_mapping(_read_document(path, "the config file"), path, running_as_root=running_as_root)
 
 
 def parse(text: str, path: str, *, running_as_root: bool | None = None) -> Config:
@@ -160,38 +154,54 @@ def from_mapping(data: dict, path: str | None, *, running_as_root: bool | None =
     """Validate already-parsed config data (a TOML document, or `baton serve` arguments).
 
     `path` None means the data came from the command line. Relative paths resolve
-    against `base_dir`, by default the config file's directory (or the current one).
+    against `base_dir`, by default the config file's directory (or the current one);
+    that holds in included files too, so a table means the same wherever it is written.
     `running_as_root` None asks the system (effective uid 0).
+
+    The files matched by `[master] include` (glob by glob, each glob's matches sorted)
+    are read here; each may define [listeners.*] and [apps.*] tables. A problem in one
+    names that file, and problems are listed file by file, the main one first.
     """
     if running_as_root is None:
         running_as_root = os.geteuid() == 0
     if base_dir is None:
         base_dir = os.path.dirname(os.path.abspath(path)) if path is not None else os.getcwd()
+    main = os.path.abspath(path) if path is not None else None
     problems = _Problems(path if path is not None else COMMAND_LINE)
     top = _Table(problems, (), data)
     master = _master(top.section("master"), base_dir)
-    listeners_data = top.table("listeners")
-    listeners = _listeners(problems, listeners_data, base_dir)
-    apps_data = top.table("apps")
+    documents = [_Document(problems, top.table("listeners"), top.table("apps"))]
+    documents += _included(master.include, main, problems.source)
+    # Which file defined each listener and app, so a later problem names that file.
+    owners: dict[tuple[str, str], _Problems] = {}
+    listener_names: list[str] = []
+    listeners: dict[str, ListenerConfig] = {}
+    for document in documents:
+        defined = _claim(owners, "listeners", document)
+        listener_names += defined
+        _listeners(document.problems, defined, base_dir, listeners)
     apps = {}
-    for name, app_data in apps_data.items():
-        app = _app(problems, name, app_data, tuple(listeners_data), base_dir, running_as_root)
-        if app is not None:
-            apps[name] = app
-    if not apps_data:
+    for document in documents:
+        for name, app_data in _claim(owners, "apps", document).items():
+            app = _app(document.problems, name, app_data, tuple(listener_names), base_dir, running_as_root)
+            if app is not None:
+                apps[name] = app
+    if not any(document.apps for document in documents):
         problems.add(("apps",), "expected at least one app: define at least one [apps.NAME] table")
-    if not problems.lines:
+    if not any(document.problems.lines for document in documents):
         # Routing is a cross-app check: judged only once every app reads correctly,
         # so one typo is not echoed as a routing conflict.
-        _check_routes(problems, listeners, apps)
+        _check_routes(owners, listeners, apps)
     top.finish(elsewhere=_elsewhere())
-    if problems.lines:
-        raise ConfigError(problems.lines)
+    lines = [line for document in documents for line in document.problems.lines]
+    if lines:
+        raise ConfigError(lines)
     return Config(
-        path=os.path.abspath(path) if path is not None else None,
+        path=main,
         master=master,
         listeners=MappingProxyType(listeners),
         apps=MappingProxyType(apps),
+        sources=tuple(([main] if main else []) + [document.problems.source for document in documents[1:]]),
     )
 
 
@@ -242,6 +252,80 @@ def effective_user(app: AppConfig, running_as_root: bool) -> str | None:
     if app.user is not None:
         return app.user
     return DEFAULT_USER if running_as_root else None
+
+
+# -- reading files ------------------------------------------------------------
+
+
+@dataclass
+class _Document:
+    """One config file's [listeners] and [apps] tables, and the problems found in it."""
+    problems: _Problems
+    listeners: dict
+    apps: dict
+
+
+def _read_document(path: str, what: str) -> dict:
+    """Read and parse one TOML file; raise ConfigError with the one problem naming it."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read {what}: {exc.strerror or exc}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        found = f"byte {raw[exc.start]:#04x} at offset {exc.start}"
+        raise ConfigError([f"{path}: expected UTF-8 text, found {found}"]) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([_syntax_problem(path, exc)]) from None
+
+
+def _included(patterns: tuple[str, ...], main: str | None, main_name: str) -> list[_Document]:
+    """Every file the include globs match (absolute globs, matches sorted per glob), once
+    each and never the main file; matching nothing is fine."""
+    seen = {os.path.realpath(main)} if main else set()
+    documents = []
+    for pattern in patterns:
+        for found in sorted(glob.glob(pattern, recursive=True)):
+            real = os.path.realpath(found)
+            if real in seen or not os.path.isfile(real):
+                continue
+            seen.add(real)
+            documents.append(_include(os.path.abspath(found), main_name))
+    return documents
+
+
+def _include(path: str, main_name: str) -> _Document:
+    problems = _Problems(path)
+    try:
+        data = _read_document(path, "the included file")
+    except ConfigError as exc:
+        problems.lines += exc.problems
+        return _Document(problems, {}, {})
+    top = _Table(problems, (), data)
+    if top.raw("master") is not _MISSING:
+        problems.add(("master",), f"expected only [listeners.NAME] and [apps.NAME] tables in an included file, "
+                                  f"found [master]: it belongs in {main_name}")
+    document = _Document(problems, top.table("listeners"), top.table("apps"))
+    top.finish(elsewhere=_elsewhere())
+    return document
+
+
+def _claim(owners: dict[tuple[str, str], _Problems], section: str, document: _Document) -> dict:
+    """The tables of `section` this document defines first; a name defined before, in
+    this file or another, is a problem naming both files."""
+    defined = {}
+    for name, data in getattr(document, section).items():
+        key = (section, name)
+        if key in owners:
+            document.problems.add(key, f"already defined in {owners[key].source}")
+        else:
+            owners[key] = document.problems
+            defined[name] = data
+    return defined
 
 
 # -- reading tables -----------------------------------------------------------
@@ -405,13 +489,14 @@ def _master(table: _Table, base_dir: str) -> MasterConfig:
         pidfile=table.path("pidfile", base_dir),
         balancer_user=_identity(table, "balancer_user"),
         crash_backoff_max=table.seconds("crash_backoff_max", defaults.crash_backoff_max, positive=True),
+        include=table.strings("include", item=lambda text: _absolute(base_dir, text)) or (),
     )
     table.finish()
     return master
 
 
-def _listeners(problems: _Problems, data: dict, base_dir: str) -> dict[str, ListenerConfig]:
-    listeners: dict[str, ListenerConfig] = {}
+def _listeners(problems: _Problems, data: dict, base_dir: str, listeners: dict[str, ListenerConfig]) -> None:
+    """Add the valid listeners of `data` to `listeners` (those of earlier files)."""
     for name, listener_data in data.items():
         key = ("listeners", name)
         if not _check_name(problems, key, name, "a listener"):
@@ -442,7 +527,6 @@ def _listeners(problems: _Problems, data: dict, base_dir: str) -> dict[str, List
         if bind is not None:
             _check_bind_clash(problems, key, bind, listeners)
             listeners[name] = ListenerConfig(name, bind, mode, backlog, proxy_protocol)
-    return listeners
 
 
 def _check_bind_clash(problems: _Problems, key: tuple, bind: BindAddress,
@@ -514,13 +598,14 @@ def _app(problems: _Problems, name: str, data: Any, listener_names: tuple[str, .
         hosts=tuple(table.strings("hosts") or ()),
         default=table.boolean("default", defaults.default),
         balance=table.choice("balance", defaults.balance, balancing.POLICIES),
+        reload_on=table.strings("reload_on", item=lambda text: _absolute(chdir or base_dir, text)) or (),
     )
     table.finish(elsewhere={"bind": "a [listeners.NAME] table that this app names in 'listeners'"})
     _check_identity(problems, key, user, group, running_as_root)
     return app
 
 
-def _check_routes(problems: _Problems, listeners: Mapping[str, ListenerConfig],
+def _check_routes(owners: Mapping[tuple[str, str], _Problems], listeners: Mapping[str, ListenerConfig],
                   apps: Mapping[str, AppConfig]) -> None:
     """Apps sharing a `balance` listener must be told apart by `hosts` (or one `default`)."""
     for name, listener in listeners.items():
@@ -529,18 +614,20 @@ def _check_routes(problems: _Problems, listeners: Mapping[str, ListenerConfig],
             continue
         if listener.mode != "balance":
             names = ", ".join(app.name for app in sharing)
-            problems.add(("listeners", name, "mode"),
-                         f"apps {names} share this listener: expected mode 'balance' to route them by host,"
-                         f" found {listener.mode!r}")
+            owners["listeners", name].add(
+                ("listeners", name, "mode"),
+                f"apps {names} share this listener: expected mode 'balance' to route them by host,"
+                f" found {listener.mode!r}")
             continue
         for app in sharing:
             if not app.hosts and not app.default:
-                problems.add(("apps", app.name, "hosts"),
-                             f"expected host names (or default = true): listener {name!r} is shared by several apps")
+                owners["apps", app.name].add(
+                    ("apps", app.name, "hosts"),
+                    f"expected host names (or default = true): listener {name!r} is shared by several apps")
         try:
             routing.HostTable([(app.name, app.hosts, app.default) for app in sharing])
         except ValueError as exc:
-            problems.add(("listeners", name), f"apps sharing this listener conflict: {exc}")
+            owners["listeners", name].add(("listeners", name), f"apps sharing this listener conflict: {exc}")
 
 
 def _known_listener(name: str, defined: tuple[str, ...]) -> str:

@@ -531,3 +531,142 @@ def test_parse_bind_rejects(spec, reason):
 def test_bind_address_round_trips_through_str():
     for spec in ("127.0.0.1:80", "[::1]:80", "unix:/run/a.sock", "fd://3", "localhost:8000"):
         assert str(parse_bind(spec, "/")) == spec
+
+
+# -- include and reload_on ----------------------------------------------------------
+
+def test_include_adds_listeners_and_apps_sorted_and_lists_sources(tmp_path):
+    (tmp_path / "apps.d").mkdir()
+    write(tmp_path, '[apps.shop]\nmodule = "shop:app"\nlisteners = ["api"]\n', "apps.d/b.toml")
+    write(tmp_path, '[listeners.api]\nbind = "unix:api.sock"\n', "apps.d/a.toml")
+    write(tmp_path, '[apps.ignored]\nmodule = "x:app"\nlisteners = ["web"]\n', "apps.d/c.txt")
+    path = write(tmp_path, document(master='include = ["apps.d/*.toml"]'))
+    config = load(path, running_as_root=False)
+    assert list(config.listeners) == ["web", "api"]
+    assert list(config.apps) == ["blog", "shop"]
+    # Relative paths in an included file resolve against the main config's directory.
+    assert config.listeners["api"].bind.path == str(tmp_path / "api.sock")
+    assert config.master.include == (str(tmp_path / "apps.d/*.toml"),)
+    assert config.sources == (str(path), str(tmp_path / "apps.d/a.toml"), str(tmp_path / "apps.d/b.toml"))
+
+
+def test_include_matching_nothing_is_fine(tmp_path):
+    path = write(tmp_path, document(master='include = ["apps.d/*.toml", "nothing/**/*.toml"]'))
+    config = load(path, running_as_root=False)
+    assert config.sources == (str(path),)
+    assert list(config.apps) == ["blog"]
+
+
+def test_include_never_reads_the_main_file_twice(tmp_path):
+    path = write(tmp_path, document(master='include = ["*.toml", "baton.toml"]'))
+    assert load(path, running_as_root=False).sources == (str(path),)
+
+
+def test_sources_without_include(tmp_path):
+    path = write(tmp_path, document())
+    assert load(path, running_as_root=False).sources == (str(path),)
+
+
+def test_an_included_file_may_hold_every_app(tmp_path):
+    write(tmp_path, '[apps.blog]\nmodule = "blog:app"\nlisteners = ["web"]\n', "blog.toml")
+    text = '[master]\ninclude = ["blog.toml"]\n[listeners.web]\nbind = "127.0.0.1:8000"\n'
+    config = load(write(tmp_path, text), running_as_root=False)
+    assert list(config.apps) == ["blog"]
+
+
+@pytest.mark.parametrize("key, table", [
+    ("apps.blog", '[apps.blog]\nmodule = "other:app"\nlisteners = ["web"]\n'),
+    ("listeners.web", '[listeners.web]\nbind = "127.0.0.1:9000"\n'),
+])
+def test_a_name_defined_in_two_files_names_both(tmp_path, key, table):
+    extra = write(tmp_path, table, "more.toml")
+    path = write(tmp_path, document(master='include = ["more.toml"]'))
+    with pytest.raises(ConfigError) as info:
+        load(path, running_as_root=False)
+    assert info.value.problems == [f"{extra}: {key}: already defined in {path}"]
+
+
+def test_a_name_defined_in_two_included_files(tmp_path):
+    app = '[apps.shop]\nmodule = "shop:app"\nlisteners = ["web"]\n'
+    first, second = write(tmp_path, app, "a.toml"), write(tmp_path, app, "b.toml")
+    path = write(tmp_path, document(master='include = ["?.toml"]'))
+    with pytest.raises(ConfigError) as info:
+        load(path, running_as_root=False)
+    assert info.value.problems == [f"{second}: apps.shop: already defined in {first}"]
+
+
+def test_master_in_an_included_file_is_refused(tmp_path):
+    extra = write(tmp_path, "[master]\ngraceful_timeout = 1\n", "more.toml")
+    path = write(tmp_path, document(master='include = ["more.toml"]'))
+    with pytest.raises(ConfigError) as info:
+        load(path, running_as_root=False)
+    [problem] = info.value.problems
+    assert problem.startswith(f"{extra}: master: expected only [listeners.NAME] and [apps.NAME] tables")
+    assert problem.endswith(f"it belongs in {path}")
+
+
+def test_syntax_error_in_an_included_file_names_it(tmp_path):
+    extra = write(tmp_path, "[apps.shop\n", "more.toml")
+    path = write(tmp_path, document(master='include = ["more.toml"]'))
+    with pytest.raises(ConfigError) as info:
+        load(path, running_as_root=False)
+    [problem] = info.value.problems
+    assert problem.startswith(f"{extra}:1:")
+    assert "invalid TOML" in problem
+
+
+def test_problems_in_an_included_file_name_it_and_come_after_the_main_file(tmp_path):
+    extra = write(tmp_path, '[apps.shop]\nmodule = "shop:app"\nlisteners = ["gone"]\nworkers = 0\nzzz = 1\n'
+                            'graceful_timeout_s = 3\n', "more.toml")
+    path = write(tmp_path, document(master='include = ["more.toml"]', app="threads = 0"))
+    with pytest.raises(ConfigError) as info:
+        load(path, running_as_root=False)
+    found = info.value.problems
+    assert found[0] == f"{path}: apps.blog.threads: expected an integer >= 1, found integer 0"
+    assert [line.split(": ")[:2] for line in found[1:]] == [
+        [str(extra), "apps.shop.listeners[0]"], [str(extra), "apps.shop.workers"],
+        [str(extra), "apps.shop.zzz"], [str(extra), "apps.shop.graceful_timeout_s"]]
+
+
+def test_routing_conflict_names_the_file_of_the_app(tmp_path):
+    extra = write(tmp_path, '[apps.shop]\nmodule = "shop:app"\nlisteners = ["web"]\n', "more.toml")
+    path = write(tmp_path, document(master='include = ["more.toml"]', app='hosts = ["blog.example"]'))
+    with pytest.raises(ConfigError) as info:
+        load(path, running_as_root=False)
+    assert [line.split(": ")[:2] for line in info.value.problems] == [[str(extra), "apps.shop.hosts"]]
+
+
+def test_an_app_may_use_a_listener_of_another_file(tmp_path):
+    write(tmp_path, '[apps.shop]\nmodule = "shop:app"\nlisteners = ["api"]\n', "a.toml")
+    write(tmp_path, '[listeners.api]\nbind = "127.0.0.1:9000"\n', "b.toml")
+    config = load(write(tmp_path, document(master='include = ["a.toml", "b.toml"]')), running_as_root=False)
+    assert config.apps["shop"].listeners == ("api",)
+
+
+@pytest.mark.parametrize("value, problem", [
+    ('"apps.d/*.toml"', "master.include: expected an array of strings, found string 'apps.d/*.toml'"),
+    ("[1]", "master.include[0]: expected a non-empty string, found integer 1"),
+])
+def test_include_must_be_an_array_of_strings(tmp_path, value, problem):
+    path, found = problems(tmp_path, document(master=f"include = {value}"))
+    assert found == [f"{path}: {problem}"]
+
+
+def test_reload_on_resolves_against_chdir_or_the_config_dir(tmp_path):
+    (tmp_path / "site").mkdir()
+    text = document(app='reload_on = ["src/**/*.py", "/etc/blog/*.ini"]',
+                    extra='[apps.shop]\nmodule = "shop:app"\nlisteners = ["api"]\nchdir = "site"\n'
+                          'reload_on = ["*.py"]\n[listeners.api]\nbind = "127.0.0.1:9000"\n')
+    config = load(write(tmp_path, text), running_as_root=False)
+    assert config.apps["blog"].reload_on == (str(tmp_path / "src/**/*.py"), "/etc/blog/*.ini")
+    assert config.apps["shop"].reload_on == (str(tmp_path / "site/*.py"),)
+
+
+@pytest.mark.parametrize("value, problem", [
+    ('"src/*.py"', "apps.blog.reload_on: expected an array of strings, found string 'src/*.py'"),
+    ('["src/*.py", 3]', "apps.blog.reload_on[1]: expected a non-empty string, found integer 3"),
+    ('[""]', "apps.blog.reload_on[0]: expected a non-empty string, found an empty string"),
+])
+def test_reload_on_must_be_an_array_of_strings(tmp_path, value, problem):
+    path, found = problems(tmp_path, document(app=f"reload_on = {value}"))
+    assert found == [f"{path}: {problem}"]
