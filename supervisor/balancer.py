@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 
 import setproctitle
 
-from supervisor import balancing, channel, privileges, routing, spawn
+from supervisor import balancing, channel, privileges, proxyproto, routing, spawn
 from supervisor.channel import ChannelClosed
 from supervisor.config import Config
 from supervisor.log import Logs
-from supervisor.messages import ACK, ATTACH, CLOSED, CONN, DETACH, Message, MessageError
+from supervisor.messages import ACK, ATTACH, CLOSED, CONN, DETACH, HANDBACK, ROUTES, Message, MessageError
 
 ACCEPT_BATCH = 64
 PEEK_BYTES = 8192
@@ -47,14 +47,17 @@ _UNAVAILABLE = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-
                 b"Content-Length: 20\r\nConnection: close\r\n\r\nNo worker is free.\n\n")
 
 
-@dataclass
+@dataclass(eq=False)
 class Pending:
-    """An accepted connection not yet owned by a worker."""
+    """An accepted (or handed-back) connection not yet owned by a worker."""
     sock: socket.socket
     peer: object
     listener: str
     app: str | None = None
     deadline: float = 0.0
+    data: str = ""          # base64 of bytes a previous worker read but did not parse
+    proxy: bool = False     # a PROXY protocol header leads the stream; the worker reads it
+    client: str | None = None  # the client's address, for ip-hash (the PROXY source if any)
 
 
 @dataclass
@@ -74,31 +77,40 @@ class ListenerRoute:
     hosts: routing.HostTable | None
 
 
-def build_routes(config: Config) -> dict[str, ListenerRoute]:
+def routing_payload(config: Config) -> dict:
+    """What the balancer needs of a config, as plain data for a ROUTES message."""
+    return {
+        "listeners": {name: [app.name for app in config.apps.values() if name in app.listeners]
+                      for name, listener in config.listeners.items() if listener.mode == "balance"},
+        "proxy": [name for name, listener in config.listeners.items() if listener.proxy_protocol],
+        "apps": {name: {"hosts": list(app.hosts), "default": app.default, "balance": app.balance}
+                 for name, app in config.apps.items()},
+    }
+
+
+def build_routes(payload: dict) -> dict[str, ListenerRoute]:
     routes = {}
-    for name, listener in config.listeners.items():
-        if listener.mode != "balance":
-            continue
-        apps = [app for app in config.apps.values() if name in app.listeners]
-        if len(apps) == 1:
-            routes[name] = ListenerRoute(apps[0].name, None)
+    apps = payload["apps"]
+    for name, app_names in payload["listeners"].items():
+        if len(app_names) == 1:
+            routes[name] = ListenerRoute(app_names[0], None)
         else:
             routes[name] = ListenerRoute(None, routing.HostTable(
-                [(app.name, app.hosts, app.default) for app in apps]))
+                [(app, tuple(apps[app]["hosts"]), apps[app]["default"]) for app in app_names]))
     return routes
 
 
 class Balancer:
     """The balancer's state and loop; `run()` returns when the master goes away."""
 
-    def __init__(self, config: Config, listeners: dict[str, socket.socket], master: socket.socket,
+    def __init__(self, payload: dict, listeners: dict[str, socket.socket], master: socket.socket,
                  links: dict[int, tuple[str, socket.socket]], logs: Logs, clock=time.monotonic):
         self.log = logs.error
         self.clock = clock
-        self.listeners = listeners
+        self.listeners: dict[str, socket.socket] = {}
         self.master = master
-        self.routes = build_routes(config)
-        self.policies = {name: balancing.make_policy(app.balance) for name, app in config.apps.items()}
+        self.routes: dict[str, ListenerRoute] = {}
+        self.policies: dict[str, tuple[str, balancing.Policy]] = {}
         self.links: dict[int, WorkerLink] = {}
         self.selector = selectors.DefaultSelector()
         # Peeked bytes stay in the socket, so a level-triggered wait would fire again
@@ -111,15 +123,30 @@ class Balancer:
         self.timers: list[tuple[float, int, Pending]] = []
         self.ids = itertools.count(1)
         self.stats = {"accepted": 0, "dispatched": 0, "redispatched": 0, "refused_host": 0,
-                      "overflow_503": 0, "queue_timeout_503": 0}
+                      "overflow_503": 0, "queue_timeout_503": 0, "handed_back": 0, "refused_proxy": 0}
         self.running = True
         master.setblocking(False)
         self.selector.register(master, selectors.EVENT_READ, self._on_master)
-        for name, sock in listeners.items():
-            sock.setblocking(False)
-            self.selector.register(sock, selectors.EVENT_READ, lambda s=sock, n=name: self._accept(s, n))
+        self._set_routes(payload, listeners)
         for key, (app, sock) in links.items():
             self._attach(key, app, sock)
+
+    def _set_routes(self, payload: dict, new_listeners: dict[str, socket.socket]) -> None:
+        """Adopt a routing table; listeners it no longer names are closed here (the
+        master holds its own copy until their workers drained)."""
+        self.routes = build_routes(payload)
+        self.proxy_listeners = frozenset(payload.get("proxy", ()))
+        self.policies = {name: self.policies[name] if self.policies.get(name, ("",))[0] == app["balance"]
+                         else (app["balance"], balancing.make_policy(app["balance"]))
+                         for name, app in payload["apps"].items()}
+        for name in [n for n in self.listeners if n not in self.routes or n in new_listeners]:
+            sock = self.listeners.pop(name)
+            self.selector.unregister(sock)
+            sock.close()
+        for name, sock in new_listeners.items():
+            sock.setblocking(False)
+            self.listeners[name] = sock
+            self.selector.register(sock, selectors.EVENT_READ, lambda s=sock, n=name: self._accept(s, n))
 
     def run(self) -> None:
         while self.running:
@@ -142,9 +169,11 @@ class Balancer:
                 self.log.warning("accept on %s failed: %s", listener, exc)
                 return
             self.stats["accepted"] += 1
-            pending = Pending(sock, peer, listener)
+            pending = Pending(sock, peer, listener, proxy=listener in self.proxy_listeners)
+            if isinstance(peer, tuple):
+                pending.client = peer[0]
             route = self.routes[listener]
-            if route.only_app is not None:
+            if route.only_app is not None and not pending.proxy:
                 pending.app = route.only_app
                 self._dispatch(pending)
             else:
@@ -172,7 +201,27 @@ class Balancer:
             self._stop_peeking(pending)
             pending.sock.close()
             return
-        route = self.routes[pending.listener]
+        route = self.routes.get(pending.listener)
+        if route is None:  # its listener went away with a reload
+            self._stop_peeking(pending)
+            pending.sock.close()
+            return
+        if pending.proxy:
+            header = proxyproto.parse(data)
+            if header.status != "ok":
+                if header.status == "invalid" or len(data) >= PEEK_BYTES:
+                    self._refuse(pending, b"", "refused_proxy")  # not a client: no HTTP answer
+                return
+            if header.source is not None and not header.use_peer:
+                pending.client = header.source[0]
+            data = data[header.consumed:]
+        if route.only_app is not None:
+            self._stop_peeking(pending)
+            pending.app = route.only_app
+            self._dispatch(pending)
+            return
+        if not data:
+            return
         peek = routing.peek_sni(data) if routing.looks_like_tls(data) else routing.peek_host(data, PEEK_BYTES)
         if peek.status == "need_more":
             if len(data) >= PEEK_BYTES:
@@ -197,9 +246,10 @@ class Balancer:
         self._stop_peeking(pending)
         self.stats[counter] += 1
         try:
-            pending.sock.setblocking(False)
-            pending.sock.send(response)
-            pending.sock.shutdown(socket.SHUT_WR)
+            if response:
+                pending.sock.setblocking(False)
+                pending.sock.send(response)
+                pending.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
         pending.sock.close()
@@ -207,16 +257,22 @@ class Balancer:
     # -- dispatching to workers ----------------------------------------------
 
     def _dispatch(self, pending: Pending) -> None:
+        if pending.app not in self.policies:  # the app went away with a reload
+            pending.sock.close()
+            return
         links = [link for link in self.links.values() if link.app == pending.app and link.accepting]
-        client = pending.peer[0] if isinstance(pending.peer, tuple) else None
-        policy = self.policies[pending.app]
+        policy = self.policies[pending.app][1]
         while links:
-            load = policy.pick([link.load for link in links], client)
+            load = policy.pick([link.load for link in links], pending.client)
             link = self.links[load.key]
             conn_id = next(self.ids)
+            fields = {"id": conn_id, "peer": _peer_fields(pending.peer), "listener": pending.listener}
+            if pending.data:
+                fields["data"] = pending.data
+            if pending.proxy:
+                fields["proxy"] = True
             try:
-                channel.send(link.sock, Message(CONN, {"id": conn_id, "peer": _peer_fields(pending.peer),
-                                                       "listener": pending.listener}), [pending.sock.fileno()])
+                channel.send(link.sock, Message(CONN, fields), [pending.sock.fileno()])
             except OSError:  # channel full or broken: another worker gets it
                 links.remove(link)
                 continue
@@ -276,6 +332,9 @@ class Balancer:
             except MessageError as exc:
                 self.log.warning("worker %d sent a bad message: %s", link.key, exc)
                 continue
+            if message.kind == HANDBACK and len(fds) == 1:
+                self._handed_back(link, message, fds[0])
+                continue
             for fd in fds:
                 os.close(fd)
             if message.kind == ACK:
@@ -288,6 +347,15 @@ class Balancer:
                 link.load.busy = int(message.fields["busy"])
             if self.queue:
                 self._drain_queue(link.app)
+
+    def _handed_back(self, link: WorkerLink, message: Message, fd: int) -> None:
+        # Only a retiring worker hands connections back: send it no more.
+        link.accepting = False
+        self.stats["handed_back"] += 1
+        peer = message.fields.get("peer") or ["", 0]
+        pending = Pending(socket.socket(fileno=fd), tuple(peer), str(message.fields.get("listener", "")),
+                          app=link.app, data=str(message.fields.get("data", "")), client=str(peer[0]))
+        self._dispatch(pending)
 
     def _worker_gone(self, link: WorkerLink) -> None:
         self.selector.unregister(link.sock)
@@ -312,6 +380,13 @@ class Balancer:
             if message.kind == ATTACH and len(fds) == 1:
                 self._attach(int(message["key"]), str(message["app"]), socket.socket(fileno=fds[0]))
                 continue
+            if message.kind == ROUTES:
+                names = list(message.fields.get("open", ()))
+                if len(names) == len(fds):
+                    self._set_routes(message["routes"], {n: socket.socket(fileno=fd) for n, fd in zip(names, fds)})
+                    for app in {p.app for p in self.queue}:
+                        self._drain_queue(app)
+                    continue
             for fd in fds:
                 os.close(fd)
             if message.kind == DETACH:
@@ -321,14 +396,14 @@ class Balancer:
 
 
 def _peer_fields(peer) -> list:
-    return list(peer[:2]) if isinstance(peer, tuple) else [str(peer or ""), 0]
+    return list(peer[:2]) if isinstance(peer, (tuple, list)) and peer else [str(peer or ""), 0]
 
 
-def main(config: Config, identity: privileges.Identity, listeners: dict[str, socket.socket],
+def main(payload: dict, identity: privileges.Identity, listeners: dict[str, socket.socket],
          master: socket.socket, links: dict[int, tuple[str, socket.socket]], logs: Logs,
          master_pid: int) -> int:
     privileges.drop(identity)
     spawn.die_with_parent(master_pid)
     setproctitle.setproctitle(f"baton: balancer ({identity.name})")
-    Balancer(config, listeners, master, links, logs).run()
+    Balancer(payload, listeners, master, links, logs).run()
     return 0

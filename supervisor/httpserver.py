@@ -10,6 +10,10 @@ This is the I/O shell around :mod:`supervisor.http11` (protocol state) and
   does, and a ``wsgi.file_wrapper`` response is sent to completion; in
   ``threads == 1`` mode both block the loop (bounded by the timeouts).
 * Every timer is a deadline in one heap; the selector waits for the nearest one.
+* A connection from a PROXY protocol listener (``proxy_protocol_fds``) or given with
+  ``add_connection(proxy_protocol=True)`` must open with a valid PROXY header (see
+  :mod:`supervisor.proxyproto`) within ``header_timeout_s``; its source address becomes
+  the peer. A bad header closes it without a response: that peer is no HTTP client.
 * Every socket the server opened or was given is closed by it, except listeners
   (owned by the caller) and connections detached by ``take_idle_connections``.
 * Methods other than ``stop`` must be called from the loop's thread (from a
@@ -19,6 +23,7 @@ This is the I/O shell around :mod:`supervisor.http11` (protocol state) and
 from __future__ import annotations
 
 import errno
+import functools
 import heapq
 import io
 import logging
@@ -33,7 +38,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import http11
+from . import http11, proxyproto
 from .wsgi import EnvironBuilder, Input, run_app
 
 __all__ = ["ServerSettings", "Server"]
@@ -45,7 +50,9 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 _LISTENER, _CONN, _WATCH, _WAKEUP = 0, 1, 2, 3
 # Connection states.
-_READING, _BUSY, _WRITING, _CLOSING = 0, 1, 2, 3
+# _PROXY: awaiting its PROXY header. Its client is not known yet, so such a connection
+# is never taken or handed back (both want _READING); header_timeout_s bounds the wait.
+_READING, _BUSY, _WRITING, _CLOSING, _PROXY = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,7 @@ class ServerSettings:
 class _Conn:
     __slots__ = ("sock", "fd", "peer", "builder", "proto", "state", "outbuf", "deadline",
                  "request", "body", "body_len", "spool", "events", "started", "outcome",
-                 "continue_input", "on_close")
+                 "continue_input", "on_close", "listener", "proxy_buf")
 
     def __init__(self, sock, peer, builder, proto) -> None:
         self.sock = sock
@@ -84,6 +91,8 @@ class _Conn:
         self.outcome = None
         self.continue_input = None
         self.on_close = None       # told when the connection leaves this server
+        self.listener = ""         # the listener's name, for a hand-back
+        self.proxy_buf = None      # bytes of a PROXY header still arriving (state _PROXY)
 
 
 def _wait_fd(fd: int, mask: int, timeout_s: float) -> None:
@@ -98,7 +107,9 @@ class Server:
     processes) and on connections given with ``add_connection``, until stopped."""
 
     def __init__(self, app, listeners: list[socket.socket], settings: ServerSettings,
-                 error_log: logging.Logger, access_log: logging.Logger | None = None) -> None:
+                 error_log: logging.Logger, access_log: logging.Logger | None = None,
+                 listener_names: list[str] | None = None,
+                 proxy_protocol_fds: frozenset[int] = frozenset()) -> None:
         self.app = app
         self.settings = settings
         self.error_log = error_log
@@ -113,6 +124,9 @@ class Server:
         self._graceful = True
         self._listening = False
         self._listeners = list(listeners)
+        self._listener_names = dict(zip((s.fileno() for s in self._listeners), listener_names or ()))
+        self._proxy_fds = proxy_protocol_fds   # listeners whose connections open with PROXY
+        self._handback: Callable | None = None
         self._builders: dict[str, EnvironBuilder] = {}
         self._listener_builders = []
         for sock in self._listeners:
@@ -156,11 +170,15 @@ class Server:
         self._selector.unregister(fd)
 
     def add_connection(self, sock: socket.socket, peer, listener_name: str = "",
-                       initial_bytes: bytes = b"", on_close: Callable[[], None] | None = None) -> None:
+                       initial_bytes: bytes = b"", on_close: Callable[[], None] | None = None,
+                       proxy_protocol: bool = False) -> None:
         builder = self._builders.get(listener_name) or self._builder_for(sock, listener_name)
-        conn = self._new_conn(sock, peer, builder)
+        conn = self._new_conn(sock, peer, builder, proxy_protocol)
         conn.on_close = on_close
-        if initial_bytes:
+        conn.listener = listener_name
+        if initial_bytes and proxy_protocol:
+            self._on_proxy_bytes(conn, initial_bytes)
+        elif initial_bytes:
             conn.started = True
             conn.proto.receive_data(initial_bytes)
             self._process(conn)
@@ -172,6 +190,12 @@ class Server:
             self._wake_w.send(b"s")
         except OSError:
             pass
+
+    def hand_back_with(self, handback: Callable[[socket.socket, bytes, object, str], None]) -> None:
+        """On a graceful stop, give idle keep-alive connections to `handback(sock,
+        unparsed_bytes, peer, listener_name)` instead of closing them, so a client
+        never sees a reload. The callback owns the socket afterwards."""
+        self._handback = handback
 
     def take_idle_connections(self) -> list[tuple[socket.socket, bytes]]:
         taken = []
@@ -192,7 +216,10 @@ class Server:
                         self._set_listening(False)
                     if not self._graceful:
                         return
-                    self._close_idle()
+                    if self._handback is not None:
+                        self._hand_back_idle()
+                    else:
+                        self._close_idle()
                     if not self._conns and not self._busy:
                         return
                 timeout = None
@@ -245,7 +272,7 @@ class Server:
                 self._selector.unregister(sock)
         self._listening = on
 
-    def _new_conn(self, sock: socket.socket, peer, builder) -> _Conn:
+    def _new_conn(self, sock: socket.socket, peer, builder, proxy: bool = False) -> _Conn:
         s = self.settings
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -257,11 +284,20 @@ class Server:
         conn = _Conn(sock, peer, builder, proto)
         self._conns[conn.fd] = conn
         conn.events = selectors.EVENT_READ
-        self._selector.register(sock, selectors.EVENT_READ, (_CONN, conn))
+        if proxy:
+            # Until its header is complete the connection is read by a watch callback,
+            # so the hot _CONN path carries no PROXY test.
+            conn.state = _PROXY
+            conn.proxy_buf = bytearray()
+            key_data = (_WATCH, functools.partial(self._on_proxy_readable, conn))
+        else:
+            key_data = (_CONN, conn)
+        self._selector.register(sock, selectors.EVENT_READ, key_data)
         self._set_deadline(conn, s.header_timeout_s)
         return conn
 
     def _accept(self, lsock: socket.socket, builder) -> None:
+        proxy = lsock.fileno() in self._proxy_fds
         while True:
             try:
                 sock, peer = lsock.accept()
@@ -272,7 +308,7 @@ class Server:
                 if exc.errno not in (errno.ECONNABORTED, errno.EPROTO):
                     self.error_log.warning("accept failed: %s", exc)
                 return
-            self._new_conn(sock, peer, builder)
+            self._new_conn(sock, peer, builder, proxy).listener = self._listener_names.get(lsock.fileno(), "")
 
     def _set_deadline(self, conn: _Conn, delay_s: float) -> None:
         deadline = time.monotonic() + delay_s
@@ -290,8 +326,8 @@ class Server:
                     self._fail(conn, 408, "Request Timeout")
                 else:
                     self._close(conn)
-            elif conn.state in (_WRITING, _CLOSING):
-                self._close(conn)   # the client stopped reading
+            elif conn.state in (_WRITING, _CLOSING, _PROXY):
+                self._close(conn)   # the client stopped reading, or never sent its PROXY header
 
     def _set_events(self, conn: _Conn, events: int) -> None:
         if conn.events != events:
@@ -313,6 +349,16 @@ class Server:
         if conn.spool is not None:
             conn.spool.close()
         conn.sock.close()
+
+    def _hand_back_idle(self) -> None:
+        for conn in list(self._conns.values()):
+            if conn.state == _READING and not conn.outbuf and conn.proto.idle:
+                self._forget(conn)
+                try:
+                    self._handback(conn.sock, conn.proto.unparsed_bytes(), conn.peer, conn.listener)
+                except Exception:  # noqa: BLE001 - a failed hand-back must not stop the drain
+                    self.error_log.exception("could not hand back a connection")
+                    conn.sock.close()
 
     def _close_idle(self) -> None:
         for conn in list(self._conns.values()):
@@ -351,6 +397,43 @@ class Server:
                 self._set_deadline(conn, self.settings.header_timeout_s)
         conn.proto.receive_data(data)
         self._process(conn)
+
+    def _on_proxy_readable(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if not data:
+            self._close(conn)
+            return
+        self._on_proxy_bytes(conn, data)
+
+    def _on_proxy_bytes(self, conn: _Conn, data: bytes) -> None:
+        """Buffer until the PROXY header is decided; then serve HTTP with its source
+        address as the peer (the header_timeout_s deadline set at connect still runs)."""
+        buf = conn.proxy_buf
+        buf += data
+        result = proxyproto.parse(bytes(buf))
+        if result.status == "need_more":
+            return   # bounded: parse refuses a header longer than proxyproto allows
+        if result.status == "invalid":
+            self.error_log.warning("closing a connection from %s: bad PROXY header: %s",
+                                   conn.peer, result.reason)
+            self._close(conn)
+            return
+        if not result.use_peer:
+            conn.peer = result.source
+        rest = bytes(buf[result.consumed:])
+        conn.proxy_buf = None
+        conn.state = _READING
+        self._selector.modify(conn.sock, selectors.EVENT_READ, (_CONN, conn))
+        if rest:
+            conn.started = True
+            conn.proto.receive_data(rest)
+            self._process(conn)
 
     def _process(self, conn: _Conn) -> None:
         """Pull events until a request is complete (then run it) or data runs out."""
@@ -658,9 +741,9 @@ class Server:
     def _next_request(self, conn: _Conn) -> bool:
         """Prepare ``conn`` to wait for its next request; False if it was closed."""
         pending = conn.proto.has_unparsed
-        if self._stopping and not pending:
+        if self._stopping and not pending and self._handback is None:
             self._close(conn)   # draining: an idle keep-alive connection is closed
-            return False
+            return False        # (with a hand-back, the drain loop gives it away instead)
         self._set_events(conn, selectors.EVENT_READ)
         if pending:
             conn.started = True

@@ -1,10 +1,16 @@
-"""The master: bind listeners, fork and supervise workers, react to signals.
+"""The master: bind listeners, fork and supervise workers, reload without dropping.
 
 One selector wait drives everything: the signal wakeup fd, one pidfd per child and one
-channel per worker, with the nearest deadline (a respawn after backoff, a boot timeout,
+channel per child, with the nearest deadline (a respawn after backoff, a boot timeout,
 a kill after a drain) as its timeout. Signal handlers only record. The master never
 imports application code and never reads a byte from a client; it stays
 single-threaded, so forking is always safe.
+
+A reload is `plan.diff(old, new)` applied: a restarted app boots a whole new
+generation beside the serving one, and only when every new worker said READY does
+routing switch and the old generation drain, handing its idle keep-alive connections
+to the new one through the balancer. A new generation that fails to boot is dropped
+and the old one keeps serving.
 """
 from __future__ import annotations
 
@@ -18,12 +24,17 @@ from dataclasses import dataclass, field
 import setproctitle
 
 from supervisor import balancer as balancer_mod
-from supervisor import channel, config as config_mod, listeners as listeners_mod, privileges, spawn, worker
+from supervisor import channel, config as config_mod, listeners as listeners_mod, plan as plan_mod
+from supervisor import privileges, spawn, watcher as watcher_mod, worker
 from supervisor.channel import ChannelClosed
-from supervisor.config import AppConfig, Config
+from supervisor.config import AppConfig, Config, ConfigError
 from supervisor.lifecycle import Backoff, State, Worker
+from supervisor.listeners import ListenerError
 from supervisor.log import Logs
-from supervisor.messages import ATTACH, BOOT_FAILED, DETACH, READY, STOP, Message, MessageError
+from supervisor.messages import (ATTACH, BOOT_FAILED, CHANGED, DETACH, READY, ROUTES, STOP, Message,
+                                 MessageError)
+from supervisor.privileges import PrivilegeError
+from supervisor.sidecar import Sidecar
 
 QUICK_STOP_GRACE_S = 1.0
 
@@ -34,28 +45,30 @@ class _Child:
     record: Worker
     channel: socket.socket
     pidfd: int
-    balancer_end: socket.socket | None = None  # kept so a restarted balancer gets it again
+    balancer_end: socket.socket  # kept so a restarted balancer gets it again
 
 
 @dataclass
-class _Balancer:
-    pid: int
-    pidfd: int
-    channel: socket.socket
-    spawned_at: float
-
-
-@dataclass
-class _AppState:
+class _Generation:
+    number: int
     config: AppConfig
     identity: privileges.Identity
+
+
+@dataclass
+class _App:
+    current: _Generation               # the generation serving (or booting, at start)
     target: int
-    generation: int = 1
-    backoff: Backoff = field(default_factory=Backoff)
+    backoff: Backoff
+    next: _Generation | None = None    # a new generation booting beside the current one
     respawn_at: dict[int, float] = field(default_factory=dict)  # worker index -> when
     ever_ready: bool = False
     boot_failed: bool = False
     last_traceback: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.current.config.name
 
 
 class Master:
@@ -65,6 +78,7 @@ class Master:
         signal.SIGTERM: "stop_graceful",
         signal.SIGINT: "stop_quick",
         signal.SIGQUIT: "stop_quick",
+        signal.SIGHUP: "reload_all",
         signal.SIGTTIN: "scale_up",
         signal.SIGTTOU: "scale_down",
     }
@@ -77,14 +91,16 @@ class Master:
         self.selector = selectors.DefaultSelector()
         self.sockets: dict[str, socket.socket] = {}
         self.children: dict[int, _Child] = {}
-        self.apps: dict[str, _AppState] = {}
-        self.balancer: _Balancer | None = None
-        self.balancer_respawn_at: float | None = None
+        self.apps: dict[str, _App] = {}
+        self.balancer: Sidecar | None = None
+        self.watcher: Sidecar | None = None
+        self.sidecar_respawn_at: dict[str, float] = {}
         # One SO_REUSEPORT socket per (listener, app, worker index): a replacement
         # worker inherits its predecessor's socket, accept queue and all.
         self.reuseport: dict[tuple[str, str, int], socket.socket] = {}
         self.stopping = False
         self.exit_status = 0
+        self.reloads = 0
         self._wakeup_read, self._wakeup_write = socket.socketpair()
 
     # -- running -----------------------------------------------------------
@@ -97,8 +113,8 @@ class Master:
             setproctitle.setproctitle(f"baton: master [{self.config.path or 'serve'}]")
             for name, sock in self.sockets.items():
                 self.log.info("listening on %s (%s)", listeners_mod.describe(sock), name)
-            if self._balance_listeners():
-                self._spawn_balancer()
+            self._start_balancer()
+            self._start_watcher()
             for app in self.config.apps.values():
                 self._add_app(app)
             while not (self.stopping and not self.children and self.balancer is None):
@@ -133,18 +149,29 @@ class Master:
                 self.log.info("received %s", signal.Signals(signum).name)
                 getattr(self, action)()
 
-    # -- apps and workers --------------------------------------------------
+    # -- apps, generations and workers -------------------------------------
 
-    def _add_app(self, app: AppConfig) -> None:
+    def _identity(self, app: AppConfig) -> privileges.Identity:
         running_as_root = os.geteuid() == 0
         user = config_mod.effective_user(app, running_as_root)
         if running_as_root and app.user is None:
             self.log.info("app %s names no user; its workers run as %s", app.name, user)
-        state = _AppState(app, privileges.resolve(user, app.group), app.workers,
-                          backoff=Backoff(max_delay_s=self.config.master.crash_backoff_max))
-        self.apps[app.name] = state
-        for index in range(1, app.workers + 1):
-            self._spawn(state, index)
+        return privileges.resolve(user, app.group)
+
+    def _add_app(self, config: AppConfig) -> None:
+        app = _App(_Generation(1, config, self._identity(config)), config.workers,
+                   Backoff(max_delay_s=self.config.master.crash_backoff_max))
+        self.apps[config.name] = app
+        for index in range(1, config.workers + 1):
+            self._spawn(app.current, index)
+
+    def _start_generation(self, app: _App, config: AppConfig) -> None:
+        if app.next is not None:
+            self._abandon_next(app, "superseded by a newer reload")
+        app.next = _Generation(max(app.current.number, 0) + 1, config, self._identity(config))
+        self.log.info("app %s: booting generation %d (%d workers)", config.name, app.next.number, config.workers)
+        for index in range(1, config.workers + 1):
+            self._spawn(app.next, index)
 
     def _worker_sockets(self, app: AppConfig, index: int) -> dict[str, socket.socket]:
         sockets = {}
@@ -159,26 +186,25 @@ class Master:
                 sockets[name] = self.reuseport[key]
         return sockets
 
-    def _spawn(self, app: _AppState, index: int) -> None:
+    def _spawn(self, generation: _Generation, index: int) -> None:
+        app = generation.config
         parent_end, child_end = channel.pair()
-        balancer_end = worker_balancer_end = None
-        if any(self.config.listeners[name].mode == "balance" for name in app.config.listeners):
-            balancer_end, worker_balancer_end = channel.pair()
+        balancer_end, worker_balancer_end = channel.pair()
         spec = worker.WorkerSpec(
-            app=app.config, index=index, generation=app.generation, identity=app.identity,
-            graceful_timeout_s=self._graceful_timeout(app.config), master_pid=os.getpid(),
-            channel=child_end, listeners=self._worker_sockets(app.config, index),
+            app=app, index=index, generation=generation.number, identity=generation.identity,
+            graceful_timeout_s=self._graceful_timeout(app), master_pid=os.getpid(),
+            channel=child_end, listeners=self._worker_sockets(app, index),
             logs=self.logs, balancer=worker_balancer_end,
+            proxy_listeners=frozenset(name for name in app.listeners if self.config.listeners[name].proxy_protocol),
         )
         try:
             pid = spawn.fork(lambda: worker.main(spec), spec.owned_fds())
         finally:
             child_end.close()
-            if worker_balancer_end is not None:
-                worker_balancer_end.close()
+            worker_balancer_end.close()
         parent_end.setblocking(False)
         pidfd = os.pidfd_open(pid)
-        child = _Child(Worker(app.config.name, index, app.generation, pid, self.clock()), parent_end, pidfd,
+        child = _Child(Worker(app.name, index, generation.number, pid, self.clock()), parent_end, pidfd,
                        balancer_end)
         self.children[pid] = child
         self.selector.register(pidfd, selectors.EVENT_READ, lambda: self._reap(child))
@@ -203,14 +229,48 @@ class Master:
         app = self.apps.get(child.record.app)
         if message.kind == READY and child.record.state is State.SPAWNED:
             child.record.move(State.READY, self.clock())
-            if app:
-                app.ever_ready = True
-            self.log.info("worker %s#%d (pid %d) ready", child.record.app, child.record.index, child.record.pid)
-            self._attach_to_balancer(child)
+            self.log.info("worker %s#%d gen %d (pid %d) ready", child.record.app, child.record.index,
+                          child.record.generation, child.record.pid)
+            if app is None:
+                return True
+            app.ever_ready = True
+            if child.record.generation == app.current.number:
+                self._attach_to_balancer(child)
+            elif app.next is not None and child.record.generation == app.next.number:
+                self._switch_if_ready(app)
         elif message.kind == BOOT_FAILED and app:
             app.boot_failed = True
             app.last_traceback = str(message.fields.get("traceback", ""))
         return True
+
+    def _generation_workers(self, app: str, generation: int) -> list[_Child]:
+        return [c for c in self.children.values()
+                if c.record.app == app and c.record.generation == generation and c.record.alive]
+
+    def _switch_if_ready(self, app: _App) -> None:
+        new = self._generation_workers(app.name, app.next.number)
+        if len(new) < app.next.config.workers or not all(c.record.serving for c in new):
+            return
+        old_number = app.current.number
+        app.current, app.next = app.next, None
+        app.target = app.current.config.workers
+        app.respawn_at.clear()
+        for child in new:
+            self._attach_to_balancer(child)
+        now = self.clock()
+        for child in self._generation_workers(app.name, old_number):
+            self._retire(child, now, handback=True)
+        self.log.info("app %s: generation %d serving; generation %d draining", app.name,
+                      app.current.number, old_number)
+
+    def _abandon_next(self, app: _App, why: str) -> None:
+        self.log.error("app %s: generation %d dropped (%s); generation %d keeps serving",
+                       app.name, app.next.number, why, app.current.number)
+        for child in self._generation_workers(app.name, app.next.number):
+            if child.record.state is not State.DRAINING:
+                child.record.move(State.DRAINING, self.clock())
+            child.record.kill_at = self.clock()
+        app.next = None
 
     def _reap(self, child: _Child) -> None:
         pid = child.record.pid
@@ -227,18 +287,25 @@ class Master:
             self.selector.unregister(child.channel)
             child.channel.close()
         del self.children[pid]
-        if child.balancer_end is not None:
-            child.balancer_end.close()
-        was_draining = child.record.state is State.DRAINING
-        never_ready = child.record.ready_at is None
-        child.record.move(State.EXITED, self.clock())
-        app = self.apps.get(child.record.app)
-        if app is not None and child.record.index > app.target:
-            self._close_reuseport(app.config.name, child.record.index)
+        child.balancer_end.close()
+        record = child.record
+        was_draining = record.state is State.DRAINING
+        never_ready = record.ready_at is None
+        record.move(State.EXITED, self.clock())
+        app = self.apps.get(record.app)
+        if app is not None and record.index > app.target and record.generation == app.current.number:
+            self._close_reuseport(app.name, record.index)
         if self.stopping or was_draining or app is None:
             return
-        self.log.warning("worker %s#%d (pid %d) exited: %s", child.record.app, child.record.index,
-                         pid, _describe_status(status))
+        self.log.warning("worker %s#%d gen %d (pid %d) exited: %s", record.app, record.index,
+                         record.generation, pid, _describe_status(status))
+        if app.next is not None and record.generation == app.next.number:
+            self.log.error("app %s: generation %d failed to boot:\n%s", app.name, app.next.number,
+                           app.last_traceback.rstrip() or _describe_status(status))
+            self._abandon_next(app, "a worker failed to boot")
+            return
+        if record.generation != app.current.number:
+            return
         if never_ready and self._no_app_can_boot():
             for name, state in self.apps.items():
                 self.log.error("app %s cannot boot:\n%s", name, state.last_traceback.rstrip() or "(no traceback)")
@@ -246,23 +313,21 @@ class Master:
             self.exit_status = 1
             self.stop_quick()
             return
-        if child.record.index <= app.target:
-            delay = app.backoff.record_exit(child.record, self.clock())
+        if record.index <= app.target:
+            delay = app.backoff.record_exit(record, self.clock())
             if delay:
-                self.log.info("app %s: next worker in %.1fs (crash loop backoff)", app.config.name, delay)
-            app.respawn_at[child.record.index] = self.clock() + delay
+                self.log.info("app %s: next worker in %.2fs (crash loop backoff)", app.name, delay)
+            app.respawn_at[record.index] = self.clock() + delay
 
     def _no_app_can_boot(self) -> bool:
         """At startup only: every app has failed to boot and none was ever ready."""
-        return all(not a.ever_ready and a.boot_failed for a in self.apps.values()) and not any(
-            c.record.state is State.READY for c in self.children.values())
+        return self.reloads == 0 and all(not a.ever_ready and a.boot_failed for a in self.apps.values())
 
     # -- deadlines ---------------------------------------------------------
 
     def _next_deadline(self) -> float | None:
         deadlines = [at for app in self.apps.values() for at in app.respawn_at.values()]
-        if self.balancer_respawn_at is not None:
-            deadlines.append(self.balancer_respawn_at)
+        deadlines.extend(self.sidecar_respawn_at.values())
         for child in self.children.values():
             if child.record.kill_at is not None:
                 deadlines.append(child.record.kill_at)
@@ -282,15 +347,16 @@ class Master:
                 record.kill_at = now  # killed on the next pass; counts as a failed boot
         if self.stopping:
             return
-        if self.balancer_respawn_at is not None and now >= self.balancer_respawn_at:
-            self.balancer_respawn_at = None
-            self._spawn_balancer()
+        for name, at in list(self.sidecar_respawn_at.items()):
+            if now >= at:
+                del self.sidecar_respawn_at[name]
+                (self._start_balancer if name == "balancer" else self._start_watcher)()
         for app in self.apps.values():
             for index, at in list(app.respawn_at.items()):
                 if now >= at:
                     del app.respawn_at[index]
                     if index <= app.target:
-                        self._spawn(app, index)
+                        self._spawn(app.current, index)
 
     # -- actions (signals and, later, control commands) ----------------------
 
@@ -298,14 +364,14 @@ class Master:
         if self.stopping:
             return
         self.stopping = True
-        self._stop_balancer()
+        self._stop_sidecars()
         now = self.clock()
         for child in self.children.values():
-            self._retire(child, now)
+            self._retire(child, now, handback=False)
 
     def stop_quick(self) -> None:
         self.stopping = True
-        self._stop_balancer()
+        self._stop_sidecars()
         deadline = self.clock() + QUICK_STOP_GRACE_S
         for child in self.children.values():
             if child.record.state is not State.DRAINING:
@@ -314,32 +380,93 @@ class Master:
             self._kill(child.record.pid, signal.SIGQUIT)
 
     def scale_up(self) -> None:
-        if self.stopping:
-            return
         for app in self.apps.values():
-            app.target += 1
-            self._spawn(app, app.target)
+            self._rescale(app, app.target + 1)
         self.log.info("scaled up: %s", self._targets())
 
     def scale_down(self) -> None:
+        for app in self.apps.values():
+            self._rescale(app, max(1, app.target - 1))
+        self.log.info("scaled down: %s", self._targets())
+
+    def _rescale(self, app: _App, count: int) -> None:
         if self.stopping:
             return
+        old, app.target = app.target, count
+        for index in range(old + 1, count + 1):
+            self._spawn(app.current, index)
         now = self.clock()
-        for app in self.apps.values():
-            if app.target <= 1:
-                continue
-            index = app.target
-            app.target -= 1
-            app.respawn_at.pop(index, None)
-            for child in self.children.values():
-                if child.record.app == app.config.name and child.record.index == index:
-                    self._retire(child, now)
-        self.log.info("scaled down: %s", self._targets())
+        for child in self._generation_workers(app.name, app.current.number):
+            if child.record.index > count:
+                app.respawn_at.pop(child.record.index, None)
+                self._retire(child, now, handback=True)
 
     def _targets(self) -> str:
         return ", ".join(f"{name}={app.target}" for name, app in self.apps.items())
 
-    def _retire(self, child: _Child, now: float) -> None:
+    def reload_all(self) -> None:
+        """SIGHUP: re-read the config and restart every app, so new code is picked up."""
+        self.reload(restart_all=True)
+
+    def reload(self, restart_all: bool = False, restart_apps: tuple[str, ...] = ()) -> list[str]:
+        """Apply the config file as it is now; return the problems ([] on success)."""
+        if self.stopping or self.config.path is None:
+            return ["nothing to reload: no config file" if self.config.path is None else "stopping"]
+        try:
+            new = config_mod.load(self.config.path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                self.log.error("reload rejected: %s", problem)
+            self.log.error("reload rejected; the running config stays")
+            return exc.problems
+        plan = plan_mod.diff(self.config, new, restart_all=restart_all)
+        restart = set(plan.apps_restart) | {name for name in restart_apps if name in new.apps}
+        try:
+            opened = {name: listeners_mod.open_listener(new.listeners[name])
+                      for name in plan.listeners_open if new.listeners[name].mode != "reuseport"}
+        except (ListenerError, PrivilegeError) as exc:
+            self.log.error("reload rejected: %s; the running config stays", exc)
+            return [str(exc)]
+        self.reloads += 1
+        for line in plan.describe():
+            self.log.info("reload: %s", line)
+        old_config, self.config = self.config, new
+        for name in plan.listeners_close:
+            sock = self.sockets.pop(name, None)
+            if sock is not None:
+                sock.close()  # workers and the balancer keep their own copies until they drain
+            for key in [k for k in self.reuseport if k[0] == name]:
+                self.reuseport.pop(key).close()
+        self.sockets.update(opened)
+        for name, sock in opened.items():
+            self.log.info("listening on %s (%s)", listeners_mod.describe(sock), name)
+        self._send_routes(opened)
+        now = self.clock()
+        for name in plan.apps_stop:
+            app = self.apps.pop(name)
+            for child in [c for c in self.children.values() if c.record.app == name]:
+                self._retire(child, now, handback=False)
+        for name in plan.apps_start:
+            self._add_app(new.apps[name])
+        for name in restart:
+            self._start_generation(self.apps[name], new.apps[name])
+        for name, count in plan.apps_rescale.items():
+            if name not in restart:
+                self._rescale(self.apps[name], count)
+        for name, app in self.apps.items():
+            if name not in restart and name in new.apps:
+                app.current.config = new.apps[name]  # routing-only fields; workers need nothing
+        if watcher_mod.watch_for(old_config) != watcher_mod.watch_for(new):
+            self._restart_watcher()
+        return []
+
+    def restart_app(self, name: str) -> None:
+        """A change to an app's `reload_on` files: a new generation of just that app."""
+        app = self.apps.get(name)
+        if app is not None and not self.stopping:
+            self._start_generation(app, app.current.config)
+
+    def _retire(self, child: _Child, now: float, handback: bool) -> None:
         if child.record.state is State.DRAINING:
             return
         was_serving = child.record.state is State.READY
@@ -347,10 +474,10 @@ class Master:
         if was_serving:
             self._detach_from_balancer(child)
         app = self.apps.get(child.record.app)
-        timeout = self._graceful_timeout(app.config) if app else self.config.master.graceful_timeout
+        timeout = self._graceful_timeout(app.current.config) if app else self.config.master.graceful_timeout
         child.record.kill_at = now + timeout
         try:
-            channel.send(child.channel, Message(STOP, {"graceful": True}))
+            channel.send(child.channel, Message(STOP, {"graceful": True, "handback": handback}))
         except OSError:
             self._kill(child.record.pid, signal.SIGTERM)
 
@@ -366,52 +493,49 @@ class Master:
         except ProcessLookupError:
             pass
 
-    # -- the balancer -------------------------------------------------------
+    # -- the balancer and the watcher --------------------------------------
 
-    def _balance_listeners(self) -> dict[str, socket.socket]:
-        return {name: sock for name, sock in self.sockets.items()
-                if self.config.listeners[name].mode == "balance"}
-
-    def _spawn_balancer(self) -> None:
+    def _start_balancer(self) -> None:
+        """The balancer accepts on `balance` listeners and brokers every hand-back."""
         user = self.config.master.balancer_user or ("nobody" if os.geteuid() == 0 else None)
         identity = privileges.resolve(user, None)
-        listening = self._balance_listeners()
-        links = {child.record.pid: (child.record.app, child.balancer_end)
-                 for child in self.children.values()
-                 if child.balancer_end is not None and child.record.state is State.READY}
-        parent_end, child_end = channel.pair()
-        keep = [child_end.fileno(), *(s.fileno() for s in listening.values()),
-                *(sock.fileno() for _, sock in links.values()), *self.logs.fds]
-        master_pid = os.getpid()
-        try:
-            pid = spawn.fork(lambda: balancer_mod.main(self.config, identity, listening, child_end, links,
-                                                       self.logs, master_pid), keep)
-        finally:
-            child_end.close()
-        parent_end.setblocking(False)
-        pidfd = os.pidfd_open(pid)
-        self.balancer = _Balancer(pid, pidfd, parent_end, self.clock())
-        self.selector.register(pidfd, selectors.EVENT_READ, self._reap_balancer)
-        self.log.info("balancer (pid %d) started as %s", pid, identity.name)
+        listening = {name: sock for name, sock in self.sockets.items()
+                     if self.config.listeners[name].mode == "balance"}
+        links = {child.record.pid: (child.record.app, child.balancer_end) for child in self.children.values()
+                 if child.record.state is State.READY and self._is_current(child)}
+        keep = [*(s.fileno() for s in listening.values()), *(s.fileno() for _, s in links.values()), *self.logs.fds]
+        payload, master_pid = balancer_mod.routing_payload(self.config), os.getpid()
+        self.balancer = Sidecar.start(
+            "balancer", lambda end: balancer_mod.main(payload, identity, listening, end, links, self.logs,
+                                                      master_pid), keep, self.clock())
+        self.selector.register(self.balancer.pidfd, selectors.EVENT_READ, self._reap_balancer)
+        self.log.info("balancer (pid %d) started as %s", self.balancer.pid, identity.name)
+
+    def _is_current(self, child: _Child) -> bool:
+        app = self.apps.get(child.record.app)
+        return app is not None and child.record.generation == app.current.number
 
     def _reap_balancer(self) -> None:
-        balancer = self.balancer
-        try:
-            _, status = os.waitpid(balancer.pid, os.WNOHANG)
-        except ChildProcessError:
-            status = 0
+        balancer, self.balancer = self.balancer, None
         self.selector.unregister(balancer.pidfd)
-        os.close(balancer.pidfd)
-        balancer.channel.close()
-        self.balancer = None
-        if self.stopping:
-            return
-        self.log.warning("balancer (pid %d) exited: %s; restarting it", balancer.pid, _describe_status(status))
-        lived_s = self.clock() - balancer.spawned_at
-        self.balancer_respawn_at = self.clock() + (0.0 if lived_s > 1.0 else 0.5)
+        status = balancer.reap()
+        if not self.stopping:
+            self.log.warning("balancer (pid %d) exited: %s; restarting it", balancer.pid, _describe_status(status))
+            self.sidecar_respawn_at["balancer"] = self.clock() + balancer.restart_delay(self.clock())
+
+    def _send_routes(self, opened: dict[str, socket.socket]) -> None:
+        if self.balancer is None:
+            return  # a restarted balancer is forked with the current routes
+        balance = {name: sock for name, sock in opened.items() if self.config.listeners[name].mode == "balance"}
+        message = Message(ROUTES, {"routes": balancer_mod.routing_payload(self.config), "open": list(balance)})
+        try:
+            channel.send(self.balancer.channel, message, [sock.fileno() for sock in balance.values()])
+        except OSError as exc:
+            self.log.warning("could not send routes to the balancer: %s; restarting it", exc)
+            self.balancer.signal(signal.SIGKILL)
 
     def _attach_to_balancer(self, child: _Child) -> None:
-        if self.balancer is None or child.balancer_end is None:
+        if self.balancer is None:
             return  # a restarted balancer picks up every READY worker's end
         try:
             channel.send(self.balancer.channel, Message(ATTACH, {"key": child.record.pid, "app": child.record.app}),
@@ -420,33 +544,56 @@ class Master:
             self.log.warning("could not hand worker %d to the balancer: %s", child.record.pid, exc)
 
     def _detach_from_balancer(self, child: _Child) -> None:
-        if self.balancer is None or child.balancer_end is None:
+        if self.balancer is None:
             return
         try:
             channel.send(self.balancer.channel, Message(DETACH, {"key": child.record.pid}))
         except OSError:
             pass
 
-    def _stop_balancer(self) -> None:
-        if self.balancer is not None:
-            try:
-                signal.pidfd_send_signal(self.balancer.pidfd, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+    def _start_watcher(self) -> None:
+        if self.config.path is None:
+            return  # `baton serve` has no file to watch
+        watch = watcher_mod.watch_for(self.config)
+        self.watcher = Sidecar.start("watcher", lambda end: watcher_mod.main(watch, end),
+                                     self.logs.fds, self.clock())
+        self.selector.register(self.watcher.pidfd, selectors.EVENT_READ, self._reap_watcher)
+        self.selector.register(self.watcher.channel, selectors.EVENT_READ, self._on_watcher)
 
-    def _kill_balancer_now(self) -> None:
-        balancer = self.balancer
+    def _restart_watcher(self) -> None:
+        if self.watcher is not None:
+            self.watcher.signal(signal.SIGKILL)  # its reap starts the next one with the new files
+
+    def _reap_watcher(self) -> None:
+        watcher, self.watcher = self.watcher, None
+        self.selector.unregister(watcher.pidfd)
+        self.selector.unregister(watcher.channel)
+        watcher.reap()
+        if not self.stopping:
+            self.sidecar_respawn_at["watcher"] = self.clock() + watcher.restart_delay(self.clock())
+
+    def _on_watcher(self) -> None:
         try:
-            signal.pidfd_send_signal(balancer.pidfd, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            os.waitpid(balancer.pid, 0)
-        except ChildProcessError:
-            pass
-        os.close(balancer.pidfd)
-        balancer.channel.close()
-        self.balancer = None
+            message, fds = channel.receive(self.watcher.channel)
+        except (BlockingIOError, ChannelClosed, ConnectionError, MessageError):
+            return
+        for fd in fds:
+            os.close(fd)
+        if message.kind != CHANGED:
+            return
+        topics = set(message.fields.get("topics", ()))
+        self.log.info("changed on disk: %s", ", ".join(sorted(topics)))
+        if "config" in topics:
+            self.reload()
+        for topic in sorted(topics):
+            if topic.startswith("app:"):
+                self.restart_app(topic[len("app:"):])
+
+    def _stop_sidecars(self) -> None:
+        self.sidecar_respawn_at.clear()
+        for sidecar in (self.balancer, self.watcher):
+            if sidecar is not None:
+                sidecar.signal(signal.SIGTERM)
 
     def _close_reuseport(self, app: str, index: int) -> None:
         for key in [k for k in self.reuseport if k[1] == app and k[2] == index]:
@@ -470,9 +617,12 @@ class Master:
                 pass
             os.close(child.pidfd)
             child.channel.close()
+            child.balancer_end.close()
         self.children.clear()
-        if self.balancer is not None:
-            self._kill_balancer_now()
+        for sidecar in (self.balancer, self.watcher):
+            if sidecar is not None:
+                sidecar.kill_now()
+        self.balancer = self.watcher = None
         listeners_mod.close_all(self.sockets, self.config.listeners)
         for sock in self.reuseport.values():
             sock.close()

@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 # Master <-> worker lifecycle.
 READY = "ready"              # worker -> master: app imported, serving
 BOOT_FAILED = "boot_failed"  # worker -> master: fields: traceback
-STOP = "stop"                # master -> worker: fields: graceful (bool)
+STOP = "stop"                # master -> worker: fields: graceful (bool), handback (bool: give idle
+                             # keep-alive connections to the balancer instead of closing them)
+
+# Watcher -> master: files changed on disk (debounced). topics: "config", "app:NAME".
+CHANGED = "changed"          # fields: topics
+
+# Master -> balancer: the routing table, with the fds of listeners it newly serves.
+ROUTES = "routes"            # fields: routes (see balancer.routing_payload), open (names, in fd order)
 
 # Master -> balancer: a worker's balancer-side channel end (one fd) once it is READY,
 # and its removal when it retires or exits.
@@ -26,8 +33,11 @@ DETACH = "detach"            # fields: key
 CONN = "conn"                # balancer -> worker: fields: id, peer, listener; fds: [connection]
 ACK = "ack"                  # worker -> balancer: fields: id, busy (the worker now owns it)
 CLOSED = "closed"            # worker -> balancer: fields: id, busy (connection ended)
+HANDBACK = "handback"        # worker -> balancer: fields: peer, listener, data (base64 of bytes
+                             # read but not parsed); fds: [connection]. A retiring worker's idle
+                             # keep-alive connection, for another worker of the same app.
 
-KINDS = frozenset({READY, BOOT_FAILED, STOP, ATTACH, DETACH, CONN, ACK, CLOSED})
+KINDS = frozenset({READY, BOOT_FAILED, STOP, CHANGED, ROUTES, ATTACH, DETACH, CONN, ACK, CLOSED, HANDBACK})
 
 MAX_MESSAGE_BYTES = 64 * 1024
 

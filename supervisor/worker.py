@@ -7,7 +7,9 @@ the traceback) over the channel; after that the channel carries STOP.
 """
 from __future__ import annotations
 
+import base64
 import os
+import select
 import signal
 import socket
 import sys
@@ -21,9 +23,10 @@ from supervisor.channel import ChannelClosed
 from supervisor.config import AppConfig
 from supervisor.httpserver import Server, ServerSettings
 from supervisor.log import Logs
-from supervisor.messages import ACK, BOOT_FAILED, CLOSED, CONN, READY, STOP, Message, MessageError
+from supervisor.messages import ACK, BOOT_FAILED, CLOSED, CONN, HANDBACK, READY, STOP, Message, MessageError
 
 EXIT_BOOT_FAILED = 3
+HANDBACK_WAIT_S = 1.0
 
 
 @dataclass
@@ -39,6 +42,7 @@ class WorkerSpec:
     listeners: dict[str, socket.socket]
     logs: Logs
     balancer: socket.socket | None = None   # connections arrive here in `balance` mode
+    proxy_listeners: frozenset[str] = frozenset()  # listeners whose streams open with a PROXY header
 
     def owned_fds(self) -> list[int]:
         fds = [self.channel.fileno(), *(s.fileno() for s in self.listeners.values()), *self.logs.fds]
@@ -105,7 +109,12 @@ class Worker:
             forwarded_allow_ips=spec.app.forwarded_allow_ips,
         )
         self.server = Server(app, list(spec.listeners.values()), settings,
-                             spec.logs.error, spec.logs.access)
+                             spec.logs.error, spec.logs.access, listener_names=list(spec.listeners),
+                             proxy_protocol_fds=frozenset(sock.fileno() for name, sock in spec.listeners.items()
+                                                          if name in spec.proxy_listeners))
+        self.link = None
+        if spec.balancer is not None:
+            self.link = BalancerLink(spec.balancer, self.server, spec.logs.error)
         self._wakeup_read, self._wakeup_write = socket.socketpair()
         for sock in (self._wakeup_read, self._wakeup_write):
             sock.setblocking(False)
@@ -116,9 +125,8 @@ class Worker:
             signal.signal(signum, _record_only)
         self.server.watch(self._wakeup_read.fileno(), self._on_signal)
         self.server.watch(self.spec.channel.fileno(), self._on_channel)
-        if self.spec.balancer is not None:
-            link = BalancerLink(self.spec.balancer, self.server, self.spec.logs.error)
-            self.server.watch(self.spec.balancer.fileno(), link.on_readable)
+        if self.link is not None:
+            self.server.watch(self.spec.balancer.fileno(), self.link.on_readable)
         channel.send(self.spec.channel, Message(READY, {"pid": os.getpid()}))
         self.server.run()
         return 0
@@ -154,7 +162,10 @@ class Worker:
         for fd in fds:
             os.close(fd)
         if message.kind == STOP:
-            self.server.stop(graceful=bool(message.fields.get("graceful", True)))
+            graceful = bool(message.fields.get("graceful", True))
+            if graceful and message.fields.get("handback") and self.link is not None:
+                self.server.hand_back_with(self.link.hand_back)
+            self.server.stop(graceful=graceful)
 
 
 class BalancerLink:
@@ -191,8 +202,29 @@ class BalancerLink:
         # Acknowledge before reading a byte: from here on the connection is ours, and
         # the balancer may drop its copy.
         self._send(ACK, conn_id)
+        data = message.fields.get("data")
         self.server.add_connection(conn, peer, str(message.fields.get("listener", "")),
-                                   on_close=lambda: self._send(CLOSED, conn_id))
+                                   initial_bytes=base64.b64decode(data) if data else b"",
+                                   on_close=lambda: self._send(CLOSED, conn_id),
+                                   proxy_protocol=bool(message.fields.get("proxy")))
+
+    def hand_back(self, sock: socket.socket, unparsed: bytes, peer, listener: str) -> None:
+        """Give an idle keep-alive connection, and what we read of it, to the balancer."""
+        message = Message(HANDBACK, {"peer": list(peer[:2]) if isinstance(peer, tuple) else ["", 0],
+                                     "listener": listener,
+                                     "data": base64.b64encode(unparsed).decode("ascii")})
+        try:
+            for _ in range(2):
+                try:
+                    channel.send(self.sock, message, [sock.fileno()])
+                    return
+                except BlockingIOError:  # the balancer is behind: give it a moment, once
+                    select.select([], [self.sock], [], HANDBACK_WAIT_S)
+            self.log.warning("the balancer did not take a handed-back connection; closing it")
+        except OSError as exc:
+            self.log.warning("could not hand back a connection: %s", exc)
+        finally:
+            sock.close()  # the balancer holds its own copy now (or the client sees a close)
 
     def _send(self, kind: str, conn_id) -> None:
         try:

@@ -92,11 +92,15 @@ def cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
 
 
-def _is_balancer(pid: int) -> bool:
+def _title_starts(pid: int, *prefixes: str) -> bool:
     try:
-        return cmdline(pid).startswith("baton: balancer")
+        return cmdline(pid).startswith(prefixes)
     except FileNotFoundError:
         return False
+
+
+def _is_balancer(pid: int) -> bool:
+    return _title_starts(pid, "baton: balancer")
 
 
 def listening_inode(port):
@@ -138,8 +142,8 @@ class Baton:
                  message=lambda: f"{text!r} x{count} in log:\n{self.log()}")
 
     def workers(self) -> list[int]:
-        """The master's worker processes (its children, less the balancer)."""
-        return [pid for pid in children_of(self.pid) if not _is_balancer(pid)]
+        """The master's worker processes (its children, less the balancer and the watcher)."""
+        return [pid for pid in children_of(self.pid) if not _title_starts(pid, "baton: balancer", "baton: watcher")]
 
     def balancer(self) -> int:
         return wait_for(lambda: next((pid for pid in children_of(self.pid) if _is_balancer(pid)), None),

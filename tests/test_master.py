@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, alive, answers, cmdline, get_json, http_request, listening_inode, proc_status, wait_for
+from conftest import REPO, alive, answers, cmdline, free_port, get_json, http_request, listening_inode, proc_status, wait_for
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="switching users needs root")
@@ -90,7 +90,7 @@ def test_a_killed_worker_is_replaced(baton, port):
 
 
 def test_broken_app_backs_off_without_touching_a_healthy_one(baton, port):
-    other = port + 1 if port < 65000 else port - 1
+    other = free_port()
     master = baton(config(port) + f"""
         [listeners.other]
         bind = "127.0.0.1:{other}"
@@ -193,7 +193,7 @@ def _socket_inodes(pid):
 
 
 def test_worker_keeps_only_its_own_fds(baton, port):
-    other = port + 1 if port < 65000 else port - 1
+    other = free_port()
     master = baton(f"""
         [listeners.web]
         bind = "127.0.0.1:{port}"

@@ -1,0 +1,1 @@
+"""Apps served by scripts/bench."""
