@@ -94,6 +94,7 @@ class Master:
         self.apps: dict[str, _App] = {}
         self.balancer: Sidecar | None = None
         self.watcher: Sidecar | None = None
+        self.retiring_watchers: list[Sidecar] = []  # replaced, watching until the new one is ready
         self.sidecar_respawn_at: dict[str, float] = {}
         # One SO_REUSEPORT socket per (listener, app, worker index): a replacement
         # worker inherits its predecessor's socket, accept queue and all.
@@ -555,30 +556,43 @@ class Master:
         if self.config.path is None:
             return  # `baton serve` has no file to watch
         watch = watcher_mod.watch_for(self.config)
-        self.watcher = Sidecar.start("watcher", lambda end: watcher_mod.main(watch, end),
-                                     self.logs.fds, self.clock())
-        self.selector.register(self.watcher.pidfd, selectors.EVENT_READ, self._reap_watcher)
-        self.selector.register(self.watcher.channel, selectors.EVENT_READ, self._on_watcher)
+        watcher = Sidecar.start("watcher", lambda end: watcher_mod.main(watch, end), self.logs.fds, self.clock())
+        self.watcher = watcher
+        self.selector.register(watcher.pidfd, selectors.EVENT_READ, lambda: self._reap_watcher(watcher))
+        self.selector.register(watcher.channel, selectors.EVENT_READ, lambda: self._on_watcher(watcher))
 
     def _restart_watcher(self) -> None:
-        if self.watcher is not None:
-            self.watcher.signal(signal.SIGKILL)  # its reap starts the next one with the new files
+        """Watch a new set of files: the old watcher keeps watching until the new one
+        is ready, so no change made during the switch goes unnoticed."""
+        if self.watcher is None:
+            return
+        self.retiring_watchers.append(self.watcher)
+        self._start_watcher()
 
-    def _reap_watcher(self) -> None:
-        watcher, self.watcher = self.watcher, None
+    def _reap_watcher(self, watcher: Sidecar) -> None:
         self.selector.unregister(watcher.pidfd)
-        self.selector.unregister(watcher.channel)
+        if watcher.channel.fileno() >= 0:
+            self.selector.unregister(watcher.channel)
         watcher.reap()
-        if not self.stopping:
-            self.sidecar_respawn_at["watcher"] = self.clock() + watcher.restart_delay(self.clock())
+        if watcher in self.retiring_watchers:
+            self.retiring_watchers.remove(watcher)
+        elif watcher is self.watcher:
+            self.watcher = None
+            if not self.stopping:
+                self.sidecar_respawn_at["watcher"] = self.clock() + watcher.restart_delay(self.clock())
 
-    def _on_watcher(self) -> None:
+    def _on_watcher(self, watcher: Sidecar) -> None:
         try:
-            message, fds = channel.receive(self.watcher.channel)
+            message, fds = channel.receive(watcher.channel)
         except (BlockingIOError, ChannelClosed, ConnectionError, MessageError):
             return
         for fd in fds:
             os.close(fd)
+        if message.kind == READY:
+            self.log.info("watcher (pid %d) is watching for changes", watcher.pid)
+            for old in self.retiring_watchers:
+                old.signal(signal.SIGTERM)
+            return
         if message.kind != CHANGED:
             return
         topics = set(message.fields.get("topics", ()))
@@ -591,7 +605,7 @@ class Master:
 
     def _stop_sidecars(self) -> None:
         self.sidecar_respawn_at.clear()
-        for sidecar in (self.balancer, self.watcher):
+        for sidecar in (self.balancer, self.watcher, *self.retiring_watchers):
             if sidecar is not None:
                 sidecar.signal(signal.SIGTERM)
 
@@ -619,7 +633,7 @@ class Master:
             child.channel.close()
             child.balancer_end.close()
         self.children.clear()
-        for sidecar in (self.balancer, self.watcher):
+        for sidecar in (self.balancer, self.watcher, *self.retiring_watchers):
             if sidecar is not None:
                 sidecar.kill_now()
         self.balancer = self.watcher = None

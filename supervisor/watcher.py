@@ -249,7 +249,7 @@ def main(watch: Watch, end: socket.socket) -> int:
     import setproctitle
 
     from supervisor import channel
-    from supervisor.messages import CHANGED, Message
+    from supervisor.messages import CHANGED, READY, Message
 
     setproctitle.setproctitle("baton: watcher")
     # watchdog 7 warns from its inotify thread when a new directory tree is added to a
@@ -258,7 +258,7 @@ def main(watch: Watch, end: socket.socket) -> int:
     warnings.filterwarnings("ignore", message=WATCHDOG_DOUBLE_ADD, category=RuntimeWarning)
     end.setblocking(True)
     run_watcher(watch, lambda topics: channel.send(end, Message(CHANGED, {"topics": topics})),
-                stop_fd=end.fileno())
+                stop_fd=end.fileno(), on_ready=lambda: channel.send(end, Message(READY)))
     return 0
 
 

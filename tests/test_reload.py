@@ -128,6 +128,7 @@ def _dedent(text: str) -> str:
 def test_twenty_config_edits_under_keep_alive_load_lose_nothing(baton, port, mode):
     master = baton(reload_config(port, "v0", mode=mode))
     master.wait_workers(2)
+    master.wait_log("is watching for changes")
     latencies = []
     with Clients(port) as clients:
         for n in range(1, 21):
@@ -158,6 +159,7 @@ def test_twenty_sighups_under_keep_alive_load_lose_nothing(baton, port):
 def test_a_config_with_a_syntax_error_is_rejected_and_nothing_changes(baton, port):
     master = baton(reload_config(port, "v0"))
     before = set(master.wait_workers(2))
+    master.wait_log("is watching for changes")
     with Clients(port, count=4) as clients:
         save(master.config, "[apps.probe\nworkers = 3\n", by_rename=False)
         master.wait_log("reload rejected; the running config stays")
@@ -170,6 +172,7 @@ def test_a_config_with_a_syntax_error_is_rejected_and_nothing_changes(baton, por
 def test_an_app_that_fails_at_import_is_rolled_back(baton, port):
     master = baton(reload_config(port, "v0"))
     before = set(master.wait_workers(2))
+    master.wait_log("is watching for changes")
     with Clients(port, count=4) as clients:
         save(master.config, _dedent(reload_config(port, "v1", module="tests.apps.broken:app")), by_rename=True)
         master.wait_log("generation 2 dropped")
