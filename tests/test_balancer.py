@@ -9,6 +9,7 @@ import pwd
 import signal
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -193,3 +194,36 @@ def test_a_connection_sent_to_a_dying_worker_is_handed_to_another(baton, port):
     assert len(results) == 6
     assert {status for status, _ in results} == {200}
     assert frozen not in {pid for _, pid in results}
+
+
+def test_reuseport_connections_queued_at_a_dead_worker_are_served_by_its_replacement(baton, port):
+    master = baton(master_config(port, mode="reuseport") + app_block("alpha", workers=2))
+    pids = master.wait_workers(2)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)  # nobody accepts: connections wait in each socket's queue
+    results = []
+    threads = [threading.Thread(target=lambda n=n: results.append(request_pid(port, source=f"127.0.0.{2 + n}")))
+               for n in range(12)]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: _queued(port) == 12, message="12 connections queued")
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)  # their replacements inherit the very same sockets
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    for thread in threads:
+        thread.join(15)
+    assert sorted(status for status, _ in results) == [200] * 12
+    assert not set(pids) & {pid for _, pid in results}
+
+
+def _queued(port):
+    """Connections waiting in the accept queues of every socket listening on `port`."""
+    total = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
+            total += int(fields[4].split(":")[1], 16)  # rx_queue of a listener: its backlog
+    return total
