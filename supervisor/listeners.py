@@ -3,12 +3,18 @@
 Listeners are keyed by name, never by position, so later code (a reload, a handoff)
 can say "this one stays". Sockets are non-blocking: workers accept in batches and a
 shared socket's EAGAIN is normal.
+
+A "systemd:NAME" listener is not bound here: it is a dup of the socket systemd passed
+under that name (`activation.inherited()`). The passed fd stays the caller's, to close
+or to keep for a reload that adopts it again; closing the listener (or the passed fd)
+leaves systemd's own copy listening.
 """
 from __future__ import annotations
 
 import os
 import socket
 import stat
+from typing import Mapping
 
 from supervisor.config import BindAddress, ListenerConfig
 
@@ -17,25 +23,34 @@ class ListenerError(Exception):
     """A listener could not be bound or inherited; the message names it."""
 
 
-def open_listener(listener: ListenerConfig, reuseport: bool = False) -> socket.socket:
+def open_listener(listener: ListenerConfig, reuseport: bool = False,
+                  inherited: Mapping[str, int] | None = None) -> socket.socket:
+    """Bind `listener`, or adopt the socket systemd passed by name in `inherited`."""
+    adopting = listener.bind.kind == "systemd"
+    if adopting:
+        _check_inherited(listener, inherited or {})
     try:
-        sock = _open(listener.bind, listener.backlog, reuseport)
+        if adopting:
+            sock = _adopt(inherited[listener.bind.fdname])
+        else:
+            sock = _open(listener.bind, listener.backlog, reuseport)
     except OSError as exc:
         raise ListenerError(f"listener {listener.name!r} ({listener.bind}): {exc.strerror or exc}") from None
     sock.setblocking(False)
     return sock
 
 
-def open_all(listeners) -> dict[str, socket.socket]:
+def open_all(listeners, inherited: Mapping[str, int] | None = None) -> dict[str, socket.socket]:
     """Open every listener or none: on a failure the ones already opened are closed.
 
     `reuseport` listeners are left out: the master binds one socket per worker for them.
+    `inherited` maps systemd's socket names to the fds it passed (see activation.py).
     """
     opened: dict[str, socket.socket] = {}
     try:
         for name, listener in listeners.items():
             if listener.mode != "reuseport":
-                opened[name] = open_listener(listener)
+                opened[name] = open_listener(listener, inherited=inherited)
     except BaseException:
         close_all(opened, listeners)
         raise
@@ -48,6 +63,35 @@ def close_all(sockets: dict[str, socket.socket], listeners) -> None:
         sock.close()
         if path:
             _unlink_socket_file(path)
+
+
+def _check_inherited(listener: ListenerConfig, inherited: Mapping[str, int]) -> None:
+    name = listener.bind.fdname
+    if name in inherited:
+        return
+    passed = f"LISTEN_FDNAMES={':'.join(inherited)}" if inherited else \
+        "none were passed: was baton started through its .socket unit?"
+    raise ListenerError(f"listener {listener.name!r}: no socket named {name!r} was passed by systemd ({passed})")
+
+
+def _adopt(fd: int) -> socket.socket:
+    """A socket of our own on systemd's listening socket `fd` (which stays open)."""
+    copy = os.dup(fd)
+    try:
+        sock = socket.socket(fileno=copy)  # raises ENOTSOCK for a file
+    except BaseException:
+        os.close(copy)
+        raise
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except BaseException:
+        sock.close()
+        raise
+    if sock.type != socket.SOCK_STREAM or not listening:
+        sock.close()
+        # A ListenDatagram=, or an Accept=yes connection: nothing to accept() on.
+        raise OSError(f"fd {fd} is not a listening stream socket (use ListenStream= and Accept=no)")
+    return sock
 
 
 def _open(bind: BindAddress, backlog: int, reuseport: bool = False) -> socket.socket:
