@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 
 import setproctitle
 
-from supervisor import balancing, channel, privileges, proxyproto, routing, spawn
+from supervisor import balancing, channel, health, privileges, proxyproto, routing, spawn
 from supervisor.channel import ChannelClosed
 from supervisor.config import Config
 from supervisor.log import Logs
-from supervisor.messages import ACK, ATTACH, CLOSED, CONN, DETACH, HANDBACK, ROUTES, Message, MessageError
+from supervisor.messages import ACK, ATTACH, CLOSED, CONN, DETACH, DRAIN, HANDBACK, METRICS, ROUTES, Message, MessageError
 
 ACCEPT_BATCH = 64
 PEEK_BYTES = 8192
@@ -58,6 +58,7 @@ class Pending:
     data: str = ""          # base64 of bytes a previous worker read but did not parse
     proxy: bool = False     # a PROXY protocol header leads the stream; the worker reads it
     client: str | None = None  # the client's address, for ip-hash (the PROXY source if any)
+    queued_at: float = 0.0  # when it started waiting for a free worker
 
 
 @dataclass
@@ -104,7 +105,8 @@ class Balancer:
     """The balancer's state and loop; `run()` returns when the master goes away."""
 
     def __init__(self, payload: dict, listeners: dict[str, socket.socket], master: socket.socket,
-                 links: dict[int, tuple[str, socket.socket]], logs: Logs, clock=time.monotonic):
+                 links: dict[int, tuple[str, socket.socket]], logs: Logs, clock=time.monotonic,
+                 health_socket: socket.socket | None = None):
         self.log = logs.error
         self.clock = clock
         self.listeners: dict[str, socket.socket] = {}
@@ -125,6 +127,13 @@ class Balancer:
         self.stats = {"accepted": 0, "dispatched": 0, "redispatched": 0, "refused_host": 0,
                       "overflow_503": 0, "queue_timeout_503": 0, "handed_back": 0, "refused_proxy": 0}
         self.running = True
+        self.draining = False
+        self.master_figures: dict = {"apps": {}, "overall": {}}
+        self.per_app: dict[str, dict[str, float]] = {}
+        self.health_clients: dict[int, tuple[socket.socket, bytearray, float]] = {}
+        if health_socket is not None:
+            health_socket.setblocking(False)
+            self.selector.register(health_socket, selectors.EVENT_READ, lambda: self._accept_health(health_socket))
         master.setblocking(False)
         self.selector.register(master, selectors.EVENT_READ, self._on_master)
         self._set_routes(payload, listeners)
@@ -153,9 +162,15 @@ class Balancer:
             timeout = None
             if self.timers:
                 timeout = max(0.0, self.timers[0][0] - self.clock())
+            if self.health_clients:
+                timeout = min(timeout if timeout is not None else PEEK_TIMEOUT_S, 1.0)
             for key, _ in self.selector.select(timeout):
                 key.data()
-            self._expire(self.clock())
+            now = self.clock()
+            self._expire(now)
+            for sock, _, deadline in list(self.health_clients.values()):
+                if now >= deadline:
+                    self._close_health_client(sock)
 
     # -- accepting and routing ---------------------------------------------
 
@@ -279,6 +294,9 @@ class Balancer:
             link.unacked[conn_id] = pending
             link.load.connections += 1
             self.stats["dispatched"] += 1
+            self._count(pending.app, "baton_handoffs_total")
+            if pending.queued_at:
+                self._count(pending.app, "baton_queue_wait_seconds_total", self.clock() - pending.queued_at)
             return
         self._enqueue(pending)
 
@@ -286,6 +304,7 @@ class Balancer:
         if len(self.queue) >= QUEUE_LIMIT:
             self._refuse(self.queue.popleft(), _UNAVAILABLE, "overflow_503")
         pending.deadline = self.clock() + QUEUE_TIMEOUT_S
+        pending.queued_at = pending.queued_at or self.clock()
         self.queue.append(pending)
         self._add_timer(pending)
 
@@ -352,6 +371,7 @@ class Balancer:
         # Only a retiring worker hands connections back: send it no more.
         link.accepting = False
         self.stats["handed_back"] += 1
+        self._count(link.app, "baton_handbacks_total")
         peer = message.fields.get("peer") or ["", 0]
         pending = Pending(socket.socket(fileno=fd), tuple(peer), str(message.fields.get("listener", "")),
                           app=link.app, data=str(message.fields.get("data", "")), client=str(peer[0]))
@@ -393,6 +413,76 @@ class Balancer:
                 link = self.links.get(int(message["key"]))
                 if link:
                     link.accepting = False
+            elif message.kind == METRICS:
+                self.master_figures = message.fields
+            elif message.kind == DRAIN:
+                self._drain()
+
+
+    # -- health and metrics ------------------------------------------------
+
+    def _count(self, app: str | None, name: str, amount: float = 1) -> None:
+        figures = self.per_app.setdefault(app or "", {})
+        figures[name] = figures.get(name, 0) + amount
+
+    def _drain(self) -> None:
+        """A graceful stop began: accept no more, and tell health checks so."""
+        self.draining = True
+        for sock in self.listeners.values():
+            self.selector.unregister(sock)
+            sock.close()  # the master keeps its copy: queued connections wait, not reset
+        self.listeners.clear()
+
+    def metrics_text(self) -> str:
+        per_app: dict[str, dict[str, float]] = {}
+        for app, figures in self.master_figures.get("apps", {}).items():
+            per_app[app] = dict(figures)
+        for app, figures in self.per_app.items():
+            per_app.setdefault(app, {}).update(figures)
+        for app in per_app:
+            links = [link for link in self.links.values() if link.app == app]
+            per_app[app]["baton_connections"] = sum(link.load.connections for link in links)
+            per_app[app]["baton_queue_depth"] = sum(1 for p in self.queue if p.app == app)
+        overall = dict(self.master_figures.get("overall", {}))
+        overall["baton_accepted_total"] = self.stats["accepted"]
+        overall["baton_refused_total"] = (self.stats["refused_host"] + self.stats["overflow_503"]
+                                          + self.stats["queue_timeout_503"] + self.stats["refused_proxy"])
+        return health.render(per_app, overall)
+
+    def _accept_health(self, listening: socket.socket) -> None:
+        for _ in range(16):
+            try:
+                sock, _ = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            sock.setblocking(False)
+            self.health_clients[sock.fileno()] = (sock, bytearray(), self.clock() + PEEK_TIMEOUT_S)
+            self.selector.register(sock, selectors.EVENT_READ, lambda s=sock: self._on_health_client(s))
+
+    def _on_health_client(self, sock: socket.socket) -> None:
+        _, buffer, _ = self.health_clients[sock.fileno()]
+        try:
+            data = sock.recv(health.MAX_HEAD)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        buffer += data
+        response = health.answer(bytes(buffer), draining=self.draining, metrics=self.metrics_text()) if data else b""
+        if response is None:
+            return
+        try:
+            sock.send(response)  # small: one send fits the socket buffer
+        except OSError:
+            pass
+        self._close_health_client(sock)
+
+    def _close_health_client(self, sock: socket.socket) -> None:
+        self.health_clients.pop(sock.fileno(), None)
+        self.selector.unregister(sock)
+        sock.close()
 
 
 def _peer_fields(peer) -> list:
@@ -401,9 +491,9 @@ def _peer_fields(peer) -> list:
 
 def main(payload: dict, identity: privileges.Identity, listeners: dict[str, socket.socket],
          master: socket.socket, links: dict[int, tuple[str, socket.socket]], logs: Logs,
-         master_pid: int) -> int:
+         master_pid: int, health_socket: socket.socket | None = None) -> int:
     privileges.drop(identity)
     spawn.die_with_parent(master_pid)
     setproctitle.setproctitle(f"baton: balancer ({identity.name})")
-    Balancer(payload, listeners, master, links, logs).run()
+    Balancer(payload, listeners, master, links, logs, health_socket=health_socket).run()
     return 0

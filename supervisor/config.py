@@ -30,12 +30,13 @@ except ModuleNotFoundError:  # Python < 3.11
 
 @dataclass(frozen=True)
 class BindAddress:
-    """A parsed `bind` spec. kind is "tcp", "unix" or "fd"."""
+    """A parsed `bind` spec. kind is "tcp", "unix", "fd" or "systemd"."""
     kind: str
     host: str | None = None      # tcp: "127.0.0.1", "::", "0.0.0.0" (no brackets)
     port: int | None = None      # tcp
     path: str | None = None      # unix: absolute path (relative specs resolved against the config dir)
     fd: int | None = None        # fd://N
+    fdname: str | None = None    # systemd:NAME, the socket unit's FileDescriptorName= (not a path: never unlinked)
 
     def __str__(self) -> str:
         if self.kind == "tcp":
@@ -43,6 +44,8 @@ class BindAddress:
             return f"{host}:{self.port}"
         if self.kind == "unix":
             return f"unix:{self.path}"
+        if self.kind == "systemd":
+            return f"systemd:{self.fdname}"
         return f"fd://{self.fd}"
 
 
@@ -79,6 +82,10 @@ class AppConfig:
     hosts: tuple[str, ...] = ()       # Host/SNI names routed to this app on a shared listener
     default: bool = False             # takes the hosts no other app on the listener claims
     balance: str = "least-connections"
+    timeout: float | None = 30.0      # a request running longer (or a silent worker) is aborted; None: never
+    max_requests: int = 0             # recycle a worker after this many requests; 0: never
+    max_requests_jitter: int = 0      # plus a random 0..jitter, so workers don't recycle together
+    max_rss: int = 0                  # recycle a worker whose resident memory exceeds this many MB; 0: never
     reload_on: tuple[str, ...] = ()   # absolute globs: a change restarts just this app (the watcher's)
 
 
@@ -92,7 +99,10 @@ class MasterConfig:
     pidfile: str | None = None
     balancer_user: str | None = None  # None: "nobody" when root, else ourselves
     crash_backoff_max: float = 30.0   # cap on the delay before respawning a crash-looping app
+    health: BindAddress | None = None  # where the balancer answers /healthz and /metrics
     include: tuple[str, ...] = ()     # absolute globs of files adding [listeners.*] and [apps.*]
+    control_socket: str | None = None  # absolute; None: beside the config file (see control_socket_path)
+    admins: tuple[str, ...] = ()      # users, and "@group"s, allowed on the control socket besides root and us
 
 
 @dataclass(frozen=True)
@@ -126,7 +136,8 @@ _MODULE_SPEC = re.compile(rf"{_IDENTIFIERS}:{_IDENTIFIERS}(?:\(\))?")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
 _UNIX_PATH_MAX = 107  # sun_path holds 108 bytes on Linux, one of them the terminating NUL
-_BIND_FORMS = "HOST:PORT, [IPV6]:PORT, :PORT, unix:PATH or fd://N"
+_BIND_FORMS = "HOST:PORT, [IPV6]:PORT, :PORT, unix:PATH, fd://N or systemd:NAME"
+_FDNAME_MAX = 255  # systemd's limit on FileDescriptorName=
 _TOML_POSITION = re.compile(r"(?P<reason>.*) \(at line (?P<line>\d+), column (?P<column>\d+)\)", re.DOTALL)
 _MISSING = object()
 
@@ -210,7 +221,8 @@ def parse_bind(spec: str, base_dir: str) -> BindAddress:
 
     "HOST:PORT" keeps a host name as written (the listener resolves it) and normalises
     IP literals; ":PORT" and "*:PORT" mean every IPv4 interface. A relative unix path
-    resolves against `base_dir`.
+    resolves against `base_dir`. "systemd:NAME" names a socket systemd passes (socket
+    activation): NAME is the socket unit's FileDescriptorName=.
     """
     if spec.startswith("unix:"):
         return _parse_unix(spec[len("unix:"):], base_dir)
@@ -220,7 +232,7 @@ def parse_bind(spec: str, base_dir: str) -> BindAddress:
             raise ValueError(f"expected a file descriptor number >= 0 after 'fd://', found {number!r}")
         return BindAddress("fd", fd=int(number))
     if spec.startswith("systemd:"):
-        raise ValueError("systemd socket activation ('systemd:NAME') is not available yet")
+        return _parse_systemd(spec[len("systemd:"):])
     host, colon, port_text = spec.rpartition(":")
     if not colon:
         hint = f"; did you mean ':{spec}'?" if spec.isascii() and spec.isdigit() else ""
@@ -244,6 +256,36 @@ def parse_bind(spec: str, base_dir: str) -> BindAddress:
     if not _HOSTNAME.fullmatch(host):
         raise ValueError(f"expected a host name or IP address before ':{port_text}', found {host!r}")
     return BindAddress("tcp", host=host, port=port)
+
+
+def control_socket_path(config: Config) -> str | None:
+    """Where the master's control socket lives: `[master] control_socket`, else
+    `<config dir>/<config stem>.ctl` beside the config file, else (`baton serve`,
+    no file) None: no control socket."""
+    if config.master.control_socket is not None:
+        return config.master.control_socket
+    if config.path is None:
+        return None
+    stem = os.path.splitext(os.path.basename(config.path))[0]
+    return os.path.join(os.path.dirname(config.path), f"{stem}.ctl")
+
+
+def control_socket_of_file(path: str | os.PathLike) -> str:
+    """The control socket of the master started with the config file at `path`, for
+    `baton ctl`. Only `[master] control_socket` is read and checked: a config that
+    is wrong elsewhere (being edited, or naming users only root may become) must not
+    stop an operator from reaching the master that still runs the old one."""
+    path = os.path.abspath(os.fspath(path))
+    data = _read_document(path, "the config file")
+    problems = _Problems(path)
+    master = data.get("master", {})
+    if not isinstance(master, dict):
+        master = {}
+    socket_path = _control_socket(_Table(problems, ("master",), master), os.path.dirname(path))
+    if problems.lines:
+        raise ConfigError(problems.lines)
+    return control_socket_path(Config(path, MasterConfig(control_socket=socket_path),
+                                      MappingProxyType({}), MappingProxyType({})))
 
 
 def effective_user(app: AppConfig, running_as_root: bool) -> str | None:
@@ -490,9 +532,50 @@ def _master(table: _Table, base_dir: str) -> MasterConfig:
         balancer_user=_identity(table, "balancer_user"),
         crash_backoff_max=table.seconds("crash_backoff_max", defaults.crash_backoff_max, positive=True),
         include=table.strings("include", item=lambda text: _absolute(base_dir, text)) or (),
+        control_socket=_control_socket(table, base_dir),
+        admins=table.strings("admins", item=_admin) or (),
+        health=_health(table, base_dir),
     )
     table.finish()
     return master
+
+
+def _health(table: _Table, base_dir: str) -> BindAddress | None:
+    spec = table.string("health")
+    if spec is None:
+        return None
+    try:
+        bind = parse_bind(spec, base_dir)
+    except ValueError as exc:
+        table.problems.add(table.key + ("health",), str(exc))
+        return None
+    if bind.kind not in ("tcp", "unix"):
+        table.problems.expected(table.key + ("health",), "HOST:PORT or unix:PATH", spec)
+        return None
+    return bind
+
+
+def _control_socket(table: _Table, base_dir: str) -> str | None:
+    path = table.path("control_socket", base_dir)
+    if path is not None and len(os.fsencode(path)) > _UNIX_PATH_MAX:
+        table.problems.add(table.key + ("control_socket",),
+                           f"expected a unix socket path of at most {_UNIX_PATH_MAX} bytes, "
+                           f"found {path!r} ({len(os.fsencode(path))} bytes)")
+        return None
+    return path
+
+
+def _admin(text: str) -> str:
+    """An `admins` entry: an existing user, or "@group" naming an existing group."""
+    if text.startswith("@"):
+        if _find(grp.getgrnam, grp.getgrgid, text[1:]) is None:
+            raise ValueError("'@' followed by an existing group name",
+                             f", but this system knows no group {text[1:]!r}")
+        return text
+    if _find(pwd.getpwnam, pwd.getpwuid, text) is None:
+        raise ValueError("an existing user name, or '@' followed by a group name",
+                         f", but this system knows no user {text!r}")
+    return text
 
 
 def _listeners(problems: _Problems, data: dict, base_dir: str, listeners: dict[str, ListenerConfig]) -> None:
@@ -524,6 +607,10 @@ def _listeners(problems: _Problems, data: dict, base_dir: str, listeners: dict[s
         table.finish()
         if mode == "reuseport" and bind is not None and bind.kind != "tcp":
             problems.add(key + ("mode",), f"mode 'reuseport' needs a HOST:PORT bind, found {str(bind)!r}")
+        if bind is not None and bind.kind == "systemd" and "backlog" in listener_data:
+            # systemd called listen() already; its copy of the socket would keep our change.
+            problems.add(key + ("backlog",), "a 'systemd:NAME' socket is listening already: "
+                                             "set Backlog= in its .socket unit instead")
         if bind is not None:
             _check_bind_clash(problems, key, bind, listeners)
             listeners[name] = ListenerConfig(name, bind, mode, backlog, proxy_protocol)
@@ -598,6 +685,10 @@ def _app(problems: _Problems, name: str, data: Any, listener_names: tuple[str, .
         hosts=tuple(table.strings("hosts") or ()),
         default=table.boolean("default", defaults.default),
         balance=table.choice("balance", defaults.balance, balancing.POLICIES),
+        timeout=table.seconds("timeout", defaults.timeout),  # 0: never
+        max_requests=table.integer("max_requests", defaults.max_requests, low=0),
+        max_requests_jitter=table.integer("max_requests_jitter", defaults.max_requests_jitter, low=0),
+        max_rss=table.integer("max_rss", defaults.max_rss, low=0),
         reload_on=table.strings("reload_on", item=lambda text: _absolute(chdir or base_dir, text)) or (),
     )
     table.finish(elsewhere={"bind": "a [listeners.NAME] table that this app names in 'listeners'"})
@@ -733,6 +824,14 @@ def _parse_unix(path: str, base_dir: str) -> BindAddress:
         raise ValueError(f"expected a unix socket path of at most {_UNIX_PATH_MAX} bytes, "
                          f"found {path!r} ({len(os.fsencode(path))} bytes)")
     return BindAddress("unix", path=path)
+
+
+def _parse_systemd(name: str) -> BindAddress:
+    # systemd accepts up to 255 printable ASCII characters except ':', its LISTEN_FDNAMES separator.
+    if not name or len(name) > _FDNAME_MAX or not all(" " <= char <= "~" and char != ":" for char in name):
+        raise ValueError(f"expected a socket name after 'systemd:' (the socket unit's FileDescriptorName=: "
+                         f"1 to {_FDNAME_MAX} printable ASCII characters, no ':'), found {name!r}")
+    return BindAddress("systemd", fdname=name)
 
 
 def _parse_port(text: str) -> int:

@@ -19,6 +19,7 @@ target forms, Host, trailing whitespace, forbidden trailers, limits) are made he
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from email.utils import formatdate
@@ -119,19 +120,30 @@ class _StopParsing(Exception):
 class DateCache:
     """The Date header value, formatted at most once per second."""
 
-    __slots__ = ("_second", "_value")
+    __slots__ = ("_second", "_value", "_line")
 
     def __init__(self) -> None:
         self._second = -1
         self._value = ""
+        self._line = b""
+
+    def _refresh(self, now: float) -> None:
+        self._value = formatdate(now, usegmt=True)
+        self._line = b"Date: %b\r\n" % self._value.encode("latin-1")
+        self._second = int(now)
 
     def get(self) -> str:
         now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._value = formatdate(now, usegmt=True)
-            self._second = second
+        if int(now) != self._second:
+            self._refresh(now)
         return self._value
+
+    def line(self) -> bytes:
+        """The whole header line, ``b"Date: ...\\r\\n"``."""
+        now = time.time()
+        if int(now) != self._second:
+            self._refresh(now)
+        return self._line
 
 
 # Codings a client may legitimately list before "chunked" (RFC 9110 §18.6 registry).
@@ -146,12 +158,41 @@ _SPECIAL = frozenset((b"host", b"content-length", b"transfer-encoding", b"connec
 _NO_BODY_STATUS = frozenset((204, 304))
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "te",
                          "trailer", "upgrade", "proxy-connection"))
-# Anything below space except HTAB, and DEL: never valid in a field value.
-_CTL_TABLE = bytes(range(256)).translate(None, bytes(range(32, 127)) + b"\t" + bytes(range(128, 256)))
+_OWS = (b" ", b"\t")
 
 
 def _tokens(value: bytes) -> list[bytes]:
     return [t.strip(b" \t").lower() for t in value.split(b",")]
+
+
+@functools.lru_cache(maxsize=256)
+def _render_fields(status: str, headers) -> tuple[bytes, bytes, int, int | None, bool]:
+    """Render what a response head takes from the application: (status line and
+    Server field, the application's fields, status code, Content-Length or None,
+    whether the application asked for Connection: close).
+
+    Pure, so memoised: an application answers with few distinct heads, and the
+    cache is bounded (a miss costs no more than rendering).
+    """
+    code = int(status[:3])
+    parts = []
+    length = None
+    close = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname in _HOP_BY_HOP:
+            if lname == "connection":
+                if "close" in value.lower():
+                    close = True
+                continue
+            raise LocalProtocolError(500, f"hop-by-hop header {name!r} from application")
+        if lname == "content-length":
+            if length is not None or not value.isdigit():
+                raise LocalProtocolError(500, "invalid Content-Length from application")
+            length = int(value)
+        parts += (name, ": ", value, "\r\n")
+    start = f"HTTP/1.1 {status}\r\nServer: baton\r\n".encode("latin-1")
+    return start, "".join(parts).encode("latin-1"), code, length, close
 
 
 class Connection:
@@ -164,6 +205,13 @@ class Connection:
     Raises :class:`RemoteProtocolError` for a bad request, after which the
     connection is dead.
     """
+
+    __slots__ = ("limit_request_line", "limit_request_fields", "limit_request_field_size",
+                 "max_body_size", "require_host", "_head_cap", "_date", "_parser", "_events",
+                 "_unfed", "_raw", "_raw_len", "_error", "_dead", "_eof", "_paused",
+                 "_closing", "_in_message", "_url", "_headers", "_request", "_trailers",
+                 "_body_len", "response_keep_alive", "_resp_chunked", "_resp_no_body",
+                 "_resp_remaining", "_resp_started")
 
     def __init__(self, *, limit_request_line: int = 8190, limit_request_fields: int = 100,
                  limit_request_field_size: int = 8190, max_body_size: int | None = None,
@@ -189,7 +237,11 @@ class Connection:
         self._paused = False             # request delivered, response not done
         self._closing = False            # no request after the current one
         self._in_message = False
-        self._reset_message()
+        self._url = b""
+        self._headers: list = []         # (name, value) as llhttp gave them
+        self._request: Request | None = None
+        self._trailers: list | None = None
+        self._body_len = 0
         # Response state.
         self.response_keep_alive = False
         self._resp_chunked = False
@@ -201,18 +253,22 @@ class Connection:
 
     def _reset_message(self) -> None:
         self._url = b""
-        self._headers: list = []
-        self._nfields = 0
-        self._host_count = 0
-        self._cl: bytes | None = None
-        self._te: bytes | None = None
-        self._conn_tokens: list = []
-        self._expect: bytes | None = None
-        self._ctype_seen = False
-        self._request: Request | None = None
-        self._trailers: list | None = None
+        self._headers = []
+        self._request = None
+        self._trailers = None
         self._body_len = 0
-        self._head_len = 0
+
+    def close(self) -> None:
+        """Forget the parser (it refers back to this object): nothing more is parsed.
+
+        Not required, but frees a closed connection without waiting for the cycle
+        collector."""
+        self._dead = True
+        self._parser = None
+        self._unfed.clear()
+        self._raw.clear()
+        self._raw_len = 0
+        self._events.clear()
 
     def receive_data(self, data: bytes) -> None:
         """Add bytes from the peer; ``b""`` means the peer closed its side."""
@@ -308,6 +364,9 @@ class Connection:
         raise err
 
     # httptools callbacks ------------------------------------------------------
+    #
+    # llhttp itself rejects control characters (other than HTAB) in field values,
+    # bare CR or LF, obs-fold and whitespace before the colon, in heads and trailers.
 
     def on_message_begin(self) -> None:
         if self._closing:
@@ -323,50 +382,75 @@ class Connection:
             self._fail(414, "request line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._nfields += 1
-        if self._nfields > self.limit_request_fields:
+        # Called once per field: only collect here (the count is checked at once, so
+        # that a flood of tiny fields cannot grow the list); on_headers_complete
+        # checks and interprets them all in one pass.
+        headers = self._headers
+        if len(headers) >= self.limit_request_fields or self._request is not None:
+            self._header_slow(name, value)
+        else:
+            headers.append((name, value))
+
+    def _header_slow(self, name: bytes, value: bytes) -> None:
+        if self._request is None:
+            self._fail(431, "too many header fields")
+        # A trailer field (chunked request body): it counts against the same limit.
+        if len(self._headers) + len(self._trailers) >= self.limit_request_fields:
             self._fail(431, "too many header fields")
         if len(name) + len(value) + 4 > self.limit_request_field_size:
             self._fail(431, "header field too large")
-        # llhttp keeps trailing whitespace; RFC 9110 §5.5 says it is not part of the value.
-        if value[-1:] in (b" ", b"\t"):
+        if value[-1:] in _OWS:
             value = value.rstrip(b" \t")
-        if value.translate(None, _CTL_TABLE) != value:
-            self._fail(400, "invalid character in header value")
-        if self._request is not None:
-            lname = name.lower()
-            if lname in _FORBIDDEN_TRAILERS:
-                self._fail(400, "forbidden trailer field")
-            if b"_" not in name:
-                self._trailers.append((name, value))
-            return
-        if b"_" in name:
-            # Dropped, never forwarded: with CGI-style mapping X_Y and X-Y collide,
-            # which lets a client spoof headers a proxy set.
-            return
-        lname = name.lower()
-        if lname in _SPECIAL:
-            if lname == b"host":
-                self._host_count += 1
-            elif lname == b"content-length":
-                if self._cl is not None and self._cl != value:
-                    self._fail(400, "conflicting Content-Length")
-                if not value.isdigit():
-                    self._fail(400, "invalid Content-Length")
-                self._cl = value
-            elif lname == b"transfer-encoding":
-                self._te = value if self._te is None else self._te + b"," + value
-            elif lname == b"connection":
-                self._conn_tokens.extend(_tokens(value))
-            elif lname == b"expect":
-                self._expect = value
-            elif lname == b"content-type":
-                if self._ctype_seen:
-                    self._fail(400, "duplicate Content-Type")
-                self._ctype_seen = True
-        self._headers.append((name, value))
+        if name.lower() in _FORBIDDEN_TRAILERS:
+            self._fail(400, "forbidden trailer field")
+        # A name with "_" is dropped (as in a head) but still counted.
+        self._trailers.append((name, value) if b"_" not in name else None)
 
     def on_headers_complete(self) -> None:
+        # The fields, checked and interpreted in one pass.
+        fields = self._headers
+        field_cap = self.limit_request_field_size - 4
+        hosts = 0
+        cl = te = expect = None
+        tokens = ()
+        ctype_seen = False
+        rebuild = False
+        for name, value in fields:
+            if len(name) + len(value) > field_cap:
+                self._fail(431, "header field too large")
+            if value[-1:] in _OWS:
+                # llhttp keeps trailing whitespace; RFC 9110 §5.5: not part of the value.
+                value = value.rstrip(b" \t")
+                rebuild = True
+            if b"_" in name:
+                # Dropped, never forwarded: with CGI-style mapping X_Y and X-Y collide,
+                # which lets a client spoof headers a proxy set.
+                rebuild = True
+                continue
+            lname = name.lower()
+            if lname in _SPECIAL:
+                if lname == b"host":
+                    hosts += 1
+                elif lname == b"content-length":
+                    if cl is not None and cl != value:
+                        self._fail(400, "conflicting Content-Length")
+                    if not value.isdigit():
+                        self._fail(400, "invalid Content-Length")
+                    cl = value
+                elif lname == b"transfer-encoding":
+                    te = value if te is None else te + b"," + value
+                elif lname == b"connection":
+                    tokens = tokens + tuple(_tokens(value))
+                elif lname == b"expect":
+                    expect = value
+                elif ctype_seen:   # content-type
+                    self._fail(400, "duplicate Content-Type")
+                else:
+                    ctype_seen = True
+        headers = fields
+        if rebuild:
+            headers = [(n, v.rstrip(b" \t") if v[-1:] in _OWS else v)
+                       for n, v in fields if b"_" not in n]
         parser = self._parser
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
@@ -383,17 +467,16 @@ class Connection:
                 path = path.partition(b"#")[0]
         else:
             path, query = self._other_target(method, target)
-        hosts = self._host_count
-        if hosts > 1 or (hosts == 0 and version == "1.1" and self.require_host):
+        if hosts != 1 and (hosts > 1 or (version == "1.1" and self.require_host)):
             self._fail(400, "a request needs exactly one Host header")
         chunked = False
         content_length = None
-        if self._te is not None:
+        if te is not None:
             if version == "1.0":
                 self._fail(400, "Transfer-Encoding in an HTTP/1.0 request")
-            if self._cl is not None:
+            if cl is not None:
                 self._fail(400, "both Content-Length and Transfer-Encoding")
-            codings = _tokens(self._te)
+            codings = _tokens(te)
             if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
                 self._fail(400, "Transfer-Encoding must end with chunked")
             for coding in codings:
@@ -401,11 +484,10 @@ class Connection:
                     self._fail(400, "unknown transfer coding")
             chunked = True
             self._trailers = []
-        elif self._cl is not None:
-            content_length = int(self._cl)
+        elif cl is not None:
+            content_length = int(cl)
             if self.max_body_size is not None and content_length > self.max_body_size:
                 self._fail(413, "request body too large")
-        tokens = self._conn_tokens
         if version == "1.1":
             keep_alive = b"close" not in tokens
         else:
@@ -413,11 +495,10 @@ class Connection:
         upgrade = parser.should_upgrade()
         if upgrade:
             keep_alive = False
-        expect = self._expect
         expects_continue = (expect is not None and version == "1.1"
                             and expect.lower() == b"100-continue"
                             and (chunked or bool(content_length)))
-        request = Request(method, target, path, query, version, self._headers,
+        request = Request(method, target, path, query, version, headers,
                           keep_alive, expects_continue, chunked, content_length, upgrade)
         self._request = request
         self._events.append(request)
@@ -453,7 +534,10 @@ class Connection:
 
     def on_message_complete(self) -> None:
         request = self._request
-        self._events.append(EndOfMessage(self._trailers or []))
+        trailers = self._trailers
+        if trailers and None in trailers:
+            trailers = [t for t in trailers if t is not None]
+        self._events.append(EndOfMessage(trailers or []))
         if not request.keep_alive:
             self._closing = True
         # Find where this message ended in the raw stream, so that what follows
@@ -500,60 +584,74 @@ class Connection:
 
     # ---------------------------------------------------------------- responding
 
-    def response_head(self, request: Request, status: str, headers: list,
+    def response_head(self, request: Request, status: str, headers,
                       content_length_hint: int | None = None) -> bytes:
         """Build the response head; ``status`` is "NNN Reason", headers are
-        validated latin-1 ``str`` pairs (WSGI native strings).
+        validated latin-1 ``str`` pairs (WSGI native strings), in a list or tuple.
 
         ``content_length_hint``: the whole body length, when the caller knows it
         although the application gave no Content-Length.
         """
+        return b"".join(self._head_parts(request, status, headers, content_length_hint))
+
+    def whole_response(self, request: Request, status: str, headers, body: bytes) -> bytes:
+        """Head, ``body`` and end of a response whose body is known whole, in one piece
+        (the Content-Length is the body's unless the application gave one)."""
+        parts = self._head_parts(request, status, headers, len(body))
+        if not self._resp_no_body:
+            remaining = self._resp_remaining   # not None: a length is known
+            if len(body) > remaining:
+                # Nothing went out: the caller may still answer with an error.
+                self._resp_started = False
+                raise LocalProtocolError(500, "application wrote more than Content-Length")
+            if len(body) < remaining:
+                # The app promised more than it gave: the client would wait forever.
+                self.response_keep_alive = False
+                self._closing = True
+            self._resp_remaining = remaining - len(body)
+            parts.append(body)
+        return b"".join(parts)
+
+    def _head_parts(self, request: Request, status: str, headers,
+                    content_length_hint: int | None) -> list:
         if self._resp_started:
             raise LocalProtocolError(500, "response already started")
-        code = int(status[:3])
-        keep_alive = request.keep_alive
-        parts = ["HTTP/1.1 ", status, "\r\nServer: baton\r\nDate: ", self._date.get(), "\r\n"]
-        length = None
-        for name, value in headers:
-            lname = name.lower()
-            if lname in _HOP_BY_HOP:
-                if lname == "connection":
-                    if "close" in value.lower():
-                        keep_alive = False
-                    continue
-                raise LocalProtocolError(500, f"hop-by-hop header {name!r} from application")
-            if lname == "content-length":
-                if length is not None or not value.isdigit():
-                    raise LocalProtocolError(500, "invalid Content-Length from application")
-                length = int(value)
-            parts += (name, ": ", value, "\r\n")
-        no_body = code < 200 or code in _NO_BODY_STATUS or request.method == b"HEAD"
+        try:
+            start, fields, code, length, app_close = _render_fields(status, tuple(headers))
+        except TypeError:   # an unhashable item: render without the cache
+            start, fields, code, length, app_close = _render_fields.__wrapped__(status, headers)
+        keep_alive = request.keep_alive and not app_close
+        parts = [start, self._date.line(), fields]
         chunked = False
-        if no_body:
-            if code < 200 or code in _NO_BODY_STATUS:
-                length = 0
-        elif length is None:
-            if content_length_hint is not None:
-                length = content_length_hint
-                parts += ("Content-Length: ", str(length), "\r\n")
-            elif request.version == "1.1":
-                chunked = True
-                parts.append("Transfer-Encoding: chunked\r\n")
-            else:
-                keep_alive = False   # the body ends when we close
+        if code < 200 or code in _NO_BODY_STATUS:
+            no_body = True
+            length = 0
+        elif request.method == b"HEAD":
+            no_body = True
+        else:
+            no_body = False
+            if length is None:
+                if content_length_hint is not None:
+                    length = content_length_hint
+                    parts.append(b"Content-Length: %d\r\n" % length)
+                elif request.version == "1.1":
+                    chunked = True
+                    parts.append(b"Transfer-Encoding: chunked\r\n")
+                else:
+                    keep_alive = False   # the body ends when we close
         if not keep_alive:
-            parts.append("Connection: close\r\n\r\n")
+            parts.append(b"Connection: close\r\n\r\n")
             self._closing = True
         elif request.version == "1.0":
-            parts.append("Connection: keep-alive\r\n\r\n")
+            parts.append(b"Connection: keep-alive\r\n\r\n")
         else:
-            parts.append("\r\n")
+            parts.append(b"\r\n")
         self.response_keep_alive = keep_alive
         self._resp_chunked = chunked
         self._resp_no_body = no_body
         self._resp_remaining = None if no_body else length
         self._resp_started = True
-        return "".join(parts).encode("latin-1")
+        return parts
 
     def body(self, data: bytes) -> bytes:
         """Frame one piece of response body (may return b"")."""

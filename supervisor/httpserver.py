@@ -9,7 +9,10 @@ This is the I/O shell around :mod:`supervisor.http11` (protocol state) and
   Exceptions: a request with ``Expect: 100-continue`` reads its body when the app
   does, and a ``wsgi.file_wrapper`` response is sent to completion; in
   ``threads == 1`` mode both block the loop (bounded by the timeouts).
-* Every timer is a deadline in one heap; the selector waits for the nearest one.
+* Every connection has at most one deadline (``_Conn.deadline``); the selector waits
+  for the nearest. The heap holds at most a few entries per live connection: an entry
+  is re-armed lazily when it fires early, and the heap is compacted when stale entries
+  (closed connections, superseded deadlines) outnumber live ones.
 * A connection from a PROXY protocol listener (``proxy_protocol_fds``) or given with
   ``add_connection(proxy_protocol=True)`` must open with a valid PROXY header (see
   :mod:`supervisor.proxyproto`) within ``header_timeout_s``; its source address becomes
@@ -26,10 +29,10 @@ import errno
 import functools
 import heapq
 import io
+import itertools
 import logging
 import os
 import select
-import selectors
 import socket
 import tempfile
 import threading
@@ -46,9 +49,13 @@ __all__ = ["ServerSettings", "Server"]
 SPOOL_BYTES = 1 << 20         # request bodies larger than this go to a temp file
 OUTBUF_CAP = 1 << 20          # inline mode: buffer this much unsent response, then wait
 RECV_BYTES = 65536
+ACCEPT_BATCH = 64             # connections accepted per listener per loop iteration
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 _LISTENER, _CONN, _WATCH, _WAKEUP = 0, 1, 2, 3
+_READ, _WRITE = select.EPOLLIN, select.EPOLLOUT
+_Request, _Data, _EndOfMessage = http11.Request, http11.Data, http11.EndOfMessage
+_NEED_DATA, _CONNECTION_CLOSED = http11.NEED_DATA, http11.CONNECTION_CLOSED
 # Connection states.
 # _PROXY: awaiting its PROXY header. Its client is not known yet, so such a connection
 # is never taken or handed back (both want _READING); header_timeout_s bounds the wait.
@@ -70,10 +77,11 @@ class ServerSettings:
 
 class _Conn:
     __slots__ = ("sock", "fd", "peer", "builder", "proto", "state", "outbuf", "deadline",
-                 "request", "body", "body_len", "spool", "events", "started", "outcome",
-                 "continue_input", "on_close", "listener", "proxy_buf")
+                 "armed", "request", "body", "body_len", "spool", "events", "started",
+                 "outcome", "continue_input", "on_close", "listener", "proxy_buf",
+                 "write_timeout_s", "busy_since")
 
-    def __init__(self, sock, peer, builder, proto) -> None:
+    def __init__(self, sock, peer, builder, proto, write_timeout_s: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
@@ -81,7 +89,8 @@ class _Conn:
         self.proto = proto
         self.state = _READING
         self.outbuf = bytearray()
-        self.deadline = 0.0
+        self.deadline = 0.0        # when the current timeout fires (0: none)
+        self.armed = 0.0           # the deadline of this connection's live heap entry
         self.request = None
         self.body = []
         self.body_len = 0
@@ -90,9 +99,111 @@ class _Conn:
         self.started = False       # bytes of the current request have arrived
         self.outcome = None
         self.continue_input = None
+        self.busy_since = 0.0      # when a pool thread took its current request
         self.on_close = None       # told when the connection leaves this server
         self.listener = ""         # the listener's name, for a hand-back
         self.proxy_buf = None      # bytes of a PROXY header still arriving (state _PROXY)
+        self.write_timeout_s = write_timeout_s
+
+    # The app's output, as run_app's send / sendfile (bound methods: no per-request
+    # closures, no reference cycles).
+
+    def send_inline(self, data: bytes) -> None:
+        """Send from the loop's thread: what the socket does not take waits in outbuf."""
+        outbuf = self.outbuf
+        if not outbuf:
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        outbuf += data
+        # Keep memory bounded for a big streamed response: wait for the client.
+        while len(outbuf) > OUTBUF_CAP:
+            _wait_fd(self.fd, select.POLLOUT, self.write_timeout_s)
+            try:
+                del outbuf[:self.sock.send(outbuf)]
+            except (BlockingIOError, InterruptedError):
+                pass
+
+    def send_blocking(self, data: bytes) -> None:
+        """Send everything from a pool thread (the connection is off the selector)."""
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self.sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                _wait_fd(self.fd, select.POLLOUT, self.write_timeout_s)
+                continue
+            view = view[sent:]
+
+    def sendfile(self, fileobj, offset: int, count: int) -> int:
+        while self.outbuf:
+            _wait_fd(self.fd, select.POLLOUT, self.write_timeout_s)
+            try:
+                del self.outbuf[:self.sock.send(self.outbuf)]
+            except (BlockingIOError, InterruptedError):
+                pass
+        while True:
+            try:
+                return os.sendfile(self.fd, fileobj.fileno(), offset, count)
+            except (BlockingIOError, InterruptedError):
+                _wait_fd(self.fd, select.POLLOUT, self.write_timeout_s)
+
+
+class _Poller:
+    """epoll with the data of each fd in a dict: what ``selectors`` does, without a
+    key object per registration and a translated event list per wait."""
+
+    __slots__ = ("_epoll", "data")
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self.data: dict[int, tuple] = {}   # fd -> (kind, object)
+
+    @staticmethod
+    def _fd(fileobj) -> int:
+        return fileobj if type(fileobj) is int else fileobj.fileno()
+
+    def register(self, fileobj, events: int, data: tuple) -> None:
+        fd = self._fd(fileobj)
+        if fd in self.data:
+            raise KeyError(f"fd {fd} is already registered")
+        self._epoll.register(fd, events)
+        self.data[fd] = data
+
+    def modify(self, fileobj, events: int, data: tuple) -> None:
+        fd = self._fd(fileobj)
+        self._epoll.modify(fd, events)
+        self.data[fd] = data
+
+    def unregister(self, fileobj) -> None:
+        fd = self._fd(fileobj)
+        del self.data[fd]   # KeyError when not registered
+        try:
+            self._epoll.unregister(fd)
+        except OSError:
+            pass   # already closed: the kernel dropped it
+
+    def poll(self, timeout_s: float | None) -> list[tuple[int, int]]:
+        return self._epoll.poll(-1 if timeout_s is None else timeout_s)
+
+    def close(self) -> None:
+        self._epoll.close()
+        self.data.clear()
+
+
+def _needs_nodelay(listener: socket.socket) -> bool:
+    """Whether connections accepted on ``listener`` need TCP_NODELAY set: not on a
+    non-TCP socket, nor when the listener has it (Linux copies it to accepted sockets)."""
+    if listener.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        return not listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    except OSError:
+        return True
 
 
 def _wait_fd(fd: int, mask: int, timeout_s: float) -> None:
@@ -112,12 +223,17 @@ class Server:
                  proxy_protocol_fds: frozenset[int] = frozenset()) -> None:
         self.app = app
         self.settings = settings
+        self._header_timeout_s = settings.header_timeout_s
+        self._keepalive_s = settings.keepalive_s
+        self._write_timeout_s = settings.write_timeout_s
         self.error_log = error_log
         self.access_log = access_log
-        self._selector = selectors.DefaultSelector()
+        self._selector = _Poller()
         self._date = http11.DateCache()
         self._conns: dict[int, _Conn] = {}
-        self._timers: list = []
+        self._timers: list = []             # (deadline, seq, conn), see _set_deadline
+        self._timer_seq = itertools.count()
+        self._now = time.monotonic()        # read once per loop iteration
         self._requests_served = 0
         self._busy = 0
         self._stopping = False
@@ -127,6 +243,8 @@ class Server:
         self._listener_names = dict(zip((s.fileno() for s in self._listeners), listener_names or ()))
         self._proxy_fds = proxy_protocol_fds   # listeners whose connections open with PROXY
         self._handback: Callable | None = None
+        self._tick: tuple[float, Callable[[], None]] | None = None
+        self._tick_at = float("inf")
         self._builders: dict[str, EnvironBuilder] = {}
         self._listener_builders = []
         for sock in self._listeners:
@@ -135,7 +253,7 @@ class Server:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, (_WAKEUP, None))
+        self._selector.register(self._wake_r, _READ, (_WAKEUP, None))
         self._done: deque = deque()          # conns whose app call finished (threads > 1)
         self._work = None
         self._threads: list[threading.Thread] = []
@@ -164,7 +282,19 @@ class Server:
         return self._busy
 
     def watch(self, fd: int, on_readable: Callable[[], None]) -> None:
-        self._selector.register(fd, selectors.EVENT_READ, (_WATCH, on_readable))
+        self._selector.register(fd, _READ, (_WATCH, on_readable))
+
+    def every(self, interval_s: float, callback: Callable[[], None]) -> None:
+        """Call `callback` from the loop every `interval_s` (a heartbeat: it stops
+        when the loop is stuck, which is the point)."""
+        self._tick = (interval_s, callback)
+        self._tick_at = time.monotonic() + interval_s
+
+    def oldest_request_age(self) -> float | None:
+        """Seconds the longest-running app call has run (pool threads only: an inline
+        call blocks the loop, and the silence says it)."""
+        busy = [conn.busy_since for conn in self._conns.values() if conn.state == _BUSY and conn.busy_since]
+        return round(time.monotonic() - min(busy), 3) if busy else None
 
     def unwatch(self, fd: int) -> None:
         self._selector.unregister(fd)
@@ -173,6 +303,7 @@ class Server:
                        initial_bytes: bytes = b"", on_close: Callable[[], None] | None = None,
                        proxy_protocol: bool = False) -> None:
         builder = self._builders.get(listener_name) or self._builder_for(sock, listener_name)
+        self._now = time.monotonic()   # may be called between loop iterations
         conn = self._new_conn(sock, peer, builder, proxy_protocol)
         conn.on_close = on_close
         conn.listener = listener_name
@@ -207,8 +338,10 @@ class Server:
         return taken
 
     def run(self) -> None:
-        select_ = self._selector.select
+        poll = self._selector.poll
+        fd_data = self._selector.data
         timers = self._timers
+        self._now = time.monotonic()
         try:
             while True:
                 if self._stopping:
@@ -224,22 +357,39 @@ class Server:
                         return
                 timeout = None
                 if timers:
-                    timeout = max(0.0, timers[0][0] - time.monotonic())
-                for key, mask in select_(timeout):
-                    kind, obj = key.data
+                    # From the clock read after the last wait: a timer may fire late
+                    # by one iteration's work, never early.
+                    timeout = max(0.0, timers[0][0] - self._now)
+                if self._tick is not None:
+                    tick_in = max(0.0, self._tick_at - self._now)
+                    timeout = tick_in if timeout is None else min(timeout, tick_in)
+                events = poll(timeout)
+                self._now = time.monotonic()
+                if self._now >= self._tick_at:
+                    self._tick_at = self._now + self._tick[0]
+                    self._tick[1]()
+                for fd, _ in events:
+                    # Looked up now, not at the wait: an earlier handler of this batch
+                    # may have closed the fd (or a new connection may reuse it).
+                    data = fd_data.get(fd)
+                    if data is None:
+                        continue
+                    kind, obj = data
                     if kind == _CONN:
-                        if mask & selectors.EVENT_READ:
+                        # A connection waits for one direction only; an error or a
+                        # hang-up is noticed by the recv or send it triggers.
+                        if obj.events == _READ:
                             self._on_readable(obj)
-                        elif mask & selectors.EVENT_WRITE:
+                        else:
                             self._on_writable(obj)
                     elif kind == _LISTENER:
-                        self._accept(key.fileobj, obj)
+                        self._accept(*obj)
                     elif kind == _WAKEUP:
                         self._on_wakeup()
                     else:
                         obj()
-                if timers:
-                    self._expire(time.monotonic())
+                if timers and timers[0][0] <= self._now:
+                    self._expire(self._now)
         finally:
             if self._stopping:
                 self._shutdown()
@@ -267,23 +417,30 @@ class Server:
             return
         for sock, builder in zip(self._listeners, self._listener_builders):
             if on:
-                self._selector.register(sock, selectors.EVENT_READ, (_LISTENER, builder))
+                fd = sock.fileno()
+                self._selector.register(sock, _READ, (_LISTENER, (
+                    sock, builder, fd in self._proxy_fds, self._listener_names.get(fd, ""),
+                    _needs_nodelay(sock))))
             else:
                 self._selector.unregister(sock)
         self._listening = on
 
-    def _new_conn(self, sock: socket.socket, peer, builder, proxy: bool = False) -> _Conn:
+    def _new_conn(self, sock: socket.socket, peer, builder, proxy: bool = False,
+                  nodelay: bool | None = None) -> _Conn:
+        """``nodelay``: whether TCP_NODELAY must be set (None: find out)."""
         s = self.settings
         sock.setblocking(False)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
+        if nodelay is None:
+            nodelay = sock.family in (socket.AF_INET, socket.AF_INET6)
+        if nodelay:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         proto = http11.Connection(
             limit_request_line=s.limit_request_line, limit_request_fields=s.limit_request_fields,
             limit_request_field_size=s.limit_request_field_size,
             max_body_size=s.max_body_size, date_cache=self._date)
-        conn = _Conn(sock, peer, builder, proto)
+        conn = _Conn(sock, peer, builder, proto, s.write_timeout_s)
         self._conns[conn.fd] = conn
-        conn.events = selectors.EVENT_READ
+        conn.events = _READ
         if proxy:
             # Until its header is complete the connection is read by a watch callback,
             # so the hot _CONN path carries no PROXY test.
@@ -292,13 +449,15 @@ class Server:
             key_data = (_WATCH, functools.partial(self._on_proxy_readable, conn))
         else:
             key_data = (_CONN, conn)
-        self._selector.register(sock, selectors.EVENT_READ, key_data)
+        self._selector.register(sock, _READ, key_data)
         self._set_deadline(conn, s.header_timeout_s)
         return conn
 
-    def _accept(self, lsock: socket.socket, builder) -> None:
-        proxy = lsock.fileno() in self._proxy_fds
-        while True:
+    def _accept(self, lsock: socket.socket, builder, proxy: bool, name: str,
+                nodelay: bool) -> None:
+        # A bounded batch: the connections already accepted get read before more come
+        # in (the listener stays readable, so the rest wait one iteration).
+        for _ in range(ACCEPT_BATCH):
             try:
                 sock, peer = lsock.accept()
             except (BlockingIOError, InterruptedError):
@@ -308,19 +467,46 @@ class Server:
                 if exc.errno not in (errno.ECONNABORTED, errno.EPROTO):
                     self.error_log.warning("accept failed: %s", exc)
                 return
-            self._new_conn(sock, peer, builder, proxy).listener = self._listener_names.get(lsock.fileno(), "")
+            self._new_conn(sock, peer, builder, proxy, nodelay).listener = name
 
     def _set_deadline(self, conn: _Conn, delay_s: float) -> None:
-        deadline = time.monotonic() + delay_s
+        """Move conn's deadline. Pushes a heap entry only when the new deadline is
+        earlier than the one already armed; a later one is found when that fires."""
+        deadline = self._now + delay_s
         conn.deadline = deadline
-        heapq.heappush(self._timers, (deadline, id(conn), conn))
+        armed = conn.armed
+        if not armed or deadline < armed:
+            timers = self._timers
+            conn.armed = deadline
+            heapq.heappush(timers, (deadline, next(self._timer_seq), conn))
+            if len(timers) > 2 * len(self._conns) + 64:
+                self._compact_timers()
+
+    def _compact_timers(self) -> None:
+        """Rebuild the heap from live connections: one entry each, at its deadline."""
+        timers = []
+        seq = self._timer_seq
+        for conn in self._conns.values():
+            conn.armed = conn.deadline
+            if conn.deadline:
+                timers.append((conn.deadline, next(seq), conn))
+        heapq.heapify(timers)
+        self._timers[:] = timers
 
     def _expire(self, now: float) -> None:
         timers = self._timers
         while timers and timers[0][0] <= now:
-            deadline, _, conn = heapq.heappop(timers)
-            if conn.deadline != deadline or self._conns.get(conn.fd) is not conn:
-                continue   # superseded or closed
+            armed, _, conn = heapq.heappop(timers)
+            if conn.armed != armed:
+                continue   # superseded by an earlier entry
+            conn.armed = 0.0
+            deadline = conn.deadline
+            if not deadline or self._conns.get(conn.fd) is not conn:
+                continue   # no timeout now (busy), or closed
+            if deadline > now:   # moved later since this entry was pushed: re-arm
+                conn.armed = deadline
+                heapq.heappush(timers, (deadline, next(self._timer_seq), conn))
+                continue
             if conn.state == _READING:
                 if conn.started and not conn.outbuf:
                     self._fail(conn, 408, "Request Timeout")
@@ -335,7 +521,8 @@ class Server:
             self._selector.modify(conn.sock, events, (_CONN, conn))
 
     def _forget(self, conn: _Conn) -> None:
-        if self._conns.pop(conn.fd, None) is not None:
+        if self._conns.get(conn.fd) is conn:   # (its fd may be another's by now)
+            del self._conns[conn.fd]
             try:
                 self._selector.unregister(conn.sock)
             except (KeyError, ValueError):
@@ -349,6 +536,7 @@ class Server:
         if conn.spool is not None:
             conn.spool.close()
         conn.sock.close()
+        conn.proto.close()   # frees the parser now, not at the next cycle collection
 
     def _hand_back_idle(self) -> None:
         for conn in list(self._conns.values()):
@@ -392,9 +580,9 @@ class Server:
                 self._close(conn)
                 return
         elif not conn.started:
+            # First bytes of a request (the previous one, if any, is answered).
             conn.started = True
-            if conn.proto.idle:
-                self._set_deadline(conn, self.settings.header_timeout_s)
+            self._set_deadline(conn, self._header_timeout_s)
         conn.proto.receive_data(data)
         self._process(conn)
 
@@ -429,7 +617,7 @@ class Server:
         rest = bytes(buf[result.consumed:])
         conn.proxy_buf = None
         conn.state = _READING
-        self._selector.modify(conn.sock, selectors.EVENT_READ, (_CONN, conn))
+        self._selector.modify(conn.sock, _READ, (_CONN, conn))
         if rest:
             conn.started = True
             conn.proto.receive_data(rest)
@@ -445,30 +633,30 @@ class Server:
                 self._fail(conn, exc.status, exc.reason)
                 return
             cls = event.__class__
-            if cls is http11.Data:
-                if conn.request is None:
-                    continue          # an abandoned 100-continue body
-                self._add_body(conn, event.data)
-            elif cls is http11.Request:
+            if cls is _Request:
                 conn.request = event
                 if event.expects_continue:
-                    if not self._dispatch(conn, continue_mode=True):
+                    if not self._dispatch(conn, True):
                         return
-            elif cls is http11.EndOfMessage:
+            elif cls is _EndOfMessage:
                 if conn.request is None:
                     proto.start_next_cycle()
                     continue
-                if not self._dispatch(conn, continue_mode=False):
+                if not self._dispatch(conn, False):
                     return
-            elif event is http11.NEED_DATA:
+            elif cls is _Data:
+                if conn.request is None:
+                    continue          # an abandoned 100-continue body
+                self._add_body(conn, event.data)
+            elif event is _NEED_DATA:
                 if conn.body_len and conn.request is not None:
                     # Body progress: the timeout is about inactivity, not total time.
-                    self._set_deadline(conn, self.settings.header_timeout_s)
+                    self._set_deadline(conn, self._header_timeout_s)
                 return
-            elif event is http11.CONNECTION_CLOSED:
+            elif event is _CONNECTION_CLOSED:
                 if conn.outbuf:
                     conn.state = _CLOSING
-                    self._set_events(conn, selectors.EVENT_WRITE)
+                    self._set_events(conn, _WRITE)
                 else:
                     self._close(conn)
                 return
@@ -515,7 +703,7 @@ class Server:
                 return
             data = data[sent:]
         conn.outbuf += data
-        self._set_events(conn, selectors.EVENT_WRITE)
+        self._set_events(conn, _WRITE)
         self._set_deadline(conn, self.settings.write_timeout_s)
 
     def _on_writable(self, conn: _Conn) -> None:
@@ -545,12 +733,14 @@ class Server:
         conn.state = _BUSY
         conn.deadline = 0.0
         if self._work is None:
-            self._handle(conn, continue_mode, inline=True)
+            self._handle(conn, continue_mode, True)
+            self._now = time.monotonic()   # the app may have taken long
             return self._finish(conn)
         # The connection leaves the selector while a thread owns it.
         self._selector.unregister(conn.sock)
         conn.events = 0
         self._busy += 1
+        conn.busy_since = self._now
         if self._busy >= self.settings.threads:
             self._set_listening(False)   # don't accept what no thread can serve
         self._work.put((conn, continue_mode))
@@ -585,8 +775,8 @@ class Server:
             conn = done.popleft()
             self._busy -= 1
             if self._conns.get(conn.fd) is conn:
-                conn.events = selectors.EVENT_READ
-                self._selector.register(conn.sock, selectors.EVENT_READ, (_CONN, conn))
+                conn.events = _READ
+                self._selector.register(conn.sock, _READ, (_CONN, conn))
             if self._finish(conn):
                 self._process(conn)
         if not self._stopping and self._busy < self.settings.threads:
@@ -596,10 +786,7 @@ class Server:
         """Run the app for conn.request (in the loop thread or a pool thread)."""
         request = conn.request
         proto = conn.proto
-        if inline:
-            send = self._make_inline_send(conn)
-        else:
-            send = self._make_blocking_send(conn)
+        send = conn.send_inline if inline else conn.send_blocking
         if continue_mode:
             wsgi_input = Input(self._make_pull(conn, send))
             conn.continue_input = wsgi_input
@@ -611,63 +798,7 @@ class Server:
             wsgi_input = io.BytesIO(body[0] if len(body) == 1 else b"".join(body))
         environ = conn.builder.build(request, wsgi_input, conn.peer)
         conn.outcome = run_app(self.app, environ, proto, request, send, self.error_log,
-                               self._make_sendfile(conn))
-
-    def _make_inline_send(self, conn: _Conn):
-        sock = conn.sock
-        write_timeout_s = self.settings.write_timeout_s
-
-        def send(data: bytes) -> None:
-            if not conn.outbuf:
-                try:
-                    sent = sock.send(data)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                if sent == len(data):
-                    return
-                data = data[sent:]
-            conn.outbuf += data
-            # Keep memory bounded for a big streamed response: wait for the client.
-            while len(conn.outbuf) > OUTBUF_CAP:
-                _wait_fd(conn.fd, select.POLLOUT, write_timeout_s)
-                try:
-                    del conn.outbuf[:sock.send(conn.outbuf)]
-                except (BlockingIOError, InterruptedError):
-                    pass
-        return send
-
-    def _make_blocking_send(self, conn: _Conn):
-        sock = conn.sock
-        write_timeout_s = self.settings.write_timeout_s
-
-        def send(data: bytes) -> None:
-            view = memoryview(data)
-            while view:
-                try:
-                    sent = sock.send(view)
-                except (BlockingIOError, InterruptedError):
-                    _wait_fd(conn.fd, select.POLLOUT, write_timeout_s)
-                    continue
-                view = view[sent:]
-        return send
-
-    def _flush_blocking(self, conn: _Conn) -> None:
-        while conn.outbuf:
-            _wait_fd(conn.fd, select.POLLOUT, self.settings.write_timeout_s)
-            try:
-                del conn.outbuf[:conn.sock.send(conn.outbuf)]
-            except (BlockingIOError, InterruptedError):
-                pass
-
-    def _make_sendfile(self, conn: _Conn):
-        def sendfile(fileobj, offset: int, count: int) -> int:
-            self._flush_blocking(conn)
-            while True:
-                try:
-                    return os.sendfile(conn.fd, fileobj.fileno(), offset, count)
-                except (BlockingIOError, InterruptedError):
-                    _wait_fd(conn.fd, select.POLLOUT, self.settings.write_timeout_s)
-        return sendfile
+                               conn.sendfile)
 
     def _make_pull(self, conn: _Conn, send):
         """Body source for Expect: 100-continue: answer 100, then read as the app reads."""
@@ -711,8 +842,9 @@ class Server:
             conn.spool.close()
             conn.spool = None
         conn.request = None
-        conn.body = []
-        conn.body_len = 0
+        if conn.body_len or conn.body:
+            conn.body = []
+            conn.body_len = 0
         conn.started = False
         conn.outcome = None
         if self._conns.get(conn.fd) is not conn:
@@ -724,16 +856,16 @@ class Server:
                 or not conn.proto.response_keep_alive):
             conn.state = _CLOSING
             if conn.outbuf:
-                self._set_events(conn, selectors.EVENT_WRITE)
-                self._set_deadline(conn, self.settings.write_timeout_s)
+                self._set_events(conn, _WRITE)
+                self._set_deadline(conn, self._write_timeout_s)
             else:
                 self._close(conn)
             return False
         conn.proto.start_next_cycle()
         if conn.outbuf:
             conn.state = _WRITING
-            self._set_events(conn, selectors.EVENT_WRITE)
-            self._set_deadline(conn, self.settings.write_timeout_s)
+            self._set_events(conn, _WRITE)
+            self._set_deadline(conn, self._write_timeout_s)
             return False
         conn.state = _READING
         return self._next_request(conn)
@@ -744,12 +876,13 @@ class Server:
         if self._stopping and not pending and self._handback is None:
             self._close(conn)   # draining: an idle keep-alive connection is closed
             return False        # (with a hand-back, the drain loop gives it away instead)
-        self._set_events(conn, selectors.EVENT_READ)
+        if conn.events != _READ:
+            self._set_events(conn, _READ)
         if pending:
             conn.started = True
-            self._set_deadline(conn, self.settings.header_timeout_s)
+            self._set_deadline(conn, self._header_timeout_s)
         else:
-            self._set_deadline(conn, self.settings.keepalive_s)
+            self._set_deadline(conn, self._keepalive_s)
         return True
 
     def _log_access(self, conn: _Conn, request, status: str, sent: int) -> None:

@@ -15,6 +15,7 @@ and the old one keeps serving.
 from __future__ import annotations
 
 import os
+import random
 import selectors
 import signal
 import socket
@@ -25,18 +26,31 @@ import setproctitle
 
 from supervisor import balancer as balancer_mod
 from supervisor import channel, config as config_mod, listeners as listeners_mod, plan as plan_mod
-from supervisor import privileges, spawn, watcher as watcher_mod, worker
+from supervisor import activation, privileges, sdnotify, spawn, status as status_mod, watcher as watcher_mod, worker
 from supervisor.channel import ChannelClosed
-from supervisor.config import AppConfig, Config, ConfigError
+from supervisor.config import AppConfig, Config, ConfigError, ListenerConfig
 from supervisor.lifecycle import Backoff, State, Worker
 from supervisor.listeners import ListenerError
 from supervisor.log import Logs
-from supervisor.messages import (ATTACH, BOOT_FAILED, CHANGED, DETACH, READY, ROUTES, STOP, Message,
-                                 MessageError)
+from supervisor.messages import (ATTACH, BOOT_FAILED, CHANGED, DETACH, DRAIN, HEARTBEAT, METRICS, READY, ROUTES, STOP,
+                                 Message, MessageError)
 from supervisor.privileges import PrivilegeError
+from supervisor.control import ControlServer
 from supervisor.sidecar import Sidecar
 
 QUICK_STOP_GRACE_S = 1.0
+METRICS_PUSH_S = 1.0
+ABORT_GRACE_S = 2.0  # after SIGABRT (stacks written), SIGKILL
+
+
+@dataclass
+class _Load:
+    """A worker's last heartbeat: sent from its serving loop, so a stuck loop goes silent."""
+    at: float                      # when heard (or spawned)
+    requests: int = 0
+    connections: int = 0
+    busy: int = 0
+    oldest_s: float | None = None  # age of the oldest running request then
 
 
 @dataclass
@@ -46,6 +60,10 @@ class _Child:
     channel: socket.socket
     pidfd: int
     balancer_end: socket.socket  # kept so a restarted balancer gets it again
+    load: _Load
+    replaces: int | None = None  # a recycled worker's pid, retired once this one is READY
+    recycling: bool = False      # a replacement for this one is booting
+    jitter: int = 0              # extra requests before max_requests recycles this one
 
 
 @dataclass
@@ -53,6 +71,7 @@ class _Generation:
     number: int
     config: AppConfig
     identity: privileges.Identity
+    workers: int                       # how many it boots (the app's target, which may differ from config)
 
 
 @dataclass
@@ -64,6 +83,8 @@ class _App:
     respawn_at: dict[int, float] = field(default_factory=dict)  # worker index -> when
     ever_ready: bool = False
     boot_failed: bool = False
+    restarts: int = 0              # workers replaced after dying
+    retired_requests: int = 0      # requests served by workers that have exited
     last_traceback: str = ""
 
     @property
@@ -74,13 +95,23 @@ class _App:
 class Master:
     """Owns every listener, child and deadline; `run()` returns the exit status."""
 
+    # Every signal and every control command goes through `command()`.
     _SIGNALS = {
-        signal.SIGTERM: "stop_graceful",
-        signal.SIGINT: "stop_quick",
-        signal.SIGQUIT: "stop_quick",
-        signal.SIGHUP: "reload_all",
-        signal.SIGTTIN: "scale_up",
-        signal.SIGTTOU: "scale_down",
+        signal.SIGTERM: ("stop", {}),
+        signal.SIGINT: ("stop", {"now": True}),
+        signal.SIGQUIT: ("stop", {"now": True}),
+        signal.SIGHUP: ("reload", {}),
+        signal.SIGTTIN: ("scale_all", {"delta": 1}),
+        signal.SIGTTOU: ("scale_all", {"delta": -1}),
+    }
+    _COMMANDS = {
+        "status": "_status",
+        "stats": "_stats",
+        "reload": "_reload_command",
+        "restart": "_restart_command",
+        "scale": "_scale_command",
+        "scale_all": "_scale_all_command",
+        "stop": "_stop_command",
     }
 
     def __init__(self, config: Config, logs: Logs, clock=time.monotonic):
@@ -102,14 +133,29 @@ class Master:
         self.stopping = False
         self.exit_status = 0
         self.reloads = 0
+        self.started_at = clock()
+        self.counters: dict[str, int] = {"reloads": 0, "reloads_rejected": 0, "generation_switches": 0,
+                                         "generations_dropped": 0, "worker_restarts": 0,
+                                         "worker_timeouts": 0, "worker_recycles": 0}
         self._wakeup_read, self._wakeup_write = socket.socketpair()
+        self.notifier = sdnotify.Notifier(None)   # replaced in run() from NOTIFY_SOCKET
+        self.inherited: dict[str, int] = {}       # systemd's sockets by name, open for the master's life
+        self.pending_ready: str | None = "start"  # "start"/"reload": the READY=1 systemd waits for
+        self.control: ControlServer | None = None
+        self.health_socket: socket.socket | None = None
+        self.metrics_at: float | None = None  # next push of figures to the balancer's /metrics
 
     # -- running -----------------------------------------------------------
 
     def run(self) -> int:
-        self.sockets = listeners_mod.open_all(self.config.listeners)
+        self.notifier = sdnotify.Notifier.from_environ()
+        self.inherited = activation.inherited()
+        sdnotify.scrub(os.environ)  # before any fork: children never talk to systemd
+        self.sockets = listeners_mod.open_all(self.config.listeners, inherited=self.inherited)
         try:
             self._install_signals()
+            self._open_control()
+            self._open_health()
             self._write_pidfile()
             setproctitle.setproctitle(f"baton: master [{self.config.path or 'serve'}]")
             for name, sock in self.sockets.items():
@@ -118,7 +164,7 @@ class Master:
             self._start_watcher()
             for app in self.config.apps.values():
                 self._add_app(app)
-            while not (self.stopping and not self.children and self.balancer is None):
+            while not (self.stopping and not self.children):
                 self._wait_once()
             return self.exit_status
         finally:
@@ -129,7 +175,60 @@ class Master:
         timeout = None if deadline is None else max(0.0, deadline - self.clock())
         for key, _ in self.selector.select(timeout):
             key.data()
-        self._on_deadlines(self.clock())
+        now = self.clock()
+        if self.control is not None:
+            self.control.expire(now)
+        self._on_deadlines(now)
+        self._notify_if_ready()
+
+    def _notify_if_ready(self) -> None:
+        """Pay the READY=1 systemd waits for: at start once every app's generation is
+        complete, after a reload once no app has a new generation booting."""
+        if self.pending_ready is None or self.stopping:
+            return
+        if any(app.next is not None for app in self.apps.values()):
+            return
+        if self.pending_ready == "start" and not all(
+                sum(c.record.state is State.READY for c in self._generation_workers(name, app.current.number))
+                >= app.target for name, app in self.apps.items()):
+            return
+        self.pending_ready = None
+        self.notifier.ready(status="serving: " + ", ".join(
+            f"{name} gen {app.current.number} x{app.target}" for name, app in self.apps.items()))
+
+    def _open_health(self) -> None:
+        address = self.config.master.health
+        if address is None:
+            return
+        self.health_socket = listeners_mod.open_listener(ListenerConfig("health", address))
+        self.metrics_at = self.clock()
+        self.log.info("health and metrics on %s/healthz and /metrics", listeners_mod.describe(self.health_socket))
+
+    def _push_metrics(self) -> None:
+        """The master's figures for the balancer's /metrics (it adds its own)."""
+        self.metrics_at = self.clock() + METRICS_PUSH_S
+        if self.balancer is None:
+            return
+        apps = {}
+        for name, app in self.apps.items():
+            workers = [c for c in self.children.values() if c.record.app == name and c.record.serving]
+            apps[name] = {"baton_requests_total": sum(c.load.requests for c in workers) + app.retired_requests,
+                          "baton_workers": len(workers),
+                          "baton_worker_restarts_total": app.restarts}
+        try:
+            channel.send(self.balancer.channel, Message(METRICS, {
+                "apps": apps, "overall": {"baton_reloads_total": self.counters["reloads"]}}))
+        except OSError:
+            pass
+
+    def _open_control(self) -> None:
+        path = config_mod.control_socket_path(self.config)
+        if path is None:
+            return
+        self.control = ControlServer(path, admins=self.config.master.admins, handle=self.command,
+                                     log=self.log, clock=self.clock)
+        self.selector.register(self.control.fileno(), selectors.EVENT_READ, self.control.on_readable)
+        self.log.info("control socket at %s", path)
 
     def _install_signals(self) -> None:
         for sock in (self._wakeup_read, self._wakeup_write):
@@ -145,10 +244,54 @@ class Master:
         except BlockingIOError:
             return
         for signum in data:
-            action = self._SIGNALS.get(signum)
-            if action:
+            if signum in self._SIGNALS:
                 self.log.info("received %s", signal.Signals(signum).name)
-                getattr(self, action)()
+                self.command(*self._SIGNALS[signum])
+
+    def command(self, name: str, args: dict) -> dict:
+        """The one way to act on the master: signals and `baton ctl` both come here."""
+        method = self._COMMANDS.get(name)
+        if method is None:
+            return {"ok": False, "errors": [f"unknown command {name!r}"]}
+        try:
+            return getattr(self, method)(**args)
+        except TypeError as exc:
+            return {"ok": False, "errors": [f"{name}: {exc}"]}
+
+    def _status(self) -> dict:
+        return status_mod.status(self)
+
+    def _stats(self) -> dict:
+        return {"ok": True, "counters": dict(self.counters)}
+
+    def _reload_command(self) -> dict:
+        errors = self.reload(restart_all=True)
+        return {"ok": not errors, "errors": errors} if errors else {"ok": True}
+
+    def _restart_command(self, app: str) -> dict:
+        if app not in self.apps:
+            return {"ok": False, "errors": [f"no app named {app!r}"]}
+        self.restart_app(app)
+        return {"ok": True}
+
+    def _scale_command(self, app: str, workers: int) -> dict:
+        if app not in self.apps:
+            return {"ok": False, "errors": [f"no app named {app!r}"]}
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            return {"ok": False, "errors": [f"workers: expected an integer >= 1, found {workers!r}"]}
+        self._rescale(self.apps[app], workers)
+        self.log.info("scaled app %s to %d workers", app, workers)
+        return {"ok": True}
+
+    def _scale_all_command(self, delta: int) -> dict:
+        for app in self.apps.values():
+            self._rescale(app, max(1, app.target + delta))
+        self.log.info("scaled %s: %s", "up" if delta > 0 else "down", self._targets())
+        return {"ok": True}
+
+    def _stop_command(self, now: bool = False) -> dict:
+        (self.stop_quick if now else self.stop_graceful)()
+        return {"ok": True}
 
     # -- apps, generations and workers -------------------------------------
 
@@ -160,18 +303,18 @@ class Master:
         return privileges.resolve(user, app.group)
 
     def _add_app(self, config: AppConfig) -> None:
-        app = _App(_Generation(1, config, self._identity(config)), config.workers,
+        app = _App(_Generation(1, config, self._identity(config), config.workers), config.workers,
                    Backoff(max_delay_s=self.config.master.crash_backoff_max))
         self.apps[config.name] = app
         for index in range(1, config.workers + 1):
             self._spawn(app.current, index)
 
-    def _start_generation(self, app: _App, config: AppConfig) -> None:
+    def _start_generation(self, app: _App, config: AppConfig, workers: int) -> None:
         if app.next is not None:
             self._abandon_next(app, "superseded by a newer reload")
-        app.next = _Generation(max(app.current.number, 0) + 1, config, self._identity(config))
-        self.log.info("app %s: booting generation %d (%d workers)", config.name, app.next.number, config.workers)
-        for index in range(1, config.workers + 1):
+        app.next = _Generation(app.current.number + 1, config, self._identity(config), workers)
+        self.log.info("app %s: booting generation %d (%d workers)", config.name, app.next.number, workers)
+        for index in range(1, workers + 1):
             self._spawn(app.next, index)
 
     def _worker_sockets(self, app: AppConfig, index: int) -> dict[str, socket.socket]:
@@ -187,13 +330,14 @@ class Master:
                 sockets[name] = self.reuseport[key]
         return sockets
 
-    def _spawn(self, generation: _Generation, index: int) -> None:
+    def _spawn(self, generation: _Generation, index: int) -> _Child:
         app = generation.config
         parent_end, child_end = channel.pair()
         balancer_end, worker_balancer_end = channel.pair()
         spec = worker.WorkerSpec(
             app=app, index=index, generation=generation.number, identity=generation.identity,
             graceful_timeout_s=self._graceful_timeout(app), master_pid=os.getpid(),
+            heartbeat_s=min(1.0, app.timeout / 4) if app.timeout else 1.0,
             channel=child_end, listeners=self._worker_sockets(app, index),
             logs=self.logs, balancer=worker_balancer_end,
             proxy_listeners=frozenset(name for name in app.listeners if self.config.listeners[name].proxy_protocol),
@@ -206,11 +350,15 @@ class Master:
         parent_end.setblocking(False)
         pidfd = os.pidfd_open(pid)
         child = _Child(Worker(app.name, index, generation.number, pid, self.clock()), parent_end, pidfd,
-                       balancer_end)
+                       balancer_end, _Load(self.clock()))
         self.children[pid] = child
         self.selector.register(pidfd, selectors.EVENT_READ, lambda: self._reap(child))
         self.selector.register(parent_end, selectors.EVENT_READ, lambda: self._on_channel(child))
         self.log.debug("spawned %s", worker.title(spec))
+        if app.max_requests_jitter:
+            # Spread recycling so a fleet of workers started together does not retire together.
+            child.jitter = random.randint(0, app.max_requests_jitter)
+        return child
 
     def _on_channel(self, child: _Child) -> bool:
         """Handle one message; False once nothing more can be read now."""
@@ -235,14 +383,74 @@ class Master:
             if app is None:
                 return True
             app.ever_ready = True
+            child.load.at = self.clock()
             if child.record.generation == app.current.number:
                 self._attach_to_balancer(child)
+                old = self.children.get(child.replaces) if child.replaces else None
+                if old is not None:
+                    self._retire(old, self.clock(), handback=True)
             elif app.next is not None and child.record.generation == app.next.number:
                 self._switch_if_ready(app)
+        elif message.kind == HEARTBEAT:
+            self._on_heartbeat(child, message.fields, app)
         elif message.kind == BOOT_FAILED and app:
             app.boot_failed = True
             app.last_traceback = str(message.fields.get("traceback", ""))
         return True
+
+    def _on_heartbeat(self, child: _Child, fields: dict, app: _App | None) -> None:
+        load = child.load
+        load.at = self.clock()
+        load.requests = int(fields.get("requests", 0))
+        load.connections = int(fields.get("connections", 0))
+        load.busy = int(fields.get("busy", 0))
+        oldest = fields.get("oldest_s")
+        load.oldest_s = float(oldest) if oldest is not None else None
+        if app is None or child.recycling or child.record.state is not State.READY:
+            return
+        config = app.current.config
+        if child.record.generation != app.current.number:
+            return
+        if config.max_requests and load.requests >= config.max_requests + child.jitter:
+            self._recycle(app, child, f"served {load.requests} requests")
+        elif config.max_rss:
+            rss = status_mod.rss_kb(child.record.pid)
+            if rss is not None and rss > config.max_rss * 1024:
+                self._recycle(app, child, f"resident memory {rss // 1024} MB > {config.max_rss} MB")
+
+    def _recycle(self, app: _App, child: _Child, why: str) -> None:
+        """Replace a worker before it leaves: the new one boots, then the old one drains."""
+        child.recycling = True
+        self.counters["worker_recycles"] += 1
+        self.log.info("worker %s#%d (pid %d) %s: recycling it", app.name, child.record.index, child.record.pid, why)
+        replacement = self._spawn(app.current, child.record.index)
+        replacement.replaces = child.record.pid
+
+    def _hung(self, child: _Child, now: float) -> str | None:
+        """Why a serving worker counts as hung, if it does."""
+        app = self.apps.get(child.record.app)
+        timeout = app.current.config.timeout if app else None
+        if not timeout or child.record.state is not State.READY:
+            return None
+        if now - child.load.at > timeout:
+            return f"silent for {now - child.load.at:.1f}s"
+        if child.load.oldest_s is not None and child.load.oldest_s + (now - child.load.at) > timeout:
+            return f"a request running for {child.load.oldest_s + now - child.load.at:.1f}s"
+        return None
+
+    def _abort_hung(self, child: _Child, why: str, now: float) -> None:
+        """SIGABRT first, so faulthandler writes every thread's stack to the error log."""
+        record = child.record
+        self.counters["worker_timeouts"] += 1
+        self.log.error("worker %s#%d (pid %d) timed out (%s); aborting it, its stacks follow",
+                       record.app, record.index, record.pid, why)
+        record.move(State.DRAINING, now)
+        self._detach_from_balancer(child)
+        record.kill_at = now + ABORT_GRACE_S
+        self._kill(record.pid, signal.SIGABRT)
+        app = self.apps.get(record.app)
+        if app is not None and record.generation == app.current.number and not self.stopping:
+            self._spawn(app.current, record.index)
 
     def _generation_workers(self, app: str, generation: int) -> list[_Child]:
         return [c for c in self.children.values()
@@ -250,23 +458,27 @@ class Master:
 
     def _switch_if_ready(self, app: _App) -> None:
         new = self._generation_workers(app.name, app.next.number)
-        if len(new) < app.next.config.workers or not all(c.record.serving for c in new):
+        if len(new) < app.next.workers or not all(c.record.serving for c in new):
             return
         old_number = app.current.number
         app.current, app.next = app.next, None
-        app.target = app.current.config.workers
+        app.target = app.current.workers
         app.respawn_at.clear()
         for child in new:
             self._attach_to_balancer(child)
         now = self.clock()
         for child in self._generation_workers(app.name, old_number):
             self._retire(child, now, handback=True)
+        self.counters["generation_switches"] += 1
         self.log.info("app %s: generation %d serving; generation %d draining", app.name,
                       app.current.number, old_number)
 
     def _abandon_next(self, app: _App, why: str) -> None:
+        self.counters["generations_dropped"] += 1
         self.log.error("app %s: generation %d dropped (%s); generation %d keeps serving",
                        app.name, app.next.number, why, app.current.number)
+        self.notifier.status(f"app {app.name}: generation {app.next.number} dropped ({why}); "
+                             f"generation {app.current.number} keeps serving")
         for child in self._generation_workers(app.name, app.next.number):
             if child.record.state is not State.DRAINING:
                 child.record.move(State.DRAINING, self.clock())
@@ -294,6 +506,8 @@ class Master:
         never_ready = record.ready_at is None
         record.move(State.EXITED, self.clock())
         app = self.apps.get(record.app)
+        if app is not None:
+            app.retired_requests += child.load.requests
         if app is not None and record.index > app.target and record.generation == app.current.number:
             self._close_reuseport(app.name, record.index)
         if self.stopping or was_draining or app is None:
@@ -315,6 +529,8 @@ class Master:
             self.stop_quick()
             return
         if record.index <= app.target:
+            self.counters["worker_restarts"] += 1
+            app.restarts += 1
             delay = app.backoff.record_exit(record, self.clock())
             if delay:
                 self.log.info("app %s: next worker in %.2fs (crash loop backoff)", app.name, delay)
@@ -329,14 +545,24 @@ class Master:
     def _next_deadline(self) -> float | None:
         deadlines = [at for app in self.apps.values() for at in app.respawn_at.values()]
         deadlines.extend(self.sidecar_respawn_at.values())
+        if self.metrics_at is not None:
+            deadlines.append(self.metrics_at)
+        if self.control is not None and self.control.next_deadline() is not None:
+            deadlines.append(self.control.next_deadline())
         for child in self.children.values():
             if child.record.kill_at is not None:
                 deadlines.append(child.record.kill_at)
             elif child.record.state is State.SPAWNED:
                 deadlines.append(child.record.spawned_at + self.config.master.boot_timeout)
+            elif child.record.state is State.READY:
+                app = self.apps.get(child.record.app)
+                if app is not None and app.current.config.timeout:
+                    deadlines.append(child.load.at + app.current.config.timeout)
         return min(deadlines, default=None)
 
     def _on_deadlines(self, now: float) -> None:
+        if self.metrics_at is not None and now >= self.metrics_at:
+            self._push_metrics()
         for child in list(self.children.values()):
             record = child.record
             if record.kill_at is not None and now >= record.kill_at:
@@ -346,6 +572,8 @@ class Master:
                 self.log.error("worker %s#%d (pid %d) did not boot within %ss", record.app, record.index,
                                record.pid, self.config.master.boot_timeout)
                 record.kill_at = now  # killed on the next pass; counts as a failed boot
+            elif (why := self._hung(child, now)) is not None:
+                self._abort_hung(child, why, now)
         if self.stopping:
             return
         for name, at in list(self.sidecar_respawn_at.items()):
@@ -364,13 +592,16 @@ class Master:
     def stop_graceful(self) -> None:
         if self.stopping:
             return
+        self.notifier.stopping(status="stopping: draining workers")
         self.stopping = True
-        self._stop_sidecars()
+        self._stop_sidecars(drain_balancer=True)
         now = self.clock()
         for child in self.children.values():
             self._retire(child, now, handback=False)
 
     def stop_quick(self) -> None:
+        if not self.stopping:
+            self.notifier.stopping(status="stopping now")
         self.stopping = True
         self._stop_sidecars()
         deadline = self.clock() + QUICK_STOP_GRACE_S
@@ -379,16 +610,6 @@ class Master:
                 child.record.move(State.DRAINING, self.clock())
             child.record.kill_at = min(deadline, child.record.kill_at or deadline)
             self._kill(child.record.pid, signal.SIGQUIT)
-
-    def scale_up(self) -> None:
-        for app in self.apps.values():
-            self._rescale(app, app.target + 1)
-        self.log.info("scaled up: %s", self._targets())
-
-    def scale_down(self) -> None:
-        for app in self.apps.values():
-            self._rescale(app, max(1, app.target - 1))
-        self.log.info("scaled down: %s", self._targets())
 
     def _rescale(self, app: _App, count: int) -> None:
         if self.stopping:
@@ -405,33 +626,43 @@ class Master:
     def _targets(self) -> str:
         return ", ".join(f"{name}={app.target}" for name, app in self.apps.items())
 
-    def reload_all(self) -> None:
-        """SIGHUP: re-read the config and restart every app, so new code is picked up."""
-        self.reload(restart_all=True)
-
     def reload(self, restart_all: bool = False, restart_apps: tuple[str, ...] = ()) -> list[str]:
         """Apply the config file as it is now; return the problems ([] on success)."""
         if self.stopping or self.config.path is None:
             return ["nothing to reload: no config file" if self.config.path is None else "stopping"]
+        announce = self.pending_ready is None  # one before start-up READY is covered by that READY
+        if announce:
+            self.notifier.reloading(status=f"reloading {self.config.path}")
         try:
             new = config_mod.load(self.config.path)
         except ConfigError as exc:
             for problem in exc.problems:
                 self.log.error("reload rejected: %s", problem)
             self.log.error("reload rejected; the running config stays")
+            if announce:
+                self.notifier.ready(status=f"reload rejected: {exc.problems[0]}; the running config stays")
+            self.counters["reloads_rejected"] += 1
             return exc.problems
         plan = plan_mod.diff(self.config, new, restart_all=restart_all)
         restart = set(plan.apps_restart) | {name for name in restart_apps if name in new.apps}
         try:
-            opened = {name: listeners_mod.open_listener(new.listeners[name])
+            opened = {name: listeners_mod.open_listener(new.listeners[name], inherited=self.inherited)
                       for name in plan.listeners_open if new.listeners[name].mode != "reuseport"}
         except (ListenerError, PrivilegeError) as exc:
             self.log.error("reload rejected: %s; the running config stays", exc)
+            if announce:
+                self.notifier.ready(status=f"reload rejected: {exc}; the running config stays")
+            self.counters["reloads_rejected"] += 1
             return [str(exc)]
+        if announce:
+            self.pending_ready = "reload"  # paid by _notify_if_ready once no new generation boots
         self.reloads += 1
+        self.counters["reloads"] += 1
         for line in plan.describe():
             self.log.info("reload: %s", line)
         old_config, self.config = self.config, new
+        if self.control is not None:
+            self.control.admins = new.master.admins
         for name in plan.listeners_close:
             sock = self.sockets.pop(name, None)
             if sock is not None:
@@ -450,7 +681,7 @@ class Master:
         for name in plan.apps_start:
             self._add_app(new.apps[name])
         for name in restart:
-            self._start_generation(self.apps[name], new.apps[name])
+            self._start_generation(self.apps[name], new.apps[name], new.apps[name].workers)
         for name, count in plan.apps_rescale.items():
             if name not in restart:
                 self._rescale(self.apps[name], count)
@@ -465,7 +696,7 @@ class Master:
         """A change to an app's `reload_on` files: a new generation of just that app."""
         app = self.apps.get(name)
         if app is not None and not self.stopping:
-            self._start_generation(app, app.current.config)
+            self._start_generation(app, app.current.config, app.target)
 
     def _retire(self, child: _Child, now: float, handback: bool) -> None:
         if child.record.state is State.DRAINING:
@@ -502,13 +733,16 @@ class Master:
         identity = privileges.resolve(user, None)
         listening = {name: sock for name, sock in self.sockets.items()
                      if self.config.listeners[name].mode == "balance"}
+        health_socket = self.health_socket
         links = {child.record.pid: (child.record.app, child.balancer_end) for child in self.children.values()
                  if child.record.state is State.READY and self._is_current(child)}
         keep = [*(s.fileno() for s in listening.values()), *(s.fileno() for _, s in links.values()), *self.logs.fds]
+        if health_socket is not None:
+            keep.append(health_socket.fileno())
         payload, master_pid = balancer_mod.routing_payload(self.config), os.getpid()
         self.balancer = Sidecar.start(
             "balancer", lambda end: balancer_mod.main(payload, identity, listening, end, links, self.logs,
-                                                      master_pid), keep, self.clock())
+                                                      master_pid, health_socket), keep, self.clock())
         self.selector.register(self.balancer.pidfd, selectors.EVENT_READ, self._reap_balancer)
         self.log.info("balancer (pid %d) started as %s", self.balancer.pid, identity.name)
 
@@ -603,8 +837,21 @@ class Master:
             if topic.startswith("app:"):
                 self.restart_app(topic[len("app:"):])
 
-    def _stop_sidecars(self) -> None:
+    def _stop_sidecars(self, drain_balancer: bool = False) -> None:
         self.sidecar_respawn_at.clear()
+        if drain_balancer and self.balancer is not None:
+            # It stays up through the drain, answering /healthz with 503, and is
+            # killed once the workers are gone.
+            try:
+                channel.send(self.balancer.channel, Message(DRAIN))
+                self._push_metrics()
+            except OSError:
+                pass
+            else:
+                for sidecar in (self.watcher, *self.retiring_watchers):
+                    if sidecar is not None:
+                        sidecar.signal(signal.SIGTERM)
+                return
         for sidecar in (self.balancer, self.watcher, *self.retiring_watchers):
             if sidecar is not None:
                 sidecar.signal(signal.SIGTERM)
@@ -638,8 +885,13 @@ class Master:
                 sidecar.kill_now()
         self.balancer = self.watcher = None
         listeners_mod.close_all(self.sockets, self.config.listeners)
+        activation.close(self.inherited)
         for sock in self.reuseport.values():
             sock.close()
+        if self.control is not None:
+            self.control.close()
+        if self.health_socket is not None:
+            self.health_socket.close()
         self.selector.close()
         signal.set_wakeup_fd(-1)
         self._wakeup_read.close()

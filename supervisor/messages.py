@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 # Master <-> worker lifecycle.
 READY = "ready"              # worker -> master: app imported, serving
 BOOT_FAILED = "boot_failed"  # worker -> master: fields: traceback
+HEARTBEAT = "heartbeat"      # worker -> master, from its serving loop: fields: requests,
+                             # connections, busy, oldest_s (age of the oldest running request)
 STOP = "stop"                # master -> worker: fields: graceful (bool), handback (bool: give idle
                              # keep-alive connections to the balancer instead of closing them)
 
@@ -23,6 +25,11 @@ CHANGED = "changed"          # fields: topics
 
 # Master -> balancer: the routing table, with the fds of listeners it newly serves.
 ROUTES = "routes"            # fields: routes (see balancer.routing_payload), open (names, in fd order)
+
+# Master -> balancer: the master's figures for /metrics (fields: apps, overall), and the
+# start of a graceful stop (stop accepting; /healthz answers 503).
+METRICS = "metrics"
+DRAIN = "drain"
 
 # Master -> balancer: a worker's balancer-side channel end (one fd) once it is READY,
 # and its removal when it retires or exits.
@@ -37,7 +44,7 @@ HANDBACK = "handback"        # worker -> balancer: fields: peer, listener, data 
                              # read but not parsed); fds: [connection]. A retiring worker's idle
                              # keep-alive connection, for another worker of the same app.
 
-KINDS = frozenset({READY, BOOT_FAILED, STOP, CHANGED, ROUTES, ATTACH, DETACH, CONN, ACK, CLOSED, HANDBACK})
+KINDS = frozenset({READY, BOOT_FAILED, HEARTBEAT, STOP, CHANGED, ROUTES, METRICS, DRAIN, ATTACH, DETACH, CONN, ACK, CLOSED, HANDBACK})
 
 MAX_MESSAGE_BYTES = 64 * 1024
 

@@ -25,9 +25,11 @@ from supervisor.config import AppConfig, Config, ListenerConfig, MasterConfig
 # Changing one of these needs a new socket; anything else about a listener keeps it.
 RECREATE_FIELDS = ("bind", "backlog", "mode")
 # AppConfig fields the workers do not read: changing them never restarts an app.
-# `workers` rescales, the routing ones go to the balancer, `reload_on` to the watcher.
+# `workers` rescales, the routing ones go to the balancer, `reload_on` to the watcher, and
+# the recycling limits are judged by the master from heartbeats.
 ROUTING_FIELDS = ("hosts", "default", "balance")
-NO_RESTART_FIELDS = ("name", "workers", *ROUTING_FIELDS, "reload_on")
+MASTER_FIELDS = ("max_requests", "max_requests_jitter", "max_rss")
+NO_RESTART_FIELDS = ("name", "workers", *ROUTING_FIELDS, *MASTER_FIELDS, "reload_on")
 # Listener modes in which workers hold the listening socket themselves.
 WORKER_HELD_MODES = ("share", "reuseport")
 

@@ -8,6 +8,7 @@ the traceback) over the channel; after that the channel carries STOP.
 from __future__ import annotations
 
 import base64
+import faulthandler
 import os
 import select
 import signal
@@ -23,7 +24,7 @@ from supervisor.channel import ChannelClosed
 from supervisor.config import AppConfig
 from supervisor.httpserver import Server, ServerSettings
 from supervisor.log import Logs
-from supervisor.messages import ACK, BOOT_FAILED, CLOSED, CONN, HANDBACK, READY, STOP, Message, MessageError
+from supervisor.messages import ACK, BOOT_FAILED, CLOSED, CONN, HANDBACK, HEARTBEAT, READY, STOP, Message, MessageError
 
 EXIT_BOOT_FAILED = 3
 HANDBACK_WAIT_S = 1.0
@@ -38,6 +39,7 @@ class WorkerSpec:
     identity: privileges.Identity
     graceful_timeout_s: float
     master_pid: int
+    heartbeat_s: float
     channel: socket.socket
     listeners: dict[str, socket.socket]
     logs: Logs
@@ -84,6 +86,8 @@ def _boot(spec: WorkerSpec):
         sys.path.insert(0, app.chdir)
     spawn.die_with_parent(spec.master_pid)
     setproctitle.setproctitle(title(spec))
+    # A hung worker is sent SIGABRT: every thread's stack goes to the error log first.
+    faulthandler.enable(file=spec.logs.fds[0], all_threads=True)
     return appload.load(app.module)
 
 
@@ -128,8 +132,22 @@ class Worker:
         if self.link is not None:
             self.server.watch(self.spec.balancer.fileno(), self.link.on_readable)
         channel.send(self.spec.channel, Message(READY, {"pid": os.getpid()}))
+        self.spec.channel.setblocking(False)  # a busy master must never stall the serving loop
+        self.server.every(self.spec.heartbeat_s, self._heartbeat)
         self.server.run()
         return 0
+
+    def _heartbeat(self) -> None:
+        """Sent from the serving loop itself, so a loop stuck in an app call goes silent."""
+        server = self.server
+        try:
+            channel.send(self.spec.channel, Message(HEARTBEAT, {
+                "requests": server.requests_served, "connections": server.active_connections,
+                "busy": server.busy_threads, "oldest_s": server.oldest_request_age()}))
+        except BlockingIOError:
+            pass  # the master is behind; the next beat will do
+        except OSError:
+            self.server.stop(graceful=False)  # the master is gone
 
     def stop_graceful(self) -> None:
         self.server.stop(graceful=True)

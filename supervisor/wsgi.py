@@ -15,6 +15,7 @@ an :class:`~supervisor.http11.Connection` to frame the response. Promises:
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -40,6 +41,30 @@ def valid_status(status) -> bool:
 def valid_header(name, value) -> bool:
     return (type(name) is str and type(value) is str
             and _TOKEN.fullmatch(name) is not None and _FIELD_VALUE.fullmatch(value) is not None)
+
+
+# Applications answer with few distinct statuses and header lists, so their checks
+# are memoised (pure functions, bounded caches; a miss costs what checking costs).
+# Keys compare by value: an equal str or tuple passes or fails the same checks.
+_valid_status_memo = functools.lru_cache(maxsize=64)(valid_status)
+
+
+@functools.lru_cache(maxsize=256)
+def _first_bad_header(headers: tuple):
+    """The first invalid item of ``headers``, or None."""
+    for item in headers:
+        if type(item) is not tuple or len(item) != 2 or not valid_header(*item):
+            return item
+    return None
+
+
+@functools.lru_cache(maxsize=512)
+def _environ_key(name: bytes) -> tuple[str, bool]:
+    """CGI key for a header name, and whether it is a proxy (forwarded) header."""
+    key = name.decode("latin-1").upper().replace("-", "_")
+    if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
+        return key, False
+    return "HTTP_" + key, key.startswith(("X_FORWARDED_", "X_REAL")) or key == "FORWARDED"
 
 
 class Input:
@@ -175,13 +200,9 @@ class EnvironBuilder:
         environ["wsgi.input"] = wsgi_input
         forwarded = False
         for name, value in request.headers:
-            key = name.decode("latin-1").upper().replace("-", "_")
-            if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
-                pass
-            else:
-                if key[0] == "X" and key.startswith(("X_FORWARDED_", "X_REAL")) or key == "FORWARDED":
-                    forwarded = True
-                key = "HTTP_" + key
+            key, proxied = _environ_key(name)
+            if proxied:
+                forwarded = True
             svalue = value.decode("latin-1")
             if key in environ:
                 environ[key] += ", " + svalue
@@ -261,13 +282,18 @@ class _Responder:
                 exc_info = None   # no reference cycle through the frame
         elif self.status is not None:
             raise AssertionError("start_response called twice without exc_info")
-        if not valid_status(status):
+        if type(status) is not str or not _valid_status_memo(status):
             raise LocalProtocolError(500, f"invalid status from application: {status!r}")
         if type(headers) is not list:
             raise LocalProtocolError(500, "response headers must be a list")
-        for item in headers:
-            if type(item) is not tuple or len(item) != 2 or not valid_header(*item):
-                raise LocalProtocolError(500, f"invalid header from application: {item!r}")
+        # A snapshot: what was checked is what is sent.
+        headers = tuple(headers)
+        try:
+            bad = _first_bad_header(headers)
+        except TypeError:   # an unhashable item
+            bad = _first_bad_header.__wrapped__(headers)
+        if bad is not None:
+            raise LocalProtocolError(500, f"invalid header from application: {bad!r}")
         self.status = status
         self.headers = headers
         return self.write
@@ -309,8 +335,12 @@ def run_app(app, environ: dict, conn: Connection, request: Request,
             body = result[0]
             if type(body) is not bytes:
                 raise TypeError(f"application returned {type(body).__name__}, not bytes")
-            head = responder.send_head(len(body))
-            data = head + conn.body(body) + conn.end_of_response()
+            status = responder.status
+            if status is None:
+                raise LocalProtocolError(500, "application did not call start_response")
+            data = conn.whole_response(request, status, responder.headers, body)
+            outcome.head_sent = True
+            outcome.status = status[:3]
             outcome.sent = len(body)
             send(data)
             return outcome

@@ -10,7 +10,8 @@ from types import MappingProxyType
 import pytest
 
 from supervisor.config import (
-    COMMAND_LINE, AppConfig, BindAddress, ConfigError, effective_user, from_mapping, load, parse, parse_bind,
+    COMMAND_LINE, AppConfig, BindAddress, ConfigError, control_socket_path, effective_user, from_mapping, load,
+    parse, parse_bind,
 )
 
 
@@ -447,6 +448,8 @@ def test_pythonpath_without_chdir_resolves_against_config_dir(tmp_path):
     ("127.0.0.1:8000", "127.0.0.2:8000"),
     ("unix:a.sock", "unix:b.sock"),
     ("fd://3", "fd://4"),
+    ("systemd:web", "systemd:api"),
+    ("systemd:web", "unix:web"),
 ])
 def test_binds_that_can_coexist(tmp_path, first, second):
     text = document().replace('"127.0.0.1:8000"', f'"{first}"') + f'[listeners.api]\nbind = "{second}"\n'
@@ -456,6 +459,7 @@ def test_binds_that_can_coexist(tmp_path, first, second):
 @pytest.mark.parametrize("first, second", [
     ("unix:run/a.sock", "unix:" + "run/../run/a.sock"),
     ("fd://3", "fd://3"),
+    ("systemd:web", "systemd:web"),
     ("[::]:8000", "[::1]:8000"),
     ("[::1]:8000", "[0::1]:8000"),
 ])
@@ -463,6 +467,24 @@ def test_binds_that_clash(tmp_path, first, second):
     text = document().replace('"127.0.0.1:8000"', f'"{first}"') + f'[listeners.api]\nbind = "{second}"\n'
     path, found = problems(tmp_path, text)
     assert len(found) == 1 and found[0].startswith(f"{path}: listeners.api.bind: "), found
+
+
+def test_systemd_bind_names_an_inherited_socket(tmp_path):
+    text = document().replace('"127.0.0.1:8000"', '"systemd:web"')
+    listener = load(write(tmp_path, text), running_as_root=False).listeners["web"]
+    assert listener.bind == BindAddress("systemd", fdname="web")
+    assert (listener.bind.path, str(listener.bind)) == (None, "systemd:web")  # nothing to unlink at close
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("backlog = 128", "listeners.web.backlog: a 'systemd:NAME' socket is listening already: "
+                      "set Backlog= in its .socket unit instead"),
+    ('mode = "reuseport"', "listeners.web.mode: mode 'reuseport' needs a HOST:PORT bind, found 'systemd:web'"),
+])
+def test_systemd_bind_refuses_what_only_binding_ourselves_can_do(tmp_path, line, problem):
+    text = document(listener=line).replace('"127.0.0.1:8000"', '"systemd:web"')
+    path, found = problems(tmp_path, text)
+    assert found == [f"{path}: {problem}"]
 
 
 def test_from_mapping_names_the_command_line(tmp_path):
@@ -496,14 +518,19 @@ def test_from_mapping_names_the_command_line(tmp_path):
     ("unix:../baton.sock", BindAddress("unix", path="/etc/baton.sock")),
     ("fd://0", BindAddress("fd", fd=0)),
     ("fd://12", BindAddress("fd", fd=12)),
+    ("systemd:web", BindAddress("systemd", fdname="web")),
+    ("systemd:baton.socket", BindAddress("systemd", fdname="baton.socket")),  # systemd's default name
+    ("systemd:a b/c", BindAddress("systemd", fdname="a b/c")),
+    ("systemd:" + "n" * 255, BindAddress("systemd", fdname="n" * 255)),
 ])
 def test_parse_bind(spec, expected):
     assert parse_bind(spec, "/etc/baton") == expected
 
 
 @pytest.mark.parametrize("spec, reason", [
-    ("8000", "expected HOST:PORT, [IPV6]:PORT, :PORT, unix:PATH or fd://N, found '8000'; did you mean ':8000'?"),
-    ("localhost", "expected HOST:PORT, [IPV6]:PORT, :PORT, unix:PATH or fd://N, found 'localhost'"),
+    ("8000", "expected HOST:PORT, [IPV6]:PORT, :PORT, unix:PATH, fd://N or systemd:NAME, found '8000'; "
+             "did you mean ':8000'?"),
+    ("localhost", "expected HOST:PORT, [IPV6]:PORT, :PORT, unix:PATH, fd://N or systemd:NAME, found 'localhost'"),
     ("", "expected HOST:PORT"),
     ("127.0.0.1:", "expected a port number after the last ':', found ''"),
     ("127.0.0.1:http", "expected a port number after the last ':', found 'http'"),
@@ -520,7 +547,12 @@ def test_parse_bind(spec, expected):
     ("fd://", "expected a file descriptor number >= 0 after 'fd://', found ''"),
     ("fd://-1", "expected a file descriptor number >= 0 after 'fd://', found '-1'"),
     ("fd://three", "found 'three'"),
-    ("systemd:web", "not available yet"),
+    ("systemd:", "expected a socket name after 'systemd:' (the socket unit's FileDescriptorName=: "
+                 "1 to 255 printable ASCII characters, no ':'), found ''"),
+    ("systemd:a:b", "found 'a:b'"),
+    ("systemd:tab\there", "found 'tab\\there'"),
+    ("systemd:caf\u00e9", "found 'café'"),
+    ("systemd:" + "n" * 256, "1 to 255 printable ASCII characters"),
 ])
 def test_parse_bind_rejects(spec, reason):
     with pytest.raises(ValueError) as info:
@@ -529,7 +561,7 @@ def test_parse_bind_rejects(spec, reason):
 
 
 def test_bind_address_round_trips_through_str():
-    for spec in ("127.0.0.1:80", "[::1]:80", "unix:/run/a.sock", "fd://3", "localhost:8000"):
+    for spec in ("127.0.0.1:80", "[::1]:80", "unix:/run/a.sock", "fd://3", "localhost:8000", "systemd:web"):
         assert str(parse_bind(spec, "/")) == spec
 
 
@@ -670,3 +702,52 @@ def test_reload_on_resolves_against_chdir_or_the_config_dir(tmp_path):
 def test_reload_on_must_be_an_array_of_strings(tmp_path, value, problem):
     path, found = problems(tmp_path, document(app=f"reload_on = {value}"))
     assert found == [f"{path}: {problem}"]
+
+
+# -- the control socket: [master] control_socket and admins ---------------------
+
+def test_control_socket_defaults_beside_the_config_file(tmp_path):
+    config = load(write(tmp_path, document(), name="site.toml"), running_as_root=False)
+    assert (config.master.control_socket, config.master.admins) == (None, ())
+    assert control_socket_path(config) == f"{tmp_path}/site.ctl"
+
+
+def test_control_socket_resolves_against_the_config_dir(tmp_path):
+    config = load(write(tmp_path, document(master='control_socket = "run/baton.ctl"')), running_as_root=False)
+    assert config.master.control_socket == f"{tmp_path}/run/baton.ctl"
+    assert control_socket_path(config) == f"{tmp_path}/run/baton.ctl"
+    absolute = load(write(tmp_path, document(master='control_socket = "/run/b.ctl"')), running_as_root=False)
+    assert control_socket_path(absolute) == "/run/b.ctl"
+
+
+def test_serve_has_no_control_socket_unless_asked(tmp_path):
+    data = {"listeners": {"web": {"bind": "127.0.0.1:8000"}},
+            "apps": {"app": {"module": "m:app", "listeners": ["web"]}}}
+    assert control_socket_path(from_mapping(data, None, running_as_root=False, base_dir=str(tmp_path))) is None
+    data["master"] = {"control_socket": "x.ctl"}
+    config = from_mapping(data, None, running_as_root=False, base_dir=str(tmp_path))
+    assert control_socket_path(config) == f"{tmp_path}/x.ctl"
+
+
+def test_admins_names_users_and_groups(tmp_path):
+    config = load(write(tmp_path, document(master='admins = ["www-data", "@www-data", "nobody"]')),
+                  running_as_root=False)
+    assert config.master.admins == ("www-data", "@www-data", "nobody")
+
+
+@pytest.mark.parametrize("line, key, fragments", [
+    ('control_socket = 3', "master.control_socket", ["expected a file path", "found integer 3"]),
+    ('control_socket = "-"', "master.control_socket", ["expected a file path", "found string '-'"]),
+    (f'control_socket = "/{"x" * 120}.ctl"', "master.control_socket", ["at most 107 bytes"]),
+    ('admins = "www-data"', "master.admins", ["expected an array of strings", "found string 'www-data'"]),
+    ('admins = [""]', "master.admins[0]", ["expected a non-empty string", "found an empty string"]),
+    ('admins = ["no-such-user-x"]', "master.admins[0]",
+     ["expected an existing user name, or '@' followed by a group name", "knows no user 'no-such-user-x'"]),
+    ('admins = ["nobody", "@no-such-group-x"]', "master.admins[1]",
+     ["expected '@' followed by an existing group name", "knows no group 'no-such-group-x'"]),
+])
+def test_control_keys_refuse(tmp_path, line, key, fragments):
+    path, found = problems(tmp_path, document(master=line))
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{path}: {key}: "), found
+    assert all(fragment in found[0] for fragment in fragments), found

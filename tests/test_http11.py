@@ -131,3 +131,38 @@ def test_short_body_closes_connection() -> None:
     assert not conn.response_keep_alive
     with pytest.raises(http11.LocalProtocolError):
         conn.body(b"toolong")
+
+
+def test_whole_response_and_head_cache() -> None:
+    for _ in range(2):   # the second time the head comes from the cache
+        conn = http11.Connection()
+        req = _req(conn, GOOD)
+        data = conn.whole_response(req, "200 OK", [("Content-Type", "text/plain")], b"abc")
+        assert data.startswith(b"HTTP/1.1 200 OK\r\nServer: baton\r\nDate: ")
+        assert data.endswith(b"\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nabc")
+        assert conn.response_keep_alive
+    conn = http11.Connection()
+    req = _req(conn, GOOD)
+    data = conn.whole_response(req, "200 OK", [("Content-Length", "5"), ("Connection", "close")], b"ab")
+    assert data.endswith(b"Content-Length: 5\r\nConnection: close\r\n\r\nab")
+    assert not conn.response_keep_alive
+    head = http11.Connection()
+    req = _req(head, b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert head.whole_response(req, "200 OK", [], b"abc").endswith(b"\r\n\r\n")
+
+
+def test_trailers_count_against_the_field_limit() -> None:
+    data = (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
+            + b"T: v\r\n" * 5 + b"\r\n")
+    with pytest.raises(http11.RemoteProtocolError) as info:
+        feed(http11.Connection(limit_request_fields=4), [data])
+    assert info.value.status == 431
+    evs = feed(http11.Connection(), [data.replace(b"T: v\r\n" * 5, b"T: v \r\nT_x: 1\r\n")])
+    assert evs[-1].trailers == [(b"T", b"v")]
+
+
+def test_closed_connection_parses_nothing() -> None:
+    conn = http11.Connection()
+    conn.close()
+    conn.receive_data(GOOD)
+    assert conn.next_event() is http11.CONNECTION_CLOSED

@@ -497,3 +497,72 @@ def test_connection_awaiting_proxy_header_is_not_taken(serve) -> None:
     s.sendall(b".3.4 5.6.7.8 1 2\r\n")
     get(s, "/")
     assert read_response(s, bytearray())[2] == b"1.2.3.4 1"
+
+
+def _conn_objects() -> int:
+    import gc
+
+    from supervisor.httpserver import _Conn
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) is _Conn)
+
+
+def test_timers_and_connections_stay_bounded_over_many_requests(serve) -> None:
+    """Memory does not grow with traffic: 20k keep-alive requests and 2k one-request
+    connections leave a heap of a few entries per live connection, and no closed
+    connection alive (each used to stay in the timer heap until its deadline)."""
+    r = serve(validate=False)
+    server = r.server
+    s = r.connect()
+    buf = bytearray()
+    batch = b"GET /k HTTP/1.1\r\nHost: t\r\n\r\n" * 100
+    for _ in range(200):
+        s.sendall(batch)
+        for _ in range(100):
+            assert read_response(s, buf)[2] == b"hello /k"
+    wait_for(lambda: server.requests_served == 20_000, "20k requests served")
+    assert server.active_connections == 1
+    assert len(server._timers) <= 2 * server.active_connections + 65
+    for i in range(2000):
+        c = socket.create_connection(("127.0.0.1", r.port))
+        c.settimeout(DEADLINE_S)
+        c.sendall(b"GET /c HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        cbuf = bytearray()
+        status, headers, body = read_response(c, cbuf)
+        assert body == b"hello /c" and headers["connection"] == "close"
+        assert c.recv(1) == b""   # closed right after the response, no lingering
+        c.close()
+    wait_for(lambda: server.active_connections == 1, "closed connections forgotten")
+    assert len(server._timers) <= 2 * server.active_connections + 65
+    assert _conn_objects() <= 70
+    get(s, "/still")   # the keep-alive connection still works
+    assert read_response(s, buf)[2] == b"hello /still"
+
+
+def test_keepalive_deadline_moves_with_each_request(serve) -> None:
+    """A deadline moved later is honoured (its heap entry is re-armed, not fired)."""
+    r = serve(keepalive_s=0.4)
+    s = r.connect()
+    buf = bytearray()
+    get(s, "/1")
+    read_response(s, buf)
+    time.sleep(0.3)
+    get(s, "/2")          # the keep-alive deadline is now 0.4 s after this
+    read_response(s, buf)
+    s.settimeout(0.25)    # past the first request's deadline
+    with pytest.raises(TimeoutError):
+        s.recv(1)
+    s.settimeout(DEADLINE_S)
+    assert s.recv(1) == b""   # then the idle connection is closed
+
+
+def test_accepted_connections_have_nodelay(serve) -> None:
+    for preset in (False, True):
+        r = serve()
+        if preset:   # then it is inherited from the listener, not set again
+            r.listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s = r.connect()
+        get(s, "/")
+        read_response(s, bytearray())
+        conn = next(iter(r.server._conns.values()))
+        assert conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)

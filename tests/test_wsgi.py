@@ -139,3 +139,47 @@ def test_app_hop_by_hop(name) -> None:
         return [b"x"]
     out, data = run(app)
     assert data.startswith(b"HTTP/1.1 200" if name == "Connection" else b"HTTP/1.1 500")
+
+
+def test_headers_are_checked_and_sent_as_given_to_start_response() -> None:
+    """start_response snapshots the list: a later change is neither sent nor unchecked."""
+    def app(environ, start_response):
+        headers = [("Content-Type", "text/plain")]
+        start_response("200 OK", headers)
+        headers.append(("X-Late", "a\r\nInjected: 1"))
+        return [b"ok"]
+    out, data = run(app)
+    assert data.startswith(b"HTTP/1.1 200 OK") and b"X-Late" not in data and not out.must_close
+
+
+def test_memoised_checks_still_reject() -> None:
+    """The same good headers twice, then bad ones (and unhashable ones): each is judged."""
+    for headers in ([("X", "1")], [("X", "1")], [("X", "1\n")], [("X", ["1"])], [["X", "1"]]):
+        def app(environ, start_response, headers=headers):
+            start_response("200 OK", headers)
+            return [b"body"]
+        out, data = run(app)
+        good = headers == [("X", "1")]
+        assert data.startswith(b"HTTP/1.1 200 " if good else b"HTTP/1.1 500 "), headers
+        assert (b"X: 1\r\n" in data) == good
+
+
+def test_single_chunk_longer_than_content_length_is_500() -> None:
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"too long"]
+    out, data = run(app)
+    assert data.startswith(b"HTTP/1.1 500 ") and b"too long" not in data and out.must_close
+
+
+def test_single_chunk_response_is_one_send() -> None:
+    conn, req, body = make_request(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    env = wsgi.EnvironBuilder(server_name="h", server_port="80").build(req, io.BytesIO(body), ("1.2.3.4", 1))
+    sent = []
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"hello"]
+    out = wsgi.run_app(app, env, conn, req, sent.append, logging.getLogger("test.wsgi"))
+    assert len(sent) == 1 and sent[0].endswith(b"Content-Length: 5\r\n\r\nhello")
+    assert out.status == "200" and out.sent == 5 and not out.must_close
