@@ -30,7 +30,8 @@ from supervisor import balancing, channel, health, privileges, proxyproto, routi
 from supervisor.channel import ChannelClosed
 from supervisor.config import Config
 from supervisor.log import Logs
-from supervisor.messages import ACK, ATTACH, CLOSED, CONN, DETACH, DRAIN, HANDBACK, METRICS, ROUTES, Message, MessageError
+from supervisor.messages import (ACK, ATTACH, CLOSED, CONN, DETACH, DRAIN, HANDBACK, METRICS, ROUTES, UPSTREAM, Message,
+                                 MessageError)
 
 ACCEPT_BATCH = 64
 PEEK_BYTES = 8192
@@ -128,6 +129,7 @@ class Balancer:
                       "overflow_503": 0, "queue_timeout_503": 0, "handed_back": 0, "refused_proxy": 0}
         self.running = True
         self.draining = False
+        self.upstream: socket.socket | None = None  # a new master's balancer, after an upgrade
         self.master_figures: dict = {"apps": {}, "overall": {}}
         self.per_app: dict[str, dict[str, float]] = {}
         self.health_clients: dict[int, tuple[socket.socket, bytearray, float]] = {}
@@ -168,6 +170,9 @@ class Balancer:
                 key.data()
             now = self.clock()
             self._expire(now)
+            if self.draining and not any(key >= 0 for key in self.links) and not self.queue:
+                # Every worker is gone and every hand-back it sent was passed on.
+                self.running = False
             for sock, _, deadline in list(self.health_clients.values()):
                 if now >= deadline:
                     self._close_health_client(sock)
@@ -335,6 +340,9 @@ class Balancer:
     def _attach(self, key: int, app: str, sock: socket.socket) -> None:
         sock.setblocking(False)
         link = WorkerLink(key, app, sock, balancing.WorkerLoad(key))
+        # A negative key is the old master's balancer after an upgrade: it only hands
+        # connections to us, it never takes any.
+        link.accepting = key >= 0
         self.links[key] = link
         self.selector.register(sock, selectors.EVENT_READ, lambda: self._on_worker(link))
         self._drain_queue(app)
@@ -370,11 +378,19 @@ class Balancer:
     def _handed_back(self, link: WorkerLink, message: Message, fd: int) -> None:
         # Only a retiring worker hands connections back: send it no more.
         link.accepting = False
+        app = str(message.fields.get("app") or link.app)  # from upstream, the message names it
         self.stats["handed_back"] += 1
-        self._count(link.app, "baton_handbacks_total")
+        self._count(app, "baton_handbacks_total")
+        if self.upstream is not None:
+            try:
+                channel.send(self.upstream, Message(HANDBACK, dict(message.fields, app=app)), [fd])
+                os.close(fd)
+                return
+            except OSError as exc:
+                self.log.warning("could not pass a connection to the new master: %s", exc)
         peer = message.fields.get("peer") or ["", 0]
         pending = Pending(socket.socket(fileno=fd), tuple(peer), str(message.fields.get("listener", "")),
-                          app=link.app, data=str(message.fields.get("data", "")), client=str(peer[0]))
+                          app=app, data=str(message.fields.get("data", "")), client=str(peer[0]))
         self._dispatch(pending)
 
     def _worker_gone(self, link: WorkerLink) -> None:
@@ -399,6 +415,10 @@ class Balancer:
                 continue
             if message.kind == ATTACH and len(fds) == 1:
                 self._attach(int(message["key"]), str(message["app"]), socket.socket(fileno=fds[0]))
+                continue
+            if message.kind == UPSTREAM and len(fds) == 1:
+                self.upstream = socket.socket(fileno=fds[0])
+                self.upstream.setblocking(True)
                 continue
             if message.kind == ROUTES:
                 names = list(message.fields.get("open", ()))

@@ -12,6 +12,7 @@ import sys
 from supervisor import __version__, config as config_mod, log as log_mod
 from supervisor.config import ConfigError
 from supervisor.control import DEFAULT_CALL_TIMEOUT_S, ControlClient, ControlError, ControlUnreachable
+from supervisor.handoff import HandoffError
 from supervisor.listeners import ListenerError
 from supervisor.master import Master
 from supervisor.privileges import PrivilegeError
@@ -27,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the master in the foreground")
     run.add_argument("-c", "--config", default=None, help=f"config file (default: {DEFAULT_CONFIG})")
+    run.add_argument("--takeover", metavar="SOCKET",
+                     help="take the listening sockets over from the master whose takeover socket this is"
+                          " (the control socket's path plus .takeover), then let it drain")
 
     check = commands.add_parser("check", help="validate a config file; print every error")
     check.add_argument("-c", "--config", default=None, help=f"config file (default: {DEFAULT_CONFIG})")
@@ -82,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{config.path}: ok ({len(config.apps)} apps, {len(config.listeners)} listeners)")
             return 0
         if args.command == "run":
-            return _run_master(config_mod.load(_config_path(args.config)))
+            return _run_master(config_mod.load(_config_path(args.config)), takeover=args.takeover)
         if args.command == "serve":
             return _run_master(config_mod.from_mapping(_serve_mapping(args), None, base_dir=os.getcwd()))
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 1
-    except (ListenerError, PrivilegeError, ControlError) as exc:
+    except (ListenerError, PrivilegeError, ControlError, HandoffError) as exc:
         print(f"baton: {exc}", file=sys.stderr)
         return 1
     return 2
@@ -122,10 +126,10 @@ def _serve_mapping(args) -> dict:
     }
 
 
-def _run_master(config) -> int:
+def _run_master(config, takeover: str | None = None) -> int:
     master_cfg = config.master
     logs = log_mod.setup(master_cfg.log_level, master_cfg.error_log, master_cfg.access_log)
-    return Master(config, logs).run()
+    return Master(config, logs, takeover=takeover).run()
 
 
 # -- baton ctl ----------------------------------------------------------------

@@ -19,6 +19,7 @@ import random
 import selectors
 import signal
 import socket
+import stat
 import time
 from dataclasses import dataclass, field
 
@@ -26,14 +27,15 @@ import setproctitle
 
 from supervisor import balancer as balancer_mod
 from supervisor import channel, config as config_mod, listeners as listeners_mod, plan as plan_mod
-from supervisor import activation, privileges, sdnotify, spawn, status as status_mod, watcher as watcher_mod, worker
+from supervisor import activation, handoff, privileges, sdnotify, spawn, status as status_mod, watcher as watcher_mod
+from supervisor import worker
 from supervisor.channel import ChannelClosed
 from supervisor.config import AppConfig, Config, ConfigError, ListenerConfig
 from supervisor.lifecycle import Backoff, State, Worker
 from supervisor.listeners import ListenerError
 from supervisor.log import Logs
-from supervisor.messages import (ATTACH, BOOT_FAILED, CHANGED, DETACH, DRAIN, HEARTBEAT, METRICS, READY, ROUTES, STOP,
-                                 Message, MessageError)
+from supervisor.messages import (ATTACH, BOOT_FAILED, CHANGED, DETACH, DRAIN, HEARTBEAT, METRICS, READY, RELEASED,
+                                 ROUTES, SOCKETS, STOP, TAKEN, TAKEOVER, UPSTREAM, Message, MessageError)
 from supervisor.privileges import PrivilegeError
 from supervisor.control import ControlServer
 from supervisor.sidecar import Sidecar
@@ -64,6 +66,16 @@ class _Child:
     replaces: int | None = None  # a recycled worker's pid, retired once this one is READY
     recycling: bool = False      # a replacement for this one is booting
     jitter: int = 0              # extra requests before max_requests recycles this one
+
+
+@dataclass
+class _Successor:
+    """A new master taking over from this one (see handoff.py)."""
+    channel: socket.socket
+    pid: int | None
+    pidfd: int
+    taken: bool = False
+    failed: bool = False
 
 
 @dataclass
@@ -103,6 +115,7 @@ class Master:
         signal.SIGHUP: ("reload", {}),
         signal.SIGTTIN: ("scale_all", {"delta": 1}),
         signal.SIGTTOU: ("scale_all", {"delta": -1}),
+        signal.SIGUSR2: ("upgrade", {}),
     }
     _COMMANDS = {
         "status": "_status",
@@ -112,10 +125,15 @@ class Master:
         "scale": "_scale_command",
         "scale_all": "_scale_all_command",
         "stop": "_stop_command",
+        "upgrade": "_upgrade_command",
     }
 
-    def __init__(self, config: Config, logs: Logs, clock=time.monotonic):
+    def __init__(self, config: Config, logs: Logs, clock=time.monotonic, takeover: str | None = None):
         self.config = config
+        self.takeover = takeover              # taking over from a running master (handoff.connect spec)
+        self.predecessor: socket.socket | None = None   # our channel to the master we take over from
+        self.successor: _Successor | None = None        # a new master taking over from us
+        self.takeover_listener: socket.socket | None = None
         self.logs = logs
         self.log = logs.error
         self.clock = clock
@@ -144,6 +162,7 @@ class Master:
         self.control: ControlServer | None = None
         self.health_socket: socket.socket | None = None
         self.metrics_at: float | None = None  # next push of figures to the balancer's /metrics
+        self.balancer_kill_at: float | None = None  # a draining balancer that outstays this dies
 
     # -- running -----------------------------------------------------------
 
@@ -151,12 +170,16 @@ class Master:
         self.notifier = sdnotify.Notifier.from_environ()
         self.inherited = activation.inherited()
         sdnotify.scrub(os.environ)  # before any fork: children never talk to systemd
-        self.sockets = listeners_mod.open_all(self.config.listeners, inherited=self.inherited)
+        if self.takeover is not None:
+            self._take_sockets()
+        else:
+            self.sockets = listeners_mod.open_all(self.config.listeners, inherited=self.inherited)
         try:
             self._install_signals()
-            self._open_control()
+            if self.predecessor is None:
+                self._open_control()
+                self._write_pidfile()
             self._open_health()
-            self._write_pidfile()
             setproctitle.setproctitle(f"baton: master [{self.config.path or 'serve'}]")
             for name, sock in self.sockets.items():
                 self.log.info("listening on %s (%s)", listeners_mod.describe(sock), name)
@@ -164,7 +187,7 @@ class Master:
             self._start_watcher()
             for app in self.config.apps.values():
                 self._add_app(app)
-            while not (self.stopping and not self.children):
+            while not (self.stopping and not self.children and self.balancer is None):
                 self._wait_once()
             return self.exit_status
         finally:
@@ -193,12 +216,15 @@ class Master:
                 >= app.target for name, app in self.apps.items()):
             return
         self.pending_ready = None
+        if self.predecessor is not None:
+            self._taken()
+            return  # READY=1 once the old master let go, with our pid as MAINPID
         self.notifier.ready(status="serving: " + ", ".join(
             f"{name} gen {app.current.number} x{app.target}" for name, app in self.apps.items()))
 
     def _open_health(self) -> None:
         address = self.config.master.health
-        if address is None:
+        if address is None or self.health_socket is not None:
             return
         self.health_socket = listeners_mod.open_listener(ListenerConfig("health", address))
         self.metrics_at = self.clock()
@@ -221,6 +247,196 @@ class Master:
         except OSError:
             pass
 
+    # -- master upgrade: the new master's side ------------------------------
+
+    def _take_sockets(self) -> None:
+        self.predecessor = handoff.connect(self.takeover)
+        listeners, reuseport, health = handoff.receive_sockets(self.predecessor, self.config.master.boot_timeout)
+        for name in [n for n in listeners if n not in self.config.listeners]:
+            listeners.pop(name).close()
+        missing = {name: listener for name, listener in self.config.listeners.items()
+                   if name not in listeners and listener.mode != "reuseport"}
+        self.sockets = {**listeners, **listeners_mod.open_all(missing, inherited=self.inherited)}
+        self.reuseport = reuseport
+        self.health_socket = health
+        self.log.info("took %d sockets over from the running master", len(listeners) + len(reuseport))
+
+    def _taken(self) -> None:
+        """Every app is READY: give the old master a channel to our balancer, for the
+        idle keep-alive connections its workers will hand back."""
+        ours, theirs = channel.pair()
+        try:
+            channel.send(self.balancer.channel, Message(ATTACH, {"key": -1, "app": ""}), [ours.fileno()])
+            channel.send(self.predecessor, Message(TAKEN, {"pid": os.getpid()}), [theirs.fileno()])
+        except OSError as exc:
+            self.log.error("could not tell the old master we are ready: %s", exc)
+        finally:
+            ours.close()
+            theirs.close()
+        self.selector.register(self.predecessor, selectors.EVENT_READ, self._on_predecessor)
+
+    def _on_predecessor(self) -> None:
+        try:
+            message, fds = channel.receive(self.predecessor)
+        except BlockingIOError:
+            return
+        except (ChannelClosed, ConnectionError, MessageError):
+            message, fds = Message(RELEASED), []  # it is gone: nothing left to wait for
+        for fd in fds:
+            os.close(fd)
+        if message.kind != RELEASED:
+            return
+        self.selector.unregister(self.predecessor)
+        self.predecessor.close()
+        self.predecessor = None
+        self._open_control()
+        self._write_pidfile()
+        self.notifier.ready(status=f"serving; took over ({os.getpid()})")
+        self.log.info("took over: this master (pid %d) is now serving", os.getpid())
+
+    # -- master upgrade: the old master's side ------------------------------
+
+    def _upgrade_command(self) -> dict:
+        if self.config.path is None:
+            return {"ok": False, "errors": ["upgrade needs a config file (baton run -c FILE)"]}
+        if self.successor is not None or self.stopping:
+            return {"ok": False, "errors": ["an upgrade or a stop is already under way"]}
+        ours, theirs = channel.pair()
+        try:
+            pid = handoff.spawn_successor(self.config.path, theirs, self.notifier.address)
+        except OSError as exc:
+            ours.close()
+            return {"ok": False, "errors": [f"cannot start a new master: {exc}"]}
+        finally:
+            theirs.close()
+        self._adopt_successor(ours, pid)
+        self.log.info("upgrade: new master (pid %d) is booting; this one keeps serving until it is ready", pid)
+        return {"ok": True, "message": f"new master pid {pid} is booting"}
+
+    def _adopt_successor(self, sock: socket.socket, pid: int | None) -> None:
+        sock.setblocking(False)
+        successor = _Successor(sock, pid, os.pidfd_open(pid) if pid else -1)
+        self.successor = successor
+        self.selector.register(sock, selectors.EVENT_READ, self._on_successor)
+        if successor.pidfd >= 0:
+            self.selector.register(successor.pidfd, selectors.EVENT_READ, self._reap_successor)
+
+    def _on_successor(self) -> None:
+        successor = self.successor
+        try:
+            message, fds = channel.receive(successor.channel)
+        except BlockingIOError:
+            return
+        except (ChannelClosed, ConnectionError, MessageError) as exc:
+            if not successor.taken:
+                self._upgrade_failed(f"the new master went away ({exc.__class__.__name__})")
+            else:
+                self.selector.unregister(successor.channel)
+                successor.channel.close()
+            return
+        if message.kind == TAKEOVER:
+            if successor.pid is None:  # came through the takeover socket
+                successor.pid = int(message.fields.get("pid", 0)) or None
+            names, socket_fds = handoff.socket_names(self.sockets, self.reuseport, self.health_socket)
+            channel.send(successor.channel, Message(SOCKETS, {"names": names}), socket_fds)
+        elif message.kind == TAKEN and len(fds) == 1:
+            self._release_to(successor, fds[0])
+            return
+        for fd in fds:
+            os.close(fd)
+
+    def _release_to(self, successor: _Successor, upstream_fd: int) -> None:
+        successor.taken = True
+        if self.balancer is not None:
+            try:
+                channel.send(self.balancer.channel, Message(UPSTREAM), [upstream_fd])
+            except OSError as exc:
+                self.log.warning("could not give the balancer the new master's channel: %s", exc)
+        os.close(upstream_fd)
+        if self.control is not None:
+            self.selector.unregister(self.control.fileno())
+            self.control.close()
+            self.control = None
+        self._close_takeover_listener()
+        if successor.pid:
+            self.notifier.mainpid(successor.pid)
+        channel.send(successor.channel, Message(RELEASED))
+        self.log.info("upgrade: the new master (pid %s) took over; draining into it", successor.pid)
+        self.stopping = True
+        self._stop_sidecars(drain_balancer=True)
+        now = self.clock()
+        for child in self.children.values():
+            self._retire(child, now, handback=True)
+
+    def _reap_successor(self) -> None:
+        successor = self.successor
+        self.selector.unregister(successor.pidfd)
+        os.close(successor.pidfd)
+        successor.pidfd = -1
+        try:
+            _, status = os.waitpid(successor.pid, os.WNOHANG)
+        except ChildProcessError:
+            status = 0
+        if not successor.taken:
+            self._upgrade_failed(f"the new master exited ({_describe_status(status)})")
+
+    def _upgrade_failed(self, why: str) -> None:
+        successor = self.successor
+        if not successor.failed:
+            successor.failed = True
+            self.log.error("upgrade failed: %s; this master keeps serving", why)
+            self.notifier.status(f"upgrade failed: {why}")
+            self.selector.unregister(successor.channel)
+            successor.channel.close()
+            if successor.pid and successor.pidfd >= 0:
+                # It may still be alive but stuck: a failed upgrade must not linger.
+                signal.pidfd_send_signal(successor.pidfd, signal.SIGTERM)
+        if successor.pidfd < 0:  # reaped (or never ours to reap): done with it
+            self.successor = None
+
+    def _open_takeover_listener(self, control_path: str) -> None:
+        """`baton run --takeover PATH`: a master started by anyone may take over here."""
+        path = control_path + ".takeover"
+        listening = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        old_umask = os.umask(0o177)
+        try:
+            if os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+            listening.bind(path)
+        except OSError as exc:
+            listening.close()
+            self.log.warning("no takeover socket at %s: %s", path, exc)
+            return
+        finally:
+            os.umask(old_umask)
+        listening.listen(1)
+        listening.setblocking(False)
+        self.takeover_listener = listening
+        self.selector.register(listening, selectors.EVENT_READ, self._accept_takeover)
+
+    def _accept_takeover(self) -> None:
+        try:
+            sock, _ = self.takeover_listener.accept()
+        except OSError:
+            return
+        if handoff.peer_uid(sock) not in (0, os.geteuid()) or self.successor is not None or self.stopping:
+            self.log.warning("takeover refused (uid %d)", handoff.peer_uid(sock))
+            sock.close()
+            return
+        self.log.info("upgrade: a new master connected to the takeover socket")
+        self._adopt_successor(sock, None)
+
+    def _close_takeover_listener(self) -> None:
+        if self.takeover_listener is not None:
+            path = self.takeover_listener.getsockname()
+            self.selector.unregister(self.takeover_listener)
+            self.takeover_listener.close()
+            self.takeover_listener = None
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
     def _open_control(self) -> None:
         path = config_mod.control_socket_path(self.config)
         if path is None:
@@ -229,6 +445,7 @@ class Master:
                                      log=self.log, clock=self.clock)
         self.selector.register(self.control.fileno(), selectors.EVENT_READ, self.control.on_readable)
         self.log.info("control socket at %s", path)
+        self._open_takeover_listener(path)
 
     def _install_signals(self) -> None:
         for sock in (self._wakeup_read, self._wakeup_write):
@@ -547,6 +764,8 @@ class Master:
         deadlines.extend(self.sidecar_respawn_at.values())
         if self.metrics_at is not None:
             deadlines.append(self.metrics_at)
+        if self.balancer_kill_at is not None and self.balancer is not None:
+            deadlines.append(self.balancer_kill_at)
         if self.control is not None and self.control.next_deadline() is not None:
             deadlines.append(self.control.next_deadline())
         for child in self.children.values():
@@ -563,6 +782,9 @@ class Master:
     def _on_deadlines(self, now: float) -> None:
         if self.metrics_at is not None and now >= self.metrics_at:
             self._push_metrics()
+        if self.balancer_kill_at is not None and now >= self.balancer_kill_at and self.balancer is not None:
+            self.balancer_kill_at = None
+            self.balancer.signal(signal.SIGKILL)
         for child in list(self.children.values()):
             record = child.record
             if record.kill_at is not None and now >= record.kill_at:
@@ -840,14 +1062,15 @@ class Master:
     def _stop_sidecars(self, drain_balancer: bool = False) -> None:
         self.sidecar_respawn_at.clear()
         if drain_balancer and self.balancer is not None:
-            # It stays up through the drain, answering /healthz with 503, and is
-            # killed once the workers are gone.
+            # It stays up through the drain, answering /healthz with 503 and passing on
+            # hand-backs, and leaves by itself once the workers are gone.
             try:
                 channel.send(self.balancer.channel, Message(DRAIN))
                 self._push_metrics()
             except OSError:
                 pass
             else:
+                self.balancer_kill_at = self.clock() + self.config.master.graceful_timeout + QUICK_STOP_GRACE_S
                 for sidecar in (self.watcher, *self.retiring_watchers):
                     if sidecar is not None:
                         sidecar.signal(signal.SIGTERM)
@@ -890,6 +1113,14 @@ class Master:
             sock.close()
         if self.control is not None:
             self.control.close()
+        self._close_takeover_listener()
+        if self.successor is not None:
+            if self.successor.channel.fileno() >= 0:
+                self.successor.channel.close()
+            if self.successor.pidfd >= 0:
+                os.close(self.successor.pidfd)
+        if self.predecessor is not None:
+            self.predecessor.close()
         if self.health_socket is not None:
             self.health_socket.close()
         self.selector.close()

@@ -26,6 +26,14 @@ CHANGED = "changed"          # fields: topics
 # Master -> balancer: the routing table, with the fds of listeners it newly serves.
 ROUTES = "routes"            # fields: routes (see balancer.routing_payload), open (names, in fd order)
 
+# Master upgrade (see handoff.py), old master <-> new master.
+TAKEOVER = "takeover"        # new -> old: fields: pid
+SOCKETS = "sockets"          # old -> new: fields: names; fds: one per name
+TAKEN = "taken"              # new -> old: fields: pid; fds: [channel to the new balancer]
+RELEASED = "released"        # old -> new: the old master let go and drains
+# Master -> balancer: where to send hand-backs once a new master took over (fds: [channel]).
+UPSTREAM = "upstream"
+
 # Master -> balancer: the master's figures for /metrics (fields: apps, overall), and the
 # start of a graceful stop (stop accepting; /healthz answers 503).
 METRICS = "metrics"
@@ -44,7 +52,7 @@ HANDBACK = "handback"        # worker -> balancer: fields: peer, listener, data 
                              # read but not parsed); fds: [connection]. A retiring worker's idle
                              # keep-alive connection, for another worker of the same app.
 
-KINDS = frozenset({READY, BOOT_FAILED, HEARTBEAT, STOP, CHANGED, ROUTES, METRICS, DRAIN, ATTACH, DETACH, CONN, ACK, CLOSED, HANDBACK})
+KINDS = frozenset({TAKEOVER, SOCKETS, TAKEN, RELEASED, UPSTREAM, READY, BOOT_FAILED, HEARTBEAT, STOP, CHANGED, ROUTES, METRICS, DRAIN, ATTACH, DETACH, CONN, ACK, CLOSED, HANDBACK})
 
 MAX_MESSAGE_BYTES = 64 * 1024
 

@@ -143,7 +143,8 @@ class Baton:
 
     def workers(self) -> list[int]:
         """The master's worker processes (its children, less the balancer and the watcher)."""
-        return [pid for pid in children_of(self.pid) if not _title_starts(pid, "baton: balancer", "baton: watcher")]
+        return [pid for pid in children_of(self.pid)
+                if not _title_starts(pid, "baton: balancer", "baton: watcher", "baton: master")]
 
     def balancer(self) -> int:
         return wait_for(lambda: next((pid for pid in children_of(self.pid) if _is_balancer(pid)), None),

@@ -154,3 +154,56 @@ def test_max_rss_recycles_a_bloated_worker_with_no_failed_request(baton, port):
         master.wait_log("resident memory", timeout=30)
         wait_for(lambda: first not in master.workers(), timeout=30, message="the bloated worker to leave")
     clients.assert_nothing_lost()
+
+
+def _pid_in(path):
+    try:
+        return int(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+@pytest.fixture
+def successors():
+    """New masters started by an upgrade outlive the test's master: kill them at the end."""
+    pids = []
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.timeout(120)
+def test_an_upgrade_under_keep_alive_load_loses_nothing(baton, port, tmp_path, successors):
+    pidfile = tmp_path / "baton.pid"
+    master = baton(ops_config(port, master_extra=f'pidfile = "{pidfile}"'))
+    old_workers = set(master.wait_workers(2))
+    with Clients(port) as clients:
+        master.signal(signal.SIGUSR2)
+        master.wait_log("took over; draining into it", timeout=30)
+        new_master = wait_for(lambda: (lambda pid: pid if pid and pid != master.pid else None)(_pid_in(pidfile)),
+                              message="the pidfile to name the new master")
+        successors.append(new_master)
+        assert master.wait_exit(timeout=30) == 0
+        wait_for(lambda: any(t.pids - old_workers for t in clients.threads), message="the new workers to answer")
+    clients.assert_nothing_lost()
+    assert get_json(port)["pid"] not in old_workers
+    result = subprocess.run([sys.executable, "-m", "supervisor", "ctl", "-c", str(master.config), "--json", "status"],
+                            cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert json.loads(result.stdout)["master"]["pid"] == new_master
+
+
+def test_a_failing_upgrade_leaves_the_old_master_serving(baton, port, successors):
+    master = baton(ops_config(port))
+    workers = set(master.wait_workers(2))
+    # The new master reads the config afresh: this one names an app that cannot boot.
+    master.wait_log("is watching for changes")
+    master.config.write_text(master.config.read_text().replace("tests.apps.probe:app", "tests.apps.broken:app"))
+    master.wait_log("generation 2 dropped")  # the watcher's reload is refused first
+    master.signal(signal.SIGUSR2)
+    master.wait_log("upgrade failed", timeout=30)
+    wait_for(lambda: set(master.workers()) == workers, message="only the serving generation")
+    assert http_request(port)[0] == 200
+    assert ctl(master, "status").returncode == 0
