@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from supervisor import balancing, routing
+from supervisor import accesslog, balancing, routing
 
 try:
     import tomllib
@@ -103,6 +103,8 @@ class MasterConfig:
     include: tuple[str, ...] = ()     # absolute globs of files adding [listeners.*] and [apps.*]
     control_socket: str | None = None  # absolute; None: beside the config file (see control_socket_path)
     admins: tuple[str, ...] = ()      # users, and "@group"s, allowed on the control socket besides root and us
+    log_format: str = "text"          # "text" or "json" (one object per line), for both logs
+    access_log_format: str | None = None  # gunicorn-style atoms; None: accesslog's default for log_format
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ class ConfigError(Exception):
 
 COMMAND_LINE = "<command line>"   # the source named in problems when there is no file
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
 LISTENER_MODES = ("balance", "share", "reuseport")
 _LATER_MODES = ()  # designed, not built yet: refused with a clear reason
 DEFAULT_USER = "nobody"                  # workers of a root master run as this when `user` is unset
@@ -535,9 +538,24 @@ def _master(table: _Table, base_dir: str) -> MasterConfig:
         control_socket=_control_socket(table, base_dir),
         admins=table.strings("admins", item=_admin) or (),
         health=_health(table, base_dir),
+        log_format=table.choice("log_format", defaults.log_format, LOG_FORMATS),
+        access_log_format=_access_log_format(table),
     )
     table.finish()
     return master
+
+
+def _access_log_format(table: _Table) -> str | None:
+    """A gunicorn-style format, checked by compiling it (the problem names the bad atom)."""
+    fmt = table.string("access_log_format", what="a gunicorn-style format string")
+    if fmt is None:
+        return None
+    try:
+        accesslog.compile_format(fmt)
+    except accesslog.AccessFormatError as exc:
+        table.problems.add(table.key + ("access_log_format",), f"expected a gunicorn-style format: {exc}")
+        return None
+    return fmt
 
 
 def _health(table: _Table, base_dir: str) -> BindAddress | None:

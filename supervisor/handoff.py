@@ -23,7 +23,7 @@ import struct
 import sys
 
 from supervisor import channel
-from supervisor.messages import RELEASED, SOCKETS, TAKEN, TAKEOVER, Message
+from supervisor.messages import SOCKETS, TAKEOVER, Message
 
 LISTENER = "listener:"    # listener:NAME
 REUSEPORT = "reuseport:"  # reuseport:LISTENER:APP:INDEX

@@ -1,7 +1,6 @@
 """Socket activation: reading LISTEN_*, adopting the sockets, and a real master on them."""
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal

@@ -11,7 +11,6 @@ import socket
 import threading
 from pathlib import Path
 
-import pytest
 
 from conftest import REPO, alive, http_request, listening_inode, proc_status, wait_for
 
@@ -170,7 +169,7 @@ def test_killed_balancer_is_restarted_and_no_listener_is_closed(baton, port):
     os.kill(first, signal.SIGKILL)
     # Sent at once, while the balancer may still be down: the backlog keeps it.
     assert request_pid(port)[0] == 200
-    second = wait_for(lambda: (lambda pid: pid if pid != first and alive(pid) else None)(master.balancer()))
+    wait_for(lambda: master.balancer() != first and alive(master.balancer()), message="a new balancer")
     assert listening_inode(port) == before  # the very same socket, never closed
     assert {request_pid(port)[0] for _ in range(5)} == {200}
 

@@ -751,3 +751,35 @@ def test_control_keys_refuse(tmp_path, line, key, fragments):
     assert len(found) == 1, found
     assert found[0].startswith(f"{path}: {key}: "), found
     assert all(fragment in found[0] for fragment in fragments), found
+
+
+# -- log formats ----------------------------------------------------------------
+
+
+def test_log_format_and_access_log_format_default_to_text_and_none(tmp_path):
+    master = load(write(tmp_path, document()), running_as_root=False).master
+    assert (master.log_format, master.access_log_format) == ("text", None)
+
+
+def test_log_format_json_and_a_custom_access_log_format(tmp_path):
+    fmt = '%(h)s "%(r)s" %(s)s %(M)s %({X-Request-Id}i)s %({Content-Type}o)s %({REMOTE_USER}e)s 100%%'
+    text = document(master=f'log_format = "JSON"\naccess_log_format = {fmt!r}')
+    master = load(write(tmp_path, text), running_as_root=False).master
+    assert (master.log_format, master.access_log_format) == ("json", fmt)
+
+
+@pytest.mark.parametrize("line, key, fragments", [
+    ('log_format = "xml"', "master.log_format", ["expected one of 'text' or 'json'", "found string 'xml'"]),
+    ('access_log_format = 1', "master.access_log_format",
+     ["expected a gunicorn-style format string", "found integer 1"]),
+    ('access_log_format = "%(h)s %(x)s"', "master.access_log_format",
+     ["expected a gunicorn-style format", "unknown atom %(x)s"]),
+    ('access_log_format = "%(h)s %({bad}z)s"', "master.access_log_format", ["unknown atom %({bad}z)s"]),
+    ('access_log_format = "%(h)d"', "master.access_log_format", ["%(h)d must end with 's'"]),
+    ('access_log_format = "100% %(h)s"', "master.access_log_format", ["starts no atom"]),
+])
+def test_log_format_keys_refuse(tmp_path, line, key, fragments):
+    path, found = problems(tmp_path, document(master=line))
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{path}: {key}: "), found
+    assert all(fragment in found[0] for fragment in fragments), found

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, alive, get_json, wait_for
+from conftest import REPO, get_json, wait_for
 
 
 def reload_config(port, value, workers=2, mode="balance", module="tests.apps.probe:app", extra=""):
