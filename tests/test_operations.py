@@ -207,3 +207,25 @@ def test_a_failing_upgrade_leaves_the_old_master_serving(baton, port, successors
     wait_for(lambda: set(master.workers()) == workers, message="only the serving generation")
     assert http_request(port)[0] == 200
     assert ctl(master, "status").returncode == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_master_started_by_anyone_takes_over_through_the_takeover_socket(baton, port, tmp_path, successors):
+    master = baton(ops_config(port))
+    old_workers = set(master.wait_workers(2))
+    takeover = tmp_path / "baton.ctl.takeover"
+    wait_for(takeover.exists, message="the takeover socket")
+    log = open(tmp_path / "new-master.log", "wb")
+    new = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "-c", str(master.config),
+                            "--takeover", str(takeover)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    successors.append(new.pid)
+    try:
+        with Clients(port, count=8) as clients:
+            assert master.wait_exit(timeout=30) == 0
+            wait_for(lambda: any(t.pids - old_workers for t in clients.threads), message="the new workers")
+        clients.assert_nothing_lost()
+        assert "took over: this master" in (tmp_path / "new-master.log").read_text()
+    finally:
+        new.terminate()
+        new.wait(30)
+        log.close()
