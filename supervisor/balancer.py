@@ -30,8 +30,8 @@ from supervisor import balancing, channel, health, privileges, proxyproto, routi
 from supervisor.channel import ChannelClosed
 from supervisor.config import Config
 from supervisor.log import Logs
-from supervisor.messages import (ACK, ATTACH, CLOSED, CONN, DETACH, DRAIN, HANDBACK, METRICS, ROUTES, UPSTREAM, Message,
-                                 MessageError)
+from supervisor.messages import (ACK, ATTACH, CLOSED, CONN, DETACH, DRAIN, HANDBACK, METRICS, REOPEN, ROUTES, UPSTREAM,
+                                 Message, MessageError)
 
 ACCEPT_BATCH = 64
 PEEK_BYTES = 8192
@@ -109,6 +109,7 @@ class Balancer:
                  links: dict[int, tuple[str, socket.socket]], logs: Logs, clock=time.monotonic,
                  health_socket: socket.socket | None = None):
         self.log = logs.error
+        self.logs = logs
         self.clock = clock
         self.listeners: dict[str, socket.socket] = {}
         self.master = master
@@ -415,6 +416,12 @@ class Balancer:
                 continue
             if message.kind == ATTACH and len(fds) == 1:
                 self._attach(int(message["key"]), str(message["app"]), socket.socket(fileno=fds[0]))
+                continue
+            if message.kind == REOPEN:
+                try:
+                    self.logs.adopt(message.fields.get("numbers", []), fds)
+                except ValueError as exc:
+                    self.log.error("could not adopt reopened logs: %s", exc)
                 continue
             if message.kind == UPSTREAM and len(fds) == 1:
                 self.upstream = socket.socket(fileno=fds[0])

@@ -16,7 +16,13 @@ from supervisor import messages
 from supervisor.messages import Message, MessageError
 
 _MAX_FDS = 255
-_ANCILLARY_BYTES = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
+_FD_BYTES = array.array("i").itemsize
+_ANCILLARY_BYTES = socket.CMSG_SPACE(_MAX_FDS * _FD_BYTES)
+_MAX_MESSAGE_BYTES = messages.MAX_MESSAGE_BYTES
+_SOL_SOCKET, _SCM_RIGHTS = socket.SOL_SOCKET, socket.SCM_RIGHTS
+_CMSG_CLOEXEC = socket.MSG_CMSG_CLOEXEC
+_TRUNCATED = socket.MSG_CTRUNC | socket.MSG_TRUNC
+_encode, _decode = messages.encode, messages.decode
 
 
 class ChannelClosed(Exception):
@@ -29,28 +35,27 @@ def pair() -> tuple[socket.socket, socket.socket]:
 
 
 def send(sock: socket.socket, message: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
-    data = messages.encode(message, len(fds))
-    ancillary = []
+    data = _encode(message, len(fds))
     if fds:
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-    sent = sock.sendmsg([data], ancillary)
+        sent = sock.sendmsg((data,), ((_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds)),))
+    else:  # most messages carry no fd: plain send skips building the sendmsg arguments
+        sent = sock.send(data)
     if sent != len(data):  # SEQPACKET is all or nothing; anything else is a kernel surprise
         raise OSError(f"short send on channel: {sent} of {len(data)} bytes")
 
 
 def receive(sock: socket.socket) -> tuple[Message, list[int]]:
     """Receive one message; raises ChannelClosed at EOF, MessageError on garbage."""
-    data, ancillary, flags, _ = sock.recvmsg(
-        messages.MAX_MESSAGE_BYTES, _ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC)
-    fds = _fds_from(ancillary)
+    data, ancillary, flags, _ = sock.recvmsg(_MAX_MESSAGE_BYTES, _ANCILLARY_BYTES, _CMSG_CLOEXEC)
+    fds = _fds_from(ancillary) if ancillary else []
     try:
-        if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+        if flags & _TRUNCATED:
             raise MessageError("message or its fds were truncated")
         if not data:
             if fds:
                 raise MessageError("fds arrived without a message")
             raise ChannelClosed()
-        message, announced = messages.decode(data)
+        message, announced = _decode(data)
         if announced != len(fds):
             raise MessageError(f"message announced {announced} fds, {len(fds)} arrived")
         return message, fds
@@ -61,9 +66,9 @@ def receive(sock: socket.socket) -> tuple[Message, list[int]]:
 
 
 def _fds_from(ancillary) -> list[int]:
-    fds = array.array("i")
+    fds = []
     for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % fds.itemsize
-            fds.frombytes(payload[:usable])
-    return list(fds)
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _FD_BYTES
+            fds.extend(memoryview(payload)[:usable].cast("i"))
+    return fds

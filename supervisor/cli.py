@@ -128,7 +128,8 @@ def _serve_mapping(args) -> dict:
 
 def _run_master(config, takeover: str | None = None) -> int:
     master_cfg = config.master
-    logs = log_mod.setup(master_cfg.log_level, master_cfg.error_log, master_cfg.access_log)
+    logs = log_mod.setup(master_cfg.log_level, master_cfg.error_log, master_cfg.access_log,
+                         log_format=master_cfg.log_format, access_log_format=master_cfg.access_log_format)
     return Master(config, logs, takeover=takeover).run()
 
 

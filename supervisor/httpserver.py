@@ -42,6 +42,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import http11, proxyproto
+from .accesslog import AccessRecord
+from .log import log_access
 from .wsgi import EnvironBuilder, Input, run_app
 
 __all__ = ["ServerSettings", "Server"]
@@ -79,7 +81,7 @@ class _Conn:
     __slots__ = ("sock", "fd", "peer", "builder", "proto", "state", "outbuf", "deadline",
                  "armed", "request", "body", "body_len", "spool", "events", "started",
                  "outcome", "continue_input", "on_close", "listener", "proxy_buf",
-                 "write_timeout_s", "busy_since")
+                 "write_timeout_s", "busy_since", "request_started")
 
     def __init__(self, sock, peer, builder, proto, write_timeout_s: float) -> None:
         self.sock = sock
@@ -100,6 +102,7 @@ class _Conn:
         self.outcome = None
         self.continue_input = None
         self.busy_since = 0.0      # when a pool thread took its current request
+        self.request_started = 0.0  # when the current request's first byte arrived (access log)
         self.on_close = None       # told when the connection leaves this server
         self.listener = ""         # the listener's name, for a hand-back
         self.proxy_buf = None      # bytes of a PROXY header still arriving (state _PROXY)
@@ -244,6 +247,7 @@ class Server:
         self._proxy_fds = proxy_protocol_fds   # listeners whose connections open with PROXY
         self._handback: Callable | None = None
         self._tick: tuple[float, Callable[[], None]] | None = None
+        self._shut_down = False  # pool threads close what they finish after this
         self._tick_at = float("inf")
         self._builders: dict[str, EnvironBuilder] = {}
         self._listener_builders = []
@@ -311,6 +315,7 @@ class Server:
             self._on_proxy_bytes(conn, initial_bytes)
         elif initial_bytes:
             conn.started = True
+            conn.request_started = self._now
             conn.proto.receive_data(initial_bytes)
             self._process(conn)
 
@@ -554,9 +559,11 @@ class Server:
                 self._close(conn)
 
     def _shutdown(self) -> None:
+        self._shut_down = True
         for conn in list(self._conns.values()):
             if conn.state != _BUSY:
                 self._close(conn)
+        self._close_done()
         if self._work is not None:
             for _ in self._threads:
                 self._work.put(None)
@@ -582,6 +589,7 @@ class Server:
         elif not conn.started:
             # First bytes of a request (the previous one, if any, is answered).
             conn.started = True
+            conn.request_started = self._now
             self._set_deadline(conn, self._header_timeout_s)
         conn.proto.receive_data(data)
         self._process(conn)
@@ -620,6 +628,7 @@ class Server:
         self._selector.modify(conn.sock, _READ, (_CONN, conn))
         if rest:
             conn.started = True
+            conn.request_started = self._now
             conn.proto.receive_data(rest)
             self._process(conn)
 
@@ -759,10 +768,23 @@ class Server:
                 self.error_log.exception("unexpected error serving a request")
                 conn.outcome = None
             self._done.append(conn)
+            if self._shut_down:
+                self._close_done()  # the loop is gone: nobody else will
+                continue
             try:
                 self._wake_w.send(b"d")
             except OSError:
                 pass
+
+    def _close_done(self) -> None:
+        """After shutdown, close connections whose app call finished; the loop thread
+        and pool threads may both call this (deque pops are atomic)."""
+        while True:
+            try:
+                conn = self._done.popleft()
+            except IndexError:
+                return
+            conn.sock.close()
 
     def _on_wakeup(self) -> None:
         try:
@@ -880,29 +902,17 @@ class Server:
             self._set_events(conn, _READ)
         if pending:
             conn.started = True
+            conn.request_started = self._now
             self._set_deadline(conn, self._header_timeout_s)
         else:
             self._set_deadline(conn, self._keepalive_s)
         return True
 
     def _log_access(self, conn: _Conn, request, status: str, sent: int) -> None:
-        peer = conn.peer[0] if isinstance(conn.peer, tuple) else str(conn.peer or "-")
-        if request is not None:
-            line = (f"{request.method.decode('latin-1')} {request.target.decode('latin-1')} "
-                    f"HTTP/{request.version}")
-            referer = agent = "-"
-            for name, value in request.headers:
-                lname = name.lower()
-                if lname == b"referer":
-                    referer = value.decode("latin-1")
-                elif lname == b"user-agent":
-                    agent = value.decode("latin-1")
-        else:
-            line, referer, agent = "-", "-", "-"
-        stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z")
-        self.access_log.info('%s - - [%s] "%s" %s %s "%s" "%s"', peer, stamp, line, status,
-                             sent if sent else "-", referer, agent)
-
+        # Only called when an access log is configured; the line is formatted by the
+        # log handler, and only if the record is emitted.
+        log_access(self.access_log, AccessRecord.for_request(
+            conn.peer, request, status, sent, conn.request_started or self._now, time.monotonic()))
 
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
             414: "URI Too Long", 431: "Request Header Fields Too Large"}

@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -108,12 +108,15 @@ class Logs:
     """The error and access loggers and the fds they write to.
 
     `fds` lists every log fd (error first) that a child must keep open; `paths` maps
-    the fds that are files (not stdio) to their paths, for `reopen()`.
+    the fds that are files (not stdio) to their paths, for `reopen()`. `access_line` is
+    the compiled access format (None without an access log): its `needs_environ` and
+    `needs_response_headers` tell the server what to put in each `AccessRecord`.
     """
     error: logging.Logger
     access: logging.Logger | None
     fds: tuple[int, ...]
     paths: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
+    access_line: Callable[[AccessRecord], str] | None = None
 
     def reopen(self) -> list[tuple[int, int]]:
         """Master side of a logrotate reopen: open each log file's path anew and make
@@ -203,6 +206,7 @@ def setup(level: str = "info", error_log: str | None = None, access_log: str | N
         raise ValueError(f"log_format must be one of {LOG_FORMATS}, not {log_format!r}")
     as_json = log_format == "json"
     line_formatter = _JsonFormatter() if as_json else _TextFormatter()
+    access_line = None
     if access_log:
         fmt = access_log_format or (DEFAULT_JSON_FORMAT if as_json else DEFAULT_FORMAT)
         access_line = compile_format(fmt, json=as_json)   # before opening anything: may raise
@@ -224,7 +228,7 @@ def setup(level: str = "info", error_log: str | None = None, access_log: str | N
                                                      else logging.Formatter("%(message)s")))
         access.addHandler(access_handler)
         fds.append(access_handler.stream.fileno())
-    return Logs(error, access, tuple(fds), MappingProxyType(paths))
+    return Logs(error, access, tuple(fds), MappingProxyType(paths), access_line)
 
 
 def log_access(logger: logging.Logger, record: AccessRecord) -> None:

@@ -27,12 +27,13 @@ import time
 
 import setproctitle
 
-from supervisor import activation, sdnotify
+from supervisor import activation, channel, sdnotify
 from supervisor import config as config_mod
 from supervisor import listeners as listeners_mod
 from supervisor import plan as plan_mod
 from supervisor import status as status_mod
 from supervisor import watcher as watcher_mod
+from supervisor.messages import REOPEN, Message
 from supervisor.config import Config, ConfigError
 from supervisor.control import ControlServer
 from supervisor.lifecycle import State
@@ -57,6 +58,7 @@ class Master(WorkersMixin, SidecarsMixin, UpgradeMixin):
         signal.SIGTTIN: ("scale_all", {"delta": 1}),
         signal.SIGTTOU: ("scale_all", {"delta": -1}),
         signal.SIGUSR2: ("upgrade", {}),
+        signal.SIGUSR1: ("reopen_logs", {}),
     }
     _COMMANDS = {
         "status": "_status",
@@ -67,6 +69,7 @@ class Master(WorkersMixin, SidecarsMixin, UpgradeMixin):
         "scale_all": "_scale_all_command",
         "stop": "_stop_command",
         "upgrade": "_upgrade_command",
+        "reopen_logs": "_reopen_logs_command",
     }
 
     def __init__(self, config: Config, logs: Logs, clock=time.monotonic, takeover: str | None = None):
@@ -224,6 +227,28 @@ class Master(WorkersMixin, SidecarsMixin, UpgradeMixin):
         for app in self.apps.values():
             self._rescale(app, max(1, app.target + delta))
         self.log.info("scaled %s: %s", "up" if delta > 0 else "down", self._targets())
+        return {"ok": True}
+
+    def _reopen_logs_command(self) -> dict:
+        """logrotate moved the files: reopen them here and hand the new files to every
+        child, which cannot open them itself (it runs as another user)."""
+        pairs = self.logs.reopen()
+        if not pairs:
+            return {"ok": True}
+        message = Message(REOPEN, {"numbers": [number for number, _ in pairs]})
+        new_fds = [fd for _, fd in pairs]
+        try:
+            ends = [child.channel for child in self.children.values() if child.channel.fileno() >= 0]
+            if self.balancer is not None:
+                ends.append(self.balancer.channel)
+            for end in ends:
+                try:
+                    channel.send(end, message, new_fds)
+                except OSError as exc:
+                    self.log.warning("could not hand reopened logs to a child: %s", exc)
+        finally:
+            self.logs.release(pairs)
+        self.log.info("reopened %d log files", len(pairs))
         return {"ok": True}
 
     def _stop_command(self, now: bool = False) -> dict:

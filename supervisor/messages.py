@@ -5,11 +5,34 @@ one message. A message is a kind plus a small JSON-able dict of fields, and it m
 carry file descriptors; the fd *count* is part of the encoding, so a receiver can
 insist on getting exactly the fds the sender announced (see `channel.py`).
 
-Wire form: one byte fd count, then the kind in ASCII, a NUL, then compact JSON.
+Wire form: byte 0 is the fd count; byte 1 says which of two forms follows.
+
+* Text form (every kind; byte 1 is the first letter of the kind): the kind in ASCII, a
+  NUL, then compact JSON of the fields. This is the form Baton always used, so the
+  rare kinds that cross a master upgrade (TAKEOVER, SOCKETS, HANDBACK, ...) still
+  reach a master or balancer of the previous release.
+* Binary form (byte 1 is a kind code below 0x20), for the kinds sent once or twice per
+  connection or per heartbeat. Little-endian, no padding, fixed size except CONN:
+
+    ACK, CLOSED  code 2, 3  id u64, busy u32                             14 bytes
+    HEARTBEAT    code 4     requests u64, connections u32, busy u32,
+                            oldest_s f64 (NaN means None)                26 bytes
+    CONN         code 1     id u64, peer port u16, flags u8, host length u8,
+                            listener length u8; then the peer host and the listener
+                            name (UTF-8); then, if flag 2, the rest of the datagram
+                            is `data` (UTF-8; the base64 text, passed as is).
+                            Flag 1: "proxy" is True. Other flags are an error.
+
+The encoder takes the binary form only when the fields match the layout exactly (the
+same keys, ints that fit, a str where a str belongs), else the text form, so decode
+always gives back the fields it was given. The decoder accepts both forms for every
+kind and rejects anything else with MessageError: a short or long binary message, an
+unknown kind code, lengths that do not add up, undecodable text.
 """
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass, field
 
 # Master <-> worker lifecycle.
@@ -17,6 +40,8 @@ READY = "ready"              # worker -> master: app imported, serving
 BOOT_FAILED = "boot_failed"  # worker -> master: fields: traceback
 HEARTBEAT = "heartbeat"      # worker -> master, from its serving loop: fields: requests,
                              # connections, busy, oldest_s (age of the oldest running request)
+REOPEN = "reopen"            # master -> any child: log files were reopened (logrotate); fields:
+                             # numbers (the fd numbers to replace); fds: the new files, same order
 STOP = "stop"                # master -> worker: fields: graceful (bool), handback (bool: give idle
                              # keep-alive connections to the balancer instead of closing them)
 
@@ -52,7 +77,7 @@ HANDBACK = "handback"        # worker -> balancer: fields: peer, listener, data 
                              # read but not parsed); fds: [connection]. A retiring worker's idle
                              # keep-alive connection, for another worker of the same app.
 
-KINDS = frozenset({TAKEOVER, SOCKETS, TAKEN, RELEASED, UPSTREAM, READY, BOOT_FAILED, HEARTBEAT, STOP, CHANGED, ROUTES, METRICS, DRAIN, ATTACH, DETACH, CONN, ACK, CLOSED, HANDBACK})
+KINDS = frozenset({REOPEN, TAKEOVER, SOCKETS, TAKEN, RELEASED, UPSTREAM, READY, BOOT_FAILED, HEARTBEAT, STOP, CHANGED, ROUTES, METRICS, DRAIN, ATTACH, DETACH, CONN, ACK, CLOSED, HANDBACK})
 
 MAX_MESSAGE_BYTES = 64 * 1024
 
@@ -61,7 +86,7 @@ class MessageError(ValueError):
     """A peer sent bytes that are not a well-formed message."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Message:
     kind: str
     fields: dict = field(default_factory=dict)
@@ -71,10 +96,37 @@ class Message:
 
 
 def encode(message: Message, fd_count: int = 0) -> bytes:
-    if message.kind not in KINDS:
-        raise ValueError(f"unknown message kind {message.kind!r}")
     if not 0 <= fd_count <= 255:
         raise ValueError("a message carries at most 255 fds")
+    binary = _BINARY_ENCODERS.get(message.kind)
+    if binary is not None:
+        data = binary(message.fields, fd_count)
+        if data is not None:
+            return data
+    return _encode_text(message, fd_count)
+
+
+def decode(data: bytes) -> tuple[Message, int]:
+    """Return the message and the number of fds its sender announced."""
+    if len(data) < 2:
+        raise MessageError("message too short")
+    code = data[1]
+    if code >= _FIRST_TEXT_BYTE:
+        return _decode_text(data)
+    binary = _BINARY_DECODERS.get(code)
+    if binary is None:
+        raise MessageError(f"unknown message kind code {code}")
+    return binary(data)
+
+
+# -- text form -----------------------------------------------------------------
+
+_FIRST_TEXT_BYTE = 0x20  # kinds are lowercase words; binary kind codes sit below this
+
+
+def _encode_text(message: Message, fd_count: int) -> bytes:
+    if message.kind not in KINDS:
+        raise ValueError(f"unknown message kind {message.kind!r}")
     body = json.dumps(message.fields, separators=(",", ":")).encode()
     data = bytes((fd_count,)) + message.kind.encode("ascii") + b"\0" + body
     if len(data) > MAX_MESSAGE_BYTES:
@@ -82,10 +134,7 @@ def encode(message: Message, fd_count: int = 0) -> bytes:
     return data
 
 
-def decode(data: bytes) -> tuple[Message, int]:
-    """Return the message and the number of fds its sender announced."""
-    if len(data) < 2:
-        raise MessageError("message too short")
+def _decode_text(data: bytes) -> tuple[Message, int]:
     fd_count = data[0]
     kind_end = data.find(b"\0", 1)
     if kind_end < 0:
@@ -99,4 +148,148 @@ def decode(data: bytes) -> tuple[Message, int]:
         raise MessageError(f"unknown message kind {kind!r}")
     if not isinstance(fields, dict):
         raise MessageError("message fields are not an object")
-    return Message(kind, fields), fd_count
+    return _message(kind, fields), fd_count
+
+
+# -- binary form -----------------------------------------------------------------
+# Each encoder returns None when the fields do not fit its layout exactly; the caller
+# then falls back to the text form. `type(x) is int` keeps bools (and floats) out:
+# struct would quietly turn True into 1, and the round trip would change the field.
+
+_CONN_CODE, _ACK_CODE, _CLOSED_CODE, _HEARTBEAT_CODE = 1, 2, 3, 4
+
+_ID_BUSY = struct.Struct("<BBQI")          # fd count, code, id, busy
+_HEARTBEAT = struct.Struct("<BBQIId")      # fd count, code, requests, connections, busy, oldest_s
+_CONN_HEAD = struct.Struct("<BBQHBBB")     # fd count, code, id, port, flags, host len, listener len
+_CONN_HEAD_SIZE = _CONN_HEAD.size
+_CONN_PROXY, _CONN_DATA = 1, 2
+_CONN_KEYS = frozenset({"id", "peer", "listener", "data", "proxy"})
+_NAN = float("nan")                        # a heartbeat's oldest_s of None
+
+# Building the frozen dataclass through its slots skips the generated __init__ and its
+# object.__setattr__ calls: about a third of the cost, paid on every message received.
+_new_object = object.__new__
+_set_kind = Message.__dict__["kind"].__set__
+_set_fields = Message.__dict__["fields"].__set__
+
+
+def _message(kind: str, fields: dict) -> Message:
+    message = _new_object(Message)
+    _set_kind(message, kind)
+    _set_fields(message, fields)
+    return message
+
+
+def _id_busy_codec(kind: str, code: int):
+    pack, unpack = _ID_BUSY.pack, _ID_BUSY.unpack
+
+    def encode(fields: dict, fd_count: int) -> bytes | None:
+        if len(fields) == 2:
+            conn_id, busy = fields.get("id"), fields.get("busy")
+            if type(conn_id) is int and type(busy) is int:
+                try:
+                    return pack(fd_count, code, conn_id, busy)
+                except struct.error:  # out of range: the text form carries any int
+                    pass
+        return None
+
+    def decode(data: bytes) -> tuple[Message, int]:
+        try:
+            fd_count, _, conn_id, busy = unpack(data)
+        except struct.error:
+            raise MessageError(f"{kind} message of {len(data)} bytes, not {_ID_BUSY.size}") from None
+        return _message(kind, {"id": conn_id, "busy": busy}), fd_count
+
+    return encode, decode
+
+
+_encode_ack, _decode_ack = _id_busy_codec(ACK, _ACK_CODE)
+_encode_closed, _decode_closed = _id_busy_codec(CLOSED, _CLOSED_CODE)
+
+
+def _encode_heartbeat(fields: dict, fd_count: int) -> bytes | None:
+    if len(fields) != 4:
+        return None
+    requests, connections, busy = fields.get("requests"), fields.get("connections"), fields.get("busy")
+    oldest_s = fields.get("oldest_s", _NAN)  # missing: not None, and NaN is refused below
+    if oldest_s is None:
+        oldest_s = _NAN
+    elif type(oldest_s) is not float or oldest_s != oldest_s:
+        return None
+    if type(requests) is int and type(connections) is int and type(busy) is int:
+        try:
+            return _HEARTBEAT.pack(fd_count, _HEARTBEAT_CODE, requests, connections, busy, oldest_s)
+        except struct.error:
+            pass
+    return None
+
+
+def _decode_heartbeat(data: bytes) -> tuple[Message, int]:
+    try:
+        fd_count, _, requests, connections, busy, oldest_s = _HEARTBEAT.unpack(data)
+    except struct.error:
+        raise MessageError(f"heartbeat message of {len(data)} bytes, not {_HEARTBEAT.size}") from None
+    return _message(HEARTBEAT, {"requests": requests, "connections": connections, "busy": busy,
+                                "oldest_s": oldest_s if oldest_s == oldest_s else None}), fd_count
+
+
+
+def _encode_conn(fields: dict, fd_count: int) -> bytes | None:
+    conn_id, peer, listener = fields.get("id"), fields.get("peer"), fields.get("listener")
+    if not (type(conn_id) is int and type(peer) is list and len(peer) == 2 and type(listener) is str):
+        return None
+    host, port = peer
+    if type(host) is not str or type(port) is not int:
+        return None
+    flags = 0
+    tail = b""
+    if len(fields) != 3:
+        if not fields.keys() <= _CONN_KEYS:
+            return None
+        if "proxy" in fields:
+            if fields["proxy"] is not True:
+                return None
+            flags |= _CONN_PROXY
+        if "data" in fields:
+            if type(fields["data"]) is not str:
+                return None
+            flags |= _CONN_DATA
+    try:
+        host_bytes, listener_bytes = host.encode(), listener.encode()
+        if flags & _CONN_DATA:
+            tail = fields["data"].encode()
+        head = _CONN_HEAD.pack(fd_count, _CONN_CODE, conn_id, port, flags, len(host_bytes), len(listener_bytes))
+    except (UnicodeEncodeError, struct.error):  # lone surrogates, or too long or big
+        return None
+    data = head + host_bytes + listener_bytes + tail
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ValueError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    return data
+
+
+def _decode_conn(data: bytes) -> tuple[Message, int]:
+    try:
+        fd_count, _, conn_id, port, flags, host_len, listener_len = _CONN_HEAD.unpack_from(data)
+    except struct.error:
+        raise MessageError(f"conn message of {len(data)} bytes is shorter than its header") from None
+    if flags & ~(_CONN_PROXY | _CONN_DATA):
+        raise MessageError(f"conn message with unknown flags {flags:#x}")
+    host_end = _CONN_HEAD_SIZE + host_len
+    listener_end = host_end + listener_len
+    if len(data) < listener_end or (len(data) != listener_end and not flags & _CONN_DATA):
+        raise MessageError(f"conn message of {len(data)} bytes does not match its lengths")
+    try:
+        fields = {"id": conn_id, "peer": [data[_CONN_HEAD_SIZE:host_end].decode(), port],
+                  "listener": data[host_end:listener_end].decode()}
+        if flags & _CONN_DATA:
+            fields["data"] = data[listener_end:].decode()
+    except UnicodeDecodeError as exc:
+        raise MessageError(f"undecodable conn message: {exc}") from None
+    if flags & _CONN_PROXY:
+        fields["proxy"] = True
+    return _message(CONN, fields), fd_count
+
+
+_BINARY_ENCODERS = {CONN: _encode_conn, ACK: _encode_ack, CLOSED: _encode_closed, HEARTBEAT: _encode_heartbeat}
+_BINARY_DECODERS = {_CONN_CODE: _decode_conn, _ACK_CODE: _decode_ack, _CLOSED_CODE: _decode_closed,
+                    _HEARTBEAT_CODE: _decode_heartbeat}

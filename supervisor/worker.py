@@ -24,7 +24,8 @@ from supervisor.channel import ChannelClosed
 from supervisor.config import AppConfig
 from supervisor.httpserver import Server, ServerSettings
 from supervisor.log import Logs
-from supervisor.messages import ACK, BOOT_FAILED, CLOSED, CONN, HANDBACK, HEARTBEAT, READY, STOP, Message, MessageError
+from supervisor.messages import (ACK, BOOT_FAILED, CLOSED, CONN, HANDBACK, HEARTBEAT, READY, REOPEN, STOP, Message,
+                                 MessageError)
 
 EXIT_BOOT_FAILED = 3
 HANDBACK_WAIT_S = 1.0
@@ -176,6 +177,12 @@ class Worker:
             return
         except MessageError as exc:
             self.spec.logs.error.error("bad message from master: %s", exc)
+            return
+        if message.kind == REOPEN:
+            try:
+                self.spec.logs.adopt(message.fields.get("numbers", []), fds)
+            except ValueError as exc:
+                self.spec.logs.error.error("could not adopt reopened logs: %s", exc)
             return
         for fd in fds:
             os.close(fd)

@@ -1,4 +1,5 @@
 """Channel messages: encoding, and strict fd passing over real SEQPACKET pairs."""
+import array
 import os
 import socket
 
@@ -6,7 +7,17 @@ import pytest
 
 from supervisor import channel, messages
 from supervisor.channel import ChannelClosed
-from supervisor.messages import BOOT_FAILED, READY, STOP, Message, MessageError
+from supervisor.messages import (
+    ACK,
+    BOOT_FAILED,
+    CLOSED,
+    CONN,
+    HEARTBEAT,
+    READY,
+    STOP,
+    Message,
+    MessageError,
+)
 
 
 @pytest.mark.parametrize("message", [
@@ -80,3 +91,60 @@ def test_closed_peer_raises_channel_closed():
     with pytest.raises(ChannelClosed):
         channel.receive(right)
     right.close()
+
+
+def test_hot_messages_travel_in_both_directions_with_and_without_fds():
+    left, right = channel.pair()
+    r, w = os.pipe()
+    conn = Message(CONN, {"id": 5, "peer": ["192.0.2.1", 443], "listener": "web", "proxy": True})
+    try:
+        channel.send(left, conn, [w])
+        message, fds = channel.receive(right)
+        assert message == conn and len(fds) == 1 and not os.get_inheritable(fds[0])
+        os.write(fds[0], b"y")
+        os.close(fds[0])
+        assert os.read(r, 1) == b"y"
+        for reply in (Message(ACK, {"id": 5, "busy": 1}), Message(CLOSED, {"id": 5, "busy": 0}),
+                      Message(HEARTBEAT, {"requests": 1, "connections": 0, "busy": 0, "oldest_s": None})):
+            channel.send(right, reply)
+            assert channel.receive(left) == (reply, [])
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        left.close()
+        right.close()
+
+
+@pytest.mark.parametrize("announced,attached", [(1, 0), (0, 1), (1, 2)])
+def test_binary_fd_count_mismatch_is_rejected_and_fds_are_closed(announced, attached):
+    left, right = channel.pair()
+    r, w = os.pipe()
+    try:
+        data = messages.encode(Message(CONN, {"id": 1, "peer": ["", 0], "listener": "web"}), fd_count=announced)
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, w][:attached]).tobytes())]
+        left.sendmsg([data], ancillary if attached else [])
+        before = _open_fds()
+        with pytest.raises(MessageError):
+            channel.receive(right)
+        assert _open_fds() <= before
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        left.close()
+        right.close()
+
+
+def test_hostile_binary_on_the_wire_closes_the_fds_that_came_with_it():
+    left, right = channel.pair()
+    r, w = os.pipe()
+    try:
+        left.sendmsg([b"\1\x09" + bytes(12)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]).tobytes())])
+        before = _open_fds()
+        with pytest.raises(MessageError):
+            channel.receive(right)
+        assert _open_fds() <= before
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        left.close()
+        right.close()

@@ -11,6 +11,8 @@ from wsgiref.validate import validator
 
 import pytest
 
+from supervisor import accesslog
+
 from supervisor.httpserver import Server, ServerSettings
 
 DEADLINE_S = 10.0
@@ -50,7 +52,8 @@ class Running:
         self.access = logging.getLogger("test.httpserver.access")
         self.access_lines: list[str] = []
         ah = logging.Handler()
-        ah.emit = lambda r: self.access_lines.append(r.getMessage())
+        line = accesslog.compile_format(accesslog.DEFAULT_FORMAT)
+        ah.emit = lambda r: self.access_lines.append(line(r.msg))  # as log.setup's handler does
         self.access.addHandler(ah)
         self.access.propagate = False
         self.access.setLevel(logging.INFO)

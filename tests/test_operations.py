@@ -229,3 +229,30 @@ def test_a_master_started_by_anyone_takes_over_through_the_takeover_socket(baton
         new.terminate()
         new.wait(30)
         log.close()
+
+
+def test_usr1_reopens_the_log_files_in_every_process(baton, port, tmp_path):
+    access, error = tmp_path / "access.log", tmp_path / "error.log"
+    master = baton(ops_config(port, workers=1, master_extra=f'access_log = "{access}"\nerror_log = "{error}"'))
+    wait_for(lambda: "ready" in error.read_text() if error.exists() else False, message="the error log")
+    http_request(port, "/before")
+    wait_for(lambda: "/before" in access.read_text(), message="the first access line")
+    access.rename(tmp_path / "access.log.1")  # what logrotate does
+    error.rename(tmp_path / "error.log.1")
+    master.signal(signal.SIGUSR1)
+    wait_for(lambda: error.exists() and "reopened 2 log files" in error.read_text(), message="the reopen")
+    http_request(port, "/after")
+    wait_for(lambda: access.exists() and "/after" in access.read_text(), message="the worker writing the new file")
+    assert "/after" not in (tmp_path / "access.log.1").read_text()
+    line = access.read_text().splitlines()[0]
+    assert line.startswith("127.0.0.1 - - [") and '"GET /after HTTP/1.1" 200' in line
+
+
+def test_json_logs(baton, port, tmp_path):
+    error = tmp_path / "error.log"
+    master = baton(ops_config(port, workers=1, master_extra=f'error_log = "{error}"\nlog_format = "json"'))
+    wait_for(lambda: error.exists() and "ready" in error.read_text(), message="a worker ready in the log")
+    assert master.workers()
+    records = [json.loads(line) for line in error.read_text().splitlines()]
+    assert {"time", "level", "pid", "message"} <= set(records[0])
+    assert any("ready" in record["message"] for record in records)
