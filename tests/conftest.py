@@ -67,7 +67,7 @@ def answers(port, path="/"):
 def children_of(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return []
     return [int(p) for p in text.split()]
 
@@ -75,7 +75,7 @@ def children_of(pid: int) -> list[int]:
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, even while we read
         return False
     return state != "Z"
 
@@ -95,7 +95,7 @@ def cmdline(pid: int) -> str:
 def _title_starts(pid: int, *prefixes: str) -> bool:
     try:
         return cmdline(pid).startswith(prefixes)
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return False
 
 
