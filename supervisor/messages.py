@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
+from math import isnan
 
 # Master <-> worker lifecycle.
 READY = "ready"              # worker -> master: app imported, serving
@@ -214,7 +215,7 @@ def _encode_heartbeat(fields: dict, fd_count: int) -> bytes | None:
     oldest_s = fields.get("oldest_s", _NAN)  # missing: not None, and NaN is refused below
     if oldest_s is None:
         oldest_s = _NAN
-    elif type(oldest_s) is not float or oldest_s != oldest_s:
+    elif type(oldest_s) is not float or isnan(oldest_s):
         return None
     if type(requests) is int and type(connections) is int and type(busy) is int:
         try:
@@ -230,7 +231,7 @@ def _decode_heartbeat(data: bytes) -> tuple[Message, int]:
     except struct.error:
         raise MessageError(f"heartbeat message of {len(data)} bytes, not {_HEARTBEAT.size}") from None
     return _message(HEARTBEAT, {"requests": requests, "connections": connections, "busy": busy,
-                                "oldest_s": oldest_s if oldest_s == oldest_s else None}), fd_count
+                                "oldest_s": None if isnan(oldest_s) else oldest_s}), fd_count
 
 
 
