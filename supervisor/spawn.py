@@ -20,7 +20,6 @@ _PR_SET_PDEATHSIG = 1
 _RESET_SIGNALS = (
     signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
     signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, signal.SIGWINCH,
-    signal.SIGPIPE,
 )
 
 
@@ -37,6 +36,9 @@ def fork(child_main: Callable[[], int | None], keep_fds: Iterable[int]) -> int:
         signal.set_wakeup_fd(-1)
         for signum in _RESET_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
+        # As Python itself starts: a write to a vanished client must raise EPIPE in
+        # the code that wrote, never kill the process.
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         close_fds_except(keep)
         status = child_main() or 0
     except SystemExit as exc:
