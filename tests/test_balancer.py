@@ -187,7 +187,7 @@ def test_a_connection_sent_to_a_dying_worker_is_handed_to_another(baton, port):
         wait_for(lambda: len(results) >= 3, message="the healthy worker's share")
         os.kill(frozen, signal.SIGKILL)
     finally:
-        os.kill(frozen, signal.SIGCONT)
+        _resume(frozen)
     for thread in threads:
         thread.join(10)
     assert len(results) == 6
@@ -211,11 +211,18 @@ def test_reuseport_connections_queued_at_a_dead_worker_are_served_by_its_replace
             os.kill(pid, signal.SIGKILL)  # their replacements inherit the very same sockets
     finally:
         for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+            _resume(pid)
     for thread in threads:
         thread.join(15)
     assert sorted(status for status, _ in results) == [200] * 12
     assert not set(pids) & {pid for _, pid in results}
+
+
+def _resume(pid):
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass  # already killed and reaped
 
 
 def _queued(port):

@@ -42,8 +42,14 @@ def test_encode_rejects_unknown_kind():
         messages.encode(Message("launch-missiles"))
 
 
-def _open_fds() -> set[int]:
-    return {int(name) for name in os.listdir("/proc/self/fd")}
+def _fds_pointing_at(target: str) -> int:
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{name}") == target
+        except FileNotFoundError:
+            pass
+    return count
 
 
 def test_fds_travel_with_their_message_and_arrive_cloexec():
@@ -74,10 +80,10 @@ def test_fd_count_mismatch_is_rejected_and_fds_are_closed():
         data = messages.encode(Message(READY), fd_count=1)
         left.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(memoryview(
             __import__("array").array("i", [r, w]))))])
-        before = _open_fds()
         with pytest.raises(MessageError):
             channel.receive(right)
-        assert _open_fds() <= before
+        # Only our own two ends may still point at the pipe: both received copies closed.
+        assert _fds_pointing_at(os.readlink(f"/proc/self/fd/{r}")) == 2
     finally:
         for fd in (r, w):
             os.close(fd)
@@ -123,10 +129,10 @@ def test_binary_fd_count_mismatch_is_rejected_and_fds_are_closed(announced, atta
         data = messages.encode(Message(CONN, {"id": 1, "peer": ["", 0], "listener": "web"}), fd_count=announced)
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, w][:attached]).tobytes())]
         left.sendmsg([data], ancillary if attached else [])
-        before = _open_fds()
         with pytest.raises(MessageError):
             channel.receive(right)
-        assert _open_fds() <= before
+        # Only our own two ends may still point at the pipe: both received copies closed.
+        assert _fds_pointing_at(os.readlink(f"/proc/self/fd/{r}")) == 2
     finally:
         for fd in (r, w):
             os.close(fd)
@@ -139,10 +145,10 @@ def test_hostile_binary_on_the_wire_closes_the_fds_that_came_with_it():
     r, w = os.pipe()
     try:
         left.sendmsg([b"\1\x09" + bytes(12)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]).tobytes())])
-        before = _open_fds()
         with pytest.raises(MessageError):
             channel.receive(right)
-        assert _open_fds() <= before
+        # Only our own two ends may still point at the pipe: both received copies closed.
+        assert _fds_pointing_at(os.readlink(f"/proc/self/fd/{r}")) == 2
     finally:
         for fd in (r, w):
             os.close(fd)
