@@ -1,6 +1,7 @@
 """The command line as a user runs it: check, --version, --help, serve."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -31,8 +32,14 @@ def test_every_subcommand_has_help(command):
     assert "usage: baton" in result.stdout
 
 
-def test_check_accepts_the_demo_config():
-    result = baton("check", "-c", "etc/baton.toml")
+def test_check_accepts_the_demo_config(tmp_path):
+    config = "etc/baton.toml"
+    if os.geteuid() != 0:
+        # As scripts/run does: without root every app runs as us, so its user lines go.
+        text = (REPO / config).read_text()
+        config = tmp_path / "baton.toml"
+        config.write_text("\n".join(line for line in text.splitlines() if not line.startswith("user =")))
+    result = baton("check", "-c", str(config))
     assert result.returncode == 0, result.stderr
     assert "ok (5 apps, 4 listeners)" in result.stdout
 

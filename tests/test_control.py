@@ -26,6 +26,8 @@ from supervisor.control import (
     parse_request, peer_allowed,
 )
 
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="a client running as another user needs root")
+
 WAIT_S = 10.0   # upper bound on any wait below; each wait ends on an event, not on time
 LOG = "test.control"
 
@@ -362,6 +364,7 @@ def test_handle_raising_is_an_internal_error_and_the_server_lives_on(make_server
 
 # -- SO_PEERCRED with real users ----------------------------------------------------------
 
+@needs_root
 def test_nobody_is_refused_and_logged(make_server, caplog):
     master = Master()
     server = make_server(admins=(), master=master)
@@ -377,6 +380,7 @@ def test_nobody_is_refused_and_logged(make_server, caplog):
     assert f"uid {nobody.pw_uid} (nobody)" in refusals[0] and f"pid {child_pid}" in refusals[0]
 
 
+@needs_root
 def test_without_admins_other_users_cannot_even_connect(make_server):
     server = make_server()
     answer = in_child(server, call(server.path, "status"), user="nobody")
@@ -384,6 +388,7 @@ def test_without_admins_other_users_cannot_even_connect(make_server):
     assert "permission denied connecting to" in answer["message"]
 
 
+@needs_root
 def test_a_user_in_admins_is_allowed(make_server):
     master = Master()
     server = make_server(admins=("www-data",), master=master)
@@ -394,6 +399,7 @@ def test_a_user_in_admins_is_allowed(make_server):
     assert in_child(server, call(server.path, "status"), user="nobody")["result"]["errors"] == ["permission denied"]
 
 
+@needs_root
 def test_a_group_admin_is_allowed(make_server):
     group = grp.getgrgid(pwd.getpwnam("www-data").pw_gid).gr_name
     master = Master()
@@ -403,6 +409,7 @@ def test_a_group_admin_is_allowed(make_server):
     assert master.calls == [("stats", {})]
 
 
+@needs_root
 def test_admins_may_change_while_the_server_runs(make_server):
     server = make_server(admins=("nobody",))
     assert in_child(server, call(server.path, "stats"), user="www-data")["result"]["ok"] is False
