@@ -112,6 +112,7 @@ class Balancer:
         self.logs = logs
         self.clock = clock
         self.listeners: dict[str, socket.socket] = {}
+        self.listening_socks: set[socket.socket] = set()  # accepted on last in each wakeup
         self.master = master
         self.routes: dict[str, ListenerRoute] = {}
         self.policies: dict[str, tuple[str, balancing.Policy]] = {}
@@ -153,12 +154,14 @@ class Balancer:
                          for name, app in payload["apps"].items()}
         for name in [n for n in self.listeners if n not in self.routes or n in new_listeners]:
             sock = self.listeners.pop(name)
+            self.listening_socks.discard(sock)
             self.selector.unregister(sock)
             sock.close()
         for name, sock in new_listeners.items():
             sock.setblocking(False)
             self.listeners[name] = sock
             self.selector.register(sock, selectors.EVENT_READ, lambda s=sock, n=name: self._accept(s, n))
+            self.listening_socks.add(sock)
 
     def run(self) -> None:
         while self.running:
@@ -167,8 +170,16 @@ class Balancer:
                 timeout = max(0.0, self.timers[0][0] - self.clock())
             if self.health_clients:
                 timeout = min(timeout if timeout is not None else PEEK_TIMEOUT_S, 1.0)
+            accepts = []
             for key, _ in self.selector.select(timeout):
-                key.data()
+                if key.fileobj in self.listening_socks:
+                    accepts.append(key.data)
+                else:
+                    key.data()
+            # Accept last: the workers' reports that arrived in the same wakeup (a
+            # connection closed, a worker freed) must count when choosing a worker.
+            for accept in accepts:
+                accept()
             now = self.clock()
             self._expire(now)
             if self.draining and not any(key >= 0 for key in self.links) and not self.queue:
@@ -459,6 +470,7 @@ class Balancer:
             self.selector.unregister(sock)
             sock.close()  # the master keeps its copy: queued connections wait, not reset
         self.listeners.clear()
+        self.listening_socks.clear()
 
     def metrics_text(self) -> str:
         per_app: dict[str, dict[str, float]] = {}
