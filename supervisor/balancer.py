@@ -15,9 +15,9 @@ the TLS ClientHello's SNI, bounded in size and time. Which worker: the app's
 from __future__ import annotations
 
 import heapq
-import select
 import itertools
 import os
+import select
 import selectors
 import socket
 import time
@@ -26,12 +26,33 @@ from dataclasses import dataclass, field
 
 import setproctitle
 
-from supervisor import balancing, channel, health, privileges, proxyproto, routing, spawn
+from supervisor import (
+    balancing,
+    channel,
+    health,
+    privileges,
+    proxyproto,
+    routing,
+    spawn,
+)
 from supervisor.channel import ChannelClosed
 from supervisor.config import Config
 from supervisor.log import Logs
-from supervisor.messages import (ACK, ATTACH, CLOSED, CONN, DETACH, DRAIN, HANDBACK, METRICS, REOPEN, ROUTES, UPSTREAM,
-                                 Message, MessageError)
+from supervisor.messages import (
+    ACK,
+    ATTACH,
+    CLOSED,
+    CONN,
+    DETACH,
+    DRAIN,
+    HANDBACK,
+    METRICS,
+    REOPEN,
+    ROUTES,
+    UPSTREAM,
+    Message,
+    MessageError,
+)
 
 ACCEPT_BATCH = 64
 PEEK_BYTES = 8192

@@ -9,9 +9,16 @@ import json
 import os
 import sys
 
-from supervisor import __version__, config as config_mod, log as log_mod
+from supervisor import __version__
+from supervisor import config as config_mod
+from supervisor import log as log_mod
 from supervisor.config import ConfigError
-from supervisor.control import DEFAULT_CALL_TIMEOUT_S, ControlClient, ControlError, ControlUnreachable
+from supervisor.control import (
+    DEFAULT_CALL_TIMEOUT_S,
+    ControlClient,
+    ControlError,
+    ControlUnreachable,
+)
 from supervisor.handoff import HandoffError
 from supervisor.listeners import ListenerError
 from supervisor.master import Master

@@ -8,12 +8,9 @@ exist.
 """
 from __future__ import annotations
 
-import difflib
 import glob
 import grp
 import ipaddress
-import json
-import math
 import os
 import pwd
 import re
@@ -22,32 +19,28 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from supervisor import accesslog, balancing, routing
+from supervisor.binds import (
+    BIND_FORMS,
+    UNIX_PATH_MAX,
+    BindAddress,
+    clash,
+    parse_bind,
+)
+from supervisor.config_tables import (
+    MISSING,
+    Problems,
+    Table,
+    absolute_path,
+    did_you_mean,
+    is_int,
+    is_text,
+    or_list,
+)
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
-
-@dataclass(frozen=True)
-class BindAddress:
-    """A parsed `bind` spec. kind is "tcp", "unix", "fd" or "systemd"."""
-    kind: str
-    host: str | None = None      # tcp: "127.0.0.1", "::", "0.0.0.0" (no brackets)
-    port: int | None = None      # tcp
-    path: str | None = None      # unix: absolute path (relative specs resolved against the config dir)
-    fd: int | None = None        # fd://N
-    fdname: str | None = None    # systemd:NAME, the socket unit's FileDescriptorName= (not a path: never unlinked)
-
-    def __str__(self) -> str:
-        if self.kind == "tcp":
-            host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-            return f"{host}:{self.port}"
-        if self.kind == "unix":
-            return f"unix:{self.path}"
-        if self.kind == "systemd":
-            return f"systemd:{self.fdname}"
-        return f"fd://{self.fd}"
-
 
 @dataclass(frozen=True)
 class ListenerConfig:
@@ -132,19 +125,10 @@ _LATER_MODES = ()  # designed, not built yet: refused with a clear reason
 DEFAULT_USER = "nobody"                  # workers of a root master run as this when `user` is unset
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _IDENTIFIERS = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
 # "pkg.mod:app", "pkg.mod:obj.attr" or "pkg.mod:create_app()": the shapes appload.load accepts.
 _MODULE_SPEC = re.compile(rf"{_IDENTIFIERS}:{_IDENTIFIERS}(?:\(\))?")
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
-_UNIX_PATH_MAX = 107  # sun_path holds 108 bytes on Linux, one of them the terminating NUL
-_BIND_FORMS = "HOST:PORT, [IPV6]:PORT, :PORT, unix:PATH, fd://N or systemd:NAME"
-_FDNAME_MAX = 255  # systemd's limit on FileDescriptorName=
 _TOML_POSITION = re.compile(r"(?P<reason>.*) \(at line (?P<line>\d+), column (?P<column>\d+)\)", re.DOTALL)
-_MISSING = object()
-
-
 # -- public API ---------------------------------------------------------------
 
 
@@ -181,13 +165,13 @@ def from_mapping(data: dict, path: str | None, *, running_as_root: bool | None =
     if base_dir is None:
         base_dir = os.path.dirname(os.path.abspath(path)) if path is not None else os.getcwd()
     main = os.path.abspath(path) if path is not None else None
-    problems = _Problems(path if path is not None else COMMAND_LINE)
-    top = _Table(problems, (), data)
+    problems = Problems(path if path is not None else COMMAND_LINE)
+    top = Table(problems, (), data)
     master = _master(top.section("master"), base_dir)
     documents = [_Document(problems, top.table("listeners"), top.table("apps"))]
     documents += _included(master.include, main, problems.source)
     # Which file defined each listener and app, so a later problem names that file.
-    owners: dict[tuple[str, str], _Problems] = {}
+    owners: dict[tuple[str, str], Problems] = {}
     listener_names: list[str] = []
     listeners: dict[str, ListenerConfig] = {}
     for document in documents:
@@ -219,48 +203,6 @@ def from_mapping(data: dict, path: str | None, *, running_as_root: bool | None =
     )
 
 
-def parse_bind(spec: str, base_dir: str) -> BindAddress:
-    """Parse one `bind` spec; raise ValueError with a readable reason when it is wrong.
-
-    "HOST:PORT" keeps a host name as written (the listener resolves it) and normalises
-    IP literals; ":PORT" and "*:PORT" mean every IPv4 interface. A relative unix path
-    resolves against `base_dir`. "systemd:NAME" names a socket systemd passes (socket
-    activation): NAME is the socket unit's FileDescriptorName=.
-    """
-    if spec.startswith("unix:"):
-        return _parse_unix(spec[len("unix:"):], base_dir)
-    if spec.startswith("fd://"):
-        number = spec[len("fd://"):]
-        if not (number.isascii() and number.isdigit()):
-            raise ValueError(f"expected a file descriptor number >= 0 after 'fd://', found {number!r}")
-        return BindAddress("fd", fd=int(number))
-    if spec.startswith("systemd:"):
-        return _parse_systemd(spec[len("systemd:"):])
-    host, colon, port_text = spec.rpartition(":")
-    if not colon:
-        hint = f"; did you mean ':{spec}'?" if spec.isascii() and spec.isdigit() else ""
-        raise ValueError(f"expected {_BIND_FORMS}, found {spec!r}{hint}")
-    port = _parse_port(port_text)
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            address = ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            raise ValueError(f"expected an IPv6 address between the brackets, found {host[1:-1]!r}") from None
-        return BindAddress("tcp", host=str(address), port=port)
-    if ":" in host or "[" in host or "]" in host:
-        raise ValueError(f"expected an IPv6 address in brackets, as in '[::1]:8000', found {spec!r}")
-    if host in ("", "*"):
-        return BindAddress("tcp", host="0.0.0.0", port=port)
-    if re.fullmatch(r"[0-9.]+", host):
-        try:
-            return BindAddress("tcp", host=str(ipaddress.IPv4Address(host)), port=port)
-        except ValueError:
-            raise ValueError(f"expected an IPv4 address, found {host!r}") from None
-    if not _HOSTNAME.fullmatch(host):
-        raise ValueError(f"expected a host name or IP address before ':{port_text}', found {host!r}")
-    return BindAddress("tcp", host=host, port=port)
-
-
 def control_socket_path(config: Config) -> str | None:
     """Where the master's control socket lives: `[master] control_socket`, else
     `<config dir>/<config stem>.ctl` beside the config file, else (`baton serve`,
@@ -280,11 +222,11 @@ def control_socket_of_file(path: str | os.PathLike) -> str:
     stop an operator from reaching the master that still runs the old one."""
     path = os.path.abspath(os.fspath(path))
     data = _read_document(path, "the config file")
-    problems = _Problems(path)
+    problems = Problems(path)
     master = data.get("master", {})
     if not isinstance(master, dict):
         master = {}
-    socket_path = _control_socket(_Table(problems, ("master",), master), os.path.dirname(path))
+    socket_path = _control_socket(Table(problems, ("master",), master), os.path.dirname(path))
     if problems.lines:
         raise ConfigError(problems.lines)
     return control_socket_path(Config(path, MasterConfig(control_socket=socket_path),
@@ -305,7 +247,7 @@ def effective_user(app: AppConfig, running_as_root: bool) -> str | None:
 @dataclass
 class _Document:
     """One config file's [listeners] and [apps] tables, and the problems found in it."""
-    problems: _Problems
+    problems: Problems
     listeners: dict
     apps: dict
 
@@ -344,14 +286,14 @@ def _included(patterns: tuple[str, ...], main: str | None, main_name: str) -> li
 
 
 def _include(path: str, main_name: str) -> _Document:
-    problems = _Problems(path)
+    problems = Problems(path)
     try:
         data = _read_document(path, "the included file")
     except ConfigError as exc:
         problems.lines += exc.problems
         return _Document(problems, {}, {})
-    top = _Table(problems, (), data)
-    if top.raw("master") is not _MISSING:
+    top = Table(problems, (), data)
+    if top.raw("master") is not MISSING:
         problems.add(("master",), f"expected only [listeners.NAME] and [apps.NAME] tables in an included file, "
                                   f"found [master]: it belongs in {main_name}")
     document = _Document(problems, top.table("listeners"), top.table("apps"))
@@ -359,7 +301,7 @@ def _include(path: str, main_name: str) -> _Document:
     return document
 
 
-def _claim(owners: dict[tuple[str, str], _Problems], section: str, document: _Document) -> dict:
+def _claim(owners: dict[tuple[str, str], Problems], section: str, document: _Document) -> dict:
     """The tables of `section` this document defines first; a name defined before, in
     this file or another, is a problem naming both files."""
     defined = {}
@@ -376,154 +318,10 @@ def _claim(owners: dict[tuple[str, str], _Problems], section: str, document: _Do
 # -- reading tables -----------------------------------------------------------
 
 
-class _Problems:
-    """The problem lines found so far in one config source."""
-
-    def __init__(self, source: str):
-        self.source = source
-        self.lines: list[str] = []
-
-    def add(self, key: tuple, message: str) -> None:
-        where = f"{_dotted(key)}: " if key else ""
-        self.lines.append(f"{self.source}: {where}{message}")
-
-    def expected(self, key: tuple, what: str, found: Any, hint: str = "") -> None:
-        self.add(key, f"expected {what}, found {_describe(found)}{hint}")
-
-
-class _Table:
-    """One TOML table being read.
-
-    Each getter checks one key: on a wrong value it records a problem and returns the
-    default, so reading goes on and every problem is found in one pass. Keys asked for
-    are remembered; `finish()` reports every other key as unknown.
-    """
-
-    def __init__(self, problems: _Problems, key: tuple, data: dict):
-        self.problems = problems
-        self.key = key
-        self.data = data
-        self.known: list[str] = []
-
-    def raw(self, name: str, *, required: str | None = None) -> Any:
-        """The value of `name` or _MISSING; `required` describes it if it must be present."""
-        self.known.append(name)
-        value = self.data.get(name, _MISSING)
-        if value is _MISSING and required:
-            self.problems.add(self.key + (name,), f"expected {required}, found nothing (the key is required)")
-        return value
-
-    def table(self, name: str) -> dict:
-        value = self.raw(name)
-        if value is _MISSING:
-            return {}
-        if not isinstance(value, dict):
-            self.problems.expected(self.key + (name,), "a table", value)
-            return {}
-        return value
-
-    def section(self, name: str) -> _Table:
-        return _Table(self.problems, self.key + (name,), self.table(name))
-
-    def integer(self, name: str, default: int | None, *, low: int, high: int | None = None) -> int | None:
-        value = self.raw(name)
-        if value is _MISSING:
-            return default
-        if _is_int(value) and low <= value and (high is None or value <= high):
-            return value
-        what = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
-        self.problems.expected(self.key + (name,), what, value)
-        return default
-
-    def seconds(self, name: str, default: float | None, *, positive: bool = False) -> float | None:
-        value = self.raw(name)
-        if value is _MISSING:
-            return default
-        if _is_number(value) and math.isfinite(value) and (value > 0 if positive else value >= 0):
-            return float(value)
-        what = "a number of seconds > 0" if positive else "a number of seconds >= 0"
-        self.problems.expected(self.key + (name,), what, value)
-        return default
-
-    def boolean(self, name: str, default: bool) -> bool:
-        value = self.raw(name)
-        if value is _MISSING:
-            return default
-        if isinstance(value, bool):
-            return value
-        self.problems.expected(self.key + (name,), "true or false", value)
-        return default
-
-    def string(self, name: str, *, required: str | None = None, what: str = "a non-empty string") -> str | None:
-        value = self.raw(name, required=required)
-        if value is _MISSING:
-            return None
-        if _is_text(value):
-            return value
-        self.problems.expected(self.key + (name,), required or what, value)
-        return None
-
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.raw(name)
-        if value is _MISSING:
-            return default
-        if isinstance(value, str) and value.lower() in choices:
-            return value.lower()
-        self.problems.expected(self.key + (name,), f"one of {_or_list(choices)}", value)
-        return default
-
-    def strings(self, name: str, *, required: str | None = None, nonempty: bool = False,
-                item=None) -> tuple | None:
-        """An array of non-empty strings, each passed through `item(text)` if given;
-        `item` raises ValueError(what_was_expected[, hint]) to refuse one element."""
-        value = self.raw(name, required=required)
-        if value is _MISSING:
-            return None
-        what = required or "an array of strings"
-        if not isinstance(value, (list, tuple)):
-            self.problems.expected(self.key + (name,), what, value)
-            return None
-        if nonempty and not value:
-            self.problems.expected(self.key + (name,), what, value)
-            return None
-        result = []
-        for index, element in enumerate(value):
-            key = self.key + (name, index)
-            if not _is_text(element):
-                self.problems.expected(key, "a non-empty string", element)
-                continue
-            try:
-                result.append(item(element) if item else element)
-            except ValueError as exc:
-                what_expected, *hint = exc.args
-                self.problems.expected(key, what_expected, element, *hint)
-        return tuple(result)
-
-    def path(self, name: str, base_dir: str, *, dash: bool = False) -> str | None:
-        """A file path, absolute once read; "-" (standard output or error) if `dash`."""
-        value = self.string(name, what='a file path or "-"' if dash else "a file path")
-        if value is None or (dash and value == "-"):
-            return value
-        if value == "-":
-            self.problems.expected(self.key + (name,), "a file path", value)
-            return None
-        return _absolute(base_dir, value)
-
-    def finish(self, elsewhere: Mapping[str, str] | None = None) -> None:
-        """Report every key no getter asked for, with a suggestion when one is close."""
-        for name in self.data:
-            if name in self.known:
-                continue
-            hint = _suggestion(name, self.known)
-            if not hint and elsewhere and name in elsewhere:
-                hint = f"; it belongs in {elsewhere[name]}"
-            self.problems.add(self.key + (name,), f"unknown key{hint}")
-
-
 # -- sections -----------------------------------------------------------------
 
 
-def _master(table: _Table, base_dir: str) -> MasterConfig:
+def _master(table: Table, base_dir: str) -> MasterConfig:
     defaults = MasterConfig()
     master = MasterConfig(
         graceful_timeout=table.seconds("graceful_timeout", defaults.graceful_timeout),
@@ -534,7 +332,7 @@ def _master(table: _Table, base_dir: str) -> MasterConfig:
         pidfile=table.path("pidfile", base_dir),
         balancer_user=_identity(table, "balancer_user"),
         crash_backoff_max=table.seconds("crash_backoff_max", defaults.crash_backoff_max, positive=True),
-        include=table.strings("include", item=lambda text: _absolute(base_dir, text)) or (),
+        include=table.strings("include", item=lambda text: absolute_path(base_dir, text)) or (),
         control_socket=_control_socket(table, base_dir),
         admins=table.strings("admins", item=_admin) or (),
         health=_health(table, base_dir),
@@ -545,7 +343,7 @@ def _master(table: _Table, base_dir: str) -> MasterConfig:
     return master
 
 
-def _access_log_format(table: _Table) -> str | None:
+def _access_log_format(table: Table) -> str | None:
     """A gunicorn-style format, checked by compiling it (the problem names the bad atom)."""
     fmt = table.string("access_log_format", what="a gunicorn-style format string")
     if fmt is None:
@@ -558,7 +356,7 @@ def _access_log_format(table: _Table) -> str | None:
     return fmt
 
 
-def _health(table: _Table, base_dir: str) -> BindAddress | None:
+def _health(table: Table, base_dir: str) -> BindAddress | None:
     spec = table.string("health")
     if spec is None:
         return None
@@ -573,11 +371,11 @@ def _health(table: _Table, base_dir: str) -> BindAddress | None:
     return bind
 
 
-def _control_socket(table: _Table, base_dir: str) -> str | None:
+def _control_socket(table: Table, base_dir: str) -> str | None:
     path = table.path("control_socket", base_dir)
-    if path is not None and len(os.fsencode(path)) > _UNIX_PATH_MAX:
+    if path is not None and len(os.fsencode(path)) > UNIX_PATH_MAX:
         table.problems.add(table.key + ("control_socket",),
-                           f"expected a unix socket path of at most {_UNIX_PATH_MAX} bytes, "
+                           f"expected a unix socket path of at most {UNIX_PATH_MAX} bytes, "
                            f"found {path!r} ({len(os.fsencode(path))} bytes)")
         return None
     return path
@@ -596,7 +394,7 @@ def _admin(text: str) -> str:
     return text
 
 
-def _listeners(problems: _Problems, data: dict, base_dir: str, listeners: dict[str, ListenerConfig]) -> None:
+def _listeners(problems: Problems, data: dict, base_dir: str, listeners: dict[str, ListenerConfig]) -> None:
     """Add the valid listeners of `data` to `listeners` (those of earlier files)."""
     for name, listener_data in data.items():
         key = ("listeners", name)
@@ -605,8 +403,8 @@ def _listeners(problems: _Problems, data: dict, base_dir: str, listeners: dict[s
         if not isinstance(listener_data, dict):
             problems.expected(key, "a table", listener_data)
             continue
-        table = _Table(problems, key, listener_data)
-        spec = table.string("bind", required=f"a bind address ({_BIND_FORMS})")
+        table = Table(problems, key, listener_data)
+        spec = table.string("bind", required=f"a bind address ({BIND_FORMS})")
         bind = None
         if spec is not None:
             try:
@@ -614,12 +412,12 @@ def _listeners(problems: _Problems, data: dict, base_dir: str, listeners: dict[s
             except ValueError as exc:
                 problems.add(key + ("bind",), str(exc))
         mode = table.raw("mode")
-        if mode is _MISSING:
+        if mode is MISSING:
             mode = ListenerConfig.mode
         elif mode in _LATER_MODES:
-            problems.add(key + ("mode",), f"mode {mode!r} is not available yet; use {_or_list(LISTENER_MODES)}")
+            problems.add(key + ("mode",), f"mode {mode!r} is not available yet; use {or_list(LISTENER_MODES)}")
         elif mode not in LISTENER_MODES:
-            problems.expected(key + ("mode",), f"one of {_or_list(LISTENER_MODES)}", mode)
+            problems.expected(key + ("mode",), f"one of {or_list(LISTENER_MODES)}", mode)
         backlog = table.integer("backlog", ListenerConfig.backlog, low=1, high=65535)
         proxy_protocol = table.boolean("proxy_protocol", ListenerConfig.proxy_protocol)
         table.finish()
@@ -634,28 +432,16 @@ def _listeners(problems: _Problems, data: dict, base_dir: str, listeners: dict[s
             listeners[name] = ListenerConfig(name, bind, mode, backlog, proxy_protocol)
 
 
-def _check_bind_clash(problems: _Problems, key: tuple, bind: BindAddress,
+def _check_bind_clash(problems: Problems, key: tuple, bind: BindAddress,
                       earlier: Mapping[str, ListenerConfig]) -> None:
     for other in earlier.values():
-        if _clash(bind, other.bind):
+        if clash(bind, other.bind):
             what = "is already bound by" if bind == other.bind else "overlaps"
             problems.add(key + ("bind",), f"{str(bind)!r} {what} listeners.{other.name} ({str(other.bind)!r})")
             return
 
 
-def _clash(a: BindAddress, b: BindAddress) -> bool:
-    """Whether two addresses cannot both be bound (IPv6 listeners are IPV6_V6ONLY)."""
-    if a.kind != "tcp" or b.kind != "tcp":
-        return a == b
-    if a.port != b.port or a.port == 0:  # port 0: the kernel picks a fresh port each time
-        return False
-    if a.host == b.host:
-        return True
-    wildcards = {"0.0.0.0": 4, "::": 6}
-    return any(x.host in wildcards and _ip_version(y.host) == wildcards[x.host] for x, y in ((a, b), (b, a)))
-
-
-def _app(problems: _Problems, name: str, data: Any, listener_names: tuple[str, ...], base_dir: str,
+def _app(problems: Problems, name: str, data: Any, listener_names: tuple[str, ...], base_dir: str,
          running_as_root: bool) -> AppConfig | None:
     key = ("apps", name)
     if not _check_name(problems, key, name, "an app"):
@@ -663,7 +449,7 @@ def _app(problems: _Problems, name: str, data: Any, listener_names: tuple[str, .
     if not isinstance(data, dict):
         problems.expected(key, "a table", data)
         return None
-    table = _Table(problems, key, data)
+    table = Table(problems, key, data)
     module = table.string("module", required="'pkg.mod:callable' or 'pkg.mod:factory()'")
     if module is not None and not _MODULE_SPEC.fullmatch(module):
         problems.expected(key + ("module",), "'pkg.mod:callable' or 'pkg.mod:factory()'", module)
@@ -677,7 +463,7 @@ def _app(problems: _Problems, name: str, data: Any, listener_names: tuple[str, .
     if chdir is not None and not os.path.isdir(chdir):
         why = "not a directory" if os.path.exists(chdir) else "does not exist"
         problems.add(key + ("chdir",), f"expected an existing directory, found {chdir!r} ({why})")
-    pythonpath = table.strings("pythonpath", item=lambda text: _absolute(chdir or base_dir, text))
+    pythonpath = table.strings("pythonpath", item=lambda text: absolute_path(chdir or base_dir, text))
     defaults = AppConfig(name, "", ())
     app = AppConfig(
         name=name,
@@ -707,14 +493,14 @@ def _app(problems: _Problems, name: str, data: Any, listener_names: tuple[str, .
         max_requests=table.integer("max_requests", defaults.max_requests, low=0),
         max_requests_jitter=table.integer("max_requests_jitter", defaults.max_requests_jitter, low=0),
         max_rss=table.integer("max_rss", defaults.max_rss, low=0),
-        reload_on=table.strings("reload_on", item=lambda text: _absolute(chdir or base_dir, text)) or (),
+        reload_on=table.strings("reload_on", item=lambda text: absolute_path(chdir or base_dir, text)) or (),
     )
     table.finish(elsewhere={"bind": "a [listeners.NAME] table that this app names in 'listeners'"})
     _check_identity(problems, key, user, group, running_as_root)
     return app
 
 
-def _check_routes(owners: Mapping[tuple[str, str], _Problems], listeners: Mapping[str, ListenerConfig],
+def _check_routes(owners: Mapping[tuple[str, str], Problems], listeners: Mapping[str, ListenerConfig],
                   apps: Mapping[str, AppConfig]) -> None:
     """Apps sharing a `balance` listener must be told apart by `hosts` (or one `default`)."""
     for name, listener in listeners.items():
@@ -742,24 +528,24 @@ def _check_routes(owners: Mapping[tuple[str, str], _Problems], listeners: Mappin
 def _known_listener(name: str, defined: tuple[str, ...]) -> str:
     if name in defined:
         return name
-    hint = _suggestion(name, defined) if defined else "; no [listeners.NAME] table is defined"
+    hint = did_you_mean(name, defined) if defined else "; no [listeners.NAME] table is defined"
     raise ValueError("the name of a [listeners.NAME] table", hint)
 
 
-def _identity(table: _Table, name: str) -> str | None:
+def _identity(table: Table, name: str) -> str | None:
     """A user or group: a name, or a numeric id (a TOML integer or a string of digits)."""
     value = table.raw(name)
-    if value is _MISSING:
+    if value is MISSING:
         return None
-    if _is_text(value):
+    if is_text(value):
         return value
-    if _is_int(value) and value >= 0:
+    if is_int(value) and value >= 0:
         return str(value)
     table.problems.expected(table.key + (name,), f"a {name} name or numeric id", value)
     return None
 
 
-def _check_identity(problems: _Problems, key: tuple, user: str | None, group: str | None,
+def _check_identity(problems: Problems, key: tuple, user: str | None, group: str | None,
                     running_as_root: bool) -> None:
     """Users and groups must exist; without root, workers can only be who the master is."""
     if user is not None:
@@ -793,7 +579,7 @@ def _find(by_name, by_id, name: str):
         return None
 
 
-def _env(table: _Table) -> Mapping[str, str]:
+def _env(table: Table) -> Mapping[str, str]:
     env = {}
     for name, value in table.table("env").items():
         key = table.key + ("env", name)
@@ -806,11 +592,11 @@ def _env(table: _Table) -> Mapping[str, str]:
     return MappingProxyType(env)
 
 
-def _umask(table: _Table) -> int | None:
+def _umask(table: Table) -> int | None:
     value = table.raw("umask")
-    if value is _MISSING:
+    if value is MISSING:
         return None
-    if _is_int(value) and 0 <= value <= 0o777:
+    if is_int(value) and 0 <= value <= 0o777:
         return value
     if isinstance(value, str) and re.fullmatch(r"(?:0o)?[0-7]{1,4}", value):
         umask = int(value.removeprefix("0o"), 8)
@@ -821,7 +607,7 @@ def _umask(table: _Table) -> int | None:
     return None
 
 
-def _forwarded_allow_ips(table: _Table, default: tuple[str, ...]) -> tuple[str, ...]:
+def _forwarded_allow_ips(table: Table, default: tuple[str, ...]) -> tuple[str, ...]:
     def address(text: str) -> str:
         try:
             return str(ipaddress.ip_address(text))
@@ -834,66 +620,11 @@ def _forwarded_allow_ips(table: _Table, default: tuple[str, ...]) -> tuple[str, 
 # -- small helpers ------------------------------------------------------------
 
 
-def _parse_unix(path: str, base_dir: str) -> BindAddress:
-    if not path or "\0" in path:
-        raise ValueError(f"expected a socket path after 'unix:', found {path!r}")
-    path = _absolute(base_dir, path)
-    if len(os.fsencode(path)) > _UNIX_PATH_MAX:
-        raise ValueError(f"expected a unix socket path of at most {_UNIX_PATH_MAX} bytes, "
-                         f"found {path!r} ({len(os.fsencode(path))} bytes)")
-    return BindAddress("unix", path=path)
-
-
-def _parse_systemd(name: str) -> BindAddress:
-    # systemd accepts up to 255 printable ASCII characters except ':', its LISTEN_FDNAMES separator.
-    if not name or len(name) > _FDNAME_MAX or not all(" " <= char <= "~" and char != ":" for char in name):
-        raise ValueError(f"expected a socket name after 'systemd:' (the socket unit's FileDescriptorName=: "
-                         f"1 to {_FDNAME_MAX} printable ASCII characters, no ':'), found {name!r}")
-    return BindAddress("systemd", fdname=name)
-
-
-def _parse_port(text: str) -> int:
-    if not (text.isascii() and text.isdigit()):
-        raise ValueError(f"expected a port number after the last ':', found {text!r}")
-    port = int(text)
-    if port > 65535:
-        raise ValueError(f"expected a port from 0 to 65535, found {port}")
-    return port
-
-
-def _ip_version(host: str | None) -> int | None:
-    try:
-        return ipaddress.ip_address(host).version
-    except ValueError:
-        return None  # a host name: resolved only when bound
-
-
-def _check_name(problems: _Problems, key: tuple, name: str, kind: str) -> bool:
+def _check_name(problems: Problems, key: tuple, name: str, kind: str) -> bool:
     if _NAME.fullmatch(name):
         return True
     problems.add(key, f"expected {kind} name made of letters, digits, '_', '.' and '-', found {name!r}")
     return False
-
-
-def _absolute(base_dir: str, path: str) -> str:
-    return os.path.normpath(os.path.join(base_dir, path))
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # TOML true is not 1
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_text(value: Any) -> bool:
-    return isinstance(value, str) and value != "" and "\0" not in value
-
-
-def _suggestion(name: str, known: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(name, known, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _elsewhere() -> dict[str, str]:
@@ -903,44 +634,6 @@ def _elsewhere() -> dict[str, str]:
                          (MasterConfig, "[master]")):  # last wins: graceful_timeout is the master's
         where.update((f.name, section) for f in fields(cls) if f.name != "name")
     return where
-
-
-def _or_list(choices: tuple[str, ...]) -> str:
-    quoted = [repr(choice) for choice in choices]
-    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
-
-
-def _dotted(key: tuple) -> str:
-    """A key path as TOML would write it: apps.blog.listeners[0], apps."my app"."""
-    text = ""
-    for part in key:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            part = part if _BARE_KEY.fullmatch(part) else json.dumps(part, ensure_ascii=False)
-            text += f".{part}" if text else part
-    return text
-
-
-def _describe(value: Any) -> str:
-    """A found value as TOML would call it: integer 0, boolean true, string 'x'."""
-    if isinstance(value, bool):
-        return f"boolean {'true' if value else 'false'}"
-    if isinstance(value, int):
-        return f"integer {value}"
-    if isinstance(value, float):
-        return f"float {value!r}"
-    if isinstance(value, str):
-        return f"string {_clip(repr(value))}" if value else "an empty string"
-    if isinstance(value, (list, tuple)):
-        return f"array {_clip(repr(list(value)))}" if value else "an empty array"
-    if isinstance(value, dict):
-        return "a table"
-    return f"{type(value).__name__} {_clip(str(value))}"
-
-
-def _clip(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _syntax_problem(path: str, exc: Exception) -> str:

@@ -30,7 +30,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from supervisor.accesslog import DEFAULT_FORMAT, DEFAULT_JSON_FORMAT, AccessRecord, compile_format, iso_time
+from supervisor.accesslog import (
+    DEFAULT_FORMAT,
+    DEFAULT_JSON_FORMAT,
+    AccessRecord,
+    compile_format,
+    iso_time,
+)
 
 ERROR_LOGGER = "baton.error"
 ACCESS_LOGGER = "baton.access"

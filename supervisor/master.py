@@ -33,7 +33,6 @@ from supervisor import listeners as listeners_mod
 from supervisor import plan as plan_mod
 from supervisor import status as status_mod
 from supervisor import watcher as watcher_mod
-from supervisor.messages import REOPEN, Message
 from supervisor.config import Config, ConfigError
 from supervisor.control import ControlServer
 from supervisor.lifecycle import State
@@ -42,6 +41,7 @@ from supervisor.log import Logs
 from supervisor.master_sidecars import QUICK_STOP_GRACE_S, SidecarsMixin
 from supervisor.master_upgrade import Successor, UpgradeMixin
 from supervisor.master_workers import AppState, Child, WorkersMixin
+from supervisor.messages import REOPEN, Message
 from supervisor.privileges import PrivilegeError
 from supervisor.sidecar import Sidecar
 

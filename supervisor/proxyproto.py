@@ -46,7 +46,7 @@ Choices where the spec leaves room, all on the strict side:
 from __future__ import annotations
 
 import ipaddress
-import socket                            # address formatting only: no I/O here
+import socket  # address formatting only: no I/O here
 from dataclasses import dataclass, field
 from typing import Literal
 

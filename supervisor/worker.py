@@ -24,8 +24,19 @@ from supervisor.channel import ChannelClosed
 from supervisor.config import AppConfig
 from supervisor.httpserver import Server, ServerSettings
 from supervisor.log import Logs
-from supervisor.messages import (ACK, BOOT_FAILED, CLOSED, CONN, HANDBACK, HEARTBEAT, READY, REOPEN, STOP, Message,
-                                 MessageError)
+from supervisor.messages import (
+    ACK,
+    BOOT_FAILED,
+    CLOSED,
+    CONN,
+    HANDBACK,
+    HEARTBEAT,
+    READY,
+    REOPEN,
+    STOP,
+    Message,
+    MessageError,
+)
 
 EXIT_BOOT_FAILED = 3
 HANDBACK_WAIT_S = 1.0
