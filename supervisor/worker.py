@@ -263,8 +263,17 @@ class BalancerLink:
             sock.close()  # the balancer holds its own copy now (or the client sees a close)
 
     def _send(self, kind: str, conn_id) -> None:
+        message = Message(kind, {"id": conn_id, "busy": self.server.busy_threads})
         try:
-            channel.send(self.sock, Message(kind, {"id": conn_id, "busy": self.server.busy_threads}))
+            channel.send(self.sock, message)
+        except BlockingIOError:
+            # A lost ACK would leave the balancer holding a copy of a connection we own
+            # (and re-sending it if we exit): wait for room, briefly, rather than drop it.
+            select.select([], [self.sock], [], HANDBACK_WAIT_S)
+            try:
+                channel.send(self.sock, message)
+            except OSError:
+                self.log.warning("the balancer is not reading; %s %s lost", kind, conn_id)
         except OSError:
             pass  # the balancer is restarting; the next one starts its counts afresh
 
