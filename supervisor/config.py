@@ -121,7 +121,6 @@ COMMAND_LINE = "<command line>"   # the source named in problems when there is n
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 LISTENER_MODES = ("balance", "share", "reuseport")
-_LATER_MODES = ()  # designed, not built yet: refused with a clear reason
 DEFAULT_USER = "nobody"                  # workers of a root master run as this when `user` is unset
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -414,8 +413,6 @@ def _listeners(problems: Problems, data: dict, base_dir: str, listeners: dict[st
         mode = table.raw("mode")
         if mode is MISSING:
             mode = ListenerConfig.mode
-        elif mode in _LATER_MODES:
-            problems.add(key + ("mode",), f"mode {mode!r} is not available yet; use {or_list(LISTENER_MODES)}")
         elif mode not in LISTENER_MODES:
             problems.expected(key + ("mode",), f"one of {or_list(LISTENER_MODES)}", mode)
         backlog = table.integer("backlog", ListenerConfig.backlog, low=1, high=65535)

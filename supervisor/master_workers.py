@@ -334,7 +334,7 @@ class WorkersMixin:
 
     def _no_app_can_boot(self) -> bool:
         """At startup only: every app has failed to boot and none was ever ready."""
-        return self.reloads == 0 and all(not a.ever_ready and a.boot_failed for a in self.apps.values())
+        return self.counters["reloads"] == 0 and all(not a.ever_ready and a.boot_failed for a in self.apps.values())
 
     def _rescale(self, app: AppState, count: int) -> None:
         if self.stopping:

@@ -39,7 +39,7 @@ from supervisor.messages import (
 )
 
 EXIT_BOOT_FAILED = 3
-HANDBACK_WAIT_S = 1.0
+SEND_WAIT_S = 1.0  # how long a worker waits for room in a busy balancer's channel
 
 
 @dataclass
@@ -250,32 +250,29 @@ class BalancerLink:
                                      "listener": listener,
                                      "data": base64.b64encode(unparsed).decode("ascii")})
         try:
-            for _ in range(2):
-                try:
-                    channel.send(self.sock, message, [sock.fileno()])
-                    return
-                except BlockingIOError:  # the balancer is behind: give it a moment, once
-                    select.select([], [self.sock], [], HANDBACK_WAIT_S)
-            self.log.warning("the balancer did not take a handed-back connection; closing it")
-        except OSError as exc:
-            self.log.warning("could not hand back a connection: %s", exc)
+            if not self._send_patiently(message, [sock.fileno()]):
+                self.log.warning("could not hand back a connection; closing it")
         finally:
             sock.close()  # the balancer holds its own copy now (or the client sees a close)
 
     def _send(self, kind: str, conn_id) -> None:
-        message = Message(kind, {"id": conn_id, "busy": self.server.busy_threads})
-        try:
-            channel.send(self.sock, message)
-        except BlockingIOError:
-            # A lost ACK would leave the balancer holding a copy of a connection we own
-            # (and re-sending it if we exit): wait for room, briefly, rather than drop it.
-            select.select([], [self.sock], [], HANDBACK_WAIT_S)
+        # A lost ACK would leave the balancer holding a copy of a connection we own (and
+        # re-sending it if we exit); a lost CLOSED would skew its counts.
+        if not self._send_patiently(Message(kind, {"id": conn_id, "busy": self.server.busy_threads})):
+            self.log.warning("the balancer is not reading; %s %s lost", kind, conn_id)
+
+    def _send_patiently(self, message: Message, fds: list[int] = ()) -> bool:
+        """Send; if the balancer is behind, wait a moment for room, once. False if it
+        could not be sent (a balancer that is restarting starts its counts afresh)."""
+        for _ in range(2):
             try:
-                channel.send(self.sock, message)
+                channel.send(self.sock, message, fds)
+                return True
+            except BlockingIOError:
+                select.select([], [self.sock], [], SEND_WAIT_S)
             except OSError:
-                self.log.warning("the balancer is not reading; %s %s lost", kind, conn_id)
-        except OSError:
-            pass  # the balancer is restarting; the next one starts its counts afresh
+                return False
+        return False
 
 
 def _record_only(signum, frame) -> None:

@@ -177,7 +177,8 @@ def test_an_app_that_fails_at_import_is_rolled_back(baton, port):
         save(master.config, _dedent(reload_config(port, "v1", module="tests.apps.broken:app")), by_rename=True)
         master.wait_log("generation 2 dropped")
         assert "RuntimeError: broken on purpose" in master.log()
-        wait_for(lambda: set(master.workers()) == before, message="the failed generation to be gone")
+        wait_for(lambda: set(master.workers()) == before,
+                 message=lambda: f"the failed generation to be gone; workers {master.workers()}, log:\n{master.log()}")
         assert get_json(port)["env"] == "v0"
     clients.assert_nothing_lost()
 
