@@ -186,13 +186,15 @@ class Balancer:
 
     def run(self) -> None:
         while self.running:
-            timeout = None
+            deadlines = [deadline for _, _, deadline in self.health_clients.values()]
             if self.timers:
-                timeout = max(0.0, self.timers[0][0] - self.clock())
-            if self.health_clients:
-                timeout = min(timeout if timeout is not None else PEEK_TIMEOUT_S, 1.0)
+                deadlines.append(self.timers[0][0])
+            timeout = max(0.0, min(deadlines) - self.clock()) if deadlines else None
             accepts = []
+            registered = self.selector.get_map()
             for key, _ in self.selector.select(timeout):
+                if registered.get(key.fd) is not key:
+                    continue  # closed by an earlier handler in this wakeup
                 if key.fileobj in self.listening_socks:
                     accepts.append(key.data)
                 else:
@@ -200,7 +202,7 @@ class Balancer:
             # Accept last: the workers' reports that arrived in the same wakeup (a
             # connection closed, a worker freed) must count when choosing a worker.
             for accept in accepts:
-                accept()
+                accept()  # a listener closed by a ROUTES or DRAIN just now fails its accept harmlessly
             now = self.clock()
             self._expire(now)
             if self.draining and not any(key >= 0 for key in self.links) and not self.queue:
@@ -522,7 +524,10 @@ class Balancer:
             self.selector.register(sock, selectors.EVENT_READ, lambda s=sock: self._on_health_client(s))
 
     def _on_health_client(self, sock: socket.socket) -> None:
-        _, buffer, _ = self.health_clients[sock.fileno()]
+        client = self.health_clients.get(sock.fileno())
+        if client is None or client[0] is not sock:
+            return  # closed earlier in this wakeup
+        buffer = client[1]
         try:
             data = sock.recv(health.MAX_HEAD)
         except BlockingIOError:

@@ -94,7 +94,6 @@ class Master(WorkersMixin, SidecarsMixin, UpgradeMixin):
         self.reuseport: dict[tuple[str, str, int], socket.socket] = {}
         self.stopping = False
         self.exit_status = 0
-        self.reloads = 0
         self.started_at = clock()
         self.counters: dict[str, int] = {"reloads": 0, "reloads_rejected": 0, "generation_switches": 0,
                                          "generations_dropped": 0, "worker_restarts": 0,
@@ -140,8 +139,12 @@ class Master(WorkersMixin, SidecarsMixin, UpgradeMixin):
     def _wait_once(self) -> None:
         deadline = self._next_deadline()
         timeout = None if deadline is None else max(0.0, deadline - self.clock())
+        registered = self.selector.get_map()
         for key, _ in self.selector.select(timeout):
-            key.data()
+            # A handler earlier in this batch may have closed this fd (a child's pidfd
+            # reaped it and its channel): its event is stale.
+            if registered.get(key.fd) is key:
+                key.data()
         now = self.clock()
         if self.control is not None:
             self.control.expire(now)
@@ -363,7 +366,6 @@ class Master(WorkersMixin, SidecarsMixin, UpgradeMixin):
             return [str(exc)]
         if announce:
             self.pending_ready = "reload"  # paid by _notify_if_ready once no new generation boots
-        self.reloads += 1
         self.counters["reloads"] += 1
         for line in plan.describe():
             self.log.info("reload: %s", line)
