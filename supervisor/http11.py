@@ -19,7 +19,6 @@ target forms, Host, trailing whitespace, forbidden trailers, limits) are made he
 
 from __future__ import annotations
 
-import functools
 import time
 from collections import deque
 from email.utils import formatdate
@@ -28,8 +27,8 @@ from urllib.parse import urlsplit
 import httptools
 
 __all__ = [
-    "Connection", "Request", "Data", "EndOfMessage", "NEED_DATA", "PAUSED",
-    "CONNECTION_CLOSED", "RemoteProtocolError", "LocalProtocolError", "DateCache",
+    "Connection", "Request", "Data", "EndOfMessage", "NEED_DATA", "PAUSED", "CONNECTION_CLOSED",
+    "RenderedHead", "render_head", "RemoteProtocolError", "LocalProtocolError", "DateCache",
 ]
 
 
@@ -69,25 +68,17 @@ CONNECTION_CLOSED = _Sentinel("CONNECTION_CLOSED")  # no more requests on this c
 
 
 class Request:
-    """A request head. Header names and values are bytes, in arrival order."""
+    """A request head, made by :class:`Connection` (see on_headers_complete).
+
+    ``method``, ``target``, ``path``, ``query``: bytes; ``version``: "1.0" or "1.1";
+    ``headers``: (name, value) bytes pairs in arrival order; ``keep_alive``,
+    ``expects_continue``, ``chunked``, ``upgrade``: bools; ``content_length``: int or
+    None. ``ends_message``: the request has no body, so no Data and no EndOfMessage
+    follow: this event is the whole request."""
 
     __slots__ = ("method", "target", "path", "query", "version", "headers",
                  "keep_alive", "expects_continue", "chunked", "content_length",
-                 "upgrade")
-
-    def __init__(self, method, target, path, query, version, headers, keep_alive,
-                 expects_continue, chunked, content_length, upgrade=False):
-        self.method = method
-        self.target = target
-        self.path = path
-        self.query = query
-        self.version = version            # "1.0" or "1.1"
-        self.headers = headers
-        self.keep_alive = keep_alive
-        self.expects_continue = expects_continue
-        self.chunked = chunked
-        self.content_length = content_length
-        self.upgrade = upgrade
+                 "upgrade", "ends_message")
 
     def __repr__(self) -> str:
         return f"<Request {self.method!r} {self.target!r} HTTP/{self.version}>"
@@ -95,6 +86,7 @@ class Request:
 
 class Data:
     __slots__ = ("data",)
+    ends_message = False
 
     def __init__(self, data: bytes) -> None:
         self.data = data
@@ -104,13 +96,21 @@ class Data:
 
 
 class EndOfMessage:
-    __slots__ = ("trailers",)
+    """The end of a request; ``trailers``: the (name, value) fields that followed a
+    chunked body."""
 
-    def __init__(self, trailers: list) -> None:
+    __slots__ = ("trailers",)
+    ends_message = True
+
+    def __init__(self, trailers: list | tuple) -> None:
         self.trailers = trailers
 
     def __repr__(self) -> str:
         return f"<EndOfMessage trailers={self.trailers!r}>"
+
+
+_new_request = object.__new__   # see Connection.on_headers_complete
+_END_NO_TRAILERS = EndOfMessage(())   # immutable, so one serves every such request
 
 
 class _StopParsing(Exception):
@@ -159,21 +159,27 @@ _NO_BODY_STATUS = frozenset((204, 304))
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "te",
                          "trailer", "upgrade", "proxy-connection"))
 _OWS = (b" ", b"\t")
+# Byte values for membership tests: `95 in data` is a memchr, while `b"_" in data`
+# first tries the needle as an int and raises (and clears) a TypeError every time.
+_UNDERSCORE, _HASH, _QUESTION = ord("_"), ord("#"), ord("?")
 
 
 def _tokens(value: bytes) -> list[bytes]:
     return [t.strip(b" \t").lower() for t in value.split(b",")]
 
 
-@functools.lru_cache(maxsize=256)
-def _render_fields(status: str, headers) -> tuple[bytes, bytes, int, int | None, bool]:
-    """Render what a response head takes from the application: (status line and
-    Server field, the application's fields, status code, Content-Length or None,
-    whether the application asked for Connection: close).
+# What a response head takes from the application: (status line and Server field,
+# the application's fields, status code, its Content-Length or None, whether it asked
+# for Connection: close). See render_head.
+RenderedHead = tuple[bytes, bytes, int, "int | None", bool]
 
-    Pure, so memoised: an application answers with few distinct heads, and the
-    cache is bounded (a miss costs no more than rendering).
-    """
+
+def render_head(status: str, headers) -> RenderedHead:
+    """Render an application's status and header pairs (validated latin-1 ``str``)
+    for :meth:`Connection.whole_response` and :meth:`Connection.rendered_head`.
+
+    Raises :class:`LocalProtocolError` for framing the application may not set
+    (hop-by-hop fields, an invalid Content-Length). Pure: callers may memoise it."""
     code = int(status[:3])
     parts = []
     length = None
@@ -198,8 +204,9 @@ def _render_fields(status: str, headers) -> tuple[bytes, bytes, int, int | None,
 class Connection:
     """Server side of one HTTP/1.1 connection.
 
-    ``next_event()`` returns, for each request: a :class:`Request`, zero or more
-    :class:`Data`, an :class:`EndOfMessage`; then ``PAUSED`` until
+    ``next_event()`` returns, for each request: a :class:`Request`, then, if it has a
+    body, zero or more :class:`Data` and an :class:`EndOfMessage` (an event's
+    ``ends_message`` says it was the request's last); then ``PAUSED`` until
     ``start_next_cycle()`` is called after the response was sent. ``NEED_DATA``
     means more bytes are needed, ``CONNECTION_CLOSED`` that no request will follow.
     Raises :class:`RemoteProtocolError` for a bad request, after which the
@@ -207,11 +214,11 @@ class Connection:
     """
 
     __slots__ = ("limit_request_line", "limit_request_fields", "limit_request_field_size",
-                 "max_body_size", "require_host", "_head_cap", "_date", "_parser", "_events",
-                 "_unfed", "_raw", "_raw_len", "_error", "_dead", "_eof", "_paused",
-                 "_closing", "_in_message", "_url", "_headers", "_request", "_trailers",
-                 "_body_len", "response_keep_alive", "_resp_chunked", "_resp_no_body",
-                 "_resp_remaining", "_resp_started")
+                 "max_body_size", "require_host", "_field_cap", "_head_cap", "_date",
+                 "_parser", "_events", "_raw", "_raw_len", "_error", "_dead", "_eof",
+                 "_paused", "_closing", "_in_message", "_ended", "_url", "_headers",
+                 "_request", "_trailers", "_body_len", "response_keep_alive", "_resp_chunked",
+                 "_resp_no_body", "_resp_remaining", "_resp_started")
 
     def __init__(self, *, limit_request_line: int = 8190, limit_request_fields: int = 100,
                  limit_request_field_size: int = 8190, max_body_size: int | None = None,
@@ -221,6 +228,7 @@ class Connection:
         self.limit_request_field_size = limit_request_field_size
         self.max_body_size = max_body_size
         self.require_host = require_host
+        self._field_cap = limit_request_field_size - 4   # name and value; ": " and CRLF
         # A head may be at most this long before it is complete (memory guard for
         # clients that trickle an endless header block).
         self._head_cap = (limit_request_line + 2
@@ -228,7 +236,6 @@ class Connection:
         self._date = date_cache if date_cache is not None else DateCache()
         self._parser = httptools.HttpRequestParser(self)
         self._events: deque = deque()
-        self._unfed: list[bytes] = []    # received, not yet given to the parser
         self._raw: list[bytes] = []      # fed bytes of the message in progress
         self._raw_len = 0
         self._error: RemoteProtocolError | None = None   # raised after queued events
@@ -237,6 +244,7 @@ class Connection:
         self._paused = False             # request delivered, response not done
         self._closing = False            # no request after the current one
         self._in_message = False
+        self._ended: list[Request] = []  # requests completed during the current feed
         self._url = b""
         self._headers: list = []         # (name, value) as llhttp gave them
         self._request: Request | None = None
@@ -251,13 +259,6 @@ class Connection:
 
     # ---------------------------------------------------------------- receiving
 
-    def _reset_message(self) -> None:
-        self._url = b""
-        self._headers = []
-        self._request = None
-        self._trailers = None
-        self._body_len = 0
-
     def close(self) -> None:
         """Forget the parser (it refers back to this object): nothing more is parsed.
 
@@ -265,17 +266,56 @@ class Connection:
         collector."""
         self._dead = True
         self._parser = None
-        self._unfed.clear()
         self._raw.clear()
         self._raw_len = 0
         self._events.clear()
 
     def receive_data(self, data: bytes) -> None:
-        """Add bytes from the peer; ``b""`` means the peer closed its side."""
+        """Add bytes from the peer; ``b""`` means the peer closed its side.
+
+        They are parsed at once; the events wait in a queue that :meth:`next_event`
+        hands out one request at a time."""
         if not data:
             self._eof = True
-        elif not self._dead:
-            self._unfed.append(data)
+            return
+        if self._dead:
+            return
+        self._raw.append(data)
+        self._raw_len += len(data)
+        try:
+            self._parser.feed_data(data)
+            if self._ended:
+                if self._in_message:
+                    self._account_ended()
+                else:
+                    # The usual case: this feed ended with the request it completed
+                    # (empty lines may follow, which RFC 9112 §2.2 lets a server ignore).
+                    self._raw.clear()
+                    self._raw_len = 0
+                    self._ended.clear()
+        except httptools.HttpParserUpgrade as exc:
+            self._ended.clear()
+            # CONNECT or Upgrade: the request is complete (llhttp skips its body);
+            # we tunnel nothing, so the connection closes after the response.
+            self._dead = True
+            self._closing = True
+            self._raw.clear()
+            self._raw_len = 0
+            del exc
+        except httptools.HttpParserError as exc:
+            self._ended.clear()
+            self._dead = True
+            self._raw.clear()
+            self._raw_len = 0
+            if self._error is None and not self._closing:
+                status = 400
+                reason = str(exc) or type(exc).__name__
+                self._error = RemoteProtocolError(status, reason)
+        else:
+            # Still in a head: guard the memory an unfinished head can take.
+            if self._in_message and self._request is None and self._raw_len > self._head_cap:
+                self._dead = True
+                self._error = RemoteProtocolError(431, "request header block too large")
 
     @property
     def paused(self) -> bool:
@@ -289,15 +329,16 @@ class Connection:
 
     @property
     def has_unparsed(self) -> bool:
-        """Bytes of a request not yet delivered are waiting (or already queued)."""
-        return bool(self._raw_len or self._unfed or self._events)
+        """Something of a next request is here: bytes not yet delivered, queued
+        events, or an error still to be raised by :meth:`next_event`."""
+        return bool(self._raw_len or self._events or self._error is not None)
 
     def unparsed_bytes(self) -> bytes:
         """Bytes received that belong to no request delivered so far.
 
         Only meaningful while ``idle``: they can be fed to a fresh Connection.
         """
-        return b"".join(self._raw) + b"".join(self._unfed)
+        return b"".join(self._raw)
 
     def next_event(self):
         if self._paused:
@@ -309,52 +350,30 @@ class Connection:
                 raise err
             if self._closing or self._dead:
                 return CONNECTION_CLOSED
-            if self._unfed:
-                self._feed()
-            if not events:
-                if self._error is not None:
-                    err, self._error = self._error, None
-                    raise err
-                if self._eof:
-                    self._dead = True
-                    if self._in_message or self._raw_len:
-                        raise RemoteProtocolError(400, "incomplete request")
-                    return CONNECTION_CLOSED
-                return NEED_DATA
+            if self._eof:
+                self._dead = True
+                if self._in_message or self._raw_len:
+                    raise RemoteProtocolError(400, "incomplete request")
+                return CONNECTION_CLOSED
+            return NEED_DATA
         event = events.popleft()
-        if event.__class__ is EndOfMessage:
+        if event.ends_message:
             self._paused = True
         return event
 
-    def _feed(self) -> None:
-        unfed = self._unfed
-        data = unfed[0] if len(unfed) == 1 else b"".join(unfed)
-        unfed.clear()
-        self._raw.append(data)
-        self._raw_len += len(data)
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            # CONNECT or Upgrade: the request is complete (llhttp skips its body);
-            # we tunnel nothing, so the connection closes after the response.
-            self._dead = True
-            self._closing = True
-            self._raw.clear()
-            self._raw_len = 0
-            del exc
-        except httptools.HttpParserError as exc:
-            self._dead = True
-            self._raw.clear()
-            self._raw_len = 0
-            if self._error is None and not self._closing:
-                status = 400
-                reason = str(exc) or type(exc).__name__
-                self._error = RemoteProtocolError(status, reason)
-        else:
-            # Still in a head: guard the memory an unfinished head can take.
-            if self._in_message and self._request is None and self._raw_len > self._head_cap:
-                self._dead = True
-                self._error = RemoteProtocolError(431, "request header block too large")
+    def _account_ended(self) -> None:
+        """A pipelined request began after those this feed completed: drop their
+        bytes from ``_raw``, so that only its own remain (``unparsed_bytes``)."""
+        raw = self._raw
+        data = raw[0] if len(raw) == 1 else b"".join(raw)
+        start = 0
+        for request in self._ended:
+            start = self._message_end(data, request, start)
+        rest = data[start:]
+        raw.clear()
+        raw.append(rest)
+        self._raw_len = len(rest)
+        self._ended.clear()
 
     def _fail(self, status: int, reason: str):
         """Record the error and abort parsing (called from parser callbacks)."""
@@ -404,12 +423,12 @@ class Connection:
         if name.lower() in _FORBIDDEN_TRAILERS:
             self._fail(400, "forbidden trailer field")
         # A name with "_" is dropped (as in a head) but still counted.
-        self._trailers.append((name, value) if b"_" not in name else None)
+        self._trailers.append((name, value) if _UNDERSCORE not in name else None)
 
     def on_headers_complete(self) -> None:
         # The fields, checked and interpreted in one pass.
         fields = self._headers
-        field_cap = self.limit_request_field_size - 4
+        field_cap = self._field_cap
         hosts = 0
         cl = te = expect = None
         tokens = ()
@@ -422,7 +441,7 @@ class Connection:
                 # llhttp keeps trailing whitespace; RFC 9110 §5.5: not part of the value.
                 value = value.rstrip(b" \t")
                 rebuild = True
-            if b"_" in name:
+            if _UNDERSCORE in name:
                 # Dropped, never forwarded: with CGI-style mapping X_Y and X-Y collide,
                 # which lets a client spoof headers a proxy set.
                 rebuild = True
@@ -450,7 +469,7 @@ class Connection:
         headers = fields
         if rebuild:
             headers = [(n, v.rstrip(b" \t") if v[-1:] in _OWS else v)
-                       for n, v in fields if b"_" not in n]
+                       for n, v in fields if _UNDERSCORE not in n]
         parser = self._parser
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
@@ -460,10 +479,13 @@ class Connection:
         if len(method) + len(target) + 10 > self.limit_request_line:
             self._fail(414, "request line too long")
         if target[:1] == b"/":
-            path, _, query = target.partition(b"?")
-            if b"#" in query:
-                query = query.partition(b"#")[0]
-            elif b"#" in path:
+            if _QUESTION in target:
+                path, _, query = target.partition(b"?")
+                if _HASH in query:
+                    query = query.partition(b"#")[0]
+            else:
+                path, query = target, b""
+            if _HASH in path:
                 path = path.partition(b"#")[0]
         else:
             path, query = self._other_target(method, target)
@@ -492,14 +514,28 @@ class Connection:
             keep_alive = b"close" not in tokens
         else:
             keep_alive = b"keep-alive" in tokens and b"close" not in tokens
-        upgrade = parser.should_upgrade()
+        # llhttp only upgrades a CONNECT or a request with Connection: upgrade.
+        upgrade = (tokens or method == b"CONNECT") and parser.should_upgrade()
         if upgrade:
             keep_alive = False
         expects_continue = (expect is not None and version == "1.1"
                             and expect.lower() == b"100-continue"
                             and (chunked or bool(content_length)))
-        request = Request(method, target, path, query, version, headers,
-                          keep_alive, expects_continue, chunked, content_length, upgrade)
+        # Built through its slots: a call to __init__ with eleven arguments costs about
+        # as much as everything above, once per request.
+        request = _new_request(Request)
+        request.method = method
+        request.target = target
+        request.path = path
+        request.query = query
+        request.version = version
+        request.headers = headers
+        request.keep_alive = keep_alive
+        request.expects_continue = expects_continue
+        request.chunked = chunked
+        request.content_length = content_length
+        request.upgrade = upgrade
+        request.ends_message = not (chunked or content_length)
         self._request = request
         self._events.append(request)
 
@@ -537,27 +573,21 @@ class Connection:
         trailers = self._trailers
         if trailers and None in trailers:
             trailers = [t for t in trailers if t is not None]
-        self._events.append(EndOfMessage(trailers or []))
+        if not request.ends_message:
+            self._events.append(EndOfMessage(trailers) if trailers else _END_NO_TRAILERS)
         if not request.keep_alive:
             self._closing = True
-        # Find where this message ended in the raw stream, so that what follows
-        # (a pipelined request) is accounted to the next message.
-        raw = self._raw
-        data = raw[0] if len(raw) == 1 else b"".join(raw)
-        end = self._message_end(data, request)
-        raw.clear()
-        if end < len(data):
-            rest = data[end:]
-            raw.append(rest)
-            self._raw_len = len(rest)
-        else:
-            self._raw_len = 0
+        self._ended.append(request)   # its bytes leave _raw when the feed returns
         self._in_message = False
-        self._reset_message()
+        self._url = b""
+        self._headers = []
+        self._request = None
+        self._trailers = None
+        self._body_len = 0
 
     @staticmethod
-    def _message_end(data: bytes, request: Request) -> int:
-        start = 0
+    def _message_end(data: bytes, request: Request, start: int) -> int:
+        """Where ``request``, whose bytes begin at ``start`` of ``data``, ends."""
         while data.startswith(b"\r\n", start):   # empty lines before a request line
             start += 2
         pos = data.find(b"\r\n\r\n", start) + 4
@@ -577,10 +607,13 @@ class Connection:
             return pos + 2
         return data.index(b"\r\n\r\n", pos) + 4
 
-    def start_next_cycle(self) -> None:
-        """The response to the current request is complete: allow the next one."""
+    def start_next_cycle(self) -> bool:
+        """The response to the current request is complete: allow the next one.
+
+        Returns :attr:`has_unparsed`: whether something of it is already here."""
         self._paused = False
         self._resp_started = False
+        return bool(self._raw_len or self._events or self._error is not None)
 
     # ---------------------------------------------------------------- responding
 
@@ -592,36 +625,44 @@ class Connection:
         ``content_length_hint``: the whole body length, when the caller knows it
         although the application gave no Content-Length.
         """
-        return b"".join(self._head_parts(request, status, headers, content_length_hint))
+        return self.rendered_head(request, render_head(status, headers), content_length_hint)
 
-    def whole_response(self, request: Request, status: str, headers, body: bytes) -> bytes:
-        """Head, ``body`` and end of a response whose body is known whole, in one piece
-        (the Content-Length is the body's unless the application gave one)."""
-        parts = self._head_parts(request, status, headers, len(body))
-        if not self._resp_no_body:
-            remaining = self._resp_remaining   # not None: a length is known
-            if len(body) > remaining:
+    def rendered_head(self, request: Request, rendered: RenderedHead,
+                      content_length_hint: int | None = None) -> bytes:
+        """:meth:`response_head` for a head already rendered by :func:`render_head`."""
+        start, fields, code, length, app_close = rendered
+        end = self._frame(request, code, length, content_length_hint, app_close)
+        return b"".join((start, self._date.line(), fields, end))
+
+    def whole_response(self, request: Request, rendered: RenderedHead, body: bytes) -> bytes:
+        """Head (rendered by :func:`render_head`), ``body`` and end of a response whose
+        body is known whole, in one piece (the Content-Length is the body's unless the
+        application gave one)."""
+        start, fields, code, length, app_close = rendered
+        size = len(body)
+        end = self._frame(request, code, length, size, app_close)
+        if self._resp_no_body:
+            return b"".join((start, self._date.line(), fields, end))
+        remaining = self._resp_remaining   # not None: a length is known
+        if size != remaining:
+            if size > remaining:
                 # Nothing went out: the caller may still answer with an error.
                 self._resp_started = False
                 raise LocalProtocolError(500, "application wrote more than Content-Length")
-            if len(body) < remaining:
-                # The app promised more than it gave: the client would wait forever.
-                self.response_keep_alive = False
-                self._closing = True
-            self._resp_remaining = remaining - len(body)
-            parts.append(body)
-        return b"".join(parts)
+            # The app promised more than it gave: the client would wait forever.
+            self.response_keep_alive = False
+            self._closing = True
+        self._resp_remaining = remaining - size
+        return b"".join((start, self._date.line(), fields, end, body))
 
-    def _head_parts(self, request: Request, status: str, headers,
-                    content_length_hint: int | None) -> list:
+    def _frame(self, request: Request, code: int, length: int | None,
+               content_length_hint: int | None, app_close: bool) -> bytes:
+        """Decide how the response body is framed and whether the connection stays
+        open; return the bytes that end the head (framing fields and blank line)."""
         if self._resp_started:
             raise LocalProtocolError(500, "response already started")
-        try:
-            start, fields, code, length, app_close = _render_fields(status, tuple(headers))
-        except TypeError:   # an unhashable item: render without the cache
-            start, fields, code, length, app_close = _render_fields.__wrapped__(status, headers)
         keep_alive = request.keep_alive and not app_close
-        parts = [start, self._date.line(), fields]
+        framing = b""
         chunked = False
         if code < 200 or code in _NO_BODY_STATUS:
             no_body = True
@@ -633,25 +674,25 @@ class Connection:
             if length is None:
                 if content_length_hint is not None:
                     length = content_length_hint
-                    parts.append(b"Content-Length: %d\r\n" % length)
+                    framing = b"Content-Length: %d\r\n" % length
                 elif request.version == "1.1":
                     chunked = True
-                    parts.append(b"Transfer-Encoding: chunked\r\n")
+                    framing = b"Transfer-Encoding: chunked\r\n"
                 else:
                     keep_alive = False   # the body ends when we close
         if not keep_alive:
-            parts.append(b"Connection: close\r\n\r\n")
+            end = b"Connection: close\r\n\r\n"
             self._closing = True
         elif request.version == "1.0":
-            parts.append(b"Connection: keep-alive\r\n\r\n")
+            end = b"Connection: keep-alive\r\n\r\n"
         else:
-            parts.append(b"\r\n")
+            end = b"\r\n"
         self.response_keep_alive = keep_alive
         self._resp_chunked = chunked
         self._resp_no_body = no_body
         self._resp_remaining = None if no_body else length
         self._resp_started = True
-        return parts
+        return framing + end if framing else end
 
     def body(self, data: bytes) -> bytes:
         """Frame one piece of response body (may return b"")."""

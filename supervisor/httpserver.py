@@ -62,6 +62,7 @@ _NEED_DATA, _CONNECTION_CLOSED = http11.NEED_DATA, http11.CONNECTION_CLOSED
 # _PROXY: awaiting its PROXY header. Its client is not known yet, so such a connection
 # is never taken or handed back (both want _READING); header_timeout_s bounds the wait.
 _READING, _BUSY, _WRITING, _CLOSING, _PROXY = 0, 1, 2, 3, 4
+_IDLE, _STARTED, _TIMED = 0, 1, 2   # _Conn.started
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,8 @@ class ServerSettings:
 
 
 class _Conn:
-    __slots__ = ("sock", "fd", "peer", "builder", "proto", "state", "outbuf", "deadline",
-                 "armed", "request", "body", "body_len", "spool", "events", "started",
+    __slots__ = ("sock", "fd", "peer", "builder", "environ_base", "proto", "state", "outbuf",
+                 "deadline", "armed", "request", "body", "body_len", "spool", "events", "started",
                  "outcome", "continue_input", "on_close", "listener", "proxy_buf",
                  "write_timeout_s", "busy_since", "request_started")
 
@@ -88,6 +89,7 @@ class _Conn:
         self.fd = sock.fileno()
         self.peer = peer
         self.builder = builder
+        self.environ_base = builder.connection_base(peer)
         self.proto = proto
         self.state = _READING
         self.outbuf = bytearray()
@@ -98,7 +100,10 @@ class _Conn:
         self.body_len = 0
         self.spool = None
         self.events = 0
-        self.started = False       # bytes of the current request have arrived
+        # Whether bytes of the current request arrived: _IDLE, _STARTED, or _TIMED once
+        # its header_timeout_s deadline is armed (only if the request is not complete in
+        # the first read: most are, and never need one).
+        self.started = _IDLE
         self.outcome = None
         self.continue_input = None
         self.busy_since = 0.0      # when a pool thread took its current request
@@ -249,6 +254,7 @@ class Server:
         self._tick: tuple[float, Callable[[], None]] | None = None
         self._shut_down = False  # pool threads close what they finish after this
         self._tick_at = float("inf")
+        self._after_events: Callable[[], None] | None = None
         self._builders: dict[str, EnvironBuilder] = {}
         self._listener_builders = []
         for sock in self._listeners:
@@ -294,6 +300,12 @@ class Server:
         self._tick = (interval_s, callback)
         self._tick_at = time.monotonic() + interval_s
 
+    def after_events(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` once per loop iteration, after that wakeup's events were
+        handled and before the next wait: where reports gathered meanwhile (one
+        message for many connections) go out."""
+        self._after_events = callback
+
     def oldest_request_age(self) -> float | None:
         """Seconds the longest-running app call has run (pool threads only: an inline
         call blocks the loop, and the silence says it)."""
@@ -314,7 +326,7 @@ class Server:
         if initial_bytes and proxy_protocol:
             self._on_proxy_bytes(conn, initial_bytes)
         elif initial_bytes:
-            conn.started = True
+            conn.started = _STARTED
             conn.request_started = self._now
             conn.proto.receive_data(initial_bytes)
             self._process(conn)
@@ -395,6 +407,8 @@ class Server:
                         obj()
                 if timers and timers[0][0] <= self._now:
                     self._expire(self._now)
+                if self._after_events is not None:
+                    self._after_events()
         finally:
             if self._stopping:
                 self._shutdown()
@@ -588,9 +602,8 @@ class Server:
                 return
         elif not conn.started:
             # First bytes of a request (the previous one, if any, is answered).
-            conn.started = True
+            conn.started = _STARTED
             conn.request_started = self._now
-            self._set_deadline(conn, self._header_timeout_s)
         conn.proto.receive_data(data)
         self._process(conn)
 
@@ -622,12 +635,13 @@ class Server:
             return
         if not result.use_peer:
             conn.peer = result.source
+            conn.environ_base = conn.builder.connection_base(conn.peer)
         rest = bytes(buf[result.consumed:])
         conn.proxy_buf = None
         conn.state = _READING
         self._selector.modify(conn.sock, _READ, (_CONN, conn))
         if rest:
-            conn.started = True
+            conn.started = _STARTED
             conn.request_started = self._now
             conn.proto.receive_data(rest)
             self._process(conn)
@@ -644,7 +658,10 @@ class Server:
             cls = event.__class__
             if cls is _Request:
                 conn.request = event
-                if event.expects_continue:
+                if event.ends_message:   # no body: the request is whole
+                    if not self._dispatch(conn, False):
+                        return
+                elif event.expects_continue:
                     if not self._dispatch(conn, True):
                         return
             elif cls is _EndOfMessage:
@@ -658,8 +675,10 @@ class Server:
                     continue          # an abandoned 100-continue body
                 self._add_body(conn, event.data)
             elif event is _NEED_DATA:
-                if conn.body_len and conn.request is not None:
-                    # Body progress: the timeout is about inactivity, not total time.
+                # The head must be complete header_timeout_s after its first byte; a
+                # body's timeout is about inactivity, so progress re-arms it.
+                if conn.started == _STARTED or (conn.body_len and conn.request is not None):
+                    conn.started = _TIMED
                     self._set_deadline(conn, self._header_timeout_s)
                 return
             elif event is _CONNECTION_CLOSED:
@@ -731,14 +750,14 @@ class Server:
             self._close(conn)
             return
         conn.state = _READING
-        if self._next_request(conn):
+        if self._next_request(conn, conn.proto.has_unparsed):
             self._process(conn)
 
     # ---------------------------------------------------------------- running the app
 
     def _dispatch(self, conn: _Conn, continue_mode: bool) -> bool:
-        """Run the request; True when the caller should go on reading ``conn``
-        (inline mode; a loop instead of recursion keeps deep pipelines safe)."""
+        """Run the request; True when bytes of ``conn``'s next request wait to be
+        parsed (inline mode; a loop instead of recursion keeps deep pipelines safe)."""
         conn.state = _BUSY
         conn.deadline = 0.0
         if self._work is None:
@@ -815,10 +834,12 @@ class Server:
         elif conn.spool is not None:
             wsgi_input = conn.spool
             wsgi_input.seek(0)
-        else:
+        elif conn.body_len:
             body = conn.body
             wsgi_input = io.BytesIO(body[0] if len(body) == 1 else b"".join(body))
-        environ = conn.builder.build(request, wsgi_input, conn.peer)
+        else:
+            wsgi_input = io.BytesIO()
+        environ = conn.builder.build_from(conn.environ_base, request, wsgi_input)
         conn.outcome = run_app(self.app, environ, proto, request, send, self.error_log,
                                conn.sendfile)
 
@@ -854,7 +875,7 @@ class Server:
     def _finish(self, conn: _Conn) -> bool:
         """Back in the loop thread after the app ran: log, then next request or close.
 
-        True when ``conn`` is ready to be read for its next request."""
+        True when bytes of ``conn``'s next request wait to be parsed."""
         outcome = conn.outcome
         request = conn.request
         self._requests_served += 1
@@ -867,7 +888,7 @@ class Server:
         if conn.body_len or conn.body:
             conn.body = []
             conn.body_len = 0
-        conn.started = False
+        conn.started = _IDLE
         conn.outcome = None
         if self._conns.get(conn.fd) is not conn:
             return False
@@ -883,30 +904,36 @@ class Server:
             else:
                 self._close(conn)
             return False
-        conn.proto.start_next_cycle()
+        pending = conn.proto.start_next_cycle()
         if conn.outbuf:
             conn.state = _WRITING
             self._set_events(conn, _WRITE)
             self._set_deadline(conn, self._write_timeout_s)
             return False
         conn.state = _READING
-        return self._next_request(conn)
+        return self._next_request(conn, pending)
 
-    def _next_request(self, conn: _Conn) -> bool:
-        """Prepare ``conn`` to wait for its next request; False if it was closed."""
-        pending = conn.proto.has_unparsed
+    def _next_request(self, conn: _Conn, pending: bool) -> bool:
+        """Prepare ``conn`` to wait for its next request, of which something is
+        already here if ``pending``. True when that is to be parsed now; False when
+        the connection was closed, or must wait for bytes (a peer's close is then seen
+        by the next read)."""
         if self._stopping and not pending and self._handback is None:
             self._close(conn)   # draining: an idle keep-alive connection is closed
             return False        # (with a hand-back, the drain loop gives it away instead)
         if conn.events != _READ:
             self._set_events(conn, _READ)
         if pending:
-            conn.started = True
+            conn.started = _TIMED
             conn.request_started = self._now
             self._set_deadline(conn, self._header_timeout_s)
-        else:
+            return True
+        # _set_deadline, inlined for the way every keep-alive request ends: a later
+        # deadline than the armed one needs no heap entry.
+        deadline = conn.deadline = self._now + self._keepalive_s
+        if not conn.armed or deadline < conn.armed:
             self._set_deadline(conn, self._keepalive_s)
-        return True
+        return False
 
     def _log_access(self, conn: _Conn, request, status: str, sent: int) -> None:
         # Only called when an access log is configured; the line is formatted by the

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
-from .http11 import Connection, LocalProtocolError, Request
+from .http11 import Connection, LocalProtocolError, RenderedHead, Request, render_head
 
 __all__ = ["EnvironBuilder", "Input", "FileWrapper", "Outcome", "run_app",
            "valid_status", "valid_header"]
@@ -43,28 +43,43 @@ def valid_header(name, value) -> bool:
             and _TOKEN.fullmatch(name) is not None and _FIELD_VALUE.fullmatch(value) is not None)
 
 
-# Applications answer with few distinct statuses and header lists, so their checks
-# are memoised (pure functions, bounded caches; a miss costs what checking costs).
-# Keys compare by value: an equal str or tuple passes or fails the same checks.
-_valid_status_memo = functools.lru_cache(maxsize=64)(valid_status)
-
-
 @functools.lru_cache(maxsize=256)
-def _first_bad_header(headers: tuple):
-    """The first invalid item of ``headers``, or None."""
+def _checked_head(status: str, headers: tuple) -> RenderedHead:
+    """Check what an application gave start_response, and render it.
+
+    Memoised: applications answer with few distinct heads, and this is pure (keys
+    compare by value: an equal str or tuple passes or fails the same checks; an error
+    is never cached). The cache is bounded; a miss costs what checking costs."""
+    if not valid_status(status):
+        raise LocalProtocolError(500, f"invalid status from application: {status!r}")
     for item in headers:
         if type(item) is not tuple or len(item) != 2 or not valid_header(*item):
-            return item
-    return None
+            raise LocalProtocolError(500, f"invalid header from application: {item!r}")
+    return render_head(status, headers)
 
 
-@functools.lru_cache(maxsize=512)
+_PERCENT = ord("%")   # `37 in path` is a memchr; `b"%" in path` raises and clears a TypeError first
+_SERVER_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
+
+
 def _environ_key(name: bytes) -> tuple[str, bool]:
-    """CGI key for a header name, and whether it is a proxy (forwarded) header."""
+    """CGI key for a header name, and whether it is a proxy (forwarded) header
+    (callers look in _ENVIRON_KEYS first)."""
     key = name.decode("latin-1").upper().replace("-", "_")
     if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
-        return key, False
-    return "HTTP_" + key, key.startswith(("X_FORWARDED_", "X_REAL")) or key == "FORWARDED"
+        found = key, False
+    else:
+        found = "HTTP_" + key, key.startswith(("X_FORWARDED_", "X_REAL")) or key == "FORWARDED"
+    if len(_ENVIRON_KEYS) < _ENVIRON_KEYS_MAX:
+        _ENVIRON_KEYS[name] = found
+    return found
+
+
+# Memo of _environ_key, a pure function: clients send few distinct header names. A
+# plain dict, as lru_cache builds a key tuple per call for a bytes argument; bounded
+# by refusing new names when full (a miss costs what computing costs).
+_ENVIRON_KEYS: dict[bytes, tuple[str, bool]] = {}
+_ENVIRON_KEYS_MAX = 512
 
 
 class Input:
@@ -183,31 +198,46 @@ class EnvironBuilder:
         }
 
     def build(self, request: Request, wsgi_input, peer) -> dict:
-        environ = self._base.copy()
-        environ["REQUEST_METHOD"] = request.method.decode("latin-1")
-        path = request.path
-        if b"%" in path:
-            path = unquote_to_bytes(path)
-        environ["PATH_INFO"] = path.decode("latin-1")
-        environ["QUERY_STRING"] = request.query.decode("latin-1")
-        environ["RAW_URI"] = request.target.decode("latin-1")
-        environ["SERVER_PROTOCOL"] = "HTTP/1.1" if request.version == "1.1" else "HTTP/1.0"
+        return self.build_from(self.connection_base(peer), request, wsgi_input)
+
+    def connection_base(self, peer) -> dict:
+        """What the environs of one connection from ``peer`` share: built once per
+        connection, for :meth:`build_from`."""
+        base = self._base.copy()
         if type(peer) is tuple:
-            environ["REMOTE_ADDR"] = peer[0]
-            environ["REMOTE_PORT"] = str(peer[1])
+            base["REMOTE_ADDR"] = peer[0]
+            base["REMOTE_PORT"] = str(peer[1])
         else:
-            environ["REMOTE_ADDR"] = str(peer or "")
+            base["REMOTE_ADDR"] = str(peer or "")
+        return base
+
+    def build_from(self, base: dict, request: Request, wsgi_input) -> dict:
+        raw_uri = request.target.decode("latin-1")
+        path = request.path
+        if path == request.target and "%" not in raw_uri:   # nothing to split or decode
+            path_info = raw_uri
+            query = ""
+        else:
+            if _PERCENT in path:
+                path = unquote_to_bytes(path)
+            path_info = path.decode("latin-1")
+            query = request.query.decode("latin-1")
+        environ = base.copy()   # a copy is a memcpy; a {**base, ...} display is not
+        environ["REQUEST_METHOD"] = request.method.decode("latin-1")
+        environ["PATH_INFO"] = path_info
+        environ["QUERY_STRING"] = query
+        environ["RAW_URI"] = raw_uri
+        environ["SERVER_PROTOCOL"] = _SERVER_PROTOCOLS[request.version]
         environ["wsgi.input"] = wsgi_input
         forwarded = False
         for name, value in request.headers:
-            key, proxied = _environ_key(name)
+            key, proxied = _ENVIRON_KEYS.get(name) or _environ_key(name)
             if proxied:
                 forwarded = True
-            svalue = value.decode("latin-1")
             if key in environ:
-                environ[key] += ", " + svalue
+                environ[key] += ", " + value.decode("latin-1")
             else:
-                environ[key] = svalue
+                environ[key] = value.decode("latin-1")
         if request.chunked and "CONTENT_LENGTH" not in environ:
             # The body was de-chunked for the application; wsgi.input ends with it.
             environ["wsgi.input_terminated"] = True
@@ -246,75 +276,65 @@ class EnvironBuilder:
 
 
 class Outcome:
-    """What happened on one request, for the server and the access log."""
+    """One request's response: ``start_response`` and ``write()`` for the application,
+    and what happened, for the server and the access log."""
 
-    __slots__ = ("status", "sent", "must_close", "head_sent")
+    __slots__ = ("status", "sent", "must_close", "head_sent", "conn", "request", "send",
+                 "status_line", "headers", "rendered")
 
-    def __init__(self) -> None:
-        self.status = "500"
+    def __init__(self, conn: Connection, request: Request, send) -> None:
+        self.status = "500"     # the status code sent (access log)
         self.sent = 0           # body bytes sent
         self.must_close = False
         self.head_sent = False
-
-
-_ERROR_BODY = b"Internal Server Error\n"
-
-
-class _Responder:
-    """start_response and write() for one request."""
-
-    __slots__ = ("conn", "request", "send", "status", "headers", "outcome")
-
-    def __init__(self, conn: Connection, request: Request, send, outcome: Outcome) -> None:
         self.conn = conn
         self.request = request
         self.send = send
-        self.status = None
+        self.status_line = None   # as the application gave it
         self.headers = None
-        self.outcome = outcome
+        self.rendered = None
 
     def start_response(self, status, headers, exc_info=None):
         if exc_info is not None:
             try:
-                if self.outcome.head_sent:
+                if self.head_sent:
                     raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None   # no reference cycle through the frame
-        elif self.status is not None:
+        elif self.status_line is not None:
             raise AssertionError("start_response called twice without exc_info")
-        if type(status) is not str or not _valid_status_memo(status):
-            raise LocalProtocolError(500, f"invalid status from application: {status!r}")
         if type(headers) is not list:
             raise LocalProtocolError(500, "response headers must be a list")
         # A snapshot: what was checked is what is sent.
         headers = tuple(headers)
         try:
-            bad = _first_bad_header(headers)
-        except TypeError:   # an unhashable item
-            bad = _first_bad_header.__wrapped__(headers)
-        if bad is not None:
-            raise LocalProtocolError(500, f"invalid header from application: {bad!r}")
-        self.status = status
+            self.rendered = _checked_head(status, headers)
+        except TypeError:   # an unhashable item or status
+            self.rendered = _checked_head.__wrapped__(status, headers)
+        self.status_line = status
         self.headers = headers
         return self.write
 
     def send_head(self, hint: int | None) -> bytes:
-        if self.status is None:
+        if self.status_line is None:
             raise LocalProtocolError(500, "application did not call start_response")
-        head = self.conn.response_head(self.request, self.status, self.headers, hint)
-        self.outcome.head_sent = True
-        self.outcome.status = self.status[:3]
+        head = self.conn.rendered_head(self.request, self.rendered, hint)
+        self.head_sent = True
+        self.status = self.status_line[:3]
         return head
 
     def write(self, data: bytes) -> None:
         if type(data) is not bytes:
             raise TypeError("write() needs bytes")
         out = b""
-        if not self.outcome.head_sent:
+        if not self.head_sent:
             out = self.send_head(None)
         framed = self.conn.body(data)
-        self.outcome.sent += len(data)
+        self.sent += len(data)
         self.send(out + framed if out else framed)
+
+
+_ERROR_BODY = b"Internal Server Error\n"
 
 
 def run_app(app, environ: dict, conn: Connection, request: Request,
@@ -325,27 +345,26 @@ def run_app(app, environ: dict, conn: Connection, request: Request,
     ``send`` must send everything or raise OSError; ``sendfile(file, offset,
     count)`` sends a file's bytes and returns how many went out.
     """
-    outcome = Outcome()
-    responder = _Responder(conn, request, send, outcome)
+    outcome = Outcome(conn, request, send)
     result = None
     try:
-        result = app(environ, responder.start_response)
+        result = app(environ, outcome.start_response)
         if type(result) is list and len(result) == 1 and not outcome.head_sent:
             # The fast path: one bytes chunk, one send with a Content-Length.
             body = result[0]
             if type(body) is not bytes:
                 raise TypeError(f"application returned {type(body).__name__}, not bytes")
-            status = responder.status
+            status = outcome.status_line
             if status is None:
                 raise LocalProtocolError(500, "application did not call start_response")
-            data = conn.whole_response(request, status, responder.headers, body)
+            data = conn.whole_response(request, outcome.rendered, body)
             outcome.head_sent = True
             outcome.status = status[:3]
             outcome.sent = len(body)
             send(data)
             return outcome
         if isinstance(result, FileWrapper) and sendfile is not None and result.fileno() is not None:
-            _send_file(result, responder, conn, send, sendfile, outcome)
+            _send_file(result, outcome, conn, send, sendfile)
             return outcome
         for chunk in result:
             if type(chunk) is not bytes:
@@ -353,11 +372,11 @@ def run_app(app, environ: dict, conn: Connection, request: Request,
             if not chunk:
                 continue
             if not outcome.head_sent:
-                send(responder.send_head(None) + conn.body(chunk))
+                send(outcome.send_head(None) + conn.body(chunk))
             else:
                 send(conn.body(chunk))
             outcome.sent += len(chunk)
-        tail = b"" if outcome.head_sent else responder.send_head(0)
+        tail = b"" if outcome.head_sent else outcome.send_head(0)
         tail += conn.end_of_response()
         if tail:
             send(tail)
@@ -383,8 +402,8 @@ def run_app(app, environ: dict, conn: Connection, request: Request,
                 outcome.must_close = True
 
 
-def _send_file(wrapper: FileWrapper, responder: _Responder, conn: Connection, send,
-               sendfile, outcome: Outcome) -> None:
+def _send_file(wrapper: FileWrapper, outcome: Outcome, conn: Connection, send,
+               sendfile) -> None:
     fd = wrapper.fileno()
     try:
         offset = wrapper.filelike.tell()
@@ -392,10 +411,10 @@ def _send_file(wrapper: FileWrapper, responder: _Responder, conn: Connection, se
         offset = 0
     size = os.fstat(fd).st_size
     count = max(0, size - offset)
-    head = responder.send_head(count)
-    if conn.response_chunked or responder.request.method == b"HEAD":
+    head = outcome.send_head(count)
+    if conn.response_chunked or outcome.request.method == b"HEAD":
         send(head)
-        if responder.request.method != b"HEAD":
+        if outcome.request.method != b"HEAD":
             for chunk in wrapper:
                 send(conn.body(chunk))
                 outcome.sent += len(chunk)

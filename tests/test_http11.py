@@ -36,7 +36,7 @@ def test_request_head(mode) -> None:
         b"GET", b"/a%20b?x=1", b"/a%20b", b"x=1", "1.1")
     assert req.headers == [(b"Host", b"h"), (b"X-Val", b"v")]   # "_" dropped, OWS trimmed
     assert req.keep_alive and not req.chunked and req.content_length is None
-    assert isinstance(evs[1], http11.EndOfMessage)
+    assert req.ends_message and len(evs) == 1   # no body: the head is the whole request
 
 
 @pytest.mark.parametrize(("data", "status"), [
@@ -69,7 +69,6 @@ def test_error_after_pipelined_good_request_and_nothing_after() -> None:
     conn = http11.Connection()
     conn.receive_data(GOOD + b"BAD\r\n\r\n" + GOOD)
     assert isinstance(conn.next_event(), http11.Request)
-    assert isinstance(conn.next_event(), http11.EndOfMessage)
     assert conn.next_event() is http11.PAUSED
     conn.start_next_cycle()
     with pytest.raises(http11.RemoteProtocolError):
@@ -80,7 +79,7 @@ def test_error_after_pipelined_good_request_and_nothing_after() -> None:
 def test_connection_close_stops_parsing() -> None:
     conn = http11.Connection()
     evs = feed(conn, [b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" + GOOD])
-    assert len(evs) == 2 and not evs[0].keep_alive
+    assert len(evs) == 1 and not evs[0].keep_alive
 
 
 def test_unparsed_bytes_after_pipelined_chunked() -> None:
@@ -89,7 +88,23 @@ def test_unparsed_bytes_after_pipelined_chunked() -> None:
             b"2\r\nhi\r\n0\r\n\r\nGET /next HTTP/1.1\r\nHo")
     evs = feed(conn, [data])
     assert [type(e) for e in evs] == [http11.Request, http11.Data, http11.EndOfMessage]
+    assert [e.ends_message for e in evs] == [False, False, True]
     assert conn.idle and conn.unparsed_bytes() == b"GET /next HTTP/1.1\r\nHo"
+
+
+@pytest.mark.parametrize(("data", "requests", "unparsed"), [
+    (b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n", 1, b""),
+    (b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n\r\n", 1, b""),              # an empty line may follow
+    (b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nG", 1, b"G"),
+    (b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n" * 3 + b"GET /b HT", 3, b"GET /b HT"),
+    (b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi\r\nGET /", 1, b"\r\nGET /"),
+])
+def test_unparsed_bytes_are_those_of_the_request_still_arriving(data, requests, unparsed) -> None:
+    for chunks in ([data], [data[:20], data[20:]]):
+        conn = http11.Connection()
+        evs = feed(conn, chunks)
+        assert sum(isinstance(e, http11.Request) for e in evs) == requests
+        assert conn.idle and conn.unparsed_bytes() == unparsed
 
 
 def test_http10_keep_alive_rules() -> None:
@@ -133,22 +148,31 @@ def test_short_body_closes_connection() -> None:
         conn.body(b"toolong")
 
 
-def test_whole_response_and_head_cache() -> None:
-    for _ in range(2):   # the second time the head comes from the cache
-        conn = http11.Connection()
-        req = _req(conn, GOOD)
-        data = conn.whole_response(req, "200 OK", [("Content-Type", "text/plain")], b"abc")
-        assert data.startswith(b"HTTP/1.1 200 OK\r\nServer: baton\r\nDate: ")
-        assert data.endswith(b"\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nabc")
-        assert conn.response_keep_alive
+def test_whole_response() -> None:
     conn = http11.Connection()
     req = _req(conn, GOOD)
-    data = conn.whole_response(req, "200 OK", [("Content-Length", "5"), ("Connection", "close")], b"ab")
+    data = conn.whole_response(req, http11.render_head("200 OK", [("Content-Type", "text/plain")]), b"abc")
+    assert data.startswith(b"HTTP/1.1 200 OK\r\nServer: baton\r\nDate: ")
+    assert data.endswith(b"\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nabc")
+    assert conn.response_keep_alive
+    conn = http11.Connection()
+    req = _req(conn, GOOD)
+    rendered = http11.render_head("200 OK", [("Content-Length", "5"), ("Connection", "close")])
+    data = conn.whole_response(req, rendered, b"ab")
     assert data.endswith(b"Content-Length: 5\r\nConnection: close\r\n\r\nab")
     assert not conn.response_keep_alive
     head = http11.Connection()
     req = _req(head, b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n")
-    assert head.whole_response(req, "200 OK", [], b"abc").endswith(b"\r\n\r\n")
+    assert head.whole_response(req, http11.render_head("200 OK", []), b"abc").endswith(b"\r\n\r\n")
+
+
+def test_a_body_longer_than_its_content_length_is_refused_before_sending() -> None:
+    conn = http11.Connection()
+    req = _req(conn, GOOD)
+    with pytest.raises(http11.LocalProtocolError):
+        conn.whole_response(req, http11.render_head("200 OK", [("Content-Length", "2")]), b"abc")
+    # Nothing went out: an error response can still be sent.
+    assert conn.response_head(req, "500 Internal Server Error", [], 0).startswith(b"HTTP/1.1 500 ")
 
 
 def test_trailers_count_against_the_field_limit() -> None:

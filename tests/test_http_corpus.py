@@ -166,6 +166,9 @@ def run(conn: http11.Connection, chunks, *, eof: bool, proxy: bool = False) -> l
                                 for n, v in event.headers],
                     "body": b"",
                 }
+                if event.ends_message:
+                    done.append(current)
+                    current = None
             elif isinstance(event, http11.Data):
                 current["body"] += event.data
             elif isinstance(event, http11.EndOfMessage):

@@ -51,6 +51,19 @@ def test_environ_keys_and_types() -> None:
             assert type(v) is str, k
 
 
+@pytest.mark.parametrize(("target", "path_info", "query"), [
+    (b"/", "/", ""),
+    (b"/a%20b/%41", "/a b/A", ""),        # escapes are decoded even without a query
+    (b"/a%3Fb?x=%20", "/a?b", "x=%20"),   # the query string stays as sent
+    (b"/p#frag", "/p", ""),
+    (b"/p?q#frag", "/p", "q"),
+])
+def test_path_info_and_query_string(target, path_info, query) -> None:
+    _, req, _ = make_request(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+    env = wsgi.EnvironBuilder(server_name="h", server_port="80").build(req, io.BytesIO(), ("1.2.3.4", 1))
+    assert (env["PATH_INFO"], env["QUERY_STRING"], env["RAW_URI"]) == (path_info, query, target.decode())
+
+
 def test_forwarded_only_from_allowed_peers() -> None:
     _, _, env = build(peer=("127.0.0.1", 5), allow=("127.0.0.1",))
     assert env["REMOTE_ADDR"] == "9.9.9.9" and env["wsgi.url_scheme"] == "https"
