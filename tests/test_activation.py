@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -283,3 +284,21 @@ def test_a_master_without_the_named_socket_exits_1_saying_so(activated_baton, pa
     master = activated_baton(passed, names=names, listen_pid=listen_pid)
     assert master.wait_exit() == 1
     wait_for(lambda: problem in master.log(), message=lambda: f"{problem!r} in log:\n{master.log()}")
+
+
+def test_tcp_listeners_pass_nodelay_to_their_connections(passed, tmp_path):
+    """Set on the listener, TCP_NODELAY is on every accepted socket with no setsockopt."""
+    configs = {"web": WEB, "tcp": ListenerConfig("tcp", BindAddress("tcp", host="127.0.0.1", port=0)),
+               "local": ListenerConfig("local", BindAddress("unix", path=str(tmp_path / "l.sock")))}
+    opened = listeners.open_all(configs, inherited={"web": passed.fileno()})
+    try:
+        for name in ("web", "tcp"):
+            sock = opened[name]
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            with socket.create_connection(sock.getsockname(), timeout=5):
+                wait_for(lambda s=sock: select.select([s], [], [], 0)[0], message="a connection to accept")
+                accepted, _ = sock.accept()
+                with accepted:
+                    assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        listeners.close_all(opened, configs)
