@@ -56,6 +56,7 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 _LISTENER, _CONN, _WATCH, _WAKEUP = 0, 1, 2, 3
 _READ, _WRITE = select.EPOLLIN, select.EPOLLOUT
+_SocketType = socket.SocketType   # the C socket type, under socket.socket
 _Request, _Data, _EndOfMessage = http11.Request, http11.Data, http11.EndOfMessage
 _NEED_DATA, _CONNECTION_CLOSED = http11.NEED_DATA, http11.CONNECTION_CLOSED
 # Connection states.
@@ -82,7 +83,7 @@ class _Conn:
     __slots__ = ("sock", "fd", "peer", "builder", "environ_base", "proto", "state", "outbuf",
                  "deadline", "armed", "request", "body", "body_len", "spool", "events", "started",
                  "outcome", "continue_input", "on_close", "listener", "proxy_buf",
-                 "write_timeout_s", "busy_since", "request_started")
+                 "write_timeout_s", "busy_since", "request_started", "sole_copy")
 
     def __init__(self, sock, peer, builder, proto, write_timeout_s: float) -> None:
         self.sock = sock
@@ -112,6 +113,7 @@ class _Conn:
         self.listener = ""         # the listener's name, for a hand-back
         self.proxy_buf = None      # bytes of a PROXY header still arriving (state _PROXY)
         self.write_timeout_s = write_timeout_s
+        self.sole_copy = False     # True: closing our fd closes the socket (see _forget)
 
     # The app's output, as run_app's send / sendfile (bound methods: no per-request
     # closures, no reference cycles).
@@ -439,7 +441,7 @@ class Server:
                 fd = sock.fileno()
                 self._selector.register(sock, _READ, (_LISTENER, (
                     sock, builder, fd in self._proxy_fds, self._listener_names.get(fd, ""),
-                    _needs_nodelay(sock))))
+                    _needs_nodelay(sock), (int(sock.family), int(sock.type), sock.proto))))
             else:
                 self._selector.unregister(sock)
         self._listening = on
@@ -473,12 +475,16 @@ class Server:
         return conn
 
     def _accept(self, lsock: socket.socket, builder, proxy: bool, name: str,
-                nodelay: bool) -> None:
+                nodelay: bool, kind: tuple[int, int, int]) -> None:
         # A bounded batch: the connections already accepted get read before more come
         # in (the listener stays readable, so the rest wait one iteration).
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, peer = lsock.accept()
+                # socket.accept() wraps each connection in a socket.socket, converting
+                # the listener's family and type to enums on the way: a plain
+                # SocketType of the same kind does the same job for a fraction.
+                fd, peer = lsock._accept()
+                sock = _SocketType(*kind, fd)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -486,7 +492,9 @@ class Server:
                 if exc.errno not in (errno.ECONNABORTED, errno.EPROTO):
                     self.error_log.warning("accept failed: %s", exc)
                 return
-            self._new_conn(sock, peer, builder, proxy, nodelay).listener = name
+            conn = self._new_conn(sock, peer, builder, proxy, nodelay)
+            conn.listener = name
+            conn.sole_copy = True   # accepted here: no other process holds the socket
 
     def _set_deadline(self, conn: _Conn, delay_s: float) -> None:
         """Move conn's deadline. Pushes a heap entry only when the new deadline is
@@ -539,19 +547,24 @@ class Server:
             conn.events = events
             self._selector.modify(conn.sock, events, (_CONN, conn))
 
-    def _forget(self, conn: _Conn) -> None:
+    def _forget(self, conn: _Conn, closing: bool = False) -> None:
         if self._conns.get(conn.fd) is conn:   # (its fd may be another's by now)
             del self._conns[conn.fd]
-            try:
-                self._selector.unregister(conn.sock)
-            except (KeyError, ValueError):
-                pass
+            if closing and conn.sole_copy:
+                # Closing the socket's only descriptor drops its epoll registration:
+                # an epoll_ctl of our own would be a syscall for nothing.
+                self._selector.data.pop(conn.fd, None)
+            else:
+                try:
+                    self._selector.unregister(conn.sock)
+                except (KeyError, ValueError):
+                    pass
             if conn.on_close is not None:
                 conn.on_close()
         conn.deadline = 0.0
 
     def _close(self, conn: _Conn) -> None:
-        self._forget(conn)
+        self._forget(conn, closing=True)
         if conn.spool is not None:
             conn.spool.close()
         conn.sock.close()
