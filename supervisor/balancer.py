@@ -39,19 +39,18 @@ from supervisor.channel import ChannelClosed
 from supervisor.config import Config
 from supervisor.log import Logs
 from supervisor.messages import (
-    ACK,
     ATTACH,
-    CLOSED,
-    CONN,
     DETACH,
     DRAIN,
     HANDBACK,
     METRICS,
     REOPEN,
+    REPORT,
     ROUTES,
     UPSTREAM,
     Message,
     MessageError,
+    encode_conn,
 )
 
 ACCEPT_BATCH = 64
@@ -138,6 +137,9 @@ class Balancer:
         self.routes: dict[str, ListenerRoute] = {}
         self.policies: dict[str, tuple[str, balancing.Policy]] = {}
         self.links: dict[int, WorkerLink] = {}
+        # Per app, the loads of its links that take connections, in `links` order: read
+        # for every connection, rebuilt only when a link comes, goes or stops accepting.
+        self.accepting: dict[str, list[balancing.WorkerLoad]] = {}
         self.selector = selectors.DefaultSelector()
         # Peeked bytes stay in the socket, so a level-triggered wait would fire again
         # and again for a half-sent head; an edge-triggered epoll, nested in the main
@@ -186,13 +188,9 @@ class Balancer:
 
     def run(self) -> None:
         while self.running:
-            deadlines = [deadline for _, _, deadline in self.health_clients.values()]
-            if self.timers:
-                deadlines.append(self.timers[0][0])
-            timeout = max(0.0, min(deadlines) - self.clock()) if deadlines else None
             accepts = []
             registered = self.selector.get_map()
-            for key, _ in self.selector.select(timeout):
+            for key, _ in self.selector.select(self._wait_timeout()):
                 if registered.get(key.fd) is not key:
                     continue  # closed by an earlier handler in this wakeup
                 if key.fileobj in self.listening_socks:
@@ -203,18 +201,30 @@ class Balancer:
             # connection closed, a worker freed) must count when choosing a worker.
             for accept in accepts:
                 accept()  # a listener closed by a ROUTES or DRAIN just now fails its accept harmlessly
-            now = self.clock()
-            self._expire(now)
+            if self.timers or self.health_clients:
+                now = self.clock()
+                self._expire(now)
+                self._expire_health_clients(now)
             if self.draining and not any(key >= 0 for key in self.links) and not self.queue:
                 # Every worker is gone and every hand-back it sent was passed on.
                 self.running = False
-            for sock, _, deadline in list(self.health_clients.values()):
-                if now >= deadline:
-                    self._close_health_client(sock)
+
+    def _wait_timeout(self) -> float | None:
+        """Seconds until the nearest deadline (a peek, a queued connection, a health
+        client), or None: most of the time there is none, and nothing to compute."""
+        if not self.timers and not self.health_clients:
+            return None
+        deadlines = [deadline for _, _, deadline in self.health_clients.values()]
+        if self.timers:
+            deadlines.append(self.timers[0][0])
+        return max(0.0, min(deadlines) - self.clock())
 
     # -- accepting and routing ---------------------------------------------
 
     def _accept(self, listening: socket.socket, listener: str) -> None:
+        route = self.routes[listener]
+        proxy = listener in self.proxy_listeners
+        direct_app = route.only_app if not proxy else None  # nothing to peek at before dispatching
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, peer = listening.accept()
@@ -224,12 +234,9 @@ class Balancer:
                 self.log.warning("accept on %s failed: %s", listener, exc)
                 return
             self.stats["accepted"] += 1
-            pending = Pending(sock, peer, listener, proxy=listener in self.proxy_listeners)
-            if isinstance(peer, tuple):
-                pending.client = peer[0]
-            route = self.routes[listener]
-            if route.only_app is not None and not pending.proxy:
-                pending.app = route.only_app
+            pending = Pending(sock, peer, listener, app=direct_app, proxy=proxy,
+                              client=peer[0] if isinstance(peer, tuple) else None)
+            if direct_app is not None:
                 self._dispatch(pending)
             else:
                 sock.setblocking(False)
@@ -312,33 +319,33 @@ class Balancer:
     # -- dispatching to workers ----------------------------------------------
 
     def _dispatch(self, pending: Pending) -> None:
-        if pending.app not in self.policies:  # the app went away with a reload
+        policy = self.policies.get(pending.app)
+        if policy is None:  # the app went away with a reload
             pending.sock.close()
             return
-        links = [link for link in self.links.values() if link.app == pending.app and link.accepting]
-        policy = self.policies[pending.app][1]
-        while links:
-            load = policy.pick([link.load for link in links], pending.client)
-            link = self.links[load.key]
-            conn_id = next(self.ids)
-            fields = {"id": conn_id, "peer": _peer_fields(pending.peer), "listener": pending.listener}
-            if pending.data:
-                fields["data"] = pending.data
-            if pending.proxy:
-                fields["proxy"] = True
-            try:
-                channel.send(link.sock, Message(CONN, fields), [pending.sock.fileno()])
-            except OSError:  # channel full or broken: another worker gets it
-                links.remove(link)
-                continue
-            link.unacked[conn_id] = pending
-            link.load.connections += 1
-            self.stats["dispatched"] += 1
-            self._count(pending.app, "baton_handoffs_total")
-            if pending.queued_at:
-                self._count(pending.app, "baton_queue_wait_seconds_total", self.clock() - pending.queued_at)
-            return
+        loads = self.accepting.get(pending.app, ())
+        while loads:
+            load = policy[1].pick(loads, pending.client)
+            if self._send_conn(self.links[load.key], pending):
+                return
+            loads = [other for other in loads if other is not load]  # another worker gets it
         self._enqueue(pending)
+
+    def _send_conn(self, link: WorkerLink, pending: Pending) -> bool:
+        """Pass the connection to the worker; False if its channel is full or broken."""
+        conn_id = next(self.ids)
+        message = encode_conn(conn_id, _peer_fields(pending.peer), pending.listener, pending.data, pending.proxy)
+        try:
+            channel.send_encoded(link.sock, message, [pending.sock.fileno()])
+        except OSError:
+            return False
+        link.unacked[conn_id] = pending
+        link.load.connections += 1
+        self.stats["dispatched"] += 1
+        self._count(pending.app, "baton_handoffs_total")
+        if pending.queued_at:
+            self._count(pending.app, "baton_queue_wait_seconds_total", self.clock() - pending.queued_at)
+        return True
 
     def _enqueue(self, pending: Pending) -> None:
         if len(self.queue) >= QUEUE_LIMIT:
@@ -379,8 +386,16 @@ class Balancer:
         # connections to us, it never takes any.
         link.accepting = key >= 0
         self.links[key] = link
+        self._refresh_accepting(app)
         self.selector.register(sock, selectors.EVENT_READ, lambda: self._on_worker(link))
         self._drain_queue(app)
+
+    def _stop_sending(self, link: WorkerLink) -> None:
+        link.accepting = False
+        self._refresh_accepting(link.app)
+
+    def _refresh_accepting(self, app: str) -> None:
+        self.accepting[app] = [link.load for link in self.links.values() if link.app == app and link.accepting]
 
     def _on_worker(self, link: WorkerLink) -> None:
         for _ in range(64):
@@ -399,20 +414,27 @@ class Balancer:
                 continue
             for fd in fds:
                 os.close(fd)
-            if message.kind == ACK:
-                pending = link.unacked.pop(message.fields.get("id"), None)
-                if pending is not None:
-                    pending.sock.close()
-            elif message.kind == CLOSED:
-                link.load.connections = max(0, link.load.connections - 1)
-            if "busy" in message.fields:
-                link.load.busy = int(message.fields["busy"])
-            if self.queue:
-                self._drain_queue(link.app)
+            if message.kind == REPORT:
+                self._on_report(link, message.fields)
+                if self.queue:
+                    self._drain_queue(link.app)
+
+    def _on_report(self, link: WorkerLink, fields: dict) -> None:
+        """Drop our copies of the connections the worker took; uncount those that ended."""
+        unacked = link.unacked
+        for conn_id in fields.get("acked", ()):
+            pending = unacked.pop(conn_id, None)
+            if pending is not None:
+                pending.sock.close()  # the worker owns it now
+        closed = len(fields.get("closed", ()))
+        if closed:
+            link.load.connections = max(0, link.load.connections - closed)
+        link.load.busy = int(fields.get("busy", 0))
 
     def _handed_back(self, link: WorkerLink, message: Message, fd: int) -> None:
         # Only a retiring worker hands connections back: send it no more.
-        link.accepting = False
+        if link.accepting:
+            self._stop_sending(link)
         app = str(message.fields.get("app") or link.app)  # from upstream, the message names it
         self.stats["handed_back"] += 1
         self._count(app, "baton_handbacks_total")
@@ -432,6 +454,7 @@ class Balancer:
         self.selector.unregister(link.sock)
         link.sock.close()
         del self.links[link.key]
+        self._refresh_accepting(link.app)
         for pending in link.unacked.values():
             self.stats["redispatched"] += 1
             self._dispatch(pending)
@@ -473,7 +496,7 @@ class Balancer:
             if message.kind == DETACH:
                 link = self.links.get(int(message["key"]))
                 if link:
-                    link.accepting = False
+                    self._stop_sending(link)
             elif message.kind == METRICS:
                 self.master_figures = message.fields
             elif message.kind == DRAIN:
@@ -543,6 +566,11 @@ class Balancer:
         except OSError:
             pass
         self._close_health_client(sock)
+
+    def _expire_health_clients(self, now: float) -> None:
+        for sock, _, deadline in list(self.health_clients.values()):
+            if now >= deadline:
+                self._close_health_client(sock)
 
     def _close_health_client(self, sock: socket.socket) -> None:
         self.health_clients.pop(sock.fileno(), None)

@@ -35,7 +35,12 @@ def pair() -> tuple[socket.socket, socket.socket]:
 
 
 def send(sock: socket.socket, message: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
-    data = _encode(message, len(fds))
+    send_encoded(sock, _encode(message, len(fds)), fds)
+
+
+def send_encoded(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+    """Send a message its hot path encoded directly (see `messages.encode_conn`); the
+    fd count it announces must be len(fds)."""
     if fds:
         sent = sock.sendmsg((data,), ((_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds)),))
     else:  # most messages carry no fd: plain send skips building the sendmsg arguments

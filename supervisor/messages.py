@@ -11,10 +11,9 @@ Wire form: byte 0 is the fd count; byte 1 says which of two forms follows.
   NUL, then compact JSON of the fields. This is the form Baton always used, so the
   rare kinds that cross a master upgrade (TAKEOVER, SOCKETS, HANDBACK, ...) still
   reach a master or balancer of the previous release.
-* Binary form (byte 1 is a kind code below 0x20), for the kinds sent once or twice per
-  connection or per heartbeat. Little-endian, no padding, fixed size except CONN:
+* Binary form (byte 1 is a kind code below 0x20), for the kinds sent per connection,
+  per serving-loop iteration or per heartbeat. Little-endian, no padding:
 
-    ACK, CLOSED  code 2, 3  id u64, busy u32                             14 bytes
     HEARTBEAT    code 4     requests u64, connections u32, busy u32,
                             oldest_s f64 (NaN means None)                26 bytes
     CONN         code 1     id u64, peer port u16, flags u8, host length u8,
@@ -22,6 +21,11 @@ Wire form: byte 0 is the fd count; byte 1 says which of two forms follows.
                             name (UTF-8); then, if flag 2, the rest of the datagram
                             is `data` (UTF-8; the base64 text, passed as is).
                             Flag 1: "proxy" is True. Other flags are an error.
+    REPORT       code 5     busy u32, acked count u16, closed count u16;
+                            then their u64 ids, the acked first   10 + 8 per id bytes
+
+  Codes 2 and 3 belonged to ACK and CLOSED, one message per connection each, which
+  REPORT replaced; they are not reused.
 
 The encoder takes the binary form only when the fields match the layout exactly (the
 same keys, ints that fit, a str where a str belongs), else the text form, so decode
@@ -72,13 +76,15 @@ DETACH = "detach"            # fields: key
 
 # Balancer <-> worker: connections travel as fds.
 CONN = "conn"                # balancer -> worker: fields: id, peer, listener; fds: [connection]
-ACK = "ack"                  # worker -> balancer: fields: id, busy (the worker now owns it)
-CLOSED = "closed"            # worker -> balancer: fields: id, busy (connection ended)
+REPORT = "report"            # worker -> balancer: fields: busy, acked (ids of connections the
+                             # worker now owns: the balancer closes its copies), closed (ids of
+                             # connections that ended). Sent per batch of connections received
+                             # and per serving-loop iteration, never per connection.
 HANDBACK = "handback"        # worker -> balancer: fields: peer, listener, data (base64 of bytes
                              # read but not parsed); fds: [connection]. A retiring worker's idle
                              # keep-alive connection, for another worker of the same app.
 
-KINDS = frozenset({REOPEN, TAKEOVER, SOCKETS, TAKEN, RELEASED, UPSTREAM, READY, BOOT_FAILED, HEARTBEAT, STOP, CHANGED, ROUTES, METRICS, DRAIN, ATTACH, DETACH, CONN, ACK, CLOSED, HANDBACK})
+KINDS = frozenset({REOPEN, TAKEOVER, SOCKETS, TAKEN, RELEASED, UPSTREAM, READY, BOOT_FAILED, HEARTBEAT, STOP, CHANGED, ROUTES, METRICS, DRAIN, ATTACH, DETACH, CONN, REPORT, HANDBACK})
 
 MAX_MESSAGE_BYTES = 64 * 1024
 
@@ -157,15 +163,19 @@ def _decode_text(data: bytes) -> tuple[Message, int]:
 # then falls back to the text form. `type(x) is int` keeps bools (and floats) out:
 # struct would quietly turn True into 1, and the round trip would change the field.
 
-_CONN_CODE, _ACK_CODE, _CLOSED_CODE, _HEARTBEAT_CODE = 1, 2, 3, 4
+_CONN_CODE, _HEARTBEAT_CODE, _REPORT_CODE = 1, 4, 5
 
-_ID_BUSY = struct.Struct("<BBQI")          # fd count, code, id, busy
 _HEARTBEAT = struct.Struct("<BBQIId")      # fd count, code, requests, connections, busy, oldest_s
 _CONN_HEAD = struct.Struct("<BBQHBBB")     # fd count, code, id, port, flags, host len, listener len
 _CONN_HEAD_SIZE = _CONN_HEAD.size
 _CONN_PROXY, _CONN_DATA = 1, 2
 _CONN_KEYS = frozenset({"id", "peer", "listener", "data", "proxy"})
+_REPORT_HEAD = struct.Struct("<BBIHH")     # fd count, code, busy, acked count, closed count
+_REPORT_HEAD_SIZE = _REPORT_HEAD.size
 _NAN = float("nan")                        # a heartbeat's oldest_s of None
+
+# The most connection ids one REPORT carries; a sender with more sends several.
+REPORT_MAX_IDS = (MAX_MESSAGE_BYTES - _REPORT_HEAD_SIZE) // 8
 
 # Building the frozen dataclass through its slots skips the generated __init__ and its
 # object.__setattr__ calls: about a third of the cost, paid on every message received.
@@ -179,33 +189,6 @@ def _message(kind: str, fields: dict) -> Message:
     _set_kind(message, kind)
     _set_fields(message, fields)
     return message
-
-
-def _id_busy_codec(kind: str, code: int):
-    pack, unpack = _ID_BUSY.pack, _ID_BUSY.unpack
-
-    def encode(fields: dict, fd_count: int) -> bytes | None:
-        if len(fields) == 2:
-            conn_id, busy = fields.get("id"), fields.get("busy")
-            if type(conn_id) is int and type(busy) is int:
-                try:
-                    return pack(fd_count, code, conn_id, busy)
-                except struct.error:  # out of range: the text form carries any int
-                    pass
-        return None
-
-    def decode(data: bytes) -> tuple[Message, int]:
-        try:
-            fd_count, _, conn_id, busy = unpack(data)
-        except struct.error:
-            raise MessageError(f"{kind} message of {len(data)} bytes, not {_ID_BUSY.size}") from None
-        return _message(kind, {"id": conn_id, "busy": busy}), fd_count
-
-    return encode, decode
-
-
-_encode_ack, _decode_ack = _id_busy_codec(ACK, _ACK_CODE)
-_encode_closed, _decode_closed = _id_busy_codec(CLOSED, _CLOSED_CODE)
 
 
 def _encode_heartbeat(fields: dict, fd_count: int) -> bytes | None:
@@ -234,6 +217,19 @@ def _decode_heartbeat(data: bytes) -> tuple[Message, int]:
                                 "oldest_s": None if isnan(oldest_s) else oldest_s}), fd_count
 
 
+def encode_conn(conn_id: int, peer: list, listener: str, data: str = "", proxy: bool = False) -> bytes:
+    """`encode(Message(CONN, fields), 1)` without building the fields first: the
+    balancer sends one per connection. An empty `data` and a false `proxy` are left out."""
+    binary = _pack_conn(1, conn_id, peer, listener, data or None, proxy)
+    if binary is not None:
+        return binary
+    fields = {"id": conn_id, "peer": peer, "listener": listener}
+    if data:
+        fields["data"] = data
+    if proxy:
+        fields["proxy"] = True
+    return _encode_text(Message(CONN, fields), 1)
+
 
 def _encode_conn(fields: dict, fd_count: int) -> bytes | None:
     conn_id, peer, listener = fields.get("id"), fields.get("peer"), fields.get("listener")
@@ -242,30 +238,30 @@ def _encode_conn(fields: dict, fd_count: int) -> bytes | None:
     host, port = peer
     if type(host) is not str or type(port) is not int:
         return None
-    flags = 0
-    tail = b""
     if len(fields) != 3:
         if not fields.keys() <= _CONN_KEYS:
             return None
-        if "proxy" in fields:
-            if fields["proxy"] is not True:
-                return None
-            flags |= _CONN_PROXY
-        if "data" in fields:
-            if type(fields["data"]) is not str:
-                return None
-            flags |= _CONN_DATA
+        if "proxy" in fields and fields["proxy"] is not True:
+            return None
+        if type(fields.get("data", "")) is not str:
+            return None
+    return _pack_conn(fd_count, conn_id, peer, listener, fields.get("data"), "proxy" in fields)
+
+
+def _pack_conn(fd_count: int, conn_id: int, peer: list, listener: str, data: str | None,
+               proxy: bool) -> bytes | None:
+    """The binary CONN, or None if a field does not fit; `data` None means absent."""
+    flags = (_CONN_PROXY if proxy else 0) | (_CONN_DATA if data is not None else 0)
     try:
-        host_bytes, listener_bytes = host.encode(), listener.encode()
-        if flags & _CONN_DATA:
-            tail = fields["data"].encode()
-        head = _CONN_HEAD.pack(fd_count, _CONN_CODE, conn_id, port, flags, len(host_bytes), len(listener_bytes))
+        host_bytes, listener_bytes = peer[0].encode(), listener.encode()
+        head = _CONN_HEAD.pack(fd_count, _CONN_CODE, conn_id, peer[1], flags, len(host_bytes), len(listener_bytes))
+        tail = data.encode() if data is not None else b""
     except (UnicodeEncodeError, struct.error):  # lone surrogates, or too long or big
         return None
-    data = head + host_bytes + listener_bytes + tail
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise ValueError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
-    return data
+    message = head + host_bytes + listener_bytes + tail
+    if len(message) > MAX_MESSAGE_BYTES:
+        raise ValueError(f"message of {len(message)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    return message
 
 
 def _decode_conn(data: bytes) -> tuple[Message, int]:
@@ -291,6 +287,34 @@ def _decode_conn(data: bytes) -> tuple[Message, int]:
     return _message(CONN, fields), fd_count
 
 
-_BINARY_ENCODERS = {CONN: _encode_conn, ACK: _encode_ack, CLOSED: _encode_closed, HEARTBEAT: _encode_heartbeat}
-_BINARY_DECODERS = {_CONN_CODE: _decode_conn, _ACK_CODE: _decode_ack, _CLOSED_CODE: _decode_closed,
-                    _HEARTBEAT_CODE: _decode_heartbeat}
+def _encode_report(fields: dict, fd_count: int) -> bytes | None:
+    if len(fields) != 3:
+        return None
+    busy, acked, closed = fields.get("busy"), fields.get("acked"), fields.get("closed")
+    if type(busy) is not int or type(acked) is not list or type(closed) is not list:
+        return None
+    ids = acked + closed
+    if len(ids) > REPORT_MAX_IDS or not all(type(conn_id) is int for conn_id in ids):
+        return None
+    try:
+        return (_REPORT_HEAD.pack(fd_count, _REPORT_CODE, busy, len(acked), len(closed))
+                + struct.pack(f"<{len(ids)}Q", *ids))
+    except struct.error:
+        return None
+
+
+def _decode_report(data: bytes) -> tuple[Message, int]:
+    try:
+        fd_count, _, busy, acked_count, closed_count = _REPORT_HEAD.unpack_from(data)
+    except struct.error:
+        raise MessageError(f"report message of {len(data)} bytes is shorter than its header") from None
+    count = acked_count + closed_count
+    if len(data) != _REPORT_HEAD_SIZE + 8 * count:
+        raise MessageError(f"report message of {len(data)} bytes does not carry {count} ids")
+    ids = struct.unpack_from(f"<{count}Q", data, _REPORT_HEAD_SIZE)
+    return _message(REPORT, {"busy": busy, "acked": list(ids[:acked_count]),
+                             "closed": list(ids[acked_count:])}), fd_count
+
+
+_BINARY_ENCODERS = {CONN: _encode_conn, HEARTBEAT: _encode_heartbeat, REPORT: _encode_report}
+_BINARY_DECODERS = {_CONN_CODE: _decode_conn, _HEARTBEAT_CODE: _decode_heartbeat, _REPORT_CODE: _decode_report}

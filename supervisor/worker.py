@@ -25,14 +25,14 @@ from supervisor.config import AppConfig
 from supervisor.httpserver import Server, ServerSettings
 from supervisor.log import Logs
 from supervisor.messages import (
-    ACK,
     BOOT_FAILED,
-    CLOSED,
     CONN,
     HANDBACK,
     HEARTBEAT,
     READY,
     REOPEN,
+    REPORT,
+    REPORT_MAX_IDS,
     STOP,
     Message,
     MessageError,
@@ -146,7 +146,13 @@ class Worker:
         channel.send(self.spec.channel, Message(READY, {"pid": os.getpid()}))
         self.spec.channel.setblocking(False)  # a busy master must never stall the serving loop
         self.server.every(self.spec.heartbeat_s, self._heartbeat)
-        self.server.run()
+        if self.link is not None:
+            self.server.after_events(self.link.report)
+        try:
+            self.server.run()
+        finally:
+            if self.link is not None:
+                self.link.report()  # connections the shutdown closed
         return 0
 
     def _heartbeat(self) -> None:
@@ -205,23 +211,44 @@ class Worker:
 
 
 class BalancerLink:
-    """The worker's end of its channel to the balancer: connections in, load out."""
+    """The worker's end of its channel to the balancer: connections in, load out.
+
+    What the balancer must hear (which connections we took, so it can drop its copies;
+    which ended, so its counts stay right) goes out in REPORT messages that gather many
+    events, because every message wakes the balancer: the connections received in one
+    read are acknowledged together before any of them is served, and the ones that
+    ended are reported once per loop iteration, after its events (`report` is the
+    server's after-events callback). So the balancer hears of a close up to one loop
+    iteration late, and counts a worker busy with a long inline call a little high."""
 
     def __init__(self, sock: socket.socket, server: Server, log):
         self.sock = sock
         self.server = server
         self.log = log
+        self.acked: list[int] = []    # taken since the last report
+        self.closed: list[int] = []   # ended since the last report
         sock.setblocking(False)
 
     def on_readable(self) -> None:
+        taken = self._receive_connections()
+        if taken:
+            # Acknowledge before reading a byte of them (a handed-back connection may
+            # even be served at once): from here on they are ours, and the balancer may
+            # drop its copies.
+            self.report()
+        for message, fd in taken:
+            self._serve(message, fd)
+
+    def _receive_connections(self) -> list[tuple[Message, int]]:
+        taken = []
         for _ in range(64):
             try:
                 message, fds = channel.receive(self.sock)
             except BlockingIOError:
-                return
+                break
             except (ChannelClosed, ConnectionError):
                 self.server.unwatch(self.sock.fileno())
-                return
+                break
             except MessageError as exc:
                 self.log.error("bad message from the balancer: %s", exc)
                 continue
@@ -229,37 +256,43 @@ class BalancerLink:
                 for fd in fds:
                     os.close(fd)
                 continue
-            self._take(message, fds[0])
+            self.acked.append(message.fields.get("id"))
+            taken.append((message, fds[0]))
+        return taken
 
-    def _take(self, message: Message, fd: int) -> None:
+    def _serve(self, message: Message, fd: int) -> None:
         conn_id = message.fields.get("id")
-        conn = socket.socket(fileno=fd)
         peer = tuple(message.fields.get("peer") or ("", 0))
-        # Acknowledge before reading a byte: from here on the connection is ours, and
-        # the balancer may drop its copy.
-        self._send(ACK, conn_id)
         data = message.fields.get("data")
-        self.server.add_connection(conn, peer, str(message.fields.get("listener", "")),
+        self.server.add_connection(socket.socket(fileno=fd), peer, str(message.fields.get("listener", "")),
                                    initial_bytes=base64.b64decode(data) if data else b"",
-                                   on_close=lambda: self._send(CLOSED, conn_id),
+                                   on_close=lambda: self.closed.append(conn_id),
                                    proxy_protocol=bool(message.fields.get("proxy")))
+
+    def report(self) -> None:
+        """Tell the balancer what it has not heard yet (nothing is sent if nothing
+        happened). Called after every loop iteration and before the worker exits."""
+        while self.acked or self.closed:
+            acked = _take_first(self.acked, REPORT_MAX_IDS)
+            closed = _take_first(self.closed, REPORT_MAX_IDS - len(acked))
+            # A lost report would leave the balancer holding copies of connections we
+            # own (and re-sending them if we exit), or skew its counts.
+            if not self._send_patiently(Message(REPORT, {"busy": self.server.busy_threads,
+                                                         "acked": acked, "closed": closed})):
+                self.log.warning("the balancer is not reading; lost the news of %d taken and %d ended"
+                                 " connections", len(acked), len(closed))
 
     def hand_back(self, sock: socket.socket, unparsed: bytes, peer, listener: str) -> None:
         """Give an idle keep-alive connection, and what we read of it, to the balancer."""
         message = Message(HANDBACK, {"peer": list(peer[:2]) if isinstance(peer, tuple) else ["", 0],
                                      "listener": listener,
                                      "data": base64.b64encode(unparsed).decode("ascii")})
+        self.report()  # the balancer hears the connection ended here before it gets it back
         try:
             if not self._send_patiently(message, [sock.fileno()]):
                 self.log.warning("could not hand back a connection; closing it")
         finally:
             sock.close()  # the balancer holds its own copy now (or the client sees a close)
-
-    def _send(self, kind: str, conn_id) -> None:
-        # A lost ACK would leave the balancer holding a copy of a connection we own (and
-        # re-sending it if we exit); a lost CLOSED would skew its counts.
-        if not self._send_patiently(Message(kind, {"id": conn_id, "busy": self.server.busy_threads})):
-            self.log.warning("the balancer is not reading; %s %s lost", kind, conn_id)
 
     def _send_patiently(self, message: Message, fds: list[int] = ()) -> bool:
         """Send; if the balancer is behind, wait a moment for room, once. False if it
@@ -273,6 +306,13 @@ class BalancerLink:
             except OSError:
                 return False
         return False
+
+
+def _take_first(ids: list[int], count: int) -> list[int]:
+    """Remove and return the first `count` of `ids`."""
+    first = ids[:count]
+    del ids[:count]
+    return first
 
 
 def _record_only(signum, frame) -> None:

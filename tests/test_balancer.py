@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 
-from conftest import REPO, alive, http_request, listening_inode, proc_status, wait_for
+from conftest import REPO, alive, free_port, http_request, listening_inode, proc_status, wait_for
 
 ROOT = os.geteuid() == 0
 
@@ -43,6 +43,33 @@ def master_config(port, mode="balance", **master):
 
 def balancer_pid(master):
     return master.balancer()
+
+
+def connections(health, app):
+    """The balancer's count of `app`'s open connections, from its /metrics."""
+    prefix = f'baton_connections{{app="{app}"}} '
+    for line in http_request(health, "/metrics")[2].decode().splitlines():
+        if line.startswith(prefix):
+            return int(line[len(prefix):])
+    return None
+
+
+def connections_held(pid, port):
+    """How many connections accepted on `port` process `pid` has an fd of."""
+    accepted = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(f":{port:04X}") and fields[3] != "0A":  # not the listener
+            accepted.add(f"socket:[{fields[9]}]")
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if _readlink(fd) in accepted)
+
+
+def _readlink(path):
+    try:
+        return os.readlink(path)
+    except FileNotFoundError:  # closed while we looked
+        return None
 
 
 def request_pid(port, path="/", headers=None, source=None):
@@ -97,18 +124,48 @@ def test_balancer_runs_unprivileged(baton, port):
 
 
 def test_least_connections_routes_around_a_worker_busy_with_a_slow_request(baton, port, scratch):
-    master = baton(master_config(port) + app_block("alpha", workers=2))
+    health = free_port()
+    master = baton(master_config(port, health=f'"127.0.0.1:{health}"') + app_block("alpha", workers=2))
     master.wait_workers(2)
     mark = scratch / "slow-running"
     slow = {}
     thread = threading.Thread(target=lambda: slow.update(r=request_pid(port, f"/?sleep=2&mark={mark}")))
     thread.start()
     wait_for(mark.exists, message="the slow request to start")
-    quick = [request_pid(port) for _ in range(10)]
+    quick = []
+    for _ in range(10):
+        # A worker reports the connections it closed once per loop iteration, just after
+        # the close: a client can be back before the report is in (it always could, once
+        # it had read a Content-Length body). Wait until only the slow one is counted.
+        wait_for(lambda: connections(health, "alpha") == 1, message="the quick connection's close to be heard")
+        quick.append(request_pid(port))
     thread.join(10)
     busy_pid = slow["r"][1]
     assert all(status == 200 for status, _ in quick)
     assert busy_pid not in {pid for _, pid in quick}
+
+
+def test_batched_reports_release_every_copy_and_count_every_connection(baton, port):
+    health = free_port()
+    master = baton(master_config(port, health=f'"127.0.0.1:{health}"') + app_block("alpha", workers=2))
+    master.wait_workers(2)
+    balancer = master.balancer()
+    wait_for(lambda: connections(health, "alpha") == 0, message="/metrics to count alpha's connections")
+    clients = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(200)]
+    try:
+        for client in clients:  # all sent before any answer is read: workers take them in batches
+            client.request("GET", "/")
+        responses = [client.getresponse() for client in clients]
+        assert {(response.status, bool(response.read())) for response in responses} == {(200, True)}
+        # Every connection is counted while open, and the balancer's copies are all closed:
+        # each one was acknowledged.
+        assert connections(health, "alpha") == 200
+        wait_for(lambda: connections_held(balancer, port) == 0,
+                 message=lambda: f"the balancer to close its copies; it holds {connections_held(balancer, port)}")
+    finally:
+        for client in clients:
+            client.close()
+    wait_for(lambda: connections(health, "alpha") == 0, message="every close to be reported")
 
 
 def test_keep_alive_connections_spread_evenly(baton, port):

@@ -8,12 +8,11 @@ import pytest
 from supervisor import channel, messages
 from supervisor.channel import ChannelClosed
 from supervisor.messages import (
-    ACK,
     BOOT_FAILED,
-    CLOSED,
     CONN,
     HEARTBEAT,
     READY,
+    REPORT,
     STOP,
     Message,
     MessageError,
@@ -110,10 +109,28 @@ def test_hot_messages_travel_in_both_directions_with_and_without_fds():
         os.write(fds[0], b"y")
         os.close(fds[0])
         assert os.read(r, 1) == b"y"
-        for reply in (Message(ACK, {"id": 5, "busy": 1}), Message(CLOSED, {"id": 5, "busy": 0}),
+        for reply in (Message(REPORT, {"busy": 1, "acked": [5], "closed": []}),
+                      Message(REPORT, {"busy": 0, "acked": [6, 7], "closed": [5, 6]}),
                       Message(HEARTBEAT, {"requests": 1, "connections": 0, "busy": 0, "oldest_s": None})):
             channel.send(right, reply)
             assert channel.receive(left) == (reply, [])
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        left.close()
+        right.close()
+
+
+def test_a_directly_encoded_conn_travels_like_any_message():
+    left, right = channel.pair()
+    r, w = os.pipe()
+    try:
+        channel.send_encoded(left, messages.encode_conn(9, ["192.0.2.1", 443], "web", "QQ==", True), [w])
+        message, fds = channel.receive(right)
+        assert message == Message(CONN, {"id": 9, "peer": ["192.0.2.1", 443], "listener": "web",
+                                         "data": "QQ==", "proxy": True})
+        assert len(fds) == 1
+        os.close(fds[0])
     finally:
         for fd in (r, w):
             os.close(fd)

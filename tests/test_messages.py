@@ -8,11 +8,9 @@ import pytest
 
 from supervisor import messages
 from supervisor.messages import (
-    ACK,
     ATTACH,
     BOOT_FAILED,
     CHANGED,
-    CLOSED,
     CONN,
     DETACH,
     DRAIN,
@@ -23,6 +21,8 @@ from supervisor.messages import (
     READY,
     RELEASED,
     REOPEN,
+    REPORT,
+    REPORT_MAX_IDS,
     ROUTES,
     SOCKETS,
     STOP,
@@ -43,9 +43,11 @@ BINARY = [
     (Message(CONN, dict(CONN_FIELDS, proxy=True)), 15 + 11 + 3),
     (Message(CONN, dict(CONN_FIELDS, data="R0VUIC8gSFRUUC8xLjENCg==")), 15 + 11 + 3 + 24),
     (Message(CONN, dict(CONN_FIELDS, data="", proxy=True)), 15 + 11 + 3),
-    (Message(ACK, {"id": 1, "busy": 0}), 14),
-    (Message(ACK, {"id": 2**64 - 1, "busy": 2**32 - 1}), 14),
-    (Message(CLOSED, {"id": 99, "busy": 3}), 14),
+    (Message(REPORT, {"busy": 0, "acked": [], "closed": []}), 10),
+    (Message(REPORT, {"busy": 2, "acked": [1, 2], "closed": [3]}), 10 + 3 * 8),
+    (Message(REPORT, {"busy": 2**32 - 1, "acked": [], "closed": [2**64 - 1, 0]}), 10 + 2 * 8),
+    (Message(REPORT, {"busy": 1, "acked": list(range(100)), "closed": list(range(REPORT_MAX_IDS - 100))}),
+     10 + REPORT_MAX_IDS * 8),
     (Message(HEARTBEAT, {"requests": 10, "connections": 2, "busy": 1, "oldest_s": 0.125}), 26),
     (Message(HEARTBEAT, {"requests": 0, "connections": 0, "busy": 0, "oldest_s": None}), 26),
     (Message(HEARTBEAT, {"requests": 2**64 - 1, "connections": 1, "busy": 1, "oldest_s": math.inf}), 26),
@@ -64,15 +66,19 @@ TEXT_FALLBACK = [
     Message(CONN, {"id": -1, "peer": ["h", 1], "listener": "web"}),
     Message(CONN, {"id": 7, "peer": ["h", True], "listener": "web"}),
     Message(CONN, {"id": 7, "listener": "web"}),
-    Message(ACK, {"id": True, "busy": 0}),
-    Message(ACK, {"id": 1.5, "busy": 0}),
-    Message(ACK, {"id": -1, "busy": 0}),
-    Message(ACK, {"id": 2**64, "busy": 0}),
-    Message(ACK, {"id": 1, "busy": 2**32}),
-    Message(ACK, {"id": 1, "busy": 0, "more": 1}),
-    Message(ACK, {"id": None, "busy": 0}),
-    Message(CLOSED, {"id": 1}),
-    Message(CLOSED),
+    Message(REPORT, {"busy": True, "acked": [], "closed": []}),
+    Message(REPORT, {"busy": -1, "acked": [], "closed": []}),
+    Message(REPORT, {"busy": 2**32, "acked": [], "closed": []}),
+    Message(REPORT, {"busy": 0, "acked": [True], "closed": []}),
+    Message(REPORT, {"busy": 0, "acked": [1], "closed": [1.5]}),
+    Message(REPORT, {"busy": 0, "acked": [-1], "closed": []}),
+    Message(REPORT, {"busy": 0, "acked": [], "closed": [2**64]}),
+    Message(REPORT, {"busy": 0, "acked": [None], "closed": []}),
+    Message(REPORT, {"busy": 0, "acked": None, "closed": []}),
+    Message(REPORT, {"busy": 0, "acked": []}),
+    Message(REPORT, {"busy": 0, "acked": [], "closed": [], "more": 1}),
+    Message(REPORT, {"busy": 0, "acked": [1], "closed": list(range(REPORT_MAX_IDS))}),  # one id too many
+    Message(REPORT),
     Message(HEARTBEAT, {"requests": 1, "connections": 1, "busy": 1, "oldest_s": 3}),
     Message(HEARTBEAT, {"requests": 1, "connections": 1, "busy": 1}),
     Message(HEARTBEAT, {"requests": 1, "connections": 1, "busy": 1, "other": None}),
@@ -128,8 +134,9 @@ def test_everything_else_takes_the_text_form_and_round_trips(message, fd_count):
 
 def test_binary_layout_is_pinned():
     # The layout is a contract between processes of one release: pin it byte for byte.
-    assert messages.encode(Message(ACK, {"id": 0x0102, "busy": 5}), 0) == b"\0\x02\x02\x01" + bytes(6) + b"\5\0\0\0"
-    assert messages.encode(Message(CLOSED, {"id": 1, "busy": 0}), 0)[:2] == b"\0\x03"
+    assert messages.encode(Message(REPORT, {"busy": 5, "acked": [0x0102], "closed": [7, 8]}), 0) == (
+        b"\0\x05" + b"\5\0\0\0" + b"\1\0" + b"\2\0"
+        + b"\x02\x01" + bytes(6) + b"\7" + bytes(7) + b"\x08" + bytes(7))
     assert messages.encode(Message(CONN, dict(CONN_FIELDS, proxy=True, data="QQ==")), 1) == (
         b"\1\1" + struct.pack("<QHBBB", 7, 51234, 3, 11, 3) + b"203.0.113.7" + b"web" + b"QQ==")
     assert messages.encode(Message(HEARTBEAT, {"requests": 1, "connections": 2, "busy": 3, "oldest_s": None})) == (
@@ -146,14 +153,16 @@ def test_heartbeat_nan_is_not_confused_with_none():
 def test_hot_kinds_are_still_read_in_the_text_form():
     data = b'\1conn\0{"id":3,"peer":["h",1],"listener":"web"}'
     assert messages.decode(data) == (Message(CONN, {"id": 3, "peer": ["h", 1], "listener": "web"}), 1)
-    assert messages.decode(b'\0ack\0{"id":3,"busy":0}') == (Message(ACK, {"id": 3, "busy": 0}), 0)
+    assert messages.decode(b'\0report\0{"busy":0,"acked":[3],"closed":[]}') == (
+        Message(REPORT, {"busy": 0, "acked": [3], "closed": []}), 0)
 
 
 def test_a_decoded_message_is_an_ordinary_message():
-    message, _ = messages.decode(messages.encode(Message(ACK, {"id": 4, "busy": 1})))
+    message, _ = messages.decode(messages.encode(Message(REPORT, {"busy": 1, "acked": [4], "closed": []})))
     assert type(message) is Message
-    assert message["id"] == 4 and message.fields == {"id": 4, "busy": 1} and message.kind == ACK
-    assert repr(message) == "Message(kind='ack', fields={'id': 4, 'busy': 1})"
+    assert message["acked"] == [4] and message.fields == {"busy": 1, "acked": [4], "closed": []}
+    assert message.kind == REPORT
+    assert repr(message) == "Message(kind='report', fields={'busy': 1, 'acked': [4], 'closed': []})"
     with pytest.raises(dataclasses.FrozenInstanceError):
         message.kind = CONN
     assert Message(READY).fields == {} and Message(READY).fields is not Message(READY).fields
@@ -164,16 +173,21 @@ def _truncations(data):
 
 
 HOSTILE = [
-    *_truncations(messages.encode(Message(ACK, {"id": 1, "busy": 2}), 0)),
-    *_truncations(messages.encode(Message(CLOSED, {"id": 1, "busy": 2}), 0)),
+    *_truncations(messages.encode(Message(REPORT, {"busy": 2, "acked": [], "closed": []}), 0)),
+    *_truncations(messages.encode(Message(REPORT, {"busy": 2, "acked": [1], "closed": [2]}), 0)),
     *_truncations(messages.encode(Message(HEARTBEAT, {"requests": 1, "connections": 1, "busy": 1, "oldest_s": 1.0}))),
     *_truncations(messages.encode(Message(CONN, CONN_FIELDS), 1)),
     *_truncations(messages.encode(Message(CONN, dict(CONN_FIELDS, data="QQ==")), 1))[:15 + 11 + 3],
-    messages.encode(Message(ACK, {"id": 1, "busy": 2})) + b"\0",               # trailing bytes
+    messages.encode(Message(REPORT, {"busy": 2, "acked": [1], "closed": []})) + b"\0",  # trailing bytes
+    messages.encode(Message(REPORT, {"busy": 2, "acked": [1], "closed": []})) + bytes(8),  # an id not counted
+    b"\0\5" + struct.pack("<IHH", 0, 0xFFFF, 0xFFFF),                            # ids announced, none sent
+    b"\0\5" + struct.pack("<IHH", 0, 1, 0) + bytes(4),                           # half an id
     messages.encode(Message(HEARTBEAT, {"requests": 1, "connections": 1, "busy": 1, "oldest_s": 1.0})) + b"x",
     messages.encode(Message(CONN, CONN_FIELDS), 1) + b"x",                      # trailing, no data flag
     b"\0\0" + bytes(12),                                                        # kind code 0
-    b"\0\5" + bytes(12),                                                        # unassigned kind codes
+    b"\0\2" + bytes(12),                                                        # retired: ACK, CLOSED
+    b"\0\3" + bytes(12),
+    b"\0\6" + bytes(12),                                                        # unassigned kind codes
     b"\0\x1f" + bytes(24),
     b"\1\1" + struct.pack("<QHBBB", 7, 80, 4, 0, 0),                            # unknown CONN flag
     b"\1\1" + struct.pack("<QHBBB", 7, 80, 0x80, 0, 0),
@@ -195,7 +209,7 @@ def test_decode_rejects_hostile_binary(data):
 @pytest.mark.parametrize("fd_count", [-1, 256])
 def test_encode_rejects_an_impossible_fd_count(fd_count):
     with pytest.raises(ValueError):
-        messages.encode(Message(ACK, {"id": 1, "busy": 0}), fd_count)
+        messages.encode(Message(REPORT, {"busy": 0, "acked": [], "closed": []}), fd_count)
 
 
 def test_encode_rejects_an_oversized_message_in_either_form():
@@ -203,3 +217,21 @@ def test_encode_rejects_an_oversized_message_in_either_form():
         messages.encode(Message(CONN, dict(CONN_FIELDS, data="A" * messages.MAX_MESSAGE_BYTES)), 1)
     with pytest.raises(ValueError):
         messages.encode(Message(HANDBACK, {"data": "A" * messages.MAX_MESSAGE_BYTES}), 1)
+
+
+ENCODE_CONN = [
+    ((7, ["203.0.113.7", 51234], "web"), CONN_FIELDS),
+    ((7, ["203.0.113.7", 51234], "web", "QQ==", True), dict(CONN_FIELDS, data="QQ==", proxy=True)),
+    ((7, ["203.0.113.7", 51234], "web", "", True), dict(CONN_FIELDS, proxy=True)),
+    ((7, ["", 0], "web", "QQ=="), {"id": 7, "peer": ["", 0], "listener": "web", "data": "QQ=="}),
+    ((7, ["x" * 256, 1], "web"), {"id": 7, "peer": ["x" * 256, 1], "listener": "web"}),  # as text
+    ((7, ["h", 65536], "web"), {"id": 7, "peer": ["h", 65536], "listener": "web"}),
+    ((7, ["\udc80", 1], "web", "", True), {"id": 7, "peer": ["\udc80", 1], "listener": "web", "proxy": True}),
+]
+
+
+@pytest.mark.parametrize("args,fields", ENCODE_CONN)
+def test_encode_conn_is_encode_without_the_message(args, fields):
+    data = messages.encode_conn(*args)
+    assert data == messages.encode(Message(CONN, fields), 1)
+    assert messages.decode(data) == (Message(CONN, fields), 1)

@@ -1,0 +1,110 @@
+"""The worker's end of its balancer channel: what it acknowledges and reports, and when."""
+import logging
+import socket
+
+import pytest
+
+from supervisor import channel, messages
+from supervisor.messages import CONN, REPORT, REPORT_MAX_IDS, Message
+from supervisor.worker import BalancerLink
+
+
+class RecordingServer:
+    """Stands in for httpserver.Server: notes which acknowledgements the balancer had
+    received by the time each connection was added, and keeps its close callback."""
+
+    def __init__(self, balancer_end: socket.socket):
+        self.balancer_end = balancer_end
+        self.busy_threads = 1
+        self.acked_before_added: dict[int, bool] = {}
+        self.on_close: dict[int, object] = {}
+        self.heard: list[Message] = []
+
+    def add_connection(self, sock, peer, listener_name="", initial_bytes=b"", on_close=None,
+                       proxy_protocol=False):
+        self.heard.extend(drain(self.balancer_end))
+        conn_id = int(sock.recv(16))  # the test wrote each connection's id into it
+        self.acked_before_added[conn_id] = any(conn_id in m["acked"] for m in self.heard)
+        self.on_close[conn_id] = on_close
+        sock.close()
+
+    def unwatch(self, fd):
+        pass
+
+
+def drain(sock: socket.socket) -> list[Message]:
+    received = []
+    while True:
+        try:
+            message, fds = channel.receive(sock)
+        except BlockingIOError:
+            return received
+        assert not fds
+        received.append(message)
+
+
+@pytest.fixture
+def pair():
+    worker_end, balancer_end = channel.pair()
+    balancer_end.setblocking(False)
+    yield worker_end, balancer_end
+    worker_end.close()
+    balancer_end.close()
+
+
+def send_connection(balancer_end: socket.socket, conn_id: int) -> None:
+    ours, theirs = socket.socketpair()
+    ours.sendall(str(conn_id).encode())
+    channel.send_encoded(balancer_end, messages.encode_conn(conn_id, ["192.0.2.1", 1000 + conn_id], "web"),
+                         [theirs.fileno()])
+    ours.close()
+    theirs.close()  # the channel holds its own reference until the worker takes it
+
+
+def test_connections_are_acknowledged_in_one_report_before_any_is_served(pair):
+    worker_end, balancer_end = pair
+    server = RecordingServer(balancer_end)
+    link = BalancerLink(worker_end, server, logging.getLogger("test"))
+    for conn_id in (1, 2, 3):
+        send_connection(balancer_end, conn_id)
+    link.on_readable()
+    assert server.acked_before_added == {1: True, 2: True, 3: True}
+    assert server.heard == [Message(REPORT, {"busy": 1, "acked": [1, 2, 3], "closed": []})]
+
+
+def test_closes_wait_for_the_end_of_the_loop_iteration_and_go_together(pair):
+    worker_end, balancer_end = pair
+    server = RecordingServer(balancer_end)
+    link = BalancerLink(worker_end, server, logging.getLogger("test"))
+    for conn_id in (1, 2, 3):
+        send_connection(balancer_end, conn_id)
+    link.on_readable()
+    server.on_close[3]()
+    server.on_close[1]()
+    assert drain(balancer_end) == []
+    link.report()  # what Server.after_events calls
+    assert drain(balancer_end) == [Message(REPORT, {"busy": 1, "acked": [], "closed": [3, 1]})]
+    link.report()
+    assert drain(balancer_end) == []  # nothing new, nothing sent
+
+
+def test_more_ids_than_one_report_holds_go_in_several(pair):
+    worker_end, balancer_end = pair
+    link = BalancerLink(worker_end, RecordingServer(balancer_end), logging.getLogger("test"))
+    link.acked.extend(range(5))
+    link.closed.extend(range(100, 100 + REPORT_MAX_IDS))
+    link.report()
+    first, second = drain(balancer_end)
+    assert first["acked"] == list(range(5)) and len(first["acked"]) + len(first["closed"]) == REPORT_MAX_IDS
+    assert first["closed"] + second["closed"] == list(range(100, 100 + REPORT_MAX_IDS))
+    assert second["acked"] == []
+    assert not link.acked and not link.closed
+
+
+def test_a_connection_sent_without_its_fd_is_neither_served_nor_acknowledged(pair):
+    worker_end, balancer_end = pair
+    server = RecordingServer(balancer_end)
+    link = BalancerLink(worker_end, server, logging.getLogger("test"))
+    channel.send(balancer_end, Message(CONN, {"id": 9, "peer": ["192.0.2.1", 1], "listener": "web"}))
+    link.on_readable()
+    assert server.acked_before_added == {} and drain(balancer_end) == []
