@@ -216,6 +216,16 @@ def _needs_nodelay(listener: socket.socket) -> bool:
         return True
 
 
+def _defers_accept(listener: socket.socket) -> bool:
+    """Whether the listener has TCP_DEFER_ACCEPT: its connections come with data."""
+    if listener.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        return bool(listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT))
+    except OSError:
+        return False
+
+
 def _wait_fd(fd: int, mask: int, timeout_s: float) -> None:
     poller = select.poll()
     poller.register(fd, mask)
@@ -441,7 +451,8 @@ class Server:
                 fd = sock.fileno()
                 self._selector.register(sock, _READ, (_LISTENER, (
                     sock, builder, fd in self._proxy_fds, self._listener_names.get(fd, ""),
-                    _needs_nodelay(sock), (int(sock.family), int(sock.type), sock.proto))))
+                    _needs_nodelay(sock), (int(sock.family), int(sock.type), sock.proto),
+                    _defers_accept(sock))))
             else:
                 self._selector.unregister(sock)
         self._listening = on
@@ -475,7 +486,7 @@ class Server:
         return conn
 
     def _accept(self, lsock: socket.socket, builder, proxy: bool, name: str,
-                nodelay: bool, kind: tuple[int, int, int]) -> None:
+                nodelay: bool, kind: tuple[int, int, int], read_at_once: bool) -> None:
         # A bounded batch: the connections already accepted get read before more come
         # in (the listener stays readable, so the rest wait one iteration).
         for _ in range(ACCEPT_BATCH):
@@ -495,6 +506,10 @@ class Server:
             conn = self._new_conn(sock, peer, builder, proxy, nodelay)
             conn.listener = name
             conn.sole_copy = True   # accepted here: no other process holds the socket
+            if read_at_once and not proxy:
+                # TCP_DEFER_ACCEPT: the kernel handed it over once its first bytes came,
+                # so they are read now rather than after another wait.
+                self._on_readable(conn)
 
     def _set_deadline(self, conn: _Conn, delay_s: float) -> None:
         """Move conn's deadline. Pushes a heap entry only when the new deadline is

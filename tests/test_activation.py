@@ -1,6 +1,7 @@
 """Socket activation: reading LISTEN_*, adopting the sockets, and a real master on them."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import select
@@ -286,19 +287,27 @@ def test_a_master_without_the_named_socket_exits_1_saying_so(activated_baton, pa
     wait_for(lambda: problem in master.log(), message=lambda: f"{problem!r} in log:\n{master.log()}")
 
 
-def test_tcp_listeners_pass_nodelay_to_their_connections(passed, tmp_path):
-    """Set on the listener, TCP_NODELAY is on every accepted socket with no setsockopt."""
-    configs = {"web": WEB, "tcp": ListenerConfig("tcp", BindAddress("tcp", host="127.0.0.1", port=0)),
+def test_tcp_listeners_defer_accept_and_pass_nodelay_to_their_connections(passed, tmp_path):
+    """Set on the listener, TCP_NODELAY is on every accepted socket with no setsockopt;
+    TCP_DEFER_ACCEPT holds a connection back until its first bytes arrive."""
+    configs = {"web": dataclasses.replace(WEB, mode="share"),
+               "tcp": ListenerConfig("tcp", BindAddress("tcp", host="127.0.0.1", port=0), mode="share"),
+               "balanced": ListenerConfig("balanced", BindAddress("tcp", host="127.0.0.1", port=0)),
                "local": ListenerConfig("local", BindAddress("unix", path=str(tmp_path / "l.sock")))}
     opened = listeners.open_all(configs, inherited={"web": passed.fileno()})
     try:
         for name in ("web", "tcp"):
             sock = opened[name]
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-            with socket.create_connection(sock.getsockname(), timeout=5):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT)
+            with socket.create_connection(sock.getsockname(), timeout=5) as client:
+                client.sendall(b"GET / HTTP/1.1\r\n")
                 wait_for(lambda s=sock: select.select([s], [], [], 0)[0], message="a connection to accept")
                 accepted, _ = sock.accept()
                 with accepted:
                     assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        # The balancer passes connections on unread: there it would only cost.
+        assert not opened["balanced"].getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT)
+        assert opened["balanced"].getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         listeners.close_all(opened, configs)

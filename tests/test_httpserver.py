@@ -35,11 +35,14 @@ def hello(environ, start_response):
 
 
 class Running:
-    def __init__(self, app, validate: bool = True, proxy_protocol: bool = False, **settings) -> None:
+    def __init__(self, app, validate: bool = True, proxy_protocol: bool = False,
+                 defer_accept: bool = False, **settings) -> None:
         self.clients: list[socket.socket] = []
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", 0))
+        if defer_accept:
+            self.listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
         self.listener.listen(128)
         self.port = self.listener.getsockname()[1]
         self.log = logging.getLogger("test.httpserver")
@@ -557,6 +560,20 @@ def test_keepalive_deadline_moves_with_each_request(serve) -> None:
     assert r.server.active_connections == 1      # still open: the old deadline did not fire
     s.settimeout(DEADLINE_S)
     assert s.recv(1) == b""   # then the idle connection is closed
+
+
+def test_deferred_accept_reads_the_first_request_at_once(serve) -> None:
+    r = serve(defer_accept=True)
+    silent = r.connect()          # accepted only once it speaks
+    clients = [r.connect() for _ in range(5)]
+    for i, s in enumerate(clients):
+        s.sendall(b"GET /%d HTTP/1.1\r\nHost: t\r\n\r\nGET /again HTTP/1.1\r\nHost: t\r\n\r\n" % i)
+    for i, s in enumerate(clients):
+        buf = bytearray()
+        assert read_response(s, buf)[2] == b"hello /%d" % i
+        assert read_response(s, buf)[2] == b"hello /again"
+    get(silent, "/late")
+    assert read_response(silent, bytearray())[2] == b"hello /late"
 
 
 def test_accepted_connections_have_nodelay(serve) -> None:
