@@ -61,24 +61,26 @@ def send_connection(balancer_end: socket.socket, conn_id: int) -> None:
     theirs.close()  # the channel holds its own reference until the worker takes it
 
 
-def test_connections_are_acknowledged_in_one_report_before_any_is_served(pair):
+@pytest.fixture
+def three_taken(pair):
+    """A link that just read three connections (ids 1, 2, 3) in one wakeup."""
     worker_end, balancer_end = pair
     server = RecordingServer(balancer_end)
     link = BalancerLink(worker_end, server, logging.getLogger("test"))
     for conn_id in (1, 2, 3):
         send_connection(balancer_end, conn_id)
     link.on_readable()
+    return link, server, balancer_end
+
+
+def test_connections_are_acknowledged_in_one_report_before_any_is_served(three_taken):
+    _, server, _ = three_taken
     assert server.acked_before_added == {1: True, 2: True, 3: True}
     assert server.heard == [Message(REPORT, {"busy": 1, "acked": [1, 2, 3], "closed": []})]
 
 
-def test_closes_wait_for_the_end_of_the_loop_iteration_and_go_together(pair):
-    worker_end, balancer_end = pair
-    server = RecordingServer(balancer_end)
-    link = BalancerLink(worker_end, server, logging.getLogger("test"))
-    for conn_id in (1, 2, 3):
-        send_connection(balancer_end, conn_id)
-    link.on_readable()
+def test_closes_wait_for_the_end_of_the_loop_iteration_and_go_together(three_taken):
+    link, server, balancer_end = three_taken
     server.on_close[3]()
     server.on_close[1]()
     assert drain(balancer_end) == []
