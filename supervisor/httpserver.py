@@ -205,25 +205,16 @@ class _Poller:
         self.data.clear()
 
 
-def _needs_nodelay(listener: socket.socket) -> bool:
-    """Whether connections accepted on ``listener`` need TCP_NODELAY set: not on a
-    non-TCP socket, nor when the listener has it (Linux copies it to accepted sockets)."""
+def _tcp_option(listener: socket.socket, option: int) -> int | None:
+    """A TCP listener's IPPROTO_TCP ``option``; None for a socket that is not TCP (or
+    will not say). TCP_NODELAY on the listener is copied to every accepted socket;
+    TCP_DEFER_ACCEPT means its connections come with their first bytes."""
     if listener.family not in (socket.AF_INET, socket.AF_INET6):
-        return False
+        return None
     try:
-        return not listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        return listener.getsockopt(socket.IPPROTO_TCP, option)
     except OSError:
-        return True
-
-
-def _defers_accept(listener: socket.socket) -> bool:
-    """Whether the listener has TCP_DEFER_ACCEPT: its connections come with data."""
-    if listener.family not in (socket.AF_INET, socket.AF_INET6):
-        return False
-    try:
-        return bool(listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT))
-    except OSError:
-        return False
+        return None
 
 
 def _wait_fd(fd: int, mask: int, timeout_s: float) -> None:
@@ -451,8 +442,9 @@ class Server:
                 fd = sock.fileno()
                 self._selector.register(sock, _READ, (_LISTENER, (
                     sock, builder, fd in self._proxy_fds, self._listener_names.get(fd, ""),
-                    _needs_nodelay(sock), (int(sock.family), int(sock.type), sock.proto),
-                    _defers_accept(sock))))
+                    _tcp_option(sock, socket.TCP_NODELAY) == 0,
+                    (int(sock.family), int(sock.type), sock.proto),
+                    bool(_tcp_option(sock, socket.TCP_DEFER_ACCEPT)))))
             else:
                 self._selector.unregister(sock)
         self._listening = on

@@ -280,7 +280,7 @@ class Outcome:
     and what happened, for the server and the access log."""
 
     __slots__ = ("status", "sent", "must_close", "head_sent", "conn", "request", "send",
-                 "status_line", "headers", "rendered")
+                 "status_line", "rendered")
 
     def __init__(self, conn: Connection, request: Request, send) -> None:
         self.status = "500"     # the status code sent (access log)
@@ -291,8 +291,7 @@ class Outcome:
         self.request = request
         self.send = send
         self.status_line = None   # as the application gave it
-        self.headers = None
-        self.rendered = None
+        self.rendered = None      # its status and headers, checked and rendered
 
     def start_response(self, status, headers, exc_info=None):
         if exc_info is not None:
@@ -312,7 +311,6 @@ class Outcome:
         except TypeError:   # an unhashable item or status
             self.rendered = _checked_head.__wrapped__(status, headers)
         self.status_line = status
-        self.headers = headers
         return self.write
 
     def send_head(self, hint: int | None) -> bytes:
