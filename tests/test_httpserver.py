@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -562,7 +563,30 @@ def test_keepalive_deadline_moves_with_each_request(serve) -> None:
     assert s.recv(1) == b""   # then the idle connection is closed
 
 
-def test_deferred_accept_reads_the_first_request_at_once(serve) -> None:
+@pytest.mark.parametrize("defer", [True, False])
+def test_with_deferred_accept_the_accept_step_already_answers(defer) -> None:
+    """TCP_DEFER_ACCEPT hands over connections with their first bytes, so the worker
+    reads them at accept; without it they wait for the loop's next wait."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    if defer:
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+    listener.listen(8)
+    server = Server(hello, [listener], ServerSettings(), logging.getLogger("test.httpserver"))
+    try:
+        with socket.create_connection(listener.getsockname(), timeout=5) as client:
+            client.sendall(b"GET /now HTTP/1.1\r\nHost: t\r\n\r\n")
+            wait_for(lambda: select.select([listener], [], [], 0)[0], "a connection to accept")
+            _, accept_args = server._selector.data[listener.fileno()]
+            server._accept(*accept_args)   # the loop's step for a readable listener
+            assert bool(select.select([client], [], [], 0)[0]) == defer
+    finally:
+        server.stop(graceful=False)
+        server.run()   # returns at once, closing what the server opened
+        listener.close()
+
+
+def test_deferred_accept_serves_pipelined_and_late_clients(serve) -> None:
     r = serve(defer_accept=True)
     silent = r.connect()          # accepted only once it speaks
     clients = [r.connect() for _ in range(5)]
