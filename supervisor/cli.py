@@ -10,19 +10,19 @@ import os
 import sys
 
 from supervisor import __version__
-from supervisor import config as config_mod
-from supervisor import log as log_mod
-from supervisor.config import ConfigError
-from supervisor.control import (
+from supervisor.config import reader as config_mod
+from supervisor.config.model import ConfigError
+from supervisor.ipc.handoff import HandoffError
+from supervisor.master.control import (
     DEFAULT_CALL_TIMEOUT_S,
     ControlClient,
     ControlError,
     ControlUnreachable,
 )
-from supervisor.handoff import HandoffError
-from supervisor.listeners import ListenerError
-from supervisor.master import Master
-from supervisor.privileges import PrivilegeError
+from supervisor.master.process import Master
+from supervisor.system import log as log_mod
+from supervisor.system.listeners import ListenerError
+from supervisor.system.privileges import PrivilegeError
 
 DEFAULT_CONFIG = os.path.join("etc", "baton.toml")
 EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2   # `baton ctl`: answered ok / answered not ok / no answer

@@ -8,8 +8,13 @@ import os
 
 import pytest
 
-from supervisor.accesslog import (
-    ATOMS, DEFAULT_FORMAT, DEFAULT_JSON_FORMAT, AccessFormatError, AccessRecord, compile_format,
+from supervisor.http.accesslog import (
+    ATOMS,
+    DEFAULT_FORMAT,
+    DEFAULT_JSON_FORMAT,
+    AccessFormatError,
+    AccessRecord,
+    compile_format,
 )
 
 NOW = 971186136.25   # 2000-10-10 13:55:36.250 UTC

@@ -11,12 +11,13 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, Baton, get_json, listening_inode, wait_for
-from supervisor import activation, listeners
-from supervisor.activation import ActivationError, parse_listen_env
-from supervisor.config import BindAddress, ListenerConfig
-from supervisor.listeners import ListenerError
+
+from supervisor.config.model import ListenerConfig
+from supervisor.config.reader import BindAddress
+from supervisor.system import activation, listeners
+from supervisor.system.activation import ActivationError, parse_listen_env
+from supervisor.system.listeners import ListenerError
 
 PID = 4242
 
@@ -200,7 +201,7 @@ def activated(sock: socket.socket, command: list[str], *, names: str | None = "w
 
 INSPECT = """
 import fcntl, json, os
-from supervisor import activation
+from supervisor.system import activation
 found = activation.inherited()
 print(json.dumps({"found": found, "pid": os.getpid(), "listen_pid": os.environ["LISTEN_PID"],
                   "cloexec": {name: bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
@@ -218,7 +219,7 @@ def test_inherited_in_an_activated_process_marks_the_fds_close_on_exec(passed):
 
 
 def test_inherited_refuses_an_fd_that_was_not_passed(passed):
-    script = "from supervisor import activation\nactivation.inherited()"
+    script = "from supervisor.system import activation\nactivation.inherited()"
     proc = activated(passed, ["-c", script], names="web:api", count=2, stderr=subprocess.PIPE)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1

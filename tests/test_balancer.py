@@ -11,8 +11,15 @@ import socket
 import threading
 from pathlib import Path
 
-
-from conftest import REPO, alive, free_port, http_request, listening_inode, proc_status, wait_for
+from conftest import (
+    REPO,
+    alive,
+    free_port,
+    http_request,
+    listening_inode,
+    proc_status,
+    wait_for,
+)
 
 ROOT = os.geteuid() == 0
 

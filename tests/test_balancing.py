@@ -6,8 +6,16 @@ from collections import Counter
 
 import pytest
 
-from supervisor.balancing import (DEFAULT_POLICY, POLICIES, IpHash, LeastConnections,
-                                  RandomTwo, RoundRobin, WorkerLoad, make_policy)
+from supervisor.balancer.policies import (
+    DEFAULT_POLICY,
+    POLICIES,
+    IpHash,
+    LeastConnections,
+    RandomTwo,
+    RoundRobin,
+    WorkerLoad,
+    make_policy,
+)
 
 
 def workers(*loads: tuple[int, int] | int) -> list[WorkerLoad]:

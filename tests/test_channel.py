@@ -5,9 +5,9 @@ import socket
 
 import pytest
 
-from supervisor import channel, messages
-from supervisor.channel import ChannelClosed
-from supervisor.messages import (
+from supervisor.ipc import channel, messages
+from supervisor.ipc.channel import ChannelClosed
+from supervisor.ipc.messages import (
     BOOT_FAILED,
     CONN,
     HEARTBEAT,

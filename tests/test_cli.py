@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import REPO, get_json, wait_for
 
 from supervisor import __version__

@@ -9,10 +9,14 @@ from types import MappingProxyType
 
 import pytest
 
-from supervisor.config import (
-    COMMAND_LINE, AppConfig, BindAddress, ConfigError, control_socket_path, effective_user, from_mapping, load,
-    parse, parse_bind,
+from supervisor.config.model import (
+    COMMAND_LINE,
+    AppConfig,
+    ConfigError,
+    control_socket_path,
+    effective_user,
 )
+from supervisor.config.reader import BindAddress, from_mapping, load, parse, parse_bind
 
 
 def document(*, master: str = "", listener: str = "", app: str = "", extra: str = "") -> str:

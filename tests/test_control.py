@@ -21,9 +21,15 @@ import time
 import pytest
 
 from supervisor import cli
-from supervisor.control import (
-    MAX_REQUEST_BYTES, ControlClient, ControlError, ControlServer, ControlUnreachable, decode_request,
-    parse_request, peer_allowed,
+from supervisor.master.control import (
+    MAX_REQUEST_BYTES,
+    ControlClient,
+    ControlError,
+    ControlServer,
+    ControlUnreachable,
+    decode_request,
+    parse_request,
+    peer_allowed,
 )
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="a client running as another user needs root")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor import http11
+from supervisor.http import protocol as http11
 
 GOOD = b"GET /a%20b?x=1 HTTP/1.1\r\nHost: h\r\nX_Evil: 1\r\nX-Val: v \t\r\n\r\n"
 

@@ -3,7 +3,7 @@
 Every valid case must parse to the same requests whole, byte by byte and in seeded
 random splits, and leave a trailing partial request unparsed; every invalid case
 must be rejected. Cases with gunicorn's ``proxy_protocol`` option go through
-supervisor.proxyproto first, as a PROXY listener's connections do, and the rest of the
+supervisor.http.proxyproto first, as a PROXY listener's connections do, and the rest of the
 stream to http11. The expectation files are evaluated with imports stripped and
 stub names only: gunicorn is never imported.
 """
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import http11, proxyproto
+from supervisor.http import protocol as http11
+from supervisor.http import proxyproto
 
 HERE = Path(__file__).resolve().parent
 CORPUS = Path(os.environ.get("BATON_CORPUS")

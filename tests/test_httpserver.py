@@ -12,9 +12,8 @@ from wsgiref.validate import validator
 
 import pytest
 
-from supervisor import accesslog
-
-from supervisor.httpserver import Server, ServerSettings
+from supervisor.http import accesslog
+from supervisor.http.server import Server, ServerSettings
 
 DEADLINE_S = 10.0
 
@@ -509,7 +508,7 @@ def test_connection_awaiting_proxy_header_is_not_taken(serve) -> None:
 def _conn_objects() -> int:
     import gc
 
-    from supervisor.httpserver import _Conn
+    from supervisor.http.server import _Conn
     gc.collect()
     return sum(1 for o in gc.get_objects() if type(o) is _Conn)
 

@@ -1,7 +1,7 @@
 """Worker lifecycle transitions and crash-loop backoff, on a plain-number clock."""
 import pytest
 
-from supervisor.lifecycle import Backoff, IllegalTransition, State, Worker
+from supervisor.master.lifecycle import Backoff, IllegalTransition, State, Worker
 
 
 def make_worker(spawned_at=0.0):

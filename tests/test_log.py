@@ -13,8 +13,8 @@ import traceback
 
 import pytest
 
-from supervisor import log
-from supervisor.accesslog import AccessFormatError, AccessRecord
+from supervisor.http.accesslog import AccessFormatError, AccessRecord
+from supervisor.system import log
 
 DEADLINE_S = 10.0
 

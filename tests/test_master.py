@@ -8,8 +8,18 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from conftest import REPO, alive, answers, cmdline, free_port, get_json, http_request, listening_inode, proc_status, wait_for
+from conftest import (
+    REPO,
+    alive,
+    answers,
+    cmdline,
+    free_port,
+    get_json,
+    http_request,
+    listening_inode,
+    proc_status,
+    wait_for,
+)
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="switching users needs root")

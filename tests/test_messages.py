@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
-from supervisor import messages
-from supervisor.messages import (
+from supervisor.ipc import messages
+from supervisor.ipc.messages import (
     ATTACH,
     BOOT_FAILED,
     CHANGED,

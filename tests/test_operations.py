@@ -9,7 +9,6 @@ import sys
 import threading
 
 import pytest
-
 from conftest import REPO, free_port, get_json, http_request, wait_for
 from test_reload import Clients
 

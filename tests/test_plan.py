@@ -7,8 +7,9 @@ from types import MappingProxyType
 
 import pytest
 
-from supervisor.config import AppConfig, BindAddress, Config, ListenerConfig, MasterConfig, from_mapping
-from supervisor.plan import Plan, diff
+from supervisor.config.model import AppConfig, Config, ListenerConfig, MasterConfig
+from supervisor.config.plan import Plan, diff
+from supervisor.config.reader import BindAddress, from_mapping
 
 WEB = ListenerConfig("web", BindAddress("tcp", host="127.0.0.1", port=8000))
 API = ListenerConfig("api", BindAddress("tcp", host="127.0.0.1", port=9000))

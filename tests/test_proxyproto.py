@@ -1,4 +1,4 @@
-"""PROXY protocol header parsing (supervisor.proxyproto), data-driven.
+"""PROXY protocol header parsing (supervisor.http.proxyproto), data-driven.
 
 Every valid header is checked whole, byte by byte (each proper prefix is need_more) and
 with HTTP bytes after it (``consumed`` stops at the header). Every invalid input is
@@ -14,8 +14,8 @@ import struct
 
 import pytest
 
-from supervisor import proxyproto
-from supervisor.proxyproto import V2_SIGNATURE, parse
+from supervisor.http import proxyproto
+from supervisor.http.proxyproto import V2_SIGNATURE, parse
 
 HTTP = b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"
 

@@ -7,7 +7,15 @@ import signal
 import socket
 import textwrap
 
-from conftest import REPO, answers, free_port, get_json, http_request, listening_inode, wait_for
+from conftest import (
+    REPO,
+    answers,
+    free_port,
+    get_json,
+    http_request,
+    listening_inode,
+    wait_for,
+)
 
 
 def main_config(port, include=False):

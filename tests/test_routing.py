@@ -10,7 +10,13 @@ import struct
 
 import pytest
 
-from supervisor.routing import HostTable, Peek, looks_like_tls, peek_host, peek_sni
+from supervisor.balancer.routing import (
+    HostTable,
+    Peek,
+    looks_like_tls,
+    peek_host,
+    peek_sni,
+)
 
 TRAILERS = [b"hello", b"GET /second HTTP/1.1\r\nHost: other.example\r\n\r\n", b"\x00\xff\r\n\r\n"]
 

@@ -8,10 +8,10 @@ import time
 import uuid
 
 import pytest
-
 from conftest import REPO, answers
-from supervisor import sdnotify
-from supervisor.sdnotify import Notifier
+
+from supervisor.system import sdnotify
+from supervisor.system.sdnotify import Notifier
 
 
 @pytest.fixture

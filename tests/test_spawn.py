@@ -1,7 +1,7 @@
 """Post-fork hygiene of every child Baton forks."""
 import os
 
-from supervisor import spawn
+from supervisor.system import spawn
 
 
 def _exit_status_of(child_main, keep=()):

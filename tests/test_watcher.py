@@ -16,9 +16,19 @@ from types import MappingProxyType
 
 import pytest
 
-from supervisor.config import from_mapping
-from supervisor.watcher import WATCHDOG_DOUBLE_ADD, Debouncer, Watch, compile_glob, matches, minimal_roots, \
-    root_of, run_watcher, translate, watch_for
+from supervisor.config.reader import from_mapping
+from supervisor.watch.watcher import (
+    WATCHDOG_DOUBLE_ADD,
+    Debouncer,
+    Watch,
+    compile_glob,
+    matches,
+    minimal_roots,
+    root_of,
+    run_watcher,
+    translate,
+    watch_for,
+)
 
 # watchdog's inotify thread warns when a fresh directory tree is added to a recursive
 # watch twice (harmless); with warnings as errors that would kill its thread. `main`
@@ -378,9 +388,9 @@ def test_a_failing_report_stops_the_watcher(site):
 
 
 def test_main_reports_over_the_channel_and_returns_when_the_master_end_closes(site):
-    from supervisor import channel
-    from supervisor.messages import CHANGED, READY
-    from supervisor.watcher import main
+    from supervisor.ipc import channel
+    from supervisor.ipc.messages import CHANGED, READY
+    from supervisor.watch.watcher import main
 
     master_end, child_end = channel.pair()
     status: list[int] = []

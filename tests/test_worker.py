@@ -4,9 +4,9 @@ import socket
 
 import pytest
 
-from supervisor import channel, messages
-from supervisor.messages import CONN, REPORT, REPORT_MAX_IDS, Message
-from supervisor.worker import BalancerLink
+from supervisor.ipc import channel, messages
+from supervisor.ipc.messages import CONN, REPORT, REPORT_MAX_IDS, Message
+from supervisor.worker.process import BalancerLink
 
 
 class RecordingServer:

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from supervisor import http11, wsgi
+from supervisor.http import protocol as http11
+from supervisor.http import wsgi
 
 
 def make_request(data: bytes):

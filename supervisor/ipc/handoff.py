@@ -22,8 +22,8 @@ import socket
 import struct
 import sys
 
-from supervisor import channel
-from supervisor.messages import SOCKETS, TAKEOVER, Message
+from supervisor.ipc import channel
+from supervisor.ipc.messages import SOCKETS, TAKEOVER, Message
 
 LISTENER = "listener:"    # listener:NAME
 REUSEPORT = "reuseport:"  # reuseport:LISTENER:APP:INDEX

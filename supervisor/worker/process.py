@@ -19,12 +19,11 @@ from dataclasses import dataclass
 
 import setproctitle
 
-from supervisor import appload, channel, privileges, spawn
-from supervisor.channel import ChannelClosed
-from supervisor.config import AppConfig
-from supervisor.httpserver import Server, ServerSettings
-from supervisor.log import Logs
-from supervisor.messages import (
+from supervisor.config.model import AppConfig
+from supervisor.http.server import Server, ServerSettings
+from supervisor.ipc import channel
+from supervisor.ipc.channel import ChannelClosed
+from supervisor.ipc.messages import (
     BOOT_FAILED,
     CONN,
     HANDBACK,
@@ -37,6 +36,9 @@ from supervisor.messages import (
     Message,
     MessageError,
 )
+from supervisor.system import privileges, spawn
+from supervisor.system.log import Logs
+from supervisor.worker import appload
 
 EXIT_BOOT_FAILED = 3
 SEND_WAIT_S = 1.0  # how long a worker waits for room in a busy balancer's channel

@@ -27,23 +27,24 @@ import time
 
 import setproctitle
 
-from supervisor import activation, channel, sdnotify
-from supervisor import config as config_mod
-from supervisor import listeners as listeners_mod
-from supervisor import plan as plan_mod
-from supervisor import status as status_mod
-from supervisor import watcher as watcher_mod
-from supervisor.config import Config, ConfigError
-from supervisor.control import ControlServer
-from supervisor.lifecycle import State
-from supervisor.listeners import ListenerError
-from supervisor.log import Logs
-from supervisor.master_sidecars import QUICK_STOP_GRACE_S, SidecarsMixin
-from supervisor.master_upgrade import Successor, UpgradeMixin
-from supervisor.master_workers import AppState, Child, WorkersMixin
-from supervisor.messages import REOPEN, Message
-from supervisor.privileges import PrivilegeError
-from supervisor.sidecar import Sidecar
+from supervisor.config import plan as plan_mod
+from supervisor.config import reader as config_mod
+from supervisor.config.model import Config, ConfigError
+from supervisor.ipc import channel
+from supervisor.ipc.messages import REOPEN, Message
+from supervisor.master import status as status_mod
+from supervisor.master.control import ControlServer
+from supervisor.master.lifecycle import State
+from supervisor.master.sidecar import Sidecar
+from supervisor.master.sidecars import QUICK_STOP_GRACE_S, SidecarsMixin
+from supervisor.master.upgrade import Successor, UpgradeMixin
+from supervisor.master.workers import AppState, Child, WorkersMixin
+from supervisor.system import activation, sdnotify
+from supervisor.system import listeners as listeners_mod
+from supervisor.system.listeners import ListenerError
+from supervisor.system.log import Logs
+from supervisor.system.privileges import PrivilegeError
+from supervisor.watch import watcher as watcher_mod
 
 
 class Master(WorkersMixin, SidecarsMixin, UpgradeMixin):

@@ -26,19 +26,13 @@ from dataclasses import dataclass, field
 
 import setproctitle
 
-from supervisor import (
-    balancing,
-    channel,
-    health,
-    privileges,
-    proxyproto,
-    routing,
-    spawn,
-)
-from supervisor.channel import ChannelClosed
-from supervisor.config import Config
-from supervisor.log import Logs
-from supervisor.messages import (
+from supervisor.balancer import health, routing
+from supervisor.balancer import policies as balancing
+from supervisor.config.model import Config
+from supervisor.http import proxyproto
+from supervisor.ipc import channel
+from supervisor.ipc.channel import ChannelClosed
+from supervisor.ipc.messages import (
     ATTACH,
     DETACH,
     DRAIN,
@@ -52,6 +46,8 @@ from supervisor.messages import (
     MessageError,
     encode_conn,
 )
+from supervisor.system import privileges, spawn
+from supervisor.system.log import Logs
 
 ACCEPT_BATCH = 64
 PEEK_BYTES = 8192

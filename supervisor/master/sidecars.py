@@ -12,17 +12,11 @@ import selectors
 import signal
 import socket
 
-from supervisor import balancer as balancer_mod
-from supervisor import channel, privileges
-from supervisor import config as config_mod
-from supervisor import listeners as listeners_mod
-from supervisor import watcher as watcher_mod
-from supervisor.channel import ChannelClosed
-from supervisor.config import ListenerConfig
-from supervisor.control import ControlServer
-from supervisor.lifecycle import State
-from supervisor.master_workers import Child, describe_status
-from supervisor.messages import (
+from supervisor.balancer import process as balancer_mod
+from supervisor.config.model import ListenerConfig, control_socket_path
+from supervisor.ipc import channel
+from supervisor.ipc.channel import ChannelClosed
+from supervisor.ipc.messages import (
     ATTACH,
     CHANGED,
     DETACH,
@@ -33,7 +27,13 @@ from supervisor.messages import (
     Message,
     MessageError,
 )
-from supervisor.sidecar import Sidecar
+from supervisor.master.control import ControlServer
+from supervisor.master.lifecycle import State
+from supervisor.master.sidecar import Sidecar
+from supervisor.master.workers import Child, describe_status
+from supervisor.system import listeners as listeners_mod
+from supervisor.system import privileges
+from supervisor.watch import watcher as watcher_mod
 
 QUICK_STOP_GRACE_S = 1.0
 METRICS_PUSH_S = 1.0
@@ -68,7 +68,7 @@ class SidecarsMixin:
             pass
 
     def _open_control(self) -> None:
-        path = config_mod.control_socket_path(self.config)
+        path = control_socket_path(self.config)
         if path is None:
             return
         self.control = ControlServer(path, admins=self.config.master.admins, handle=self.command,

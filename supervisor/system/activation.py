@@ -25,7 +25,7 @@ import fcntl
 import os
 from typing import Mapping
 
-from supervisor.listeners import ListenerError
+from supervisor.system.listeners import ListenerError
 
 LISTEN_FDS_START = 3       # SD_LISTEN_FDS_START
 UNKNOWN = "unknown"        # the name of an fd LISTEN_FDNAMES does not name

@@ -16,8 +16,8 @@ import socket
 import stat
 from typing import Mapping
 
-from supervisor.config import BindAddress, ListenerConfig
-
+from supervisor.config.model import ListenerConfig
+from supervisor.config.reader import BindAddress
 
 DEFER_ACCEPT_S = 1   # see _tune_tcp
 

@@ -14,19 +14,33 @@ import ipaddress
 import os
 import pwd
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from supervisor import accesslog, balancing, routing
-from supervisor.binds import (
+from supervisor.balancer import policies as balancing
+from supervisor.balancer import routing
+from supervisor.config.binds import (
     BIND_FORMS,
     UNIX_PATH_MAX,
     BindAddress,
     clash,
     parse_bind,
 )
-from supervisor.config_tables import (
+from supervisor.config.model import (
+    COMMAND_LINE,
+    DEFAULT_USER,
+    LISTENER_MODES,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    AppConfig,
+    Config,
+    ConfigError,
+    ListenerConfig,
+    MasterConfig,
+    control_socket_path,
+)
+from supervisor.config.tables import (
     MISSING,
     Problems,
     Table,
@@ -36,92 +50,12 @@ from supervisor.config_tables import (
     is_text,
     or_list,
 )
+from supervisor.http import accesslog
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
-
-@dataclass(frozen=True)
-class ListenerConfig:
-    name: str
-    bind: BindAddress
-    mode: str = "balance"             # "balance", "share" or "reuseport"
-    backlog: int = 2048
-    proxy_protocol: bool = False
-
-
-@dataclass(frozen=True)
-class AppConfig:
-    name: str
-    module: str                       # "pkg.mod:callable" or "pkg:create_app()"
-    listeners: tuple[str, ...]
-    workers: int = 1
-    threads: int = 1
-    user: str | None = None           # as written; None -> "nobody" when the master is root
-    group: str | None = None
-    chdir: str | None = None          # absolute (resolved against the config file's directory)
-    pythonpath: tuple[str, ...] = ()  # absolute
-    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    umask: int | None = None
-    keepalive: float = 5.0            # seconds a keep-alive connection may sit idle
-    graceful_timeout: float | None = None  # None: the master's
-    limit_request_line: int = 8190
-    limit_request_fields: int = 100
-    limit_request_field_size: int = 8190
-    max_body_size: int | None = None
-    header_timeout: float = 10.0
-    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
-    hosts: tuple[str, ...] = ()       # Host/SNI names routed to this app on a shared listener
-    default: bool = False             # takes the hosts no other app on the listener claims
-    balance: str = "least-connections"
-    timeout: float | None = 30.0      # a request running longer (or a silent worker) is aborted; None: never
-    max_requests: int = 0             # recycle a worker after this many requests; 0: never
-    max_requests_jitter: int = 0      # plus a random 0..jitter, so workers don't recycle together
-    max_rss: int = 0                  # recycle a worker whose resident memory exceeds this many MB; 0: never
-    reload_on: tuple[str, ...] = ()   # absolute globs: a change restarts just this app (the watcher's)
-
-
-@dataclass(frozen=True)
-class MasterConfig:
-    graceful_timeout: float = 30.0
-    boot_timeout: float = 30.0
-    log_level: str = "info"
-    access_log: str | None = None     # path, "-" for stdout, None for off
-    error_log: str | None = None      # path, "-"/None for stderr
-    pidfile: str | None = None
-    balancer_user: str | None = None  # None: "nobody" when root, else ourselves
-    crash_backoff_max: float = 30.0   # cap on the delay before respawning a crash-looping app
-    health: BindAddress | None = None  # where the balancer answers /healthz and /metrics
-    include: tuple[str, ...] = ()     # absolute globs of files adding [listeners.*] and [apps.*]
-    control_socket: str | None = None  # absolute; None: beside the config file (see control_socket_path)
-    admins: tuple[str, ...] = ()      # users, and "@group"s, allowed on the control socket besides root and us
-    log_format: str = "text"          # "text" or "json" (one object per line), for both logs
-    access_log_format: str | None = None  # gunicorn-style atoms; None: accesslog's default for log_format
-
-
-@dataclass(frozen=True)
-class Config:
-    path: str | None                  # None when built from `baton serve` arguments
-    master: MasterConfig
-    listeners: Mapping[str, ListenerConfig]
-    apps: Mapping[str, AppConfig]
-    sources: tuple[str, ...] = ()     # absolute paths of every file read, the main one first
-
-
-class ConfigError(Exception):
-    """Every problem found in one config; `problems` holds one line per problem."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
-
-
-COMMAND_LINE = "<command line>"   # the source named in problems when there is no file
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-LOG_FORMATS = ("text", "json")
-LISTENER_MODES = ("balance", "share", "reuseport")
-DEFAULT_USER = "nobody"                  # workers of a root master run as this when `user` is unset
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _IDENTIFIERS = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
@@ -202,18 +136,6 @@ def from_mapping(data: dict, path: str | None, *, running_as_root: bool | None =
     )
 
 
-def control_socket_path(config: Config) -> str | None:
-    """Where the master's control socket lives: `[master] control_socket`, else
-    `<config dir>/<config stem>.ctl` beside the config file, else (`baton serve`,
-    no file) None: no control socket."""
-    if config.master.control_socket is not None:
-        return config.master.control_socket
-    if config.path is None:
-        return None
-    stem = os.path.splitext(os.path.basename(config.path))[0]
-    return os.path.join(os.path.dirname(config.path), f"{stem}.ctl")
-
-
 def control_socket_of_file(path: str | os.PathLike) -> str:
     """The control socket of the master started with the config file at `path`, for
     `baton ctl`. Only `[master] control_socket` is read and checked: a config that
@@ -230,14 +152,6 @@ def control_socket_of_file(path: str | os.PathLike) -> str:
         raise ConfigError(problems.lines)
     return control_socket_path(Config(path, MasterConfig(control_socket=socket_path),
                                       MappingProxyType({}), MappingProxyType({})))
-
-
-def effective_user(app: AppConfig, running_as_root: bool) -> str | None:
-    """The user an app's workers run as: its own, else "nobody" under a root master,
-    else None (stay the master's user)."""
-    if app.user is not None:
-        return app.user
-    return DEFAULT_USER if running_as_root else None
 
 
 # -- reading files ------------------------------------------------------------

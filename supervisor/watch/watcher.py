@@ -39,7 +39,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from supervisor.config import Config
+from supervisor.config.model import Config
 
 CONFIG = "config"
 APP_PREFIX = "app:"
@@ -248,8 +248,8 @@ def main(watch: Watch, end: socket.socket) -> int:
     when the master's end closes (the master never writes to this channel)."""
     import setproctitle
 
-    from supervisor import channel
-    from supervisor.messages import CHANGED, READY, Message
+    from supervisor.ipc import channel
+    from supervisor.ipc.messages import CHANGED, READY, Message
 
     setproctitle.setproctitle("baton: watcher")
     # watchdog 7 warns from its inotify thread when a new directory tree is added to a

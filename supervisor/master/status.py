@@ -8,7 +8,7 @@ import os
 import socket
 import struct
 
-from supervisor import listeners as listeners_mod
+from supervisor.system import listeners as listeners_mod
 
 _TCP_INFO_UNACKED = 24  # offset of tcpi_unacked: for a listener, its accept queue length
 

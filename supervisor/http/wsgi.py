@@ -24,7 +24,13 @@ import sys
 from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
-from .http11 import Connection, LocalProtocolError, RenderedHead, Request, render_head
+from supervisor.http.protocol import (
+    Connection,
+    LocalProtocolError,
+    RenderedHead,
+    Request,
+    render_head,
+)
 
 __all__ = ["EnvironBuilder", "Input", "FileWrapper", "Outcome", "run_app",
            "valid_status", "valid_header"]

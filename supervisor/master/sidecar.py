@@ -12,7 +12,8 @@ import socket
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from supervisor import channel, spawn
+from supervisor.ipc import channel
+from supervisor.system import spawn
 
 RESTART_PAUSE_S = 0.5
 YOUNG_S = 1.0

@@ -41,10 +41,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import http11, proxyproto
-from .accesslog import AccessRecord
-from .log import log_access
-from .wsgi import EnvironBuilder, Input, run_app
+from supervisor.http import protocol as http11
+from supervisor.http import proxyproto
+from supervisor.http.accesslog import AccessRecord
+from supervisor.http.wsgi import EnvironBuilder, Input, run_app
+from supervisor.system.log import log_access
 
 __all__ = ["ServerSettings", "Server"]
 

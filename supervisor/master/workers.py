@@ -14,14 +14,10 @@ import signal
 import socket
 from dataclasses import dataclass, field
 
-from supervisor import channel, privileges, spawn, worker
-from supervisor import config as config_mod
-from supervisor import listeners as listeners_mod
-from supervisor import status as status_mod
-from supervisor.channel import ChannelClosed
-from supervisor.config import AppConfig
-from supervisor.lifecycle import Backoff, State, Worker
-from supervisor.messages import (
+from supervisor.config.model import AppConfig, effective_user
+from supervisor.ipc import channel
+from supervisor.ipc.channel import ChannelClosed
+from supervisor.ipc.messages import (
     BOOT_FAILED,
     HEARTBEAT,
     READY,
@@ -29,6 +25,11 @@ from supervisor.messages import (
     Message,
     MessageError,
 )
+from supervisor.master import status as status_mod
+from supervisor.master.lifecycle import Backoff, State, Worker
+from supervisor.system import listeners as listeners_mod
+from supervisor.system import privileges, spawn
+from supervisor.worker import process as worker
 
 
 @dataclass
@@ -93,7 +94,7 @@ class WorkersMixin:
 
     def _identity(self, app: AppConfig) -> privileges.Identity:
         running_as_root = os.geteuid() == 0
-        user = config_mod.effective_user(app, running_as_root)
+        user = effective_user(app, running_as_root)
         if running_as_root and app.user is None:
             self.log.info("app %s names no user; its workers run as %s", app.name, user)
         return privileges.resolve(user, app.group)

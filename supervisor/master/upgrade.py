@@ -14,11 +14,9 @@ import socket
 import stat
 from dataclasses import dataclass
 
-from supervisor import channel, handoff
-from supervisor import listeners as listeners_mod
-from supervisor.channel import ChannelClosed
-from supervisor.master_workers import describe_status
-from supervisor.messages import (
+from supervisor.ipc import channel, handoff
+from supervisor.ipc.channel import ChannelClosed
+from supervisor.ipc.messages import (
     ATTACH,
     RELEASED,
     SOCKETS,
@@ -28,6 +26,8 @@ from supervisor.messages import (
     Message,
     MessageError,
 )
+from supervisor.master.workers import describe_status
+from supervisor.system import listeners as listeners_mod
 
 
 @dataclass

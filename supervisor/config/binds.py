@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from supervisor.config_tables import absolute_path
+from supervisor.config.tables import absolute_path
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from supervisor.accesslog import (
+from supervisor.http.accesslog import (
     DEFAULT_FORMAT,
     DEFAULT_JSON_FORMAT,
     AccessRecord,

@@ -12,8 +12,8 @@ import array
 import os
 import socket
 
-from supervisor import messages
-from supervisor.messages import Message, MessageError
+from supervisor.ipc import messages
+from supervisor.ipc.messages import Message, MessageError
 
 _MAX_FDS = 255
 _FD_BYTES = array.array("i").itemsize

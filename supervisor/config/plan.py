@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Mapping
 
-from supervisor.config import AppConfig, Config, ListenerConfig, MasterConfig
+from supervisor.config.model import AppConfig, Config, ListenerConfig, MasterConfig
 
 # Changing one of these needs a new socket; anything else about a listener keeps it.
 RECREATE_FIELDS = ("bind", "backlog", "mode")

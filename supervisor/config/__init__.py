@@ -1,0 +1,2 @@
+"""Configuration: the model (frozen dataclasses), reading TOML into it, bind specs, and the
+reload plan (a pure diff of two configs). Nothing here forks, binds or imports app code."""
