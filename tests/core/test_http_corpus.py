@@ -22,7 +22,7 @@ from supervisor.http import proxyproto
 
 HERE = Path(__file__).resolve().parent
 CORPUS = Path(os.environ.get("BATON_CORPUS")
-              or HERE.parents[1] / "shared" / "corpus" / "gunicorn-requests")
+              or HERE.parents[2] / "shared" / "corpus" / "gunicorn-requests")
 OURS = HERE / "requests"
 
 # Cases whose expectation relies on gunicorn options Baton does not have, or where
