@@ -2,9 +2,11 @@
 
 The only module that calls sendmsg/recvmsg. Strict on receipt: fds arrive with
 close-on-exec set, a truncated control message is an error, the number of fds must be
-exactly what the message announced, and on any error every received fd is closed so
-nothing leaks. The sender keeps its own copies; it closes them only once sendmsg has
-succeeded, if it wants to.
+exactly what the message announced (which `messages.decode` holds to what its kind
+carries), and on any error every received fd is closed so nothing leaks. So a receiver
+gets a well-formed message with exactly its fds, or ChannelClosed, or MessageError.
+The sender keeps its own copies; it closes them only once sendmsg has succeeded, if it
+wants to.
 """
 from __future__ import annotations
 
@@ -35,12 +37,15 @@ def pair() -> tuple[socket.socket, socket.socket]:
 
 
 def send(sock: socket.socket, message: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
-    send_encoded(sock, _encode(message, len(fds)), fds)
+    """Send `message` with `fds`, exactly as many as its kind carries (else ValueError)."""
+    send_encoded(sock, _encode(message), fds)
 
 
 def send_encoded(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
     """Send a message its hot path encoded directly (see `messages.encode_conn`); the
     fd count it announces must be len(fds)."""
+    if data[0] != len(fds):
+        raise ValueError(f"the message announces {data[0]} fds, not the {len(fds)} given")
     if fds:
         sent = sock.sendmsg((data,), ((_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds)),))
     else:  # most messages carry no fd: plain send skips building the sendmsg arguments
@@ -60,9 +65,9 @@ def receive(sock: socket.socket) -> tuple[Message, list[int]]:
             if fds:
                 raise MessageError("fds arrived without a message")
             raise ChannelClosed()
-        message, announced = _decode(data)
-        if announced != len(fds):
-            raise MessageError(f"message announced {announced} fds, {len(fds)} arrived")
+        message = _decode(data)
+        if data[0] != len(fds):
+            raise MessageError(f"{message.KIND} message announced {data[0]} fds, {len(fds)} arrived")
         return message, fds
     except BaseException:
         for fd in fds:

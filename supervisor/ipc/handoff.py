@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import sys
 
 from supervisor.ipc import channel
-from supervisor.ipc.messages import SOCKETS, TAKEOVER, Message
+from supervisor.ipc.messages import MessageError, Sockets, Takeover
 
 LISTENER = "listener:"    # listener:NAME
 REUSEPORT = "reuseport:"  # reuseport:LISTENER:APP:INDEX
@@ -49,22 +48,33 @@ def socket_names(sockets: dict[str, socket.socket], reuseport: dict[tuple[str, s
     return names, fds
 
 
-def adopt(names: list[str], fds: list[int]):
-    """Split received sockets back into (listeners by name, reuseport by key, health)."""
+def adopt(names: list[str] | tuple[str, ...], fds: list[int]):
+    """Split received sockets back into (listeners by name, reuseport by key, health);
+    a socket whose name is none of those is closed."""
     listeners, reuseport, health = {}, {}, None
     for name, fd in zip(names, fds):
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
+        key = _reuseport_key(name)
         if name.startswith(LISTENER):
             listeners[name[len(LISTENER):]] = sock
-        elif name.startswith(REUSEPORT):
-            listener, app, index = name[len(REUSEPORT):].rsplit(":", 2)
-            reuseport[(listener, app, int(index))] = sock
+        elif key is not None:
+            reuseport[key] = sock
         elif name == HEALTH:
             health = sock
         else:
             sock.close()
     return listeners, reuseport, health
+
+
+def _reuseport_key(name: str) -> tuple[str, str, int] | None:
+    """(listener, app, index) from "reuseport:LISTENER:APP:INDEX", else None."""
+    if not name.startswith(REUSEPORT):
+        return None
+    parts = name[len(REUSEPORT):].rsplit(":", 2)
+    if len(parts) != 3 or not parts[2].isdecimal() or not parts[2].isascii():
+        return None
+    return parts[0], parts[1], int(parts[2])
 
 
 def connect(spec: str) -> socket.socket:
@@ -85,17 +95,17 @@ def connect(spec: str) -> socket.socket:
 def receive_sockets(sock: socket.socket, timeout_s: float):
     """New master: announce ourselves and take the running master's sockets."""
     sock.settimeout(timeout_s)
-    channel.send(sock, Message(TAKEOVER, {"pid": os.getpid()}))
+    channel.send(sock, Takeover(os.getpid()))
     try:
         message, fds = channel.receive(sock)
-    except (OSError, channel.ChannelClosed) as exc:
+    except (OSError, channel.ChannelClosed, MessageError) as exc:
         raise HandoffError(f"the running master did not hand over its sockets: {exc}") from None
-    if message.kind != SOCKETS or len(message.fields.get("names", ())) != len(fds):
+    if type(message) is not Sockets:  # its fds, one per name, are checked by receive
         for fd in fds:
             os.close(fd)
-        raise HandoffError(f"unexpected answer from the running master: {message.kind}")
+        raise HandoffError(f"unexpected answer from the running master: {message.KIND}")
     sock.setblocking(False)
-    return adopt(list(message["names"]), fds)
+    return adopt(message.names, fds)
 
 
 def spawn_successor(config_path: str, channel_end: socket.socket, notify_socket) -> int:
@@ -112,9 +122,3 @@ def spawn_successor(config_path: str, channel_end: socket.socket, notify_socket)
         return os.posix_spawn(sys.executable, argv, env)
     finally:
         os.set_inheritable(fd, False)
-
-
-def peer_uid(sock: socket.socket) -> int:
-    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    return uid
-

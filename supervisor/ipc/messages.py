@@ -1,16 +1,36 @@
-"""Channel message encoding and decoding (pure).
+"""Channel messages: one frozen class per kind, and their wire forms (pure).
 
 Every link between Baton's processes is a SOCK_SEQPACKET socket, so one datagram is
-one message. A message is a kind plus a small JSON-able dict of fields, and it may
-carry file descriptors; the fd *count* is part of the encoding, so a receiver can
-insist on getting exactly the fds the sender announced (see `channel.py`).
+one message, and it may carry file descriptors. Each kind of message is a class below
+(`Ready`, `Heartbeat`, `Conn`, `Report`, `HandBack`, ...): a frozen, slotted dataclass
+whose fields state their types and bounds (the checks of `fields.py`), and which says
+how many fds travel with it.
+
+Promises:
+
+1. `decode` answers an instance of one of these classes whose every field holds what
+   the class says, or raises MessageError naming the kind and the field. A receiver
+   dispatches on the class and reads attributes; it never checks a field again. This
+   matters because a worker runs untrusted app code that can write anything on its
+   channels, and the master may be root.
+2. The fds belong to the kind. Byte 0 of a message announces how many it carries, and
+   that must be exactly its class's `fd_count()` (one for CONN, HANDBACK, ATTACH, TAKEN
+   and UPSTREAM; one per name or number for SOCKETS, ROUTES and REOPEN; none for the
+   others); `channel.receive` then insists that exactly that many arrived.
+3. `encode` refuses, with ValueError (we broke the protocol, not the peer), a message
+   that `decode` would refuse: the text form runs the same checks; the binary forms
+   rely on their layout (struct's ranges are the bounds the decoder applies), so the
+   hot path pays for no checks of its own. A message never exceeds MAX_MESSAGE_BYTES.
+4. The bytes are those of the previous release, so a master or balancer of that release
+   still talks to this one across an upgrade (TAKEOVER, SOCKETS, TAKEN, RELEASED,
+   HANDBACK cross it).
 
 Wire form: byte 0 is the fd count; byte 1 says which of two forms follows.
 
 * Text form (every kind; byte 1 is the first letter of the kind): the kind in ASCII, a
-  NUL, then compact JSON of the fields. This is the form Baton always used, so the
-  rare kinds that cross a master upgrade (TAKEOVER, SOCKETS, HANDBACK, ...) still
-  reach a master or balancer of the previous release.
+  NUL, then compact ASCII JSON of the fields in the class's order. An optional field
+  (CONN's data and proxy, HANDBACK's app) is left out when it has its default value, as
+  the previous release did. Bytes fields travel as base64 text.
 * Binary form (byte 1 is a kind code below 0x20), for the kinds sent per connection,
   per serving-loop iteration or per heartbeat. Little-endian, no padding:
 
@@ -19,102 +39,318 @@ Wire form: byte 0 is the fd count; byte 1 says which of two forms follows.
     CONN         code 1     id u64, peer port u16, flags u8, host length u8,
                             listener length u8; then the peer host and the listener
                             name (UTF-8); then, if flag 2, the rest of the datagram
-                            is `data` (UTF-8; the base64 text, passed as is).
-                            Flag 1: "proxy" is True. Other flags are an error.
+                            is `data` (as base64 text). Flag 1: `proxy` is true.
+                            Other flags are an error.
     REPORT       code 5     busy u32, acked count u16, closed count u16;
                             then their u64 ids, the acked first   10 + 8 per id bytes
 
   Codes 2 and 3 belonged to ACK and CLOSED, one message per connection each, which
   REPORT replaced; they are not reused.
 
-The encoder takes the binary form only when the fields match the layout exactly (the
-same keys, ints that fit, a str where a str belongs), else the text form, so decode
-always gives back the fields it was given. The decoder accepts both forms for every
-kind and rejects anything else with MessageError: a short or long binary message, an
-unknown kind code, lengths that do not add up, undecodable text.
+`encode` always takes the binary form for those three kinds, except for a CONN whose
+host or listener is longer than its length byte can say (or cannot be encoded as
+UTF-8): it goes as text. `decode` accepts both forms for those kinds and rejects
+anything else with MessageError: a short or long binary message, an unknown kind code,
+lengths that do not add up, undecodable text.
 """
 from __future__ import annotations
 
+import binascii
 import json
 import struct
-from dataclasses import dataclass, field
-from math import isnan
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field
+from dataclasses import fields as dataclass_fields
+from typing import Any, ClassVar
 
-# Master <-> worker lifecycle.
-READY = "ready"              # worker -> master: app imported, serving
-BOOT_FAILED = "boot_failed"  # worker -> master: fields: traceback
-HEARTBEAT = "heartbeat"      # worker -> master, from its serving loop: fields: requests,
-                             # connections, busy, oldest_s (age of the oldest running request)
-REOPEN = "reopen"            # master -> any child: log files were reopened (logrotate); fields:
-                             # numbers (the fd numbers to replace); fds: the new files, same order
-STOP = "stop"                # master -> worker: fields: graceful (bool), handback (bool: give idle
-                             # keep-alive connections to the balancer instead of closing them)
-
-# Watcher -> master: files changed on disk (debounced). topics: "config", "app:NAME".
-CHANGED = "changed"          # fields: topics
-
-# Master -> balancer: the routing table, with the fds of listeners it newly serves.
-ROUTES = "routes"            # fields: routes (see balancer.routing_payload), open (names, in fd order)
-
-# Master upgrade (see handoff.py), old master <-> new master.
-TAKEOVER = "takeover"        # new -> old: fields: pid
-SOCKETS = "sockets"          # old -> new: fields: names; fds: one per name
-TAKEN = "taken"              # new -> old: fields: pid; fds: [channel to the new balancer]
-RELEASED = "released"        # old -> new: the old master let go and drains
-# Master -> balancer: where to send hand-backs once a new master took over (fds: [channel]).
-UPSTREAM = "upstream"
-
-# Master -> balancer: the master's figures for /metrics (fields: apps, overall), and the
-# start of a graceful stop (stop accepting; /healthz answers 503).
-METRICS = "metrics"
-DRAIN = "drain"
-
-# Master -> balancer: a worker's balancer-side channel end (one fd) once it is READY,
-# and its removal when it retires or exits.
-ATTACH = "attach"            # fields: key (worker pid), app; fds: [channel end]
-DETACH = "detach"            # fields: key
-
-# Balancer <-> worker: connections travel as fds.
-CONN = "conn"                # balancer -> worker: fields: id, peer, listener; fds: [connection]
-REPORT = "report"            # worker -> balancer: fields: busy, acked (ids of connections the
-                             # worker now owns: the balancer closes its copies), closed (ids of
-                             # connections that ended). Sent per batch of connections received
-                             # and per serving-loop iteration, never per connection.
-HANDBACK = "handback"        # worker -> balancer: fields: peer, listener, data (base64 of bytes
-                             # read but not parsed); fds: [connection]. A retiring worker's idle
-                             # keep-alive connection, for another worker of the same app.
-
-KINDS = frozenset({REOPEN, TAKEOVER, SOCKETS, TAKEN, RELEASED, UPSTREAM, READY, BOOT_FAILED, HEARTBEAT, STOP, CHANGED, ROUTES, METRICS, DRAIN, ATTACH, DETACH, CONN, REPORT, HANDBACK})
+from supervisor.ipc import fields
+from supervisor.ipc.fields import FDS_MAX, NAME, NAME_MAX, FieldError, show
 
 MAX_MESSAGE_BYTES = 64 * 1024
+# A boot failure's traceback is cut to its last TRACEBACK_MAX characters: JSON may
+# escape each as 12 bytes (a surrogate pair), and it must still fit one message.
+TRACEBACK_MAX = 5000
+_REPORT_HEAD_SIZE = 10
+# The most connection ids one REPORT carries; a sender with more sends several.
+REPORT_MAX_IDS = (MAX_MESSAGE_BYTES - _REPORT_HEAD_SIZE) // 8
 
 
 class MessageError(ValueError):
     """A peer sent bytes that are not a well-formed message."""
 
 
-@dataclass(frozen=True, slots=True)
+def _field(check: fields.Check, default: Any = MISSING, dump=None):
+    """A message field: `check` turns what JSON gave into the field's value (or raises
+    FieldError); `dump` turns the value into JSON (default: as it is). A field with a
+    default may be left out of the text form, and is left out when it has that value."""
+    return field(default=default, metadata={"check": check, "dump": dump})
+
+
+def _base64_text(data: bytes) -> str:
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
+
+
 class Message:
-    kind: str
-    fields: dict = field(default_factory=dict)
+    """What every message class shares: `KIND` names it on the wire and `FDS` is how
+    many fds travel with it (`fd_count()`, for the kinds where that depends on the
+    fields). The classes below are frozen, slotted dataclasses; `decode` builds them."""
 
-    def __getitem__(self, name):
-        return self.fields[name]
+    __slots__ = ()
+    KIND: ClassVar[str]
+    FDS: ClassVar[int] = 0
+
+    def fd_count(self) -> int:
+        return self.FDS
+
+    def inconsistency(self) -> str | None:
+        """Why the fields disagree with one another, if they do (checked on both ends)."""
+        return None
 
 
-def encode(message: Message, fd_count: int = 0) -> bytes:
-    if not 0 <= fd_count <= 255:
-        raise ValueError("a message carries at most 255 fds")
-    binary = _BINARY_ENCODERS.get(message.kind)
+# -- master <-> worker: the lifecycle -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ready(Message):
+    """Worker -> master: the app imported, serving. Watcher -> master: watching."""
+    KIND = "ready"
+    pid: int = _field(fields.PID)
+
+
+@dataclass(frozen=True, slots=True)
+class BootFailed(Message):
+    """Worker -> master: the app could not be imported; the traceback's last lines."""
+    KIND = "boot_failed"
+    traceback: str = _field(fields.text(TRACEBACK_MAX))
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    """Worker -> master, from its serving loop (so a stuck loop goes silent): requests
+    served, open connections, busy threads, and the age of the oldest running request
+    (None when none runs)."""
+    KIND = "heartbeat"
+    requests: int = _field(fields.unsigned(64))
+    connections: int = _field(fields.unsigned(32))
+    busy: int = _field(fields.unsigned(32))
+    oldest_s: float | None = _field(fields.duration_or_none)
+
+
+@dataclass(frozen=True, slots=True)
+class Reopen(Message):
+    """Master -> any child: the log files were reopened (logrotate); fds: the new files,
+    one per fd number to replace, in the same order."""
+    KIND = "reopen"
+    numbers: tuple[int, ...] = _field(fields.array(fields.FD_NUMBER, FDS_MAX, unique=True))
+
+    def fd_count(self) -> int:
+        return len(self.numbers)
+
+
+@dataclass(frozen=True, slots=True)
+class Stop(Message):
+    """Master -> worker: stop; `graceful` lets running requests finish, `handback` gives
+    idle keep-alive connections to the balancer instead of closing them."""
+    KIND = "stop"
+    graceful: bool = _field(fields.boolean)
+    handback: bool = _field(fields.boolean)
+
+
+# -- watcher -> master ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Changed(Message):
+    """Files changed on disk (debounced). Topics: "config", "app:NAME"."""
+    KIND = "changed"
+    topics: tuple[str, ...] = _field(fields.array(NAME))
+
+
+# -- master -> balancer ---------------------------------------------------------------
+
+# The routing table, as `balancer.process.routing_payload` builds it and `build_routes`
+# reads it. Only its shape is checked here: host patterns and policy names are checked
+# where they are used (`routing.HostTable` and `policies.make_policy` raise ValueError).
+_ROUTING_TABLE = fields.record(
+    listeners=fields.table(NAME, fields.array(NAME, unique=True)),  # listener -> its apps
+    proxy=fields.array(NAME),                                         # listeners with PROXY headers
+    apps=fields.table(NAME, fields.record(hosts=fields.array(NAME), default=fields.boolean, balance=NAME)),
+)
+
+
+def _routing_table(value):
+    table = _ROUTING_TABLE(value)
+    for listener, apps in table["listeners"].items():
+        for app in apps:
+            if app not in table["apps"]:
+                raise FieldError(f"listeners[{show(listener)}] names app {show(app)}, which apps does not describe")
+    return table
+
+
+@dataclass(frozen=True, slots=True)
+class Routes(Message):
+    """The routing table, with the fds of the listeners the balancer newly serves (one
+    per name in `open`, in that order; each names a listener of the table)."""
+    KIND = "routes"
+    routes: Mapping[str, Any] = _field(_routing_table)
+    open: tuple[str, ...] = _field(fields.array(NAME, FDS_MAX, unique=True))
+
+    def fd_count(self) -> int:
+        return len(self.open)
+
+    def inconsistency(self) -> str | None:
+        unknown = [name for name in self.open if name not in self.routes["listeners"]]
+        return f"open names listeners the routes do not: {show(unknown)}" if unknown else None
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics(Message):
+    """The master's figures for /metrics: per app (app -> metric -> value) and overall."""
+    KIND = "metrics"
+    apps: Mapping[str, Mapping[str, float]] = _field(fields.table(NAME, fields.table(NAME, fields.figure)))
+    overall: Mapping[str, float] = _field(fields.table(NAME, fields.figure))
+
+
+@dataclass(frozen=True, slots=True)
+class Drain(Message):
+    """A graceful stop began: stop accepting; /healthz answers 503."""
+    KIND = "drain"
+
+
+def _link_key(value):
+    if type(value) is int and value == -1:
+        return value
+    try:
+        return fields.PID(value)
+    except FieldError:
+        raise FieldError(f"expected a worker's pid or -1, found {show(value)}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Attach(Message):
+    """A worker's balancer-side channel end (the fd), once it is READY. Key -1 (with app
+    "") is the old master's balancer after an upgrade: it only hands connections over."""
+    KIND = "attach"
+    FDS = 1
+    key: int = _field(_link_key)
+    app: str = _field(NAME)
+
+
+@dataclass(frozen=True, slots=True)
+class Detach(Message):
+    """The worker `key` retires or exited: send it no more connections."""
+    KIND = "detach"
+    key: int = _field(fields.PID)
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream(Message):
+    """Where to send hand-backs once a new master took over (the fd: a channel to its
+    balancer)."""
+    KIND = "upstream"
+    FDS = 1
+
+
+# -- master upgrade (see handoff.py): old master <-> new master -------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Takeover(Message):
+    """New -> old: hand me your sockets."""
+    KIND = "takeover"
+    pid: int = _field(fields.PID)
+
+
+@dataclass(frozen=True, slots=True)
+class Sockets(Message):
+    """Old -> new: every listening socket, one fd per name (see `handoff.socket_names`)."""
+    KIND = "sockets"
+    # "reuseport:LISTENER:APP:INDEX" holds two names.
+    names: tuple[str, ...] = _field(fields.array(fields.text(2 * NAME_MAX + 32), FDS_MAX, unique=True))
+
+    def fd_count(self) -> int:
+        return len(self.names)
+
+
+@dataclass(frozen=True, slots=True)
+class Taken(Message):
+    """New -> old: every app is READY; the fd is a channel to the new balancer."""
+    KIND = "taken"
+    FDS = 1
+    pid: int = _field(fields.PID)
+
+
+@dataclass(frozen=True, slots=True)
+class Released(Message):
+    """Old -> new: the old master let go and drains."""
+    KIND = "released"
+
+
+# -- balancer <-> worker: connections travel as fds ----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Conn(Message):
+    """Balancer -> worker: a connection (the fd), numbered `id` for the worker's REPORT;
+    `data`: bytes a previous worker read but did not parse; `proxy`: a PROXY protocol
+    header leads the stream. Sent per connection: see `encode_conn`."""
+    KIND = "conn"
+    FDS = 1
+    id: int = _field(fields.unsigned(64))
+    peer: tuple[str, int] = _field(fields.peer)
+    listener: str = _field(NAME)
+    data: bytes = _field(fields.base64_bytes, b"", _base64_text)
+    proxy: bool = _field(fields.boolean, False)
+
+
+@dataclass(frozen=True, slots=True)
+class Report(Message):
+    """Worker -> balancer: busy threads; `acked`, the ids of connections the worker now
+    owns (the balancer closes its copies); `closed`, the ids of those that ended. Sent
+    per batch of connections received and per serving-loop iteration, never per
+    connection; at most REPORT_MAX_IDS ids in all."""
+    KIND = "report"
+    busy: int = _field(fields.unsigned(32))
+    acked: tuple[int, ...] = _field(fields.array(fields.unsigned(64), REPORT_MAX_IDS))
+    closed: tuple[int, ...] = _field(fields.array(fields.unsigned(64), REPORT_MAX_IDS))
+
+
+@dataclass(frozen=True, slots=True)
+class HandBack(Message):
+    """Worker -> balancer: a retiring worker's idle keep-alive connection (the fd), with
+    the bytes it read but did not parse, for another worker of the same app. Between
+    balancers (after an upgrade) `app` names that app; from a worker it is left out."""
+    KIND = "handback"
+    FDS = 1
+    peer: tuple[str, int] = _field(fields.peer)
+    listener: str = _field(NAME)
+    data: bytes = _field(fields.base64_bytes, dump=_base64_text)
+    app: str = _field(NAME, "")
+
+
+CLASSES = (Ready, BootFailed, Heartbeat, Reopen, Stop, Changed, Routes, Metrics, Drain, Attach, Detach,
+           Upstream, Takeover, Sockets, Taken, Released, Conn, Report, HandBack)
+KINDS = frozenset(cls.KIND for cls in CLASSES)
+
+# Per class, its fields in wire order: (name, check, dump, default or MISSING).
+_SCHEMAS = {cls: tuple((f.name, f.metadata["check"], f.metadata["dump"], f.default)
+                       for f in dataclass_fields(cls)) for cls in CLASSES}
+_NAMES = {cls: frozenset(name for name, *_ in schema) for cls, schema in _SCHEMAS.items()}
+_BY_KIND = {cls.KIND.encode("ascii"): cls for cls in CLASSES}
+
+
+def encode(message: Message) -> bytes:
+    """The bytes of `message`, its fd count included: binary for CONN, HEARTBEAT and
+    REPORT, text for the others. ValueError if it must not be sent (see promise 3)."""
+    binary = _BINARY_ENCODERS.get(message.__class__)
     if binary is not None:
-        data = binary(message.fields, fd_count)
-        if data is not None:
-            return data
-    return _encode_text(message, fd_count)
+        return binary(message)
+    return encode_text(message)
 
 
-def decode(data: bytes) -> tuple[Message, int]:
-    """Return the message and the number of fds its sender announced."""
+def decode(data: bytes) -> Message:
+    """The message in `data`; MessageError if it is not a well-formed one, or if the fd
+    count it announces is not its kind's (the caller checks that many arrived)."""
     if len(data) < 2:
         raise MessageError("message too short")
     code = data[1]
@@ -126,195 +362,239 @@ def decode(data: bytes) -> tuple[Message, int]:
     return binary(data)
 
 
-# -- text form -----------------------------------------------------------------
+# -- text form -------------------------------------------------------------------------
 
 _FIRST_TEXT_BYTE = 0x20  # kinds are lowercase words; binary kind codes sit below this
 
 
-def _encode_text(message: Message, fd_count: int) -> bytes:
-    if message.kind not in KINDS:
-        raise ValueError(f"unknown message kind {message.kind!r}")
-    body = json.dumps(message.fields, separators=(",", ":")).encode()
-    data = bytes((fd_count,)) + message.kind.encode("ascii") + b"\0" + body
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+# json.loads would take NaN and Infinity, which are not JSON, as floats.
+_parse_json = json.JSONDecoder(parse_constant=_refuse_constant).decode
+
+
+def encode_text(message: Message) -> bytes:
+    """The text form of any message (the hot kinds too: `encode` prefers their binary
+    form, a receiver accepts either)."""
+    cls = message.__class__
+    schema = _SCHEMAS.get(cls)
+    if schema is None:
+        raise TypeError(f"not a message: {message!r}")
+    body = {}
+    for name, check, dump, default in schema:
+        value = getattr(message, name)
+        if default is not MISSING and value == default:
+            continue
+        wire = dump(value) if dump is not None else value
+        try:
+            check(wire)
+        except FieldError as exc:
+            raise ValueError(f"cannot send this {cls.KIND} message: {name}: {exc}") from None
+        body[name] = wire
+    problem = message.inconsistency()
+    if problem:
+        raise ValueError(f"cannot send this {cls.KIND} message: {problem}")
+    fd_count = message.fd_count()
+    if fd_count > FDS_MAX:
+        raise ValueError(f"a message carries at most {FDS_MAX} fds, not {fd_count}")
+    data = (bytes((fd_count,)) + cls.KIND.encode("ascii") + b"\0"
+            + json.dumps(body, separators=(",", ":"), allow_nan=False).encode("ascii"))
     if len(data) > MAX_MESSAGE_BYTES:
-        raise ValueError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+        raise ValueError(f"{cls.KIND} message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
     return data
 
 
-def _decode_text(data: bytes) -> tuple[Message, int]:
-    fd_count = data[0]
+def _decode_text(data: bytes) -> Message:
     kind_end = data.find(b"\0", 1)
     if kind_end < 0:
         raise MessageError("message kind is not terminated")
+    cls = _BY_KIND.get(bytes(data[1:kind_end]))
+    if cls is None:
+        raise MessageError(f"unknown message kind {show(bytes(data[1:kind_end]))}")
+    kind = cls.KIND
     try:
-        kind = data[1:kind_end].decode("ascii")
-        fields = json.loads(data[kind_end + 1:])
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise MessageError(f"undecodable message: {exc}") from None
-    if kind not in KINDS:
-        raise MessageError(f"unknown message kind {kind!r}")
-    if not isinstance(fields, dict):
-        raise MessageError("message fields are not an object")
-    return _message(kind, fields), fd_count
+        body = _parse_json(data[kind_end + 1:].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting: RecursionError
+        raise MessageError(f"{kind} message: undecodable fields: {exc}") from None
+    if type(body) is not dict:
+        raise MessageError(f"{kind} message: its fields are not a JSON object")
+    unknown = body.keys() - _NAMES[cls]
+    if unknown:
+        raise MessageError(f"{kind} message: unknown field {', '.join(sorted(map(show, unknown)))}")
+    values = {}
+    for name, check, _, default in _SCHEMAS[cls]:
+        if name in body:
+            try:
+                values[name] = check(body[name])
+            except FieldError as exc:
+                raise MessageError(f"{kind} message: {name}: {exc}") from None
+        elif default is MISSING:
+            raise MessageError(f"{kind} message: {name} is missing")
+    message = cls(**values)
+    problem = message.inconsistency()
+    if problem:
+        raise MessageError(f"{kind} message: {problem}")
+    if data[0] != message.fd_count():
+        raise MessageError(f"{kind} message announces {data[0]} fds; it carries {message.fd_count()}")
+    return message
 
 
-# -- binary form -----------------------------------------------------------------
-# Each encoder returns None when the fields do not fit its layout exactly; the caller
-# then falls back to the text form. `type(x) is int` keeps bools (and floats) out:
-# struct would quietly turn True into 1, and the round trip would change the field.
+# -- binary form ----------------------------------------------------------------------
+# The decoders build their message through its slots: that skips the dataclass's
+# generated __init__ and its object.__setattr__ per field (a frozen class's way in),
+# about a third of the cost, paid on every message received.
 
 _CONN_CODE, _HEARTBEAT_CODE, _REPORT_CODE = 1, 4, 5
 
 _HEARTBEAT = struct.Struct("<BBQIId")      # fd count, code, requests, connections, busy, oldest_s
 _CONN_HEAD = struct.Struct("<BBQHBBB")     # fd count, code, id, port, flags, host len, listener len
-_CONN_HEAD_SIZE = _CONN_HEAD.size
 _CONN_PROXY, _CONN_DATA = 1, 2
-_CONN_KEYS = frozenset({"id", "peer", "listener", "data", "proxy"})
+assert _CONN_HEAD.size == 15
 _REPORT_HEAD = struct.Struct("<BBIHH")     # fd count, code, busy, acked count, closed count
-_REPORT_HEAD_SIZE = _REPORT_HEAD.size
-_NAN = float("nan")                        # a heartbeat's oldest_s of None
-
-# The most connection ids one REPORT carries; a sender with more sends several.
-REPORT_MAX_IDS = (MAX_MESSAGE_BYTES - _REPORT_HEAD_SIZE) // 8
-
-# Building the frozen dataclass through its slots skips the generated __init__ and its
-# object.__setattr__ calls: about a third of the cost, paid on every message received.
+assert _REPORT_HEAD.size == _REPORT_HEAD_SIZE
+_NAN, _INF = float("nan"), float("inf")    # a heartbeat's oldest_s of None is NaN
+_a2b_base64, _b2a_base64 = binascii.a2b_base64, binascii.b2a_base64
 _new_object = object.__new__
-_set_kind = Message.__dict__["kind"].__set__
-_set_fields = Message.__dict__["fields"].__set__
 
 
-def _message(kind: str, fields: dict) -> Message:
-    message = _new_object(Message)
-    _set_kind(message, kind)
-    _set_fields(message, fields)
-    return message
+def _setters(cls: type, *names: str):
+    return tuple(cls.__dict__[name].__set__ for name in names)
 
 
-def _encode_heartbeat(fields: dict, fd_count: int) -> bytes | None:
-    if len(fields) != 4:
-        return None
-    requests, connections, busy = fields.get("requests"), fields.get("connections"), fields.get("busy")
-    oldest_s = fields.get("oldest_s", _NAN)  # missing: not None, and NaN is refused below
+_set_heartbeat = _setters(Heartbeat, "requests", "connections", "busy", "oldest_s")
+_set_conn_id, _set_conn_peer, _set_conn_listener, _set_conn_data, _set_conn_proxy = _setters(
+    Conn, "id", "peer", "listener", "data", "proxy")
+_set_report = _setters(Report, "busy", "acked", "closed")
+_unpack_conn_head = _CONN_HEAD.unpack_from
+
+
+def _encode_heartbeat(message: Heartbeat) -> bytes:
+    oldest_s = message.oldest_s
     if oldest_s is None:
         oldest_s = _NAN
-    elif type(oldest_s) is not float or isnan(oldest_s):
-        return None
-    if type(requests) is int and type(connections) is int and type(busy) is int:
-        try:
-            return _HEARTBEAT.pack(fd_count, _HEARTBEAT_CODE, requests, connections, busy, oldest_s)
-        except struct.error:
-            pass
-    return None
+    elif not 0.0 <= oldest_s < _INF:
+        raise ValueError(f"cannot send this heartbeat message: oldest_s is {oldest_s!r}")
+    try:
+        return _HEARTBEAT.pack(0, _HEARTBEAT_CODE, message.requests, message.connections, message.busy, oldest_s)
+    except struct.error as exc:
+        raise ValueError(f"cannot send this heartbeat message: {exc}") from None
 
 
-def _decode_heartbeat(data: bytes) -> tuple[Message, int]:
+def _decode_heartbeat(data: bytes) -> Heartbeat:
     try:
         fd_count, _, requests, connections, busy, oldest_s = _HEARTBEAT.unpack(data)
     except struct.error:
         raise MessageError(f"heartbeat message of {len(data)} bytes, not {_HEARTBEAT.size}") from None
-    return _message(HEARTBEAT, {"requests": requests, "connections": connections, "busy": busy,
-                                "oldest_s": None if isnan(oldest_s) else oldest_s}), fd_count
-
-
-def encode_conn(conn_id: int, peer: list, listener: str, data: str = "", proxy: bool = False) -> bytes:
-    """`encode(Message(CONN, fields), 1)` without building the fields first: the
-    balancer sends one per connection. An empty `data` and a false `proxy` are left out."""
-    binary = _pack_conn(1, conn_id, peer, listener, data or None, proxy)
-    if binary is not None:
-        return binary
-    fields = {"id": conn_id, "peer": peer, "listener": listener}
-    if data:
-        fields["data"] = data
-    if proxy:
-        fields["proxy"] = True
-    return _encode_text(Message(CONN, fields), 1)
-
-
-def _encode_conn(fields: dict, fd_count: int) -> bytes | None:
-    conn_id, peer, listener = fields.get("id"), fields.get("peer"), fields.get("listener")
-    if not (type(conn_id) is int and type(peer) is list and len(peer) == 2 and type(listener) is str):
-        return None
-    host, port = peer
-    if type(host) is not str or type(port) is not int:
-        return None
-    if len(fields) != 3:
-        if not fields.keys() <= _CONN_KEYS:
-            return None
-        if "proxy" in fields and fields["proxy"] is not True:
-            return None
-        if type(fields.get("data", "")) is not str:
-            return None
-    return _pack_conn(fd_count, conn_id, peer, listener, fields.get("data"), "proxy" in fields)
-
-
-def _pack_conn(fd_count: int, conn_id: int, peer: list, listener: str, data: str | None,
-               proxy: bool) -> bytes | None:
-    """The binary CONN, or None if a field does not fit; `data` None means absent."""
-    flags = (_CONN_PROXY if proxy else 0) | (_CONN_DATA if data is not None else 0)
-    try:
-        host_bytes, listener_bytes = peer[0].encode(), listener.encode()
-        head = _CONN_HEAD.pack(fd_count, _CONN_CODE, conn_id, peer[1], flags, len(host_bytes), len(listener_bytes))
-        tail = data.encode() if data is not None else b""
-    except (UnicodeEncodeError, struct.error):  # lone surrogates, or too long or big
-        return None
-    message = head + host_bytes + listener_bytes + tail
-    if len(message) > MAX_MESSAGE_BYTES:
-        raise ValueError(f"message of {len(message)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    if fd_count:
+        raise MessageError(f"heartbeat message announces {fd_count} fds; it carries none")
+    if oldest_s != oldest_s:  # noqa: PLR0124 -- only NaN differs from itself (cheaper than isnan)
+        oldest_s = None
+    elif not 0.0 <= oldest_s < _INF:
+        raise MessageError(f"heartbeat message: oldest_s: expected a finite number of seconds >= 0,"
+                           f" found {oldest_s!r}")
+    message = _new_object(Heartbeat)
+    set_requests, set_connections, set_busy, set_oldest = _set_heartbeat
+    set_requests(message, requests)
+    set_connections(message, connections)
+    set_busy(message, busy)
+    set_oldest(message, oldest_s)
     return message
 
 
-def _decode_conn(data: bytes) -> tuple[Message, int]:
+def encode_conn(conn_id: int, peer, listener: str, data: bytes = b"", proxy: bool = False) -> bytes:
+    """`encode(Conn(conn_id, peer, listener, data, proxy))` without building the Conn:
+    the balancer sends one per connection. `peer` is (host, port), a list will do."""
     try:
-        fd_count, _, conn_id, port, flags, host_len, listener_len = _CONN_HEAD.unpack_from(data)
+        host, listener_bytes = peer[0].encode(), listener.encode()
+        if len(host) <= 255 and len(listener_bytes) <= 255:
+            head = _CONN_HEAD.pack(1, _CONN_CODE, conn_id, peer[1],
+                                   (_CONN_PROXY if proxy else 0) | (_CONN_DATA if data else 0),
+                                   len(host), len(listener_bytes))
+            message = head + host + listener_bytes
+            if data:
+                message += _b2a_base64(data, newline=False)
+            if len(message) > MAX_MESSAGE_BYTES:
+                raise ValueError(f"conn message of {len(message)} bytes exceeds {MAX_MESSAGE_BYTES}")
+            return message
+    except (UnicodeEncodeError, struct.error):  # lone surrogates; a number out of range
+        pass
+    # The text form says what did not fit, or carries what the layout cannot.
+    return encode_text(Conn(conn_id, tuple(peer), listener, data, proxy))
+
+
+def _encode_conn(message: Conn) -> bytes:
+    return encode_conn(message.id, message.peer, message.listener, message.data, message.proxy)
+
+
+def _decode_conn(data: bytes) -> Conn:
+    # The layout's sizes and flags are literals here (15: _CONN_HEAD.size; flag 1
+    # _CONN_PROXY, flag 2 _CONN_DATA): each global looked up costs a few percent of a
+    # decode, paid per connection.
+    try:
+        fd_count, _, conn_id, port, flags, host_len, listener_len = _unpack_conn_head(data)
     except struct.error:
         raise MessageError(f"conn message of {len(data)} bytes is shorter than its header") from None
-    if flags & ~(_CONN_PROXY | _CONN_DATA):
+    if fd_count != 1:
+        raise MessageError(f"conn message announces {fd_count} fds; it carries 1")
+    if flags & 0xFC:
         raise MessageError(f"conn message with unknown flags {flags:#x}")
-    host_end = _CONN_HEAD_SIZE + host_len
+    host_end = 15 + host_len
     listener_end = host_end + listener_len
-    if len(data) < listener_end or (len(data) != listener_end and not flags & _CONN_DATA):
-        raise MessageError(f"conn message of {len(data)} bytes does not match its lengths")
+    size = len(data)
+    if size != listener_end and (size < listener_end or not flags & 2):
+        raise MessageError(f"conn message of {size} bytes does not match its lengths")
     try:
-        fields = {"id": conn_id, "peer": [data[_CONN_HEAD_SIZE:host_end].decode(), port],
-                  "listener": data[host_end:listener_end].decode()}
-        if flags & _CONN_DATA:
-            fields["data"] = data[listener_end:].decode()
+        host = data[15:host_end].decode()
+        listener = data[host_end:listener_end].decode()
     except UnicodeDecodeError as exc:
         raise MessageError(f"undecodable conn message: {exc}") from None
-    if flags & _CONN_PROXY:
-        fields["proxy"] = True
-    return _message(CONN, fields), fd_count
+    message = _new_object(Conn)
+    _set_conn_id(message, conn_id)
+    _set_conn_peer(message, (host, port))
+    _set_conn_listener(message, listener)
+    if flags & 2:
+        try:
+            _set_conn_data(message, _a2b_base64(data[listener_end:], strict_mode=True))
+        except binascii.Error:
+            raise MessageError("conn message: data: expected base64 text") from None
+    else:
+        _set_conn_data(message, b"")
+    _set_conn_proxy(message, flags & 1 == 1)
+    return message
 
 
-def _encode_report(fields: dict, fd_count: int) -> bytes | None:
-    if len(fields) != 3:
-        return None
-    busy, acked, closed = fields.get("busy"), fields.get("acked"), fields.get("closed")
-    if type(busy) is not int or type(acked) is not list or type(closed) is not list:
-        return None
-    ids = acked + closed
-    if len(ids) > REPORT_MAX_IDS or not all(type(conn_id) is int for conn_id in ids):
-        return None
+def _encode_report(message: Report) -> bytes:
+    acked, closed = message.acked, message.closed
+    count = len(acked) + len(closed)
+    if count > REPORT_MAX_IDS:
+        raise ValueError(f"cannot send this report message: {count} ids, at most {REPORT_MAX_IDS}")
     try:
-        return (_REPORT_HEAD.pack(fd_count, _REPORT_CODE, busy, len(acked), len(closed))
-                + struct.pack(f"<{len(ids)}Q", *ids))
-    except struct.error:
-        return None
+        return (_REPORT_HEAD.pack(0, _REPORT_CODE, message.busy, len(acked), len(closed))
+                + struct.pack(f"<{count}Q", *acked, *closed))
+    except struct.error as exc:
+        raise ValueError(f"cannot send this report message: {exc}") from None
 
 
-def _decode_report(data: bytes) -> tuple[Message, int]:
+def _decode_report(data: bytes) -> Report:
     try:
         fd_count, _, busy, acked_count, closed_count = _REPORT_HEAD.unpack_from(data)
     except struct.error:
         raise MessageError(f"report message of {len(data)} bytes is shorter than its header") from None
+    if fd_count:
+        raise MessageError(f"report message announces {fd_count} fds; it carries none")
     count = acked_count + closed_count
-    if len(data) != _REPORT_HEAD_SIZE + 8 * count:
+    if count > REPORT_MAX_IDS or len(data) != _REPORT_HEAD_SIZE + 8 * count:
         raise MessageError(f"report message of {len(data)} bytes does not carry {count} ids")
     ids = struct.unpack_from(f"<{count}Q", data, _REPORT_HEAD_SIZE)
-    return _message(REPORT, {"busy": busy, "acked": list(ids[:acked_count]),
-                             "closed": list(ids[acked_count:])}), fd_count
+    message = _new_object(Report)
+    set_busy, set_acked, set_closed = _set_report
+    set_busy(message, busy)
+    set_acked(message, ids[:acked_count])
+    set_closed(message, ids[acked_count:])
+    return message
 
 
-_BINARY_ENCODERS = {CONN: _encode_conn, HEARTBEAT: _encode_heartbeat, REPORT: _encode_report}
+_BINARY_ENCODERS = {Conn: _encode_conn, Heartbeat: _encode_heartbeat, Report: _encode_report}
 _BINARY_DECODERS = {_CONN_CODE: _decode_conn, _HEARTBEAT_CODE: _decode_heartbeat, _REPORT_CODE: _decode_report}
