@@ -31,19 +31,16 @@ Promises:
    `HostTable` patterns go through the same normalisation, so what a peek returns can
    be matched directly.
 
-Host names are checked more strictly than RFC 3986's reg-name (which admits
-percent-encoding and sub-delims): we accept DNS-style names, i.e. dot-separated labels of
-1-63 letters, digits, hyphens or underscores (underscores appear in internal names such
-as compose services), not starting or ending with a hyphen, 253 characters at most. A
-name whose last label is all digits must be a dotted-quad IPv4 address (no TLD is
-numeric, RFC 3696 §2), so "999.1.1.1" and "01.2.3.4" are refused rather than guessed at.
+What a host name is (the grammar and the normalisation) is `config.hostnames`, which
+the config reader also uses for `[apps.X] hosts` entries and bind host names.
 """
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
+
+from supervisor.config.hostnames import host_pattern, normalise_ipv6, normalise_name
 
 Status = Literal["need_more", "host", "no_host", "invalid"]
 
@@ -68,40 +65,7 @@ def _invalid(reason: str) -> Peek:
 
 
 # ---------------------------------------------------------------------------------------
-# Host names (shared by HTTP Host, absolute-form targets, SNI and HostTable patterns)
-
-_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
-_DEC_OCTET = re.compile(r"0|[1-9][0-9]{0,2}")
-
-
-def _normalise_name(text: str, *, allow_ipv4: bool = True) -> str | None:
-    """A lowercase DNS-style name or dotted-quad IPv4 without its trailing dot; else None."""
-    if not text.isascii():
-        return None
-    text = text.lower()
-    if text.endswith(".") and len(text) > 1:
-        text = text[:-1]
-    if not text or len(text) > 253:
-        return None
-    labels = text.split(".")
-    if labels[-1].isdigit():
-        ok = (allow_ipv4 and len(labels) == 4
-              and all(_DEC_OCTET.fullmatch(label) and int(label) <= 255 for label in labels))
-        return text if ok else None
-    if all(_LABEL.fullmatch(label) for label in labels):
-        return text
-    return None
-
-
-def _normalise_ipv6(literal: str) -> str | None:
-    # ipaddress accepts "%zone" suffixes; a zone has no meaning in a Host header (RFC 9110
-    # uses RFC 3986's IP-literal, which has none), so refuse it before asking ipaddress.
-    if "%" in literal or not literal.isascii():
-        return None
-    try:
-        return str(ipaddress.IPv6Address(literal))
-    except ValueError:
-        return None
+# Authority: "host[:port]" from a Host field or an absolute-form target
 
 
 def _parse_authority(text: str) -> str | None:
@@ -113,11 +77,11 @@ def _parse_authority(text: str) -> str | None:
         close = text.find("]")
         if close < 0:
             return None
-        host = _normalise_ipv6(text[1:close])
+        host = normalise_ipv6(text[1:close])
         rest = text[close + 1:]
     else:
         name, _, port = text.partition(":")
-        host = _normalise_name(name)
+        host = normalise_name(name)
         rest = text[len(name):]
     if host is None:
         return None
@@ -437,7 +401,7 @@ def _parse_server_name(payload: bytes) -> str | None:
             continue
         if host is not None:
             raise _Malformed("more than one host_name")
-        host = _normalise_name(name.decode("latin-1"), allow_ipv4=False)
+        host = normalise_name(name.decode("latin-1"), allow_ipv4=False)
         if host is None:
             raise _Malformed("host_name is not a DNS name")
     return host
@@ -482,33 +446,13 @@ class HostTable:
             if isinstance(hosts, str):
                 raise ValueError(f"app {app!r}: hosts must be a sequence of names, not a string")
             for pattern in hosts:
-                table, key = self._parse_pattern(pattern)
+                table, key = host_pattern(pattern)
                 owner = (wildcard if table == "wildcard" else exact).setdefault(key, app)
                 if owner != app:
                     raise ValueError(f"host {pattern!r} claimed by both {owner!r} and {app!r}")
         self._exact = exact
         self._wildcard = wildcard
         self.default = default
-
-    @staticmethod
-    def _parse_pattern(pattern: str) -> tuple[str, str]:
-        if not isinstance(pattern, str):
-            raise ValueError(f"host pattern {pattern!r} is not a string")
-        if pattern.startswith("*."):
-            suffix = _normalise_name(pattern[2:], allow_ipv4=False)
-            if suffix is None:
-                raise ValueError(f"invalid wildcard host pattern {pattern!r}")
-            return "wildcard", suffix
-        if pattern.startswith("[") and pattern.endswith("]"):
-            host = _normalise_ipv6(pattern[1:-1])
-        elif ":" in pattern:
-            host = _normalise_ipv6(pattern)
-        else:
-            host = _normalise_name(pattern)
-        if host is None:
-            raise ValueError(f"invalid host pattern {pattern!r} (no ports, no wildcards "
-                             "other than a leading '*.')")
-        return "exact", host
 
     def match(self, host: str | None) -> str | None:
         """The app for `host` (as a peek returns it; re-normalised case and trailing dot)."""

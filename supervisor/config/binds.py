@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from supervisor.config import hostnames
 from supervisor.config.tables import absolute_path
 
 
@@ -35,11 +36,11 @@ class BindAddress:
         return f"fd://{self.fd}"
 
 
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes on Linux, one of them the terminating NUL
 BIND_FORMS = "HOST:PORT, [IPV6]:PORT, :PORT, unix:PATH, fd://N or systemd:NAME"
 _FDNAME_MAX = 255  # systemd's limit on FileDescriptorName=
+
+
 def parse_bind(spec: str, base_dir: str) -> BindAddress:
     """Parse one `bind` spec; raise ValueError with a readable reason when it is wrong.
 
@@ -77,7 +78,9 @@ def parse_bind(spec: str, base_dir: str) -> BindAddress:
             return BindAddress("tcp", host=str(ipaddress.IPv4Address(host)), port=port)
         except ValueError:
             raise ValueError(f"expected an IPv4 address, found {host!r}") from None
-    if not _HOSTNAME.fullmatch(host):
+    # The name is kept as written: the listener resolves it, and a trailing dot means
+    # something to the resolver. The grammar is the one every host name passes.
+    if hostnames.normalise_name(host, allow_ipv4=False) is None:
         raise ValueError(f"expected a host name or IP address before ':{port_text}', found {host!r}")
     return BindAddress("tcp", host=host, port=port)
 

@@ -6,10 +6,10 @@ proof that root cannot be regained. Any failure raises; the caller treats it as 
 """
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 from dataclasses import dataclass
+
+from supervisor.system import users
 
 
 class PrivilegeError(Exception):
@@ -24,13 +24,18 @@ class Identity:
 
 
 def resolve(user: str | None, group: str | None) -> Identity:
-    """The identity to run as; user None means "stay who we are"."""
-    if user is None:
-        entry = pwd.getpwuid(os.geteuid())
-    else:
-        entry = _lookup_user(user)
-    gid = entry.pw_gid if group is None else _lookup_group(group)
-    return Identity(entry.pw_name, entry.pw_uid, gid)
+    """The identity to run as; user None means "stay who we are". `user` and `group`
+    are names or numeric ids (`users`' rule); either one unknown is a PrivilegeError."""
+    entry = users.user(os.geteuid() if user is None else user)
+    if entry is None:
+        raise PrivilegeError(f"no such user {user!r}" if user is not None
+                             else f"this process's uid {os.geteuid()} has no passwd entry")
+    if group is None:
+        return Identity(entry.pw_name, entry.pw_uid, entry.pw_gid)
+    group_entry = users.group(group)
+    if group_entry is None:
+        raise PrivilegeError(f"no such group {group!r}")
+    return Identity(entry.pw_name, entry.pw_uid, group_entry.gr_gid)
 
 
 def drop(identity: Identity) -> None:
@@ -51,16 +56,3 @@ def drop(identity: Identity) -> None:
             return
         raise PrivilegeError(f"regained root after switching to {identity.name}")
 
-
-def _lookup_user(user: str):
-    try:
-        return pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-    except KeyError:
-        raise PrivilegeError(f"no such user {user!r}") from None
-
-
-def _lookup_group(group: str) -> int:
-    try:
-        return grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise PrivilegeError(f"no such group {group!r}") from None

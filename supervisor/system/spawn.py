@@ -1,9 +1,12 @@
-"""Fork a child with post-fork hygiene.
+"""Fork a child with post-fork hygiene, and reap it.
 
 The child never returns into the parent's code: whatever happens, it leaves through
 `os._exit` (as socketserver.ForkingMixIn does), so a stray exception can never run a
 second copy of the master loop. Signal dispositions are reset and every fd the child
 does not own is closed before the child's own code runs.
+
+`reap` is the one place a child's exit is collected (`waitpid`), for forked and
+posix_spawn'ed children alike.
 """
 from __future__ import annotations
 
@@ -51,6 +54,20 @@ def fork(child_main: Callable[[], int | None], keep_fds: Iterable[int]) -> int:
             sys.stderr.flush()
         finally:
             os._exit(status)
+
+
+def reap(pid: int, *, block: bool) -> int | None:
+    """Collect child `pid`'s exit: its wait status (read it with `os.waitstatus_to_exitcode`).
+
+    None when there is nothing to collect: the child is still running (only without
+    `block`), or `pid` is not our child any more (someone collected it already: ECHILD)
+    and its status is lost. Neither raises: the caller only wanted the child gone.
+    """
+    try:
+        reaped, status = os.waitpid(pid, 0 if block else os.WNOHANG)
+    except ChildProcessError:
+        return None
+    return status if reaped else None
 
 
 def close_fds_except(keep: frozenset[int]) -> None:

@@ -1,5 +1,6 @@
 """Post-fork hygiene of every child Baton forks."""
 import os
+import select
 
 from supervisor.system import spawn
 
@@ -47,3 +48,39 @@ def test_an_exception_in_the_child_never_returns_into_the_parent():
 
     status = _exit_status_of(child)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 1
+
+
+# -- reap -------------------------------------------------------------------------
+
+
+def test_reap_blocking_returns_the_wait_status():
+    pid = spawn.fork(lambda: 3, ())
+    status = spawn.reap(pid, block=True)
+    assert os.waitstatus_to_exitcode(status) == 3
+
+
+def test_reap_without_blocking_is_none_while_the_child_runs_then_its_status():
+    read_end, write_end = os.pipe()
+
+    def child():
+        os.read(read_end, 1)   # runs until the parent writes
+        return 5
+
+    pid = spawn.fork(child, [read_end])
+    os.close(read_end)
+    pidfd = os.pidfd_open(pid)
+    try:
+        assert spawn.reap(pid, block=False) is None
+        os.write(write_end, b"x")
+        select.select([pidfd], [], [], 10.0)   # readable once the child has exited
+        assert os.waitstatus_to_exitcode(spawn.reap(pid, block=False)) == 5
+    finally:
+        os.close(pidfd)
+        os.close(write_end)
+
+
+def test_reap_of_a_child_collected_already_is_none_and_never_raises():
+    pid = spawn.fork(lambda: 0, ())
+    os.waitpid(pid, 0)   # someone else got there first
+    assert spawn.reap(pid, block=True) is None
+    assert spawn.reap(pid, block=False) is None
