@@ -94,6 +94,21 @@ LOG_FORMATS = ("text", "json")
 LISTENER_MODES = ("balance", "share", "reuseport")
 DEFAULT_USER = "nobody"                  # workers of a root master run as this when `user` is unset
 
+# Upper bounds on what a config may say. A value past one used to pass `baton check`
+# and fail later, deep in the master: a timeout over ~24.8 days overflows epoll's C int
+# of milliseconds (OverflowError in the loop's wait), `workers = 100000` forks until the
+# machine gives out. Each is far beyond any setting anyone means; past it, the reader
+# names the key and the bound.
+MAX_DURATION_S = 86_400.0                # every timeout and delay: one day
+MAX_WORKERS = 1024                       # per app (also what `baton ctl scale` may ask)
+MAX_THREADS = 1024                       # per worker
+MAX_REQUESTS = 1_000_000_000             # max_requests and max_requests_jitter
+MAX_RSS_MB = 1 << 20                     # max_rss: 1 TiB
+MAX_BODY_SIZE = 1 << 40                  # max_body_size, bytes: 1 TiB (unset: no limit)
+MAX_HEAD_LINE = 65535                    # limit_request_line and limit_request_field_size, bytes
+MAX_REQUEST_FIELDS = 32768               # limit_request_fields (gunicorn's own cap)
+MAX_BACKLOG = 65535                      # a listener's backlog (the kernel clamps to somaxconn)
+
 
 def control_socket_path(config: Config) -> str | None:
     """Where the master's control socket lives: `[master] control_socket`, else

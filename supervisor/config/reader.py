@@ -2,17 +2,19 @@
 
 Promises: `load(path)` either returns a complete, validated `Config` or raises
 `ConfigError` carrying *every* problem found, each naming the file, the dotted key and
-what was expected versus found. Nothing here forks, binds or imports application code;
-it only reads the config file and asks the system whether users, groups and directories
-exist.
+what was expected versus found. Every duration and count has an upper bound
+(`config.model`'s MAX_*) and every user a process is to become must exist, so such a
+value is refused here, not found out later by the master (a timeout epoll cannot wait
+for, a balancer that cannot start). Nothing here forks, binds or imports application
+code; it only reads the config file and asks the system whether users, groups and
+directories exist. Names follow the rules written once elsewhere: users and groups `system.users`,
+host names `config.hostnames`, the `module` spec `config.modulespec`.
 """
 from __future__ import annotations
 
 import glob
-import grp
 import ipaddress
 import os
-import pwd
 import re
 from dataclasses import dataclass, fields
 from types import MappingProxyType
@@ -20,6 +22,7 @@ from typing import Any, Mapping
 
 from supervisor.balancer import policies as balancing
 from supervisor.balancer import routing
+from supervisor.config import hostnames, modulespec
 from supervisor.config.binds import (
     BIND_FORMS,
     UNIX_PATH_MAX,
@@ -33,6 +36,15 @@ from supervisor.config.model import (
     LISTENER_MODES,
     LOG_FORMATS,
     LOG_LEVELS,
+    MAX_BACKLOG,
+    MAX_BODY_SIZE,
+    MAX_DURATION_S,
+    MAX_HEAD_LINE,
+    MAX_REQUEST_FIELDS,
+    MAX_REQUESTS,
+    MAX_RSS_MB,
+    MAX_THREADS,
+    MAX_WORKERS,
     AppConfig,
     Config,
     ConfigError,
@@ -51,6 +63,7 @@ from supervisor.config.tables import (
     or_list,
 )
 from supervisor.http import accesslog
+from supervisor.system import users
 
 try:
     import tomllib
@@ -58,10 +71,9 @@ except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
-_IDENTIFIERS = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
-# "pkg.mod:app", "pkg.mod:obj.attr" or "pkg.mod:create_app()": the shapes appload.load accepts.
-_MODULE_SPEC = re.compile(rf"{_IDENTIFIERS}:{_IDENTIFIERS}(?:\(\))?")
 _TOML_POSITION = re.compile(r"(?P<reason>.*) \(at line (?P<line>\d+), column (?P<column>\d+)\)", re.DOTALL)
+
+
 # -- public API ---------------------------------------------------------------
 
 
@@ -100,7 +112,7 @@ def from_mapping(data: dict, path: str | None, *, running_as_root: bool | None =
     main = os.path.abspath(path) if path is not None else None
     problems = Problems(path if path is not None else COMMAND_LINE)
     top = Table(problems, (), data)
-    master = _master(top.section("master"), base_dir)
+    master = _master(top.section("master"), base_dir, running_as_root)
     documents = [_Document(problems, top.table("listeners"), top.table("apps"))]
     documents += _included(master.include, main, problems.source)
     # Which file defined each listener and app, so a later problem names that file.
@@ -234,17 +246,18 @@ def _claim(owners: dict[tuple[str, str], Problems], section: str, document: _Doc
 # -- sections -----------------------------------------------------------------
 
 
-def _master(table: Table, base_dir: str) -> MasterConfig:
+def _master(table: Table, base_dir: str, running_as_root: bool) -> MasterConfig:
     defaults = MasterConfig()
     master = MasterConfig(
-        graceful_timeout=table.seconds("graceful_timeout", defaults.graceful_timeout),
-        boot_timeout=table.seconds("boot_timeout", defaults.boot_timeout, positive=True),
+        graceful_timeout=table.seconds("graceful_timeout", defaults.graceful_timeout, high=MAX_DURATION_S),
+        boot_timeout=table.seconds("boot_timeout", defaults.boot_timeout, high=MAX_DURATION_S, positive=True),
         log_level=table.choice("log_level", defaults.log_level, LOG_LEVELS),
         access_log=table.path("access_log", base_dir, dash=True),
         error_log=table.path("error_log", base_dir, dash=True),
         pidfile=table.path("pidfile", base_dir),
         balancer_user=_identity(table, "balancer_user"),
-        crash_backoff_max=table.seconds("crash_backoff_max", defaults.crash_backoff_max, positive=True),
+        crash_backoff_max=table.seconds("crash_backoff_max", defaults.crash_backoff_max, high=MAX_DURATION_S,
+                                        positive=True),
         include=table.strings("include", item=lambda text: absolute_path(base_dir, text)) or (),
         control_socket=_control_socket(table, base_dir),
         admins=table.strings("admins", item=_admin) or (),
@@ -253,6 +266,10 @@ def _master(table: Table, base_dir: str) -> MasterConfig:
         access_log_format=_access_log_format(table),
     )
     table.finish()
+    # The balancer becomes this user at every (re)start: a name the system does not
+    # know would end the master then, long after `baton check` and the reload passed.
+    _check_user(table.problems, table.key + ("balancer_user",), master.balancer_user, running_as_root,
+                started="the balancer")
     return master
 
 
@@ -297,11 +314,11 @@ def _control_socket(table: Table, base_dir: str) -> str | None:
 def _admin(text: str) -> str:
     """An `admins` entry: an existing user, or "@group" naming an existing group."""
     if text.startswith("@"):
-        if _find(grp.getgrnam, grp.getgrgid, text[1:]) is None:
+        if users.group(text[1:]) is None:
             raise ValueError("'@' followed by an existing group name",
                              f", but this system knows no group {text[1:]!r}")
         return text
-    if _find(pwd.getpwnam, pwd.getpwuid, text) is None:
+    if users.user(text) is None:
         raise ValueError("an existing user name, or '@' followed by a group name",
                          f", but this system knows no user {text!r}")
     return text
@@ -329,7 +346,7 @@ def _listeners(problems: Problems, data: dict, base_dir: str, listeners: dict[st
             mode = ListenerConfig.mode
         elif mode not in LISTENER_MODES:
             problems.expected(key + ("mode",), f"one of {or_list(LISTENER_MODES)}", mode)
-        backlog = table.integer("backlog", ListenerConfig.backlog, low=1, high=65535)
+        backlog = table.integer("backlog", ListenerConfig.backlog, low=1, high=MAX_BACKLOG)
         proxy_protocol = table.boolean("proxy_protocol", ListenerConfig.proxy_protocol)
         table.finish()
         if mode == "reuseport" and bind is not None and bind.kind != "tcp":
@@ -361,9 +378,12 @@ def _app(problems: Problems, name: str, data: Any, listener_names: tuple[str, ..
         problems.expected(key, "a table", data)
         return None
     table = Table(problems, key, data)
-    module = table.string("module", required="'pkg.mod:callable' or 'pkg.mod:factory()'")
-    if module is not None and not _MODULE_SPEC.fullmatch(module):
-        problems.expected(key + ("module",), "'pkg.mod:callable' or 'pkg.mod:factory()'", module)
+    module = table.string("module", required=modulespec.FORMS)
+    if module is not None:
+        try:
+            modulespec.parse(module)
+        except ValueError:
+            problems.expected(key + ("module",), modulespec.FORMS, module)
     listeners = table.strings("listeners", required="a non-empty array of listener names", nonempty=True,
                               item=lambda text: _known_listener(text, listener_names))
     if listeners is not None and len(set(listeners)) != len(listeners):
@@ -380,30 +400,34 @@ def _app(problems: Problems, name: str, data: Any, listener_names: tuple[str, ..
         name=name,
         module=module,
         listeners=listeners,
-        workers=table.integer("workers", defaults.workers, low=1),
-        threads=table.integer("threads", defaults.threads, low=1),
+        workers=table.integer("workers", defaults.workers, low=1, high=MAX_WORKERS),
+        threads=table.integer("threads", defaults.threads, low=1, high=MAX_THREADS),
         user=user,
         group=group,
         chdir=chdir,
         pythonpath=pythonpath or (),
         env=_env(table),
         umask=_umask(table),
-        keepalive=table.seconds("keepalive", defaults.keepalive),
-        graceful_timeout=table.seconds("graceful_timeout", None),
-        limit_request_line=table.integer("limit_request_line", defaults.limit_request_line, low=64, high=65535),
-        limit_request_fields=table.integer("limit_request_fields", defaults.limit_request_fields, low=1),
+        keepalive=table.seconds("keepalive", defaults.keepalive, high=MAX_DURATION_S),
+        graceful_timeout=table.seconds("graceful_timeout", None, high=MAX_DURATION_S),
+        limit_request_line=table.integer("limit_request_line", defaults.limit_request_line, low=64,
+                                         high=MAX_HEAD_LINE),
+        limit_request_fields=table.integer("limit_request_fields", defaults.limit_request_fields, low=1,
+                                           high=MAX_REQUEST_FIELDS),
         limit_request_field_size=table.integer("limit_request_field_size", defaults.limit_request_field_size,
-                                               low=64),
-        max_body_size=table.integer("max_body_size", None, low=0),
-        header_timeout=table.seconds("header_timeout", defaults.header_timeout, positive=True),
+                                               low=64, high=MAX_HEAD_LINE),
+        max_body_size=table.integer("max_body_size", None, low=0, high=MAX_BODY_SIZE),
+        header_timeout=table.seconds("header_timeout", defaults.header_timeout, high=MAX_DURATION_S,
+                                     positive=True),
         forwarded_allow_ips=_forwarded_allow_ips(table, defaults.forwarded_allow_ips),
-        hosts=tuple(table.strings("hosts") or ()),
+        hosts=table.strings("hosts", item=_host_pattern) or (),
         default=table.boolean("default", defaults.default),
         balance=table.choice("balance", defaults.balance, balancing.POLICIES),
-        timeout=table.seconds("timeout", defaults.timeout),  # 0: never
-        max_requests=table.integer("max_requests", defaults.max_requests, low=0),
-        max_requests_jitter=table.integer("max_requests_jitter", defaults.max_requests_jitter, low=0),
-        max_rss=table.integer("max_rss", defaults.max_rss, low=0),
+        timeout=table.seconds("timeout", defaults.timeout, high=MAX_DURATION_S),  # 0: never
+        max_requests=table.integer("max_requests", defaults.max_requests, low=0, high=MAX_REQUESTS),
+        max_requests_jitter=table.integer("max_requests_jitter", defaults.max_requests_jitter, low=0,
+                                          high=MAX_REQUESTS),
+        max_rss=table.integer("max_rss", defaults.max_rss, low=0, high=MAX_RSS_MB),
         reload_on=table.strings("reload_on", item=lambda text: absolute_path(chdir or base_dir, text)) or (),
     )
     table.finish(elsewhere={"bind": "a [listeners.NAME] table that this app names in 'listeners'"})
@@ -436,6 +460,15 @@ def _check_routes(owners: Mapping[tuple[str, str], Problems], listeners: Mapping
             owners["listeners", name].add(("listeners", name), f"apps sharing this listener conflict: {exc}")
 
 
+def _host_pattern(text: str) -> str:
+    """A `hosts` entry, kept as written once the balancer's own rule accepts it."""
+    try:
+        hostnames.host_pattern(text)
+    except ValueError:
+        raise ValueError(hostnames.PATTERN_FORMS) from None
+    return text
+
+
 def _known_listener(name: str, defined: tuple[str, ...]) -> str:
     if name in defined:
         return name
@@ -459,35 +492,35 @@ def _identity(table: Table, name: str) -> str | None:
 def _check_identity(problems: Problems, key: tuple, user: str | None, group: str | None,
                     running_as_root: bool) -> None:
     """Users and groups must exist; without root, workers can only be who the master is."""
-    if user is not None:
-        entry = _find(pwd.getpwnam, pwd.getpwuid, user)
-        if entry is None:
-            problems.add(key + ("user",),
-                         f"expected an existing user, found {user!r}, which this system does not know")
-        elif not running_as_root and entry.pw_uid != os.geteuid():
-            problems.add(key + ("user",), f"expected the master's own user (uid {os.geteuid()}), found {user!r} "
-                                          f"(uid {entry.pw_uid}): the master must run as root to start workers as "
-                                          "another user")
-    elif running_as_root and _find(pwd.getpwnam, pwd.getpwuid, DEFAULT_USER) is None:
-        problems.add(key + ("user",), f"expected a user name: the master runs as root and the default user "
-                                      f"{DEFAULT_USER!r} does not exist on this system")
+    _check_user(problems, key + ("user",), user, running_as_root)
     if group is not None:
-        entry = _find(grp.getgrnam, grp.getgrgid, group)
-        if entry is None:
-            problems.add(key + ("group",),
-                         f"expected an existing group, found {group!r}, which this system does not know")
-        elif not running_as_root and entry.gr_gid != os.getegid():
-            problems.add(key + ("group",), f"expected the master's own group (gid {os.getegid()}), found {group!r} "
-                                           f"(gid {entry.gr_gid}): the master must run as root to start workers in "
-                                           "another group")
+        entry = users.group(group)
+        _check_known(problems, key + ("group",), group, entry.gr_gid if entry else None, running_as_root,
+                     kind="group", id_name="gid", own_id=os.getegid(), switch="workers in another group")
 
 
-def _find(by_name, by_id, name: str):
-    """The passwd or group entry for a name or numeric id, or None."""
-    try:
-        return by_id(int(name)) if name.isascii() and name.isdigit() else by_name(name)
-    except (KeyError, OverflowError, ValueError):
-        return None
+def _check_user(problems: Problems, key: tuple, user: str | None, running_as_root: bool,
+                *, started: str = "workers") -> None:
+    """The user that what is `started` (an app's workers, the balancer) becomes: one the
+    system knows; without root, only the master's own; unset under root, the default
+    user, which must then exist."""
+    if user is not None:
+        entry = users.user(user)
+        _check_known(problems, key, user, entry.pw_uid if entry else None, running_as_root,
+                     kind="user", id_name="uid", own_id=os.geteuid(), switch=f"{started} as another user")
+    elif running_as_root and users.user(DEFAULT_USER) is None:
+        problems.add(key, f"expected a user name: the master runs as root and the default user "
+                          f"{DEFAULT_USER!r} does not exist on this system")
+
+
+def _check_known(problems: Problems, key: tuple, name: str, known_id: int | None, running_as_root: bool,
+                 *, kind: str, id_name: str, own_id: int, switch: str) -> None:
+    """`known_id` is the uid or gid the system gives `name`, None if it knows no such one."""
+    if known_id is None:
+        problems.add(key, f"expected an existing {kind}, found {name!r}, which this system does not know")
+    elif not running_as_root and known_id != own_id:
+        problems.add(key, f"expected the master's own {kind} ({id_name} {own_id}), found {name!r} "
+                          f"({id_name} {known_id}): the master must run as root to start {switch}")
 
 
 def _env(table: Table) -> Mapping[str, str]:

@@ -76,13 +76,16 @@ class Table:
         self.problems.expected(self.key + (name,), what, value)
         return default
 
-    def seconds(self, name: str, default: float | None, *, positive: bool = False) -> float | None:
+    def seconds(self, name: str, default: float | None, *, high: float, positive: bool = False) -> float | None:
+        """A duration from 0 (or above 0 if `positive`) to `high` seconds. Every duration
+        has a bound: past ~24.8 days it no longer fits epoll's int of milliseconds."""
         value = self.raw(name)
         if value is MISSING:
             return default
-        if is_number(value) and math.isfinite(value) and (value > 0 if positive else value >= 0):
+        if is_number(value) and math.isfinite(value) and (value > 0 if positive else value >= 0) and value <= high:
             return float(value)
-        what = "a number of seconds > 0" if positive else "a number of seconds >= 0"
+        what = (f"a number of seconds > 0 and at most {high:g}" if positive
+                else f"a number of seconds from 0 to {high:g}")
         self.problems.expected(self.key + (name,), what, value)
         return default
 

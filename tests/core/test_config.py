@@ -65,13 +65,13 @@ def other_group() -> grp.struct_group:
 ONE_PROBLEM = [
     # (id, document, dotted key, fragments the problem must contain)
     ("graceful_timeout negative", document(master="graceful_timeout = -1"),
-     "master.graceful_timeout", ["expected a number of seconds >= 0", "found integer -1"]),
+     "master.graceful_timeout", ["expected a number of seconds from 0 to 86400", "found integer -1"]),
     ("graceful_timeout string", document(master='graceful_timeout = "30s"'),
-     "master.graceful_timeout", ["expected a number of seconds >= 0", "found string '30s'"]),
+     "master.graceful_timeout", ["expected a number of seconds from 0 to 86400", "found string '30s'"]),
     ("graceful_timeout inf", document(master="graceful_timeout = inf"),
-     "master.graceful_timeout", ["expected a number of seconds >= 0", "found float inf"]),
+     "master.graceful_timeout", ["expected a number of seconds from 0 to 86400", "found float inf"]),
     ("boot_timeout zero", document(master="boot_timeout = 0"),
-     "master.boot_timeout", ["expected a number of seconds > 0", "found integer 0"]),
+     "master.boot_timeout", ["expected a number of seconds > 0 and at most 86400", "found integer 0"]),
     ("log_level", document(master='log_level = "loud"'),
      "master.log_level", ["expected one of 'debug', 'info', 'warning', 'error' or 'critical'", "found string 'loud'"]),
     ("access_log integer", document(master="access_log = 3"),
@@ -89,6 +89,9 @@ ONE_PROBLEM = [
      "apps.blog.balance", ["expected one of 'least-connections'", "found string 'fastest'"]),
     ("hosts not strings", document(app="hosts = [1]"),
      "apps.blog.hosts[0]", ["found integer 1"]),
+    ("hosts entry with a port", document(app='hosts = ["blog.test", "blog.test:80"]'),
+     "apps.blog.hosts[1]", ["expected a host name, an IP address or '*.' and a domain, without a port",
+                            "found string 'blog.test:80'"]),
     ("default not bool", document(app='default = "yes"'),
      "apps.blog.default", ["expected true or false"]),
     ("crash_backoff_max zero", document(master="crash_backoff_max = 0"),
@@ -142,11 +145,11 @@ ONE_PROBLEM = [
     ("app not a table", document(extra='[apps]\nshop = 1'),
      "apps.shop", ["expected a table", "found integer 1"]),
     ("workers bool", document(app="workers = true"),
-     "apps.blog.workers", ["expected an integer >= 1", "found boolean true"]),
+     "apps.blog.workers", ["expected an integer from 1 to 1024", "found boolean true"]),
     ("workers zero", document(app="workers = 0"),
-     "apps.blog.workers", ["expected an integer >= 1", "found integer 0"]),
+     "apps.blog.workers", ["expected an integer from 1 to 1024", "found integer 0"]),
     ("threads float", document(app="threads = 1.5"),
-     "apps.blog.threads", ["expected an integer >= 1", "found float 1.5"]),
+     "apps.blog.threads", ["expected an integer from 1 to 1024", "found float 1.5"]),
     ("chdir missing", document(app='chdir = "nowhere"'),
      "apps.blog.chdir", ["expected an existing directory", "nowhere' (does not exist)"]),
     ("chdir a file", document(app='chdir = "baton.toml"'),
@@ -166,19 +169,19 @@ ONE_PROBLEM = [
     ("umask too big", document(app="umask = 0o1000"),
      "apps.blog.umask", ["an integer from 0 to 0o777", "found integer 512"]),
     ("keepalive negative", document(app="keepalive = -1"),
-     "apps.blog.keepalive", ["expected a number of seconds >= 0", "found integer -1"]),
+     "apps.blog.keepalive", ["expected a number of seconds from 0 to 86400", "found integer -1"]),
     ("graceful_timeout string", document(app='graceful_timeout = "5"'),
-     "apps.blog.graceful_timeout", ["expected a number of seconds >= 0", "found string '5'"]),
+     "apps.blog.graceful_timeout", ["expected a number of seconds from 0 to 86400", "found string '5'"]),
     ("limit_request_line small", document(app="limit_request_line = 10"),
      "apps.blog.limit_request_line", ["expected an integer from 64 to 65535", "found integer 10"]),
     ("limit_request_fields zero", document(app="limit_request_fields = 0"),
-     "apps.blog.limit_request_fields", ["expected an integer >= 1", "found integer 0"]),
+     "apps.blog.limit_request_fields", ["expected an integer from 1 to 32768", "found integer 0"]),
     ("limit_request_field_size small", document(app="limit_request_field_size = 63"),
-     "apps.blog.limit_request_field_size", ["expected an integer >= 64", "found integer 63"]),
+     "apps.blog.limit_request_field_size", ["expected an integer from 64 to 65535", "found integer 63"]),
     ("max_body_size negative", document(app="max_body_size = -1"),
-     "apps.blog.max_body_size", ["expected an integer >= 0", "found integer -1"]),
+     "apps.blog.max_body_size", ["expected an integer from 0 to 1099511627776", "found integer -1"]),
     ("header_timeout zero", document(app="header_timeout = 0.0"),
-     "apps.blog.header_timeout", ["expected a number of seconds > 0", "found float 0.0"]),
+     "apps.blog.header_timeout", ["expected a number of seconds > 0 and at most 86400", "found float 0.0"]),
     ("forwarded_allow_ips name", document(app='forwarded_allow_ips = ["127.0.0.1", "localhost"]'),
      "apps.blog.forwarded_allow_ips[1]", ["expected an IPv4 or IPv6 address", "found string 'localhost'"]),
     ("user bool", document(app="user = true"),
@@ -329,6 +332,31 @@ def test_root_may_name_any_existing_user_and_group(tmp_path):
     assert (config.apps["blog"].user, config.apps["blog"].group) == (str(other.pw_uid), group.gr_name)
 
 
+def test_nonexistent_balancer_user(tmp_path):
+    # Accepted, the master died at the next balancer (re)start: privileges.resolve raised in it.
+    for running_as_root in (True, False):
+        path, found = problems(tmp_path, document(master='balancer_user = "no-such-user-here"'),
+                               running_as_root=running_as_root)
+        assert found == [(f"{path}: master.balancer_user: expected an existing user, found 'no-such-user-here', "
+                          "which this system does not know")]
+
+
+def test_non_root_cannot_name_another_balancer_user(tmp_path):
+    other = other_user()
+    path, found = problems(tmp_path, document(master=f'balancer_user = "{other.pw_name}"'), running_as_root=False)
+    assert len(found) == 1
+    assert found[0].startswith(f"{path}: master.balancer_user: expected the master's own user "
+                               f"(uid {os.geteuid()}), found '{other.pw_name}' (uid {other.pw_uid})")
+
+
+def test_balancer_user_may_be_any_existing_user_under_root_and_itself_otherwise(tmp_path):
+    other, me = other_user(), pwd.getpwuid(os.geteuid())
+    config = load(write(tmp_path, document(master=f"balancer_user = {other.pw_uid}")), running_as_root=True)
+    assert config.master.balancer_user == str(other.pw_uid)
+    config = load(write(tmp_path, document(master=f'balancer_user = "{me.pw_name}"')), running_as_root=False)
+    assert config.master.balancer_user == me.pw_name
+
+
 def test_effective_user():
     app = AppConfig("blog", "blog:app", ("web",))
     assert effective_user(app, running_as_root=True) == "nobody"
@@ -336,6 +364,68 @@ def test_effective_user():
     named = AppConfig("blog", "blog:app", ("web",), user="www-data")
     assert effective_user(named, running_as_root=True) == "www-data"
     assert effective_user(named, running_as_root=False) == "www-data"
+
+
+# -- upper bounds ------------------------------------------------------------------
+# A value past its bound passed `baton check` and then failed deep in the master: a
+# timeout over ~24.8 days overflows epoll's int of milliseconds (OverflowError in the
+# loop's wait); `workers = 100000` forks without end.
+
+BOUNDS = [
+    # (table, key, the largest value accepted, what a larger one is told it should be)
+    ("master", "graceful_timeout", 86400, "a number of seconds from 0 to 86400"),
+    ("master", "boot_timeout", 86400, "a number of seconds > 0 and at most 86400"),
+    ("master", "crash_backoff_max", 86400, "a number of seconds > 0 and at most 86400"),
+    ("app", "keepalive", 86400, "a number of seconds from 0 to 86400"),
+    ("app", "graceful_timeout", 86400, "a number of seconds from 0 to 86400"),
+    ("app", "header_timeout", 86400, "a number of seconds > 0 and at most 86400"),
+    ("app", "timeout", 86400, "a number of seconds from 0 to 86400"),
+    ("app", "workers", 1024, "an integer from 1 to 1024"),
+    ("app", "threads", 1024, "an integer from 1 to 1024"),
+    ("app", "max_requests", 1_000_000_000, "an integer from 0 to 1000000000"),
+    ("app", "max_requests_jitter", 1_000_000_000, "an integer from 0 to 1000000000"),
+    ("app", "max_rss", 1 << 20, "an integer from 0 to 1048576"),
+    ("app", "max_body_size", 1 << 40, "an integer from 0 to 1099511627776"),
+    ("app", "limit_request_line", 65535, "an integer from 64 to 65535"),
+    ("app", "limit_request_fields", 32768, "an integer from 1 to 32768"),
+    ("app", "limit_request_field_size", 65535, "an integer from 64 to 65535"),
+    ("listener", "backlog", 65535, "an integer from 1 to 65535"),
+]
+_SECTION = {"master": "master", "app": "apps.blog", "listener": "listeners.web"}
+
+
+def _bounded(table, key, value):
+    return document(**{table: f"{key} = {value}"})
+
+
+@pytest.mark.parametrize("table, key, bound, expected", BOUNDS, ids=[f"{b[0]}.{b[1]}" for b in BOUNDS])
+def test_a_value_at_its_bound_is_accepted(tmp_path, table, key, bound, expected):
+    config = load(write(tmp_path, _bounded(table, key, bound)), running_as_root=False)
+    section = {"master": config.master, "app": config.apps["blog"], "listener": config.listeners["web"]}[table]
+    assert getattr(section, key) == bound
+
+
+@pytest.mark.parametrize("table, key, bound, expected", BOUNDS, ids=[f"{b[0]}.{b[1]}" for b in BOUNDS])
+def test_a_value_over_its_bound_names_file_key_and_bound(tmp_path, table, key, bound, expected):
+    path, found = problems(tmp_path, _bounded(table, key, bound + 1))
+    assert found == [f"{path}: {_SECTION[table]}.{key}: expected {expected}, found integer {bound + 1}"]
+
+
+@pytest.mark.parametrize("table, key, bound, expected", [b for b in BOUNDS if "seconds" in b[3]],
+                         ids=[f"{b[0]}.{b[1]}" for b in BOUNDS if "seconds" in b[3]])
+def test_a_timeout_epoll_cannot_wait_is_refused(tmp_path, table, key, bound, expected):
+    path, found = problems(tmp_path, _bounded(table, key, 2147483.648))   # INT_MAX milliseconds, and more
+    assert found == [f"{path}: {_SECTION[table]}.{key}: expected {expected}, found float 2147483.648"]
+
+
+def test_serve_arguments_are_bounded_too(tmp_path):
+    data = {"listeners": {"bind0": {"bind": "unix:web.sock"}},
+            "apps": {"app": {"module": "hello:app", "listeners": ["bind0"], "workers": 100000, "threads": 5000}}}
+    with pytest.raises(ConfigError) as info:
+        from_mapping(data, None, running_as_root=False, base_dir=str(tmp_path))
+    assert info.value.problems == [
+        f"{COMMAND_LINE}: apps.app.workers: expected an integer from 1 to 1024, found integer 100000",
+        f"{COMMAND_LINE}: apps.app.threads: expected an integer from 1 to 1024, found integer 5000"]
 
 
 # -- valid configs ----------------------------------------------------------------
@@ -496,7 +586,7 @@ def test_from_mapping_names_the_command_line(tmp_path):
             "apps": {"app": {"module": "hello:app", "listeners": ["bind0"], "workers": 0}}}
     with pytest.raises(ConfigError) as info:
         from_mapping(data, None, running_as_root=False, base_dir=str(tmp_path))
-    assert info.value.problems == [f"{COMMAND_LINE}: apps.app.workers: expected an integer >= 1, found integer 0"]
+    assert info.value.problems == [f"{COMMAND_LINE}: apps.app.workers: expected an integer from 1 to 1024, found integer 0"]
     data["apps"]["app"]["workers"] = 2
     config = from_mapping(data, None, running_as_root=False, base_dir=str(tmp_path))
     assert config.path is None
@@ -509,6 +599,8 @@ def test_from_mapping_names_the_command_line(tmp_path):
     ("127.0.0.1:8000", BindAddress("tcp", host="127.0.0.1", port=8000)),
     ("localhost:80", BindAddress("tcp", host="localhost", port=80)),
     ("web-1.example.com.:443", BindAddress("tcp", host="web-1.example.com.", port=443)),
+    ("LocalHost:80", BindAddress("tcp", host="LocalHost", port=80)),       # as written: the resolver decides
+    ("compose_web:8000", BindAddress("tcp", host="compose_web", port=8000)),  # as in [apps.X] hosts
     (":8000", BindAddress("tcp", host="0.0.0.0", port=8000)),
     ("*:8000", BindAddress("tcp", host="0.0.0.0", port=8000)),
     ("0.0.0.0:0", BindAddress("tcp", host="0.0.0.0", port=0)),
@@ -546,6 +638,8 @@ def test_parse_bind(spec, expected):
     ("[nope]:80", "expected an IPv6 address between the brackets, found 'nope'"),
     ("256.1.1.1:80", "expected an IPv4 address, found '256.1.1.1'"),
     ("bad_host!:80", "expected a host name or IP address before ':80', found 'bad_host!'"),
+    ("0x7f.0.0.1:80", "expected a host name or IP address before ':80', found '0x7f.0.0.1'"),  # not a guess
+    ("a.123:80", "expected a host name or IP address before ':80', found 'a.123'"),
     ("unix:", "expected a socket path after 'unix:', found ''"),
     ("unix:/" + "x" * 120, "expected a unix socket path of at most 107 bytes"),
     ("fd://", "expected a file descriptor number >= 0 after 'fd://', found ''"),
@@ -658,7 +752,7 @@ def test_problems_in_an_included_file_name_it_and_come_after_the_main_file(tmp_p
     with pytest.raises(ConfigError) as info:
         load(path, running_as_root=False)
     found = info.value.problems
-    assert found[0] == f"{path}: apps.blog.threads: expected an integer >= 1, found integer 0"
+    assert found[0] == f"{path}: apps.blog.threads: expected an integer from 1 to 1024, found integer 0"
     assert [line.split(": ")[:2] for line in found[1:]] == [
         [str(extra), "apps.shop.listeners[0]"], [str(extra), "apps.shop.workers"],
         [str(extra), "apps.shop.zzz"], [str(extra), "apps.shop.graceful_timeout_s"]]

@@ -5,11 +5,16 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import textwrap
 
 from conftest import (
     REPO,
+    alive,
     answers,
+    children_of,
+    cmdline,
     free_port,
     get_json,
     http_request,
@@ -117,11 +122,58 @@ def test_a_listener_that_cannot_be_bound_is_a_reload_error_not_a_crash(baton, po
         taken.listen()
         busy_port = taken.getsockname()[1]
         master.config.write_text(textwrap.dedent(main_config(busy_port)))
-        master.wait_log("reload rejected")
+        master.wait_log("reload rejected; the running config stays")
         assert "Address already in use" in master.log()
         inode = listening_inode(port)
         assert get_json(port)["env"] == "main"
         os.kill(master.pid, signal.SIGHUP)  # the file is still the bad one: rejected again
-        master.wait_log("reload rejected", count=2)
+        master.wait_log("reload rejected; the running config stays", count=2)
     assert listening_inode(port) == inode
     assert http_request(port)[0] == 200
+
+
+def _balancers(master) -> list[int]:
+    def is_balancer(pid):
+        try:
+            return alive(pid) and cmdline(pid).startswith("baton: balancer")
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+    return [pid for pid in children_of(master.pid) if is_balancer(pid)]
+
+
+def test_values_that_would_end_the_master_later_are_a_reload_error(baton, port):
+    # Each of these passed `baton check` and the reload: the timeout then overflowed
+    # epoll's int of milliseconds in the loop's wait, and the unknown balancer_user
+    # ended the master at the balancer's next start.
+    master = baton(main_config(port))
+    workers = master.wait_workers(1)
+    master.wait_log("is watching for changes")
+    (balancer,) = wait_for(lambda: _balancers(master), message="the balancer")
+    bad = (textwrap.dedent(main_config(port))
+           .replace("graceful_timeout = 5", 'graceful_timeout = 2200000\nbalancer_user = "baton-no-such-user"')
+           .replace("env = {", "keepalive = 3000000.5\nenv = {"))
+    master.config.write_text(bad)
+    master.wait_log("reload rejected; the running config stays")
+    problems = [
+        (f"{master.config}: master.graceful_timeout: expected a number of seconds from 0 to 86400, "
+         "found integer 2200000"),
+        (f"{master.config}: master.balancer_user: expected an existing user, found 'baton-no-such-user', "
+         "which this system does not know"),
+        (f"{master.config}: apps.probe.keepalive: expected a number of seconds from 0 to 86400, "
+         "found float 3000000.5"),
+    ]
+    for problem in problems:
+        assert problem in master.log()
+    check = subprocess.run([sys.executable, "-m", "supervisor", "check", "-c", str(master.config)],
+                           cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
+    assert (check.returncode, check.stderr.splitlines()) == (1, problems)
+    # The running config stays: the same worker serves, and a balancer started now
+    # becomes the running config's user, so the master outlives its restart.
+    assert master.workers() == workers and get_json(port)["env"] == "main"
+    os.kill(balancer, signal.SIGKILL)
+    wait_for(lambda: [pid for pid in _balancers(master) if pid != balancer],
+             message=lambda: f"a new balancer; log:\n{master.log()}")
+    wait_for(lambda: answers(port), message=lambda: f"the app through the new balancer; log:\n{master.log()}")
+    assert master.proc.poll() is None
+    master.signal(signal.SIGTERM)
+    assert master.wait_exit() == 0, master.log()
