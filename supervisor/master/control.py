@@ -7,46 +7,59 @@ JSON object on one line and closes. An answer is `{"ok": true, ...}` or
 
 Promises:
 
-- The master never blocks on a client. `ControlServer` does only non-blocking I/O and
-  owns a nested epoll: the master registers the one fd `fileno()` in its selector,
-  calls `on_readable()` when it is readable, and folds `next_deadline()` into its wait
-  timeout and calls `expire()` after each wait. A client has `CLIENT_TIMEOUT_S` to send
-  its line and take the answer, and at most `MAX_REQUEST_BYTES` to say it in.
+- The master never blocks on a client. `ControlServer` does only non-blocking I/O, on
+  the process's one event loop (`supervisor.system.loop`): it registers its listening
+  socket and every client socket there itself, and gives each client a loop timer at
+  its deadline, so the master has nothing to fold into its wait. A client has
+  `CLIENT_TIMEOUT_S` to send its line and take the answer, and at most
+  `MAX_REQUEST_BYTES` to say it in.
 - Who may ask is decided by the kernel's `SO_PEERCRED`, never by anything the client
   says: root, the master's own user, the users named in `admins` and the members of
   the groups named there as "@group". Anyone else is answered "permission denied" and
   logged; their bytes are read (bounded) but never parsed.
+- No other user can keep root out (with `admins` the socket is 0666, so anyone can
+  connect and say nothing): root and the master's own user may use every one of the
+  `MAX_CLIENTS` slots; any other uid at most `MAX_CLIENTS_PER_USER` at once, and only
+  the slots not kept back for those two (`RESERVED_CLIENTS`). A connection over its
+  limit is answered "busy: ..." and closed at accept; the refusals of one uid are
+  logged once per `REFUSAL_LOG_INTERVAL_S`, with a count of those left unsaid.
 - `parse_request` is the one judge of a request's shape; `handle(command, args)` (the
   master's `command` method, the same one its signal handlers lead to) only ever sees
-  a known command with arguments of the right types.
+  a known command with arguments of the right types. `check_arguments` is its
+  judgement of one command's arguments, for the master to apply the same rules (and
+  messages) to commands that come from signals.
 """
 from __future__ import annotations
 
 import errno
-import grp
 import json
 import logging
 import os
-import pwd
-import select
 import socket
 import stat
-import struct
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
+
+from supervisor.config.model import MAX_WORKERS
+from supervisor.system import users
+from supervisor.system.loop import WRITE, Loop, Timer
 
 MAX_REQUEST_BYTES = 64 * 1024      # one request line, newline excluded
 CLIENT_TIMEOUT_S = 5.0             # from accept to the last byte of the answer
-MAX_CLIENTS = 32                   # beyond this, a new connection is closed at once
-ACCEPT_BATCH = 16                  # accepts per on_readable(); epoll is level-triggered
+MAX_CLIENTS = 32                   # connections at once; beyond this, a new one is refused at accept
+RESERVED_CLIENTS = 8               # of those, kept for root and the master's own user
+MAX_CLIENTS_PER_USER = 4           # at once, for any other one uid (admins too: `baton ctl` needs one)
+REFUSAL_LOG_INTERVAL_S = 60.0      # one uid's refused connections are logged once per this
+ACCEPT_BATCH = 16                  # accepts per readiness event; epoll is level-triggered
 DEFAULT_CALL_TIMEOUT_S = 30.0      # the client's patience
 PRIVATE_MODE = 0o600               # only the master's user (and root) may connect
 SHARED_MODE = 0o666                # with admins: anyone may connect, SO_PEERCRED decides
 PERMISSION_DENIED = "permission denied"
 
-# command -> {argument: (checker, default or _REQUIRED)}
-_REQUIRED = object()
+# The default of an argument that has none: a spec is {argument: (checker, default or REQUIRED)}.
+REQUIRED = object()
 
 
 def _app_name(value: Any) -> str:
@@ -56,9 +69,10 @@ def _app_name(value: Any) -> str:
 
 
 def _workers(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+    """The bound an app's `workers` has in the config: `scale` cannot fork past it either."""
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS:
         return value
-    raise ValueError("an integer >= 1")
+    raise ValueError(f"an integer from 1 to {MAX_WORKERS}")
 
 
 def _flag(value: Any) -> bool:
@@ -71,8 +85,8 @@ COMMANDS: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "status": {},
     "stats": {},
     "reload": {},
-    "restart": {"app": (_app_name, _REQUIRED)},
-    "scale": {"app": (_app_name, _REQUIRED), "workers": (_workers, _REQUIRED)},
+    "restart": {"app": (_app_name, REQUIRED)},
+    "scale": {"app": (_app_name, REQUIRED), "workers": (_workers, REQUIRED)},
     "stop": {"now": (_flag, False)},
     "upgrade": {},
 }
@@ -99,33 +113,42 @@ def parse_request(obj: Any) -> tuple[str, dict]:
     filled in, or raise ControlError listing every problem."""
     if not isinstance(obj, dict):
         raise ControlError(f"expected a JSON object, found {_describe(obj)}")
-    command = obj.get("command", _REQUIRED)
-    if command is _REQUIRED:
+    if "command" not in obj:
         raise ControlError(f"expected a 'command' ({_choices()}), found nothing")
+    command = obj["command"]
     if not isinstance(command, str) or command not in COMMANDS:
         raise ControlError(f"expected 'command' to be one of {_choices()}, found {_describe(command)}")
-    spec = COMMANDS[command]
+    args = {name: value for name, value in obj.items() if name != "command"}
+    return command, check_arguments(command, COMMANDS[command], args)
+
+
+def check_arguments(command: str, spec: dict[str, tuple[Callable[[Any], Any], Any]], args: dict) -> dict:
+    """Judge `args` (without "command") against `spec`, one command's entry of the
+    `COMMANDS` shape ({argument: (checker, default or REQUIRED)}): return what the
+    checkers made of them, with every absent optional argument set to its default, or
+    raise ControlError listing every problem (missing, mistyped, unknown), each line
+    starting with `command`. A checker raises ValueError("what it expects")."""
     errors = []
-    args = {}
+    checked = {}
     for name, (check, default) in spec.items():
-        value = obj.get(name, _REQUIRED)
-        if value is _REQUIRED:
-            if default is _REQUIRED:
+        if name not in args:
+            if default is REQUIRED:
                 errors.append(f"{command}: expected '{name}', found nothing (it is required)")
             else:
-                args[name] = default
+                checked[name] = default
             continue
+        value = args[name]
         try:
-            args[name] = check(value)
+            checked[name] = check(value)
         except ValueError as exc:
             errors.append(f"{command}: '{name}': expected {exc}, found {_describe(value)}")
-    for name in obj:
-        if name != "command" and name not in spec:
+    for name in args:
+        if name not in spec:
             takes = ", ".join(repr(n) for n in spec) or "no arguments"
             errors.append(f"{command}: unknown argument {name!r} (it takes {takes})")
     if errors:
         raise ControlError(errors)
-    return command, args
+    return checked
 
 
 def decode_request(line: bytes) -> tuple[str, dict]:
@@ -170,55 +193,58 @@ def _describe(value: Any) -> str:
 # -- who may ask ------------------------------------------------------------------
 
 
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process that connected, as the kernel saw it at connect()."""
-    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-
-
 def peer_allowed(uid: int, gid: int, admins: tuple[str, ...], *, master_uid: int) -> bool:
     """Root, the master's own user, a user named in `admins`, or a member of a group
     named there as "@group": the peer's gid from SO_PEERCRED, or any group the group
-    database gives its user (primary or supplementary, `os.getgrouplist`). Names are
-    looked up on each call, so a user added to a group since the master started counts;
-    names that no longer resolve are skipped."""
+    database gives its user (primary or supplementary, `os.getgrouplist`). Entries are
+    names or numeric ids (`system.users`' rule) looked up on each call, so a user added
+    to a group since the master started counts; entries that no longer resolve are
+    skipped."""
     if uid in (0, master_uid):
         return True
-    try:
-        user = pwd.getpwuid(uid)
-    except KeyError:
-        user = None
+    user = users.user(uid)
     groups: set[int] | None = None
     for entry in admins:
         if entry.startswith("@"):
-            wanted = _lookup(grp.getgrnam, entry[1:], "gr_gid")
+            wanted = users.group(entry[1:])
             if wanted is None:
                 continue
             if groups is None:
                 groups = {gid}
                 if user is not None:
                     groups.update(os.getgrouplist(user.pw_name, user.pw_gid))
-            if wanted in groups:
+            if wanted.gr_gid in groups:
                 return True
-        elif _lookup(pwd.getpwnam, entry, "pw_uid") == uid:
-            return True
+        else:
+            allowed = users.user(entry)
+            if allowed is not None and allowed.pw_uid == uid:
+                return True
     return False
 
 
-def _lookup(by_name, name: str, attribute: str) -> int | None:
-    """A uid or gid for a name or a string of digits; None when the system knows none."""
-    if name.isascii() and name.isdigit():
-        return int(name)
-    try:
-        return getattr(by_name(name), attribute)
-    except KeyError:
+def admission(uid: int, held: int, total: int, *, master_uid: int) -> str | None:
+    """None if a new connection from `uid` may be served, else why not (said to the
+    client and logged). `held` is how many of the `total` open connections are that
+    uid's. Root and `master_uid` may use every slot; any other uid at most
+    MAX_CLIENTS_PER_USER at once and none of the RESERVED_CLIENTS, so however many
+    silent connections other users hold, root's `baton ctl` is answered."""
+    if total >= MAX_CLIENTS:
+        return f"{MAX_CLIENTS} control connections are open already"
+    if uid in (0, master_uid):
         return None
+    if held >= MAX_CLIENTS_PER_USER:
+        return (f"uid {uid} holds {held} control connections already "
+                f"(at most {MAX_CLIENTS_PER_USER} at once)")
+    shared = MAX_CLIENTS - RESERVED_CLIENTS
+    if total >= shared:
+        return (f"the {shared} control connections other users may hold are open already "
+                f"({RESERVED_CLIENTS} more are kept for root and the master's user)")
+    return None
 
 
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return "?"
+def _describe_peer(uid: int, pid: int) -> str:
+    user = users.user(uid)
+    return f"uid {uid} ({user.pw_name if user else '?'}), pid {pid}"
 
 
 # -- the server ---------------------------------------------------------------------
@@ -230,91 +256,70 @@ class _Client:
     pid: int
     uid: int
     allowed: bool
-    deadline: float
+    timer: Timer | None = None        # its deadline on the loop; cancelled when it is dropped
     inbox: bytearray = field(default_factory=bytearray)
     outbox: bytearray | None = None   # None while reading the request
 
     def describe(self) -> str:
-        return f"uid {self.uid} ({_user_name(self.uid)}), pid {self.pid}"
+        return _describe_peer(self.uid, self.pid)
+
+
+@dataclass
+class _Refusals:
+    """One uid's refused connections: when the last was logged, how many since were not."""
+    logged_at: float
+    unsaid: int = 0
 
 
 class ControlServer:
-    """The master's end of the control socket.
+    """The master's end of the control socket, on the process's event loop.
 
-    Contract with the master loop:
-      - register `fileno()` (an epoll fd holding the listening socket and every client)
-        for reading; call `on_readable()` when it is ready. It accepts, reads, answers and
-        writes, never blocking, and calls `handle(command, args) -> dict` synchronously
-        for each authorised, well-formed request. `handle` must return quickly (start
-        long work, report it later in `status`) and must not call `close()`.
-      - include `next_deadline()` (a `clock()` time, or None) in the wait timeout and call
-        `expire()` after each wait: a client that has not sent its line and taken its
-        answer within `timeout_s` of being accepted is dropped.
-      - `close()` at exit: pending answers get one last non-blocking send, the socket
-        file is unlinked.
+    Contract:
+      - The server registers its listening socket, and each client it accepts, on
+        `loop` itself; the master registers nothing and calls nothing per iteration.
+        Its handlers accept, read, answer and write, never blocking, and call
+        `handle(command, args) -> dict` synchronously for each authorised, well-formed
+        request. `handle` must return quickly (start long work, report it later in
+        `status`) and must not call `close()`.
+      - Time is the loop's: a client accepted on the iteration whose `loop.now` is `t`
+        gets a `loop.call_at(t + timeout_s)` timer. A client that has not sent its line
+        and taken its answer by then is dropped (one still reading is told why).
+        Dropping a client, for whatever reason, cancels its timer, so the loop keeps
+        no deadline of a client that is gone.
+      - A connection `admission` refuses is answered "busy: ..." with one non-blocking
+        send and closed at accept: it never holds a slot or a timer. Its uid's
+        refusals are logged once per REFUSAL_LOG_INTERVAL_S of loop time.
+      - `close()` at exit, before the loop's own `close()`: pending answers get one
+        last non-blocking send, the socket file is unlinked, and every fd the server
+        registered on the loop is unregistered and closed. Closing twice is harmless.
 
     The socket file is created with mode 0600 (under umask 0177, so it is never wider,
     even for an instant), then widened to 0666 when `admins` is not empty: other users
-    must be able to connect(), and SO_PEERCRED decides. A stale socket file is replaced;
-    a live one (another master answers) or any other kind of file is an error.
+    must be able to connect(), and SO_PEERCRED decides. `admins` may be replaced while
+    the server runs (on reload); it is read on every connection. A stale socket file is
+    replaced; a live one (another master answers) or any other kind of file is an error.
     """
 
     def __init__(self, path: str, *, admins: tuple[str, ...], handle: Callable[[str, dict], dict],
-                 log: logging.Logger, timeout_s: float = CLIENT_TIMEOUT_S,
-                 clock: Callable[[], float] = time.monotonic):
+                 log: logging.Logger, loop: Loop, timeout_s: float = CLIENT_TIMEOUT_S):
         self.path = os.path.abspath(path)
         self.admins = tuple(admins)     # may be replaced on reload; read on every connection
         self.handle = handle
         self.log = log
+        self.loop = loop
         self.timeout_s = timeout_s
-        self.clock = clock
         self._master_uid = os.geteuid()
         self._clients: dict[int, _Client] = {}
+        self._refusals: dict[int, _Refusals] = {}   # by uid, those logged within the interval
         self._handling: _Client | None = None
         self._closed = False
-        self._epoll = select.epoll()
+        self._listener = self._bind()
         try:
-            self._listener = self._bind()
+            loop.register(self._listener, self._accept)
         except BaseException:
-            self._epoll.close()
+            self._listener.close()
+            self._unlink()
             raise
-        self._epoll.register(self._listener.fileno(), select.EPOLLIN)
-
-    # -- the master loop's interface ------------------------------------------
-
-    def fileno(self) -> int:
-        return self._epoll.fileno()
-
-    def on_readable(self) -> None:
-        """Do every piece of work that is ready now; never blocks."""
-        if self._closed:
-            return
-        for fd, events in self._epoll.poll(0):
-            if fd == self._listener.fileno():
-                self._accept()
-            elif fd in self._clients:
-                client = self._clients[fd]
-                if client.outbox is None:
-                    self._read(client)
-                else:
-                    self._flush(client)
-
-    def next_deadline(self) -> float | None:
-        return min((client.deadline for client in self._clients.values()), default=None)
-
-    def expire(self, now: float | None = None) -> None:
-        """Drop every client whose deadline has passed; one still reading is told why."""
-        now = self.clock() if now is None else now
-        for client in [c for c in self._clients.values() if c.deadline <= now]:
-            if client.outbox is None:
-                self.log.warning("control socket: dropped %s: no complete request within %gs",
-                                 client.describe(), self.timeout_s)
-                self._try_send_once(client.sock, encode(error(f"timed out after {self.timeout_s:g}s "
-                                                              "waiting for the request line")))
-            else:
-                self.log.warning("control socket: dropped %s: it did not take its answer within %gs",
-                                 client.describe(), self.timeout_s)
-            self._drop(client)
 
     def close(self) -> None:
         if self._closed:
@@ -326,8 +331,11 @@ class ControlServer:
             if client.outbox:
                 self._try_send_once(client.sock, bytes(client.outbox))
             self._drop(client)
+        self.loop.unregister(self._listener)
         self._listener.close()
-        self._epoll.close()
+        self._unlink()
+
+    def _unlink(self) -> None:
         try:
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 os.unlink(self.path)
@@ -383,20 +391,50 @@ class ControlServer:
                 self.log.error("control socket: accept failed: %s", exc)
                 return
             sock.setblocking(False)
-            if len(self._clients) >= MAX_CLIENTS:
-                self.log.warning("control socket: %d clients already; closing a new connection", MAX_CLIENTS)
-                sock.close()
-                continue
             try:
-                pid, uid, gid = peer_credentials(sock)
+                pid, uid, gid = users.peer_credentials(sock)
             except OSError as exc:
                 self.log.error("control socket: cannot read the peer's credentials: %s", exc)
                 sock.close()
                 continue
+            held = sum(1 for client in self._clients.values() if client.uid == uid)
+            refusal = admission(uid, held, len(self._clients), master_uid=self._master_uid)
+            if refusal is not None:
+                self._refuse(sock, uid, pid, refusal)
+                continue
             allowed = peer_allowed(uid, gid, self.admins, master_uid=self._master_uid)
-            client = _Client(sock, pid, uid, allowed, self.clock() + self.timeout_s)
+            client = _Client(sock, pid, uid, allowed)
             self._clients[sock.fileno()] = client
-            self._epoll.register(sock.fileno(), select.EPOLLIN)
+            self.loop.register(sock, partial(self._read, client))
+            client.timer = self.loop.call_at(self.loop.now + self.timeout_s, partial(self._expire, client))
+
+    def _refuse(self, sock: socket.socket, uid: int, pid: int, reason: str) -> None:
+        self._try_send_once(sock, encode(error(f"busy: {reason}")))
+        sock.close()
+        now = self.loop.now
+        last = self._refusals.get(uid)
+        if last is not None and now - last.logged_at < REFUSAL_LOG_INTERVAL_S:
+            last.unsaid += 1
+            return
+        for stale in [u for u, r in self._refusals.items() if now - r.logged_at >= REFUSAL_LOG_INTERVAL_S]:
+            del self._refusals[stale]
+        self._refusals[uid] = _Refusals(now)
+        unsaid = last.unsaid if last is not None else 0
+        since = f" ({unsaid} more refused since the last message)" if unsaid else ""
+        self.log.warning("control socket: refused a connection from %s: %s%s; this uid's refusals are "
+                         "logged once per %gs", _describe_peer(uid, pid), reason, since, REFUSAL_LOG_INTERVAL_S)
+
+    def _expire(self, client: _Client) -> None:
+        """The client's deadline passed: drop it; one still reading is told why."""
+        if client.outbox is None:
+            self.log.warning("control socket: dropped %s: no complete request within %gs",
+                             client.describe(), self.timeout_s)
+            self._try_send_once(client.sock, encode(error(f"timed out after {self.timeout_s:g}s "
+                                                          "waiting for the request line")))
+        else:
+            self.log.warning("control socket: dropped %s: it did not take its answer within %gs",
+                             client.describe(), self.timeout_s)
+        self._drop(client)
 
     def _read(self, client: _Client) -> None:
         while True:
@@ -450,7 +488,7 @@ class ControlServer:
             data = encode(error(f"internal error: {command} returned no valid response"))
         if self._closed:   # handle() closed us (it should not): one last try, then let go
             self._try_send_once(client.sock, data)
-            client.sock.close()
+            self._drop(client)
             return
         self._start_writing(client, data)
 
@@ -459,7 +497,7 @@ class ControlServer:
 
     def _start_writing(self, client: _Client, data: bytes) -> None:
         client.outbox = bytearray(data)
-        self._epoll.modify(client.sock.fileno(), select.EPOLLOUT)
+        self.loop.modify(client.sock, WRITE, partial(self._flush, client))
         self._flush(client)
 
     def _flush(self, client: _Client) -> None:
@@ -467,17 +505,18 @@ class ControlServer:
             try:
                 sent = client.sock.send(client.outbox)
             except (BlockingIOError, InterruptedError):
-                return   # EPOLLOUT brings us back
+                return   # the loop calls again when the socket is writable
             except OSError:
                 break    # the client went away; nothing to do
             del client.outbox[:sent]
         self._drop(client)
 
     def _drop(self, client: _Client) -> None:
-        fd = client.sock.fileno()
-        self._clients.pop(fd, None)
-        if not self._closed:
-            self._epoll.unregister(fd)
+        """Forget the client: its timer, its registration, its socket."""
+        self._clients.pop(client.sock.fileno(), None)
+        if client.timer is not None:
+            client.timer.cancel()
+        self.loop.unregister(client.sock)
         client.sock.close()
 
     @staticmethod

@@ -1,6 +1,6 @@
-"""The control socket: request parsing, a real ControlServer driven by the test's own
-loop (no threads: clients that must be another process or another user are forked
-children), SO_PEERCRED checks with real users, deadlines on a fake clock, and
+"""The control socket: request parsing, a real ControlServer on a real event loop that
+the test runs (no threads: clients that must be another process or another user are
+forked children), SO_PEERCRED checks with real users, deadlines on a fake clock, and
 `baton ctl`'s exit statuses and tables."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import json
 import logging
 import os
 import pwd
-import select
 import shutil
+import signal
 import socket
 import stat
 import tempfile
@@ -22,15 +22,25 @@ import pytest
 
 from supervisor import cli
 from supervisor.master.control import (
+    COMMANDS,
+    MAX_CLIENTS,
+    MAX_CLIENTS_PER_USER,
     MAX_REQUEST_BYTES,
+    REFUSAL_LOG_INTERVAL_S,
+    REQUIRED,
+    RESERVED_CLIENTS,
     ControlClient,
     ControlError,
     ControlServer,
     ControlUnreachable,
+    admission,
+    check_arguments,
     decode_request,
     parse_request,
     peer_allowed,
 )
+from supervisor.system import users
+from supervisor.system.loop import READ, Loop
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="a client running as another user needs root")
 
@@ -59,6 +69,7 @@ GOOD = [
     ({"command": "upgrade"}, ("upgrade", {})),
     ({"command": "restart", "app": "blog"}, ("restart", {"app": "blog"})),
     ({"command": "scale", "app": "blog", "workers": 4}, ("scale", {"app": "blog", "workers": 4})),
+    ({"command": "scale", "app": "blog", "workers": 1024}, ("scale", {"app": "blog", "workers": 1024})),
     ({"command": "stop"}, ("stop", {"now": False})),
     ({"command": "stop", "now": True}, ("stop", {"now": True})),
 ]
@@ -81,10 +92,11 @@ BAD = [
     ({"command": "restart", "app": ""}, ["restart: 'app': expected an app name, found an empty string"]),
     ({"command": "restart", "app": 7}, ["restart: 'app': expected an app name, found number 7"]),
     ({"command": "scale", "app": "blog"}, ["scale: expected 'workers'"]),
-    ({"command": "scale", "app": "blog", "workers": 0}, ["scale: 'workers': expected an integer >= 1, found number 0"]),
-    ({"command": "scale", "app": "blog", "workers": "4"}, ["expected an integer >= 1, found string '4'"]),
-    ({"command": "scale", "app": "blog", "workers": True}, ["expected an integer >= 1, found true"]),
-    ({"command": "scale", "app": "blog", "workers": 2.0}, ["expected an integer >= 1, found number 2.0"]),
+    ({"command": "scale", "app": "blog", "workers": 0}, ["scale: 'workers': expected an integer from 1 to 1024, found number 0"]),
+    ({"command": "scale", "app": "blog", "workers": "4"}, ["expected an integer from 1 to 1024, found string '4'"]),
+    ({"command": "scale", "app": "blog", "workers": True}, ["expected an integer from 1 to 1024, found true"]),
+    ({"command": "scale", "app": "blog", "workers": 2.0}, ["expected an integer from 1 to 1024, found number 2.0"]),
+    ({"command": "scale", "app": "blog", "workers": 1025}, ["expected an integer from 1 to 1024, found number 1025"]),
     ({"command": "stop", "now": "yes"}, ["stop: 'now': expected true or false, found string 'yes'"]),
     ({"command": "stop", "now": None}, ["expected true or false, found null"]),
     ({"command": "status", "verbose": True}, ["status: unknown argument 'verbose' (it takes no arguments)"]),
@@ -104,6 +116,67 @@ def test_parse_request_lists_every_problem():
     with pytest.raises(ControlError) as info:
         parse_request({"command": "scale", "app": 1, "workers": -1, "extra": 0})
     assert len(info.value.errors) == 3
+
+
+# -- check_arguments: one command's arguments against its spec -------------------------
+
+def _delta(value):
+    if value in (-1, 1) and not isinstance(value, bool):
+        return value
+    raise ValueError("1 or -1")
+
+
+def _quiet(value):
+    if isinstance(value, bool):
+        return value
+    raise ValueError("true or false")
+
+
+# A command the control socket does not offer, as the master's signals add them.
+NUDGE = {"delta": (_delta, REQUIRED), "quiet": (_quiet, False)}
+
+CHECKED = [
+    # (command, spec, args, the arguments returned)
+    ("nudge", NUDGE, {"delta": 1}, {"delta": 1, "quiet": False}),
+    ("nudge", NUDGE, {"delta": -1, "quiet": True}, {"delta": -1, "quiet": True}),
+    ("stop", COMMANDS["stop"], {}, {"now": False}),
+    ("status", COMMANDS["status"], {}, {}),
+    ("scale", COMMANDS["scale"], {"app": "blog", "workers": 2}, {"app": "blog", "workers": 2}),
+]
+
+
+@pytest.mark.parametrize("command, spec, args, expected", CHECKED, ids=[f"{c[0]}-{json.dumps(c[2])}" for c in CHECKED])
+def test_check_arguments_fills_in_defaults(command, spec, args, expected):
+    given = dict(args)
+    assert check_arguments(command, spec, args) == expected
+    assert args == given   # the caller's dict is left alone
+
+
+REFUSED = [
+    # (command, spec, args, every error, in order)
+    ("nudge", NUDGE, {}, ["nudge: expected 'delta', found nothing (it is required)"]),
+    ("nudge", NUDGE, {"delta": "1"}, ["nudge: 'delta': expected 1 or -1, found string '1'"]),
+    ("nudge", NUDGE, {"delta": True}, ["nudge: 'delta': expected 1 or -1, found true"]),
+    ("nudge", NUDGE, {"delta": 1, "loud": True}, ["nudge: unknown argument 'loud' (it takes 'delta', 'quiet')"]),
+    ("status", COMMANDS["status"], {"x": 1}, ["status: unknown argument 'x' (it takes no arguments)"]),
+    ("nudge", NUDGE, {"quiet": "no", "loud": 1}, ["nudge: expected 'delta', found nothing (it is required)",
+                                                 "nudge: 'quiet': expected true or false, found string 'no'",
+                                                 "nudge: unknown argument 'loud' (it takes 'delta', 'quiet')"]),
+]
+
+
+@pytest.mark.parametrize("command, spec, args, errors", REFUSED, ids=[f"{r[0]}-{json.dumps(r[2])}" for r in REFUSED])
+def test_check_arguments_lists_every_problem(command, spec, args, errors):
+    with pytest.raises(ControlError) as info:
+        check_arguments(command, spec, args)
+    assert info.value.errors == errors
+
+
+@pytest.mark.parametrize("request_, expected", GOOD, ids=[json.dumps(g[0]) for g in GOOD])
+def test_parse_request_is_check_arguments_on_the_rest(request_, expected):
+    command, args = expected
+    rest = {name: value for name, value in request_.items() if name != "command"}
+    assert check_arguments(command, COMMANDS[command], rest) == args
 
 
 @pytest.mark.parametrize("line, fragment", [
@@ -197,13 +270,30 @@ def control_dir():
 
 
 @pytest.fixture
-def make_server(control_dir):
+def make_loop():
+    """make_loop(clock) -> a Loop, closed at teardown (after the servers on it)."""
+    loops: list[Loop] = []
+
+    def make(clock=time.monotonic) -> Loop:
+        loop = Loop(clock)
+        loops.append(loop)
+        return loop
+
+    yield make
+    for loop in loops:
+        loop.close()
+
+
+@pytest.fixture
+def make_server(control_dir, make_loop):
+    """make_server(...) -> a ControlServer on a loop of its own (`server.loop`), on the
+    real clock unless given one; closed at teardown."""
     servers: list[ControlServer] = []
 
-    def make(admins=(), master=None, clock=None, name="baton.ctl") -> ControlServer:
+    def make(admins=(), master=None, clock=time.monotonic, name="baton.ctl", timeout_s=5.0) -> ControlServer:
         server = ControlServer(os.path.join(control_dir, name), admins=tuple(admins),
                                handle=(master or Master()).command, log=logging.getLogger(LOG),
-                               timeout_s=5.0, clock=clock or time.monotonic)
+                               loop=make_loop(clock), timeout_s=timeout_s)
         servers.append(server)
         return server
 
@@ -212,23 +302,19 @@ def make_server(control_dir):
         server.close()
 
 
-def drive(server: ControlServer, done, fds=(), on_fd=None, timeout_s=WAIT_S) -> None:
-    """Run the server as the master would, until `done()`; `on_fd(fd)` handles the other fds."""
+def drive(loop: Loop, done, timeout_s=WAIT_S) -> None:
+    """Run the loop as the master would, until `done()`; the wait is bounded by real
+    time, so a test that waits for what never comes fails instead of hanging."""
     deadline = time.monotonic() + timeout_s
     while not done():
         remaining = deadline - time.monotonic()
         assert remaining > 0, "timed out driving the control server"
-        readable, _, _ = select.select([server.fileno(), *fds], [], [], remaining)
-        for fd in readable:
-            if fd == server.fileno():
-                server.on_readable()
-            else:
-                on_fd(fd)
+        loop.run_once(max_wait_s=remaining)
 
 
 def in_child(server: ControlServer, work, *, user: str | None = None):
     """Fork; the child becomes `user` (if given), runs `work()` and sends back its JSON
-    result (or the exception it raised) while this process drives the server."""
+    result (or the exception it raised) while this process runs the server's loop."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -253,15 +339,17 @@ def in_child(server: ControlServer, work, *, user: str | None = None):
     output = bytearray()
     finished = []
 
-    def on_pipe(fd):
-        chunk = os.read(fd, 1 << 16)
+    def on_pipe():
+        chunk = os.read(read_end, 1 << 16)
         output.extend(chunk)
         if not chunk:
             finished.append(True)
 
+    server.loop.register(read_end, on_pipe)
     try:
-        drive(server, lambda: finished, fds=[read_end], on_fd=on_pipe)
+        drive(server.loop, lambda: finished)
     finally:
+        server.loop.unregister(read_end)
         os.close(read_end)
         if not finished:
             os.kill(pid, 9)
@@ -324,10 +412,10 @@ def test_a_file_that_is_not_a_socket_is_never_removed(make_server, control_dir):
         assert file.read() == "precious"
 
 
-def test_a_missing_directory_is_a_clear_error(control_dir):
+def test_a_missing_directory_is_a_clear_error(control_dir, make_loop):
     with pytest.raises(ControlError, match="cannot bind the control socket .*No such file or directory"):
         ControlServer(os.path.join(control_dir, "nope", "baton.ctl"), admins=(), handle=Master().command,
-                      log=logging.getLogger(LOG))
+                      log=logging.getLogger(LOG), loop=make_loop())
 
 
 def test_root_is_answered_by_handle(make_server):
@@ -343,7 +431,7 @@ def test_a_bad_request_never_reaches_handle(make_server):
     server = make_server(master=master)
     answer = in_child(server, call(server.path, "scale", app="blog", workers=0))
     assert answer["result"]["ok"] is False
-    assert answer["result"]["errors"] == ["scale: 'workers': expected an integer >= 1, found number 0"]
+    assert answer["result"]["errors"] == ["scale: 'workers': expected an integer from 1 to 1024, found number 0"]
     assert master.calls == []
 
 
@@ -384,6 +472,37 @@ def test_nobody_is_refused_and_logged(make_server, caplog):
     refusals = [r.getMessage() for r in caplog.records if "permission denied" in r.getMessage()]
     assert len(refusals) == 1
     assert f"uid {nobody.pw_uid} (nobody)" in refusals[0] and f"pid {child_pid}" in refusals[0]
+
+
+@needs_root
+def test_peer_credentials_are_the_connecting_process_as_the_kernel_saw_it(control_dir):
+    path = os.path.join(control_dir, "peer.sock")
+    uid, gid = 65534, 1   # different numbers, so a swapped uid and gid shows
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        os.chmod(path, 0o666)
+        listener.listen(1)
+        listener.settimeout(WAIT_S)
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(uid)
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.connect(path)
+                    sock.recv(1)   # holds on until the parent has looked and closed
+                status = 0
+            finally:
+                os._exit(status)
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                assert users.peer_credentials(conn) == (pid, uid, gid)
+        finally:
+            _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 @needs_root
@@ -446,38 +565,42 @@ def test_a_slow_client_does_not_block_another_and_is_dropped_at_its_deadline(mak
     clock = FakeClock()
     master = Master()
     server = make_server(clock=clock, master=master)
+    loop = server.loop
     accepted_at = clock.now
     slow = connect(server.path)
     slow.send(b'{"command": "sta')     # and never the rest
-    drive(server, lambda: server.next_deadline() is not None)
+    drive(loop, lambda: loop.next_deadline() is not None)
     clock.now += 3
     fast = connect(server.path)
     fast.send(b'{"command": "reload"}\n')
     answer = bytearray()
 
-    def on_fast(fd):
+    def on_fast():
         chunk = fast.recv(1 << 16)
         answer.extend(chunk if chunk else b"<eof>")
 
-    drive(server, lambda: answer.endswith(b"<eof>"), fds=[fast.fileno()], on_fd=on_fast)
+    loop.register(fast, on_fast)
+    drive(loop, lambda: answer.endswith(b"<eof>"))
     assert json.loads(answer[:-len(b"<eof>")]) == {"ok": True, "echo": ["reload", {}]}
     assert master.calls == [("reload", {})]
+    loop.unregister(fast)
     fast.close()
 
     # The slow one is still connected, unanswered, until its own deadline.
     with pytest.raises(BlockingIOError):
         slow.recv(1)
-    assert server.next_deadline() == accepted_at + 5.0
-    server.expire(accepted_at + 4.9)
+    assert loop.next_deadline() == accepted_at + 5.0
+    clock.now = accepted_at + 4.9
+    loop.run_once(max_wait_s=0)
     with pytest.raises(BlockingIOError):
         slow.recv(1)
     clock.now = accepted_at + 5.0
-    server.expire()
+    loop.run_once(max_wait_s=0)
     line, _, rest = slow.recv(1 << 16).partition(b"\n")
     assert json.loads(line) == {"ok": False, "errors": ["timed out after 5s waiting for the request line"]}
     assert rest == b"" and slow.recv(1) == b""
     slow.close()
-    assert server.next_deadline() is None
+    assert loop.next_deadline() is None
     assert "no complete request within 5s" in caplog.text
 
 
@@ -486,14 +609,15 @@ def test_a_client_that_never_reads_its_answer_is_dropped_at_its_deadline(make_se
     master = Master()
     master.answers["status"] = {"ok": True, "blob": "x" * (4 << 20)}
     server = make_server(clock=clock, master=master)
+    loop = server.loop
     lazy = connect(server.path)
     lazy.send(b'{"command": "status"}\n')
-    drive(server, lambda: master.calls)            # answered, most of it still buffered
-    assert server.next_deadline() == clock.now + 5.0
-    server.on_readable()                            # nothing more can be written: returns at once
+    drive(loop, lambda: master.calls)              # answered, most of it still buffered
+    assert loop.next_deadline() == clock.now + 5.0
+    loop.run_once(max_wait_s=0)                     # nothing more can be written: returns at once
     clock.now += 5.0
-    server.expire()
-    assert server.next_deadline() is None
+    loop.run_once(max_wait_s=0)
+    assert loop.next_deadline() is None
     lazy.settimeout(WAIT_S)
     received = 0
     while chunk := lazy.recv(1 << 20):              # what was sent, then the end: no newline
@@ -522,6 +646,76 @@ def test_an_oversized_request_is_refused(make_server, caplog):
     assert f"refused a request over {MAX_REQUEST_BYTES} bytes" in caplog.text
 
 
+class RecordingLoop(Loop):
+    """A Loop that knows which fds are registered on it, to show what a server left."""
+
+    def __init__(self, clock=time.monotonic):
+        super().__init__(clock)
+        self.fds: set[int] = set()
+
+    def register(self, fileobj, handler, events=READ):
+        super().register(fileobj, handler, events)
+        self.fds.add(fileobj if type(fileobj) is int else fileobj.fileno())
+
+    def unregister(self, fileobj):
+        super().unregister(fileobj)
+        self.fds.discard(fileobj if type(fileobj) is int else fileobj.fileno())
+
+
+@pytest.fixture
+def recording_loop():
+    loop = RecordingLoop(FakeClock())
+    yield loop
+    loop.close()
+
+
+def test_close_sends_what_is_pending_and_leaves_nothing_on_the_loop(control_dir, recording_loop, connect):
+    master = Master()
+    master.answers["status"] = {"ok": True, "blob": "x" * (4 << 20)}
+    loop = recording_loop
+    server = ControlServer(os.path.join(control_dir, "baton.ctl"), admins=(), handle=master.command,
+                           log=logging.getLogger(LOG), loop=loop)
+    lazy = connect(server.path)
+    lazy.send(b'{"command": "status"}\n')
+    drive(loop, lambda: master.calls)              # answered, most of it still buffered
+    quiet = connect(server.path)                    # connected, has not said anything yet
+    drive(loop, lambda: len(loop.fds) == 3)         # the listener, lazy and quiet
+    before = 0
+    with contextlib.suppress(BlockingIOError):
+        while chunk := lazy.recv(1 << 20):          # take what the socket buffers held
+            before += len(chunk)
+    server.close()
+    assert loop.fds == set() and loop.next_deadline() is None
+    assert not os.path.exists(server.path)
+    lazy.settimeout(WAIT_S)
+    after = 0
+    while chunk := lazy.recv(1 << 20):              # the one last send, then the end
+        after += len(chunk)
+    assert after > 0 and before + after < 4 << 20
+    quiet.settimeout(WAIT_S)
+    assert quiet.recv(1) == b""
+    server.close()                                  # twice is harmless
+
+
+def test_handle_that_closes_the_server_still_answers_once(control_dir, recording_loop, connect):
+    master = Master()
+    loop = recording_loop
+    server = ControlServer(os.path.join(control_dir, "baton.ctl"), admins=(), handle=master.command,
+                           log=logging.getLogger(LOG), loop=loop)
+
+    def stop_and_close(name, args):
+        server.close()   # what `handle` must not do; the server survives it
+        return {"ok": True}
+
+    server.handle = stop_and_close
+    sock = connect(server.path)
+    sock.send(b'{"command": "stop"}\n')
+    drive(loop, lambda: not loop.fds)
+    assert loop.next_deadline() is None
+    sock.settimeout(WAIT_S)
+    assert sock.makefile("rb").read() == b'{"ok":true}\n'
+
+
 def test_a_request_of_exactly_the_limit_is_read(make_server):
     server = make_server()
     padding = MAX_REQUEST_BYTES - len(b'{"command":"status","x":""}')
@@ -542,9 +736,146 @@ def test_a_client_that_hangs_up_early_is_forgotten(make_server, connect):
     server = make_server()
     sock = connect(server.path)
     sock.send(b'{"comm')
-    drive(server, lambda: server.next_deadline() is not None)
+    drive(server.loop, lambda: server.loop.next_deadline() is not None)
     sock.close()
-    drive(server, lambda: server.next_deadline() is None)
+    drive(server.loop, lambda: server.loop.next_deadline() is None)
+
+
+def test_a_dropped_client_leaves_no_timer_behind(make_server, connect, caplog):
+    clock = FakeClock()
+    master = Master()
+    server = make_server(clock=clock, master=master)
+    loop = server.loop
+    answered = connect(server.path)
+    answered.send(b'{"command": "reload"}\n')
+    drive(loop, lambda: master.calls)              # accepted, answered in full, dropped
+    line, _, _ = answered.recv(1 << 16).partition(b"\n")
+    assert json.loads(line) == {"ok": True, "echo": ["reload", {}]}
+    assert loop.next_deadline() is None
+    clock.now += 3
+    waiting = connect(server.path)
+    drive(loop, lambda: loop.next_deadline() is not None)
+    assert loop.next_deadline() == clock.now + 5.0   # its own deadline, not a stale one
+    waiting.close()
+    drive(loop, lambda: loop.next_deadline() is None)   # hung up: dropped, and its timer with it
+    clock.now += 60
+    loop.run_once(max_wait_s=0)
+    assert "dropped" not in caplog.text
+
+
+# -- no user can lock root out ---------------------------------------------------------------
+
+@contextlib.contextmanager
+def holding(server: ControlServer, count: int, *, uid: int, gid: int):
+    """A child running as uid:gid opens `count` connections to the server and holds them,
+    silent, until the block ends. The block starts once every connect() has returned:
+    the kernel queues connections in order, so a client that connects inside the block
+    is accepted after all of them."""
+    ready_r, ready_w = os.pipe()
+    release_r, release_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.close(ready_r)
+            os.close(release_w)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            held = []
+            for _ in range(count):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(server.path)   # blocking: a full backlog waits for accept (a timeout would fail)
+                held.append(sock)
+            os.write(ready_w, b"x")
+            os.read(release_r, 1)   # until the parent closes its end
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(ready_w)
+    os.close(release_r)
+    said = bytearray()
+    server.loop.register(ready_r, lambda: said.extend(os.read(ready_r, 1) or b"<eof>"))
+    try:
+        drive(server.loop, lambda: said)   # the loop runs: connects past the backlog wait for accept
+        server.loop.unregister(ready_r)
+        assert said == b"x", "the holding child failed"
+        yield
+    finally:
+        if server.loop.registered(ready_r):
+            server.loop.unregister(ready_r)
+        os.close(ready_r)
+        os.close(release_w)
+        if said != b"x":
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@needs_root
+def test_connections_one_user_holds_open_lock_out_neither_root_nor_an_admin(make_server, caplog):
+    # With admins set the socket is 0666: before, 32 silent connections from anyone
+    # filled every slot, and root's `baton ctl` was closed without an answer.
+    clock = FakeClock()   # no deadline passes unless the test moves it
+    master = Master()
+    server = make_server(admins=("www-data",), master=master, clock=clock,
+                         timeout_s=REFUSAL_LOG_INTERVAL_S * 2)
+    nobody = pwd.getpwnam("nobody")
+    opened = MAX_CLIENTS + 8
+    with holding(server, opened, uid=nobody.pw_uid, gid=nobody.pw_gid):
+        assert in_child(server, call(server.path, "status"))["result"]["ok"] is True
+        assert in_child(server, call(server.path, "stats"), user="www-data")["result"]["ok"] is True
+        busy = (f"busy: uid {nobody.pw_uid} holds {MAX_CLIENTS_PER_USER} control connections already "
+                f"(at most {MAX_CLIENTS_PER_USER} at once)")
+        assert in_child(server, call(server.path, "status"), user="nobody") == {
+            "result": {"ok": False, "errors": [busy]}}
+        assert master.calls == [("status", {}), ("stats", {})]
+        # Refused over and over, logged once per uid per interval ...
+        refusals = [r.getMessage() for r in caplog.records if "refused a connection" in r.getMessage()]
+        assert len(refusals) == 1, refusals
+        assert f"uid {nobody.pw_uid} (nobody)" in refusals[0] and busy[len("busy: "):] in refusals[0]
+        # ... and once the interval is over, the next refusal says how many went unsaid.
+        clock.now += REFUSAL_LOG_INTERVAL_S
+        in_child(server, call(server.path, "status"), user="nobody")
+        refusals = [r.getMessage() for r in caplog.records if "refused a connection" in r.getMessage()]
+        unsaid = opened - MAX_CLIENTS_PER_USER   # refused while held, plus one call, less the one logged
+        assert len(refusals) == 2 and f"{unsaid} more refused since" in refusals[1], refusals
+
+
+@needs_root
+def test_root_keeps_a_share_of_the_slots_however_many_users_hold_some(make_server):
+    clock = FakeClock()
+    master = Master()
+    server = make_server(admins=("www-data",), master=master, clock=clock)
+    holders = MAX_CLIENTS // MAX_CLIENTS_PER_USER + 1   # between them, more than every slot
+    with contextlib.ExitStack() as stack:
+        for n in range(holders):   # uids the passwd database need not know
+            stack.enter_context(holding(server, MAX_CLIENTS_PER_USER, uid=61000 + n, gid=61000 + n))
+        assert in_child(server, call(server.path, "status"))["result"]["ok"] is True
+        shared = in_child(server, call(server.path, "stats"), user="www-data")["result"]
+        assert shared["ok"] is False and shared["errors"][0].startswith("busy: ")
+    assert master.calls == [("status", {})]
+
+
+ADMISSION = [
+    # (uid, connections it holds, connections open, None to serve it or what the refusal says)
+    (0, 0, 0, None),
+    (0, 20, MAX_CLIENTS - 1, None),                       # root may use every slot
+    (1000, 20, MAX_CLIENTS - 1, None),                    # and so may the master's own user
+    (0, 0, MAX_CLIENTS, f"{MAX_CLIENTS} control connections are open already"),
+    (2000, 0, 0, None),
+    (2000, MAX_CLIENTS_PER_USER - 1, 10, None),
+    (2000, MAX_CLIENTS_PER_USER, 10, f"uid 2000 holds {MAX_CLIENTS_PER_USER} control connections already"),
+    (2000, 0, MAX_CLIENTS - RESERVED_CLIENTS - 1, None),
+    (2000, 0, MAX_CLIENTS - RESERVED_CLIENTS,
+     f"the {MAX_CLIENTS - RESERVED_CLIENTS} control connections other users may hold are open already"),
+]
+
+
+@pytest.mark.parametrize("uid, held, total, refusal", ADMISSION, ids=[f"uid{a[0]}-{a[1]}-of-{a[2]}" for a in ADMISSION])
+def test_admission(uid, held, total, refusal):
+    found = admission(uid, held, total, master_uid=1000)
+    assert found == refusal if refusal is None else found.startswith(refusal), found
 
 
 # -- the client's errors --------------------------------------------------------------------
