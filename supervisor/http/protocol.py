@@ -318,10 +318,6 @@ class Connection:
                 self._error = RemoteProtocolError(431, "request header block too large")
 
     @property
-    def paused(self) -> bool:
-        return self._paused
-
-    @property
     def idle(self) -> bool:
         """True between requests: nothing delivered and unanswered, nothing queued."""
         return not (self._paused or self._events or self._request is not None

@@ -32,7 +32,7 @@ from supervisor.http.protocol import (
     render_head,
 )
 
-__all__ = ["EnvironBuilder", "Input", "FileWrapper", "Outcome", "run_app",
+__all__ = ["EnvironBuilder", "Input", "FileWrapper", "Outcome", "RecordingOutcome", "run_app",
            "valid_status", "valid_header"]
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -203,9 +203,6 @@ class EnvironBuilder:
             "wsgi.file_wrapper": FileWrapper,
         }
 
-    def build(self, request: Request, wsgi_input, peer) -> dict:
-        return self.build_from(self.connection_base(peer), request, wsgi_input)
-
     def connection_base(self, peer) -> dict:
         """What the environs of one connection from ``peer`` share: built once per
         connection, for :meth:`build_from`."""
@@ -338,18 +335,39 @@ class Outcome:
         self.send(out + framed if out else framed)
 
 
+class RecordingOutcome(Outcome):
+    """An :class:`Outcome` that also keeps, for an access log whose format shows them,
+    the response headers the application gave (``headers``) and, set by the caller,
+    the request's ``environ`` (read once the response is done, so what middleware
+    added to it, such as ``REMOTE_USER``, is there). Plain ``Outcome`` keeps neither."""
+
+    __slots__ = ("headers", "environ")
+
+    def __init__(self, conn: Connection, request: Request, send) -> None:
+        super().__init__(conn, request, send)
+        self.headers = ()
+        self.environ = None
+
+    def start_response(self, status, headers, exc_info=None):
+        write = super().start_response(status, headers, exc_info)
+        self.headers = tuple(headers)   # what was checked, as Outcome snapshots it
+        return write
+
+
 _ERROR_BODY = b"Internal Server Error\n"
 
 
 def run_app(app, environ: dict, conn: Connection, request: Request,
             send: Callable[[bytes], None], error_log: logging.Logger,
-            sendfile: Callable[[object, int, int], int] | None = None) -> Outcome:
+            sendfile: Callable[[object, int, int], int] | None = None,
+            outcome_type: type[Outcome] = Outcome) -> Outcome:
     """Call ``app`` and send its whole response through ``send``.
 
     ``send`` must send everything or raise OSError; ``sendfile(file, offset,
-    count)`` sends a file's bytes and returns how many went out.
+    count)`` sends a file's bytes and returns how many went out. ``outcome_type``
+    is ``Outcome`` or :class:`RecordingOutcome`.
     """
-    outcome = Outcome(conn, request, send)
+    outcome = outcome_type(conn, request, send)
     result = None
     try:
         result = app(environ, outcome.start_response)

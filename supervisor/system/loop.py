@@ -4,6 +4,10 @@ One `epoll` wait per iteration, with the nearest timer as its timeout. Promises:
 
 * **Handlers are zero-argument callables**, one per registered fd. A handler that
   cares whether its fd is readable or writable knows what it asked for (`modify`).
+* **Registration is level-triggered unless it says `EDGE`** (`READ | EDGE`): then the
+  handler runs when new readiness arrives (more bytes, a hang-up), not on every
+  iteration while the fd stays ready. For sockets whose bytes are peeked and left in
+  place (the balancer's Host/SNI peek), which would otherwise wake every iteration.
 * **Stale events are skipped.** An fd unregistered by an earlier handler of the same
   batch (closed, or closed and reused by a new registration) gets none of that batch's
   events: they belonged to the socket that is gone. This is the rule every loop of
@@ -12,7 +16,8 @@ One `epoll` wait per iteration, with the nearest timer as its timeout. Promises:
   `now` is what handlers and timers see. A timer fires on the first iteration whose
   `now` reaches it: late by at most one iteration's work, never early.
 * **Timers are cheap to cancel** (a flag; the heap drops cancelled entries lazily and
-  is compacted when they outnumber live ones).
+  is compacted when they outnumber live ones). A cancelled timer lets go of its
+  callback at once, so what the callback refers to is not kept until then.
 * **Signal handlers only record.** `on_signal` routes a signal through Python's wakeup
   fd; its callback runs in the loop, never inside the signal handler.
 * **Other threads wake the loop only through `threadsafe_waker`**; nothing else here
@@ -32,6 +37,8 @@ from collections.abc import Callable
 
 READ = select.EPOLLIN
 WRITE = select.EPOLLOUT
+HANGUP = select.EPOLLRDHUP   # the peer shut its writing side
+EDGE = select.EPOLLET        # with READ (and HANGUP): once per new arrival, see above
 
 Handler = Callable[[], None]
 
@@ -51,8 +58,11 @@ class Timer:
         self._loop = loop
 
     def cancel(self) -> None:
+        """Never run; the callback is released at once, so a cancelled timer still
+        waiting in the heap keeps nothing it refers to alive."""
         if not self.cancelled:
             self.cancelled = True
+            self.callback = _released
             if self._queued:
                 self._loop._cancelled += 1
 
@@ -241,8 +251,17 @@ class Loop:
             callback()
         if self._stop_requested:
             return   # a before-wait callback stopped the loop
-        deadline = self.next_deadline()
-        timeout = -1.0 if deadline is None else max(0.0, deadline - self.now)
+        timers = self._timers
+        if timers and not timers[0][2].cancelled:
+            deadline = timers[0][0]   # the usual case, without next_deadline's call
+        else:
+            deadline = self.next_deadline()
+        if deadline is None:
+            timeout = -1.0
+        else:
+            timeout = deadline - self.now
+            if timeout < 0.0:
+                timeout = 0.0
         if max_wait_s is not None and (timeout < 0 or timeout > max_wait_s):
             timeout = max_wait_s
         events = self._epoll.poll(timeout)
@@ -257,7 +276,8 @@ class Loop:
                 handler()
         finally:
             self._dispatching = False
-            stale.clear()
+            if stale:
+                stale.clear()
         if self._timers and self._timers[0][0] <= self.now:
             self._run_due_timers()
         for callback in self._after_events:
@@ -292,6 +312,10 @@ class Loop:
         self._handlers.clear()
         self._timers.clear()
         self._epoll.close()
+
+
+def _released() -> None:
+    """The callback of a cancelled timer (which never runs): the real one is let go."""
 
 
 def _record_only(signum, frame) -> None:

@@ -7,7 +7,6 @@ the traceback) over the channel; after that the channel carries STOP.
 """
 from __future__ import annotations
 
-import base64
 import faulthandler
 import os
 import select
@@ -24,20 +23,22 @@ from supervisor.http.server import Server, ServerSettings
 from supervisor.ipc import channel
 from supervisor.ipc.channel import ChannelClosed
 from supervisor.ipc.messages import (
-    BOOT_FAILED,
-    CONN,
-    HANDBACK,
-    HEARTBEAT,
-    READY,
-    REOPEN,
-    REPORT,
     REPORT_MAX_IDS,
-    STOP,
+    TRACEBACK_MAX,
+    BootFailed,
+    Conn,
+    HandBack,
+    Heartbeat,
     Message,
     MessageError,
+    Ready,
+    Reopen,
+    Report,
+    Stop,
 )
 from supervisor.system import privileges, spawn
 from supervisor.system.log import Logs
+from supervisor.system.loop import Loop
 from supervisor.worker import appload
 
 EXIT_BOOT_FAILED = 3
@@ -79,7 +80,7 @@ def main(spec: WorkerSpec) -> int:
         text = traceback.format_exc()
         log.error("worker %s#%d failed to boot:\n%s", spec.app.name, spec.index, text.rstrip())
         try:
-            channel.send(spec.channel, Message(BOOT_FAILED, {"traceback": text[-16000:]}))
+            channel.send(spec.channel, BootFailed(traceback=text[-TRACEBACK_MAX:]))
         except OSError:
             pass
         return EXIT_BOOT_FAILED
@@ -106,7 +107,8 @@ def _boot(spec: WorkerSpec):
 
 
 class Worker:
-    """A booted worker: an HTTP server plus the master channel and signal wakeups."""
+    """A booted worker: an HTTP server, the master channel (and the balancer's),
+    signals and the heartbeat, all on one event loop."""
 
     _SIGNALS = {
         signal.SIGTERM: "stop_graceful",
@@ -116,6 +118,7 @@ class Worker:
 
     def __init__(self, spec: WorkerSpec, app):
         self.spec = spec
+        self.loop = Loop()
         settings = ServerSettings(
             threads=spec.app.threads,
             keepalive_s=spec.app.keepalive,
@@ -129,41 +132,39 @@ class Worker:
         self.server = Server(app, list(spec.listeners.values()), settings,
                              spec.logs.error, spec.logs.access, listener_names=list(spec.listeners),
                              proxy_protocol_fds=frozenset(sock.fileno() for name, sock in spec.listeners.items()
-                                                          if name in spec.proxy_listeners))
+                                                          if name in spec.proxy_listeners),
+                             loop=self.loop, access_format=spec.logs.access_line)
         self.link = None
         if spec.balancer is not None:
-            self.link = BalancerLink(spec.balancer, self.server, spec.logs.error)
-        self._wakeup_read, self._wakeup_write = socket.socketpair()
-        for sock in (self._wakeup_read, self._wakeup_write):
-            sock.setblocking(False)
+            self.link = BalancerLink(spec.balancer, self.server, spec.logs.error, self.loop)
 
     def serve(self) -> int:
-        signal.set_wakeup_fd(self._wakeup_write.fileno(), warn_on_full_buffer=False)
+        loop = self.loop
         for signum in self._SIGNALS:
-            signal.signal(signum, _record_only)
-        self.server.watch(self._wakeup_read.fileno(), self._on_signal)
-        self.server.watch(self.spec.channel.fileno(), self._on_channel)
+            loop.on_signal(signum, self._on_signal)
+        loop.register(self.spec.channel, self._on_channel)
         if self.link is not None:
-            self.server.watch(self.spec.balancer.fileno(), self.link.on_readable)
-        channel.send(self.spec.channel, Message(READY, {"pid": os.getpid()}))
+            loop.register(self.spec.balancer, self.link.on_readable)
+        channel.send(self.spec.channel, Ready(pid=os.getpid()))
         self.spec.channel.setblocking(False)  # a busy master must never stall the serving loop
-        self.server.every(self.spec.heartbeat_s, self._heartbeat)
+        loop.every(self.spec.heartbeat_s, self._heartbeat)
         if self.link is not None:
-            self.server.after_events(self.link.report)
+            loop.after_events(self.link.report)
         try:
             self.server.run()
         finally:
             if self.link is not None:
                 self.link.report()  # connections the shutdown closed
+            loop.close()
         return 0
 
     def _heartbeat(self) -> None:
         """Sent from the serving loop itself, so a loop stuck in an app call goes silent."""
         server = self.server
         try:
-            channel.send(self.spec.channel, Message(HEARTBEAT, {
-                "requests": server.requests_served, "connections": server.active_connections,
-                "busy": server.busy_threads, "oldest_s": server.oldest_request_age()}))
+            channel.send(self.spec.channel, Heartbeat(
+                requests=server.requests_served, connections=server.active_connections,
+                busy=server.busy_threads, oldest_s=server.oldest_request_age()))
         except BlockingIOError:
             pass  # the master is behind; the next beat will do
         except OSError:
@@ -175,15 +176,8 @@ class Worker:
     def stop_quick(self) -> None:
         self.server.stop(graceful=False)
 
-    def _on_signal(self) -> None:
-        try:
-            data = self._wakeup_read.recv(512)
-        except BlockingIOError:
-            return
-        for signum in data:
-            action = self._SIGNALS.get(signum)
-            if action:
-                getattr(self, action)()
+    def _on_signal(self, signum: int) -> None:
+        getattr(self, self._SIGNALS[signum])()
 
     def _on_channel(self) -> None:
         try:
@@ -197,19 +191,18 @@ class Worker:
         except MessageError as exc:
             self.spec.logs.error.error("bad message from master: %s", exc)
             return
-        if message.kind == REOPEN:
+        if type(message) is Reopen:
             try:
-                self.spec.logs.adopt(message.fields.get("numbers", []), fds)
+                self.spec.logs.adopt(list(message.numbers), fds)
             except ValueError as exc:
                 self.spec.logs.error.error("could not adopt reopened logs: %s", exc)
             return
         for fd in fds:
             os.close(fd)
-        if message.kind == STOP:
-            graceful = bool(message.fields.get("graceful", True))
-            if graceful and message.fields.get("handback") and self.link is not None:
+        if type(message) is Stop:
+            if message.graceful and message.handback and self.link is not None:
                 self.server.hand_back_with(self.link.hand_back)
-            self.server.stop(graceful=graceful)
+            self.server.stop(graceful=message.graceful)
 
 
 class BalancerLink:
@@ -220,13 +213,14 @@ class BalancerLink:
     events, because every message wakes the balancer: the connections received in one
     read are acknowledged together before any of them is served, and the ones that
     ended are reported once per loop iteration, after its events (`report` is the
-    server's after-events callback). So the balancer hears of a close up to one loop
+    loop's after-events callback). So the balancer hears of a close up to one loop
     iteration late, and counts a worker busy with a long inline call a little high."""
 
-    def __init__(self, sock: socket.socket, server: Server, log):
+    def __init__(self, sock: socket.socket, server: Server, log, loop: Loop):
         self.sock = sock
         self.server = server
         self.log = log
+        self.loop = loop
         self.acked: list[int] = []    # taken since the last report
         self.closed: list[int] = []   # ended since the last report
         sock.setblocking(False)
@@ -241,7 +235,7 @@ class BalancerLink:
         for message, fd in taken:
             self._serve(message, fd)
 
-    def _receive_connections(self) -> list[tuple[Message, int]]:
+    def _receive_connections(self) -> list[tuple[Conn, int]]:
         taken = []
         for _ in range(64):
             try:
@@ -249,27 +243,25 @@ class BalancerLink:
             except BlockingIOError:
                 break
             except (ChannelClosed, ConnectionError):
-                self.server.unwatch(self.sock.fileno())
+                self.loop.unregister(self.sock)
                 break
             except MessageError as exc:
                 self.log.error("bad message from the balancer: %s", exc)
                 continue
-            if message.kind != CONN or len(fds) != 1:
+            if type(message) is not Conn:
                 for fd in fds:
                     os.close(fd)
                 continue
-            self.acked.append(message.fields.get("id"))
-            taken.append((message, fds[0]))
+            self.acked.append(message.id)
+            taken.append((message, fds[0]))  # a Conn comes with its one fd
         return taken
 
-    def _serve(self, message: Message, fd: int) -> None:
-        conn_id = message.fields.get("id")
-        peer = tuple(message.fields.get("peer") or ("", 0))
-        data = message.fields.get("data")
-        self.server.add_connection(socket.socket(fileno=fd), peer, str(message.fields.get("listener", "")),
-                                   initial_bytes=base64.b64decode(data) if data else b"",
+    def _serve(self, conn: Conn, fd: int) -> None:
+        conn_id = conn.id
+        self.server.add_connection(socket.socket(fileno=fd), conn.peer, conn.listener,
+                                   initial_bytes=conn.data,
                                    on_close=lambda: self.closed.append(conn_id),
-                                   proxy_protocol=bool(message.fields.get("proxy")))
+                                   proxy_protocol=conn.proxy)
 
     def report(self) -> None:
         """Tell the balancer what it has not heard yet (nothing is sent if nothing
@@ -279,20 +271,20 @@ class BalancerLink:
             closed = _take_first(self.closed, REPORT_MAX_IDS - len(acked))
             # A lost report would leave the balancer holding copies of connections we
             # own (and re-sending them if we exit), or skew its counts.
-            if not self._send_patiently(Message(REPORT, {"busy": self.server.busy_threads,
-                                                         "acked": acked, "closed": closed})):
+            if not self._send_patiently(Report(busy=self.server.busy_threads, acked=acked, closed=closed)):
                 self.log.warning("the balancer is not reading; lost the news of %d taken and %d ended"
                                  " connections", len(acked), len(closed))
 
     def hand_back(self, sock: socket.socket, unparsed: bytes, peer, listener: str) -> None:
         """Give an idle keep-alive connection, and what we read of it, to the balancer."""
-        message = Message(HANDBACK, {"peer": list(peer[:2]) if isinstance(peer, tuple) else ["", 0],
-                                     "listener": listener,
-                                     "data": base64.b64encode(unparsed).decode("ascii")})
+        message = HandBack(peer=tuple(peer[:2]) if isinstance(peer, tuple) else ("", 0), listener=listener,
+                           data=unparsed)
         self.report()  # the balancer hears the connection ended here before it gets it back
         try:
             if not self._send_patiently(message, [sock.fileno()]):
                 self.log.warning("could not hand back a connection; closing it")
+        except ValueError as exc:  # more unparsed bytes than a message holds
+            self.log.warning("could not hand back a connection (%s); closing it", exc)
         finally:
             sock.close()  # the balancer holds its own copy now (or the client sees a close)
 
@@ -315,7 +307,3 @@ def _take_first(ids: list[int], count: int) -> list[int]:
     first = ids[:count]
     del ids[:count]
     return first
-
-
-def _record_only(signum, frame) -> None:
-    """The wakeup fd carries the signal number to the loop; the handler does nothing."""

@@ -6,10 +6,11 @@ import os
 import signal
 import socket
 import threading
+import weakref
 
 import pytest
 
-from supervisor.system.loop import READ, WRITE, Loop
+from supervisor.system.loop import EDGE, HANGUP, READ, WRITE, Loop
 
 
 class FakeClock:
@@ -108,6 +109,28 @@ def test_an_fd_closed_by_an_earlier_handler_gets_no_stale_event(loop, pairs):
         sock.close()
 
 
+def test_an_edge_triggered_fd_runs_once_per_arrival_not_while_it_stays_readable(loop, pairs):
+    # Bytes only peeked at stay in the socket: level-triggered, the handler would run
+    # on every iteration; edge-triggered, once for each arrival (and for the hang-up).
+    edge, edge_peer = pairs()
+    level, level_peer = pairs()
+    calls = []
+    loop.register(edge, lambda: calls.append(("edge", edge.recv(64, socket.MSG_PEEK))), READ | HANGUP | EDGE)
+    loop.register(level, lambda: calls.append(("level", level.recv(64, socket.MSG_PEEK))))
+    edge_peer.send(b"GET / HT")
+    level_peer.send(b"GET / HT")
+    for _ in range(3):
+        loop.run_once(max_wait_s=0)
+    assert calls.count(("edge", b"GET / HT")) == 1
+    assert calls.count(("level", b"GET / HT")) == 3
+    calls.clear()
+    edge_peer.send(b"TP/1.1")
+    edge_peer.shutdown(socket.SHUT_WR)
+    loop.run_once(max_wait_s=1)
+    loop.run_once(max_wait_s=0)
+    assert [call for call in calls if call[0] == "edge"] == [("edge", b"GET / HTTP/1.1")]
+
+
 def test_forget_closed_drops_the_handler_without_a_syscall(loop, pairs):
     a, b = pairs()
     calls = []
@@ -193,6 +216,25 @@ def test_a_timer_may_cancel_its_own_repetition(loop, clock):
         clock.now += 1.0
         loop.run_once(max_wait_s=0)
     assert ticks == [1]
+
+
+def test_a_cancelled_timer_lets_go_of_its_callback_at_once(loop, clock):
+    """A cancelled timer may wait in the heap until its time or a compaction: what its
+    callback refers to (a closed connection, say) must not wait with it."""
+    class Owner:
+        def fire(self):
+            raise AssertionError("a cancelled timer ran")
+    owner = Owner()
+    gone = weakref.ref(owner)
+    timer = loop.call_later(60.0, owner.fire)
+    loop.call_later(120.0, lambda: None)
+    del owner
+    assert gone() is not None
+    timer.cancel()
+    assert gone() is None
+    assert len(loop._timers) == 2   # still queued: dropped lazily
+    clock.now += 200
+    loop.run_once(max_wait_s=0)
 
 
 def test_the_wait_is_bounded_by_the_nearest_timer(loop):

@@ -31,11 +31,16 @@ RAW = (b"POST /a%2Fb%C3%A9?q=1 HTTP/1.1\r\nHost: ex:80\r\nContent-Type: text/pla
        b"X-Forwarded-Proto: https\r\n\r\nline1\nline2")
 
 
+def environ_for(builder: wsgi.EnvironBuilder, req, wsgi_input, peer) -> dict:
+    """As the server builds one: the connection's base once, then each request's environ."""
+    return builder.build_from(builder.connection_base(peer), req, wsgi_input)
+
+
 def build(peer=("10.0.0.1", 1234), allow=("127.0.0.1",)):
     conn, req, body = make_request(RAW)
     b = wsgi.EnvironBuilder(server_name="127.0.0.1", server_port="8000",
                             forwarded_allow_ips=allow)
-    return conn, req, b.build(req, io.BytesIO(body), peer)
+    return conn, req, environ_for(b, req, io.BytesIO(body), peer)
 
 
 def test_environ_keys_and_types() -> None:
@@ -61,7 +66,7 @@ def test_environ_keys_and_types() -> None:
 ])
 def test_path_info_and_query_string(target, path_info, query) -> None:
     _, req, _ = make_request(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
-    env = wsgi.EnvironBuilder(server_name="h", server_port="80").build(req, io.BytesIO(), ("1.2.3.4", 1))
+    env = environ_for(wsgi.EnvironBuilder(server_name="h", server_port="80"), req, io.BytesIO(), ("1.2.3.4", 1))
     assert (env["PATH_INFO"], env["QUERY_STRING"], env["RAW_URI"]) == (path_info, query, target.decode())
 
 
@@ -85,7 +90,7 @@ def test_input_lazy_semantics() -> None:
 
 def run(app, data=b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"):
     conn, req, body = make_request(data)
-    env = wsgi.EnvironBuilder(server_name="h", server_port="80").build(req, io.BytesIO(body), ("1.2.3.4", 1))
+    env = environ_for(wsgi.EnvironBuilder(server_name="h", server_port="80"), req, io.BytesIO(body), ("1.2.3.4", 1))
     sent = []
     log = logging.getLogger("test.wsgi")
     out = wsgi.run_app(app, env, conn, req, sent.append, log)
@@ -188,7 +193,7 @@ def test_single_chunk_longer_than_content_length_is_500() -> None:
 
 def test_single_chunk_response_is_one_send() -> None:
     conn, req, body = make_request(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
-    env = wsgi.EnvironBuilder(server_name="h", server_port="80").build(req, io.BytesIO(body), ("1.2.3.4", 1))
+    env = environ_for(wsgi.EnvironBuilder(server_name="h", server_port="80"), req, io.BytesIO(body), ("1.2.3.4", 1))
     sent = []
 
     def app(environ, start_response):

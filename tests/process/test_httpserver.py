@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import select
 import socket
 import threading
@@ -13,7 +14,9 @@ from wsgiref.validate import validator
 import pytest
 
 from supervisor.http import accesslog
+from supervisor.http.connection import READING, ClientConnection
 from supervisor.http.server import Server, ServerSettings
+from supervisor.system.loop import Loop
 
 DEADLINE_S = 10.0
 
@@ -35,8 +38,11 @@ def hello(environ, start_response):
 
 
 class Running:
+    """A Server on its own loop, run in a thread; `in_loop(fn)` runs fn on that thread."""
+
     def __init__(self, app, validate: bool = True, proxy_protocol: bool = False,
-                 defer_accept: bool = False, **settings) -> None:
+                 defer_accept: bool = False, access_format: str = accesslog.DEFAULT_FORMAT,
+                 **settings) -> None:
         self.clients: list[socket.socket] = []
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -54,18 +60,50 @@ class Running:
         self.handler = handler
         self.access = logging.getLogger("test.httpserver.access")
         self.access_lines: list[str] = []
+        self.access_records: list[accesslog.AccessRecord] = []
         ah = logging.Handler()
-        line = accesslog.compile_format(accesslog.DEFAULT_FORMAT)
-        ah.emit = lambda r: self.access_lines.append(line(r.msg))  # as log.setup's handler does
+        line = accesslog.compile_format(access_format)
+
+        def emit(record: logging.LogRecord) -> None:   # as log.setup's handler does
+            self.access_records.append(record.msg)
+            self.access_lines.append(line(record.msg))
+        ah.emit = emit
         self.access.addHandler(ah)
         self.access.propagate = False
         self.access.setLevel(logging.INFO)
         self.access_handler = ah
+        self.loop = Loop()
         self.server = Server(validator(app) if validate else app, [self.listener], ServerSettings(**settings),
-                             self.log, self.access,
-                             proxy_protocol_fds=frozenset({self.listener.fileno()} if proxy_protocol else ()))
+                             self.log, self.access, listener_names=["web"],
+                             proxy_protocol_fds=frozenset({self.listener.fileno()} if proxy_protocol else ()),
+                             loop=self.loop, access_format=line)
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_for_call = self.loop.threadsafe_waker(self._run_calls)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
+
+    def in_loop(self, fn):
+        """Run `fn()` on the loop's thread (where server methods must be called); its result."""
+        done = threading.Event()
+        outcome: list = []
+        self._calls.put((fn, outcome, done))
+        self._wake_for_call()
+        assert done.wait(DEADLINE_S), "the loop did not run the call"
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, outcome, done = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                outcome.append(fn())
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+                outcome.append(exc)
+            done.set()
 
     def connect(self) -> socket.socket:
         s = socket.create_connection(("127.0.0.1", self.port))
@@ -77,6 +115,7 @@ class Running:
         self.server.stop(graceful=False)
         self.thread.join(DEADLINE_S)
         assert not self.thread.is_alive()
+        self.loop.close()
         self.listener.close()
         for c in self.clients:
             c.close()
@@ -344,45 +383,78 @@ def test_graceful_stop_finishes_inflight_request(serve) -> None:
     assert not r.thread.is_alive()
 
 
-def test_take_idle_connections_returns_unparsed_bytes(serve) -> None:
-    r = serve()
-    s = r.connect()
+def test_graceful_stop_hands_back_idle_connections_with_their_unparsed_bytes(serve) -> None:
+    """The drain path production uses (``hand_back_with``, then a graceful stop): idle
+    keep-alive connections, and what was read of a request not yet complete, reach the
+    callback; a connection in the middle of a request is served first, then handed back."""
+    gate = threading.Event()
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/slow":
+            gate.wait(DEADLINE_S)
+        return hello(environ, start_response)
+    r = serve(app, threads=2)
+    idle, partial, busy = r.connect(), r.connect(), r.connect()
     buf = bytearray()
-    get(s, "/first")
-    assert read_response(s, buf)[2] == b"hello /first"
-    s.sendall(b"GET /second HT")
-    wait_for(lambda: any(c.started for c in r.server._conns.values()), "partial request read")
-    taken: list = []
-    done = threading.Event()
-    # take_idle_connections runs on the loop's thread, as a watch callback would.
-    w1, w2 = socket.socketpair()
-    r.clients += [w1, w2]
+    get(idle, "/first")
+    assert read_response(idle, buf)[2] == b"hello /first"
+    partial.sendall(b"GET /second HT")
+    get(busy, "/slow")
+    wait_for(lambda: r.server.busy_threads == 1 and r.in_loop(
+        lambda: any(c.state is READING for c in r.server._conns.values())), "a partial request and a busy one")
+    handed: list = []
 
-    def grab():
-        w1.recv(1)
-        taken.extend(r.server.take_idle_connections())
-        done.set()
-    r.server.watch(w1.fileno(), grab)
-    w2.send(b"x")
-    assert done.wait(DEADLINE_S)
-    assert len(taken) == 1 and taken[0][1] == b"GET /second HT"
-    sock, unparsed = taken[0]
-    # Hand it to another server, as a balancer would.
+    def hand_back(sock, unparsed, peer, listener):
+        r.clients.append(sock)
+        handed.append((sock, unparsed, peer, listener))
+    r.in_loop(lambda: r.server.hand_back_with(hand_back))
+    r.server.stop(graceful=True)
+    wait_for(lambda: len(handed) == 2, "the two idle connections handed back")
+    ports = {sock.getpeername()[1]: (unparsed, peer, listener) for sock, unparsed, peer, listener in handed}
+    assert ports == {idle.getsockname()[1]: (b"", ("127.0.0.1", idle.getsockname()[1]), "web"),
+                     partial.getsockname()[1]: (b"GET /second HT", ("127.0.0.1", partial.getsockname()[1]), "web")}
+    gate.set()
+    assert read_response(busy, bytearray())[2] == b"hello /slow"   # served, then handed back too
+    r.thread.join(DEADLINE_S)
+    assert not r.thread.is_alive() and len(handed) == 3
+    # Another server takes them over, as a balancer's next worker would.
     r2 = serve()
-    r2.clients.append(sock)
-    moved = threading.Event()
-    v1, v2 = socket.socketpair()
-    r2.clients += [v1, v2]
+    for handed_back in handed:
+        r2.in_loop(lambda args=handed_back: r2.server.add_connection(args[0], args[2], args[3], args[1]))
+    partial.sendall(b"TP/1.1\r\nHost: t\r\n\r\n")
+    assert read_response(partial, bytearray())[2] == b"hello /second"
+    get(idle, "/again")
+    assert read_response(idle, buf)[2] == b"hello /again"
 
-    def adopt():
-        v1.recv(1)
-        r2.server.add_connection(sock, ("127.0.0.1", 0), "", unparsed)
-        moved.set()
-    r2.server.watch(v1.fileno(), adopt)
-    v2.send(b"x")
-    assert moved.wait(DEADLINE_S)
-    s.sendall(b"TP/1.1\r\nHost: t\r\n\r\n")
-    assert read_response(s, buf)[2] == b"hello /second"
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_access_log_shows_response_headers_and_environ(serve, threads) -> None:
+    """%({name}o)s and %({VAR}e)s through a real request, inline and on a pool thread;
+    the environ is read after the response, so what the app (or a middleware) put in
+    it is there."""
+    def app(environ, start_response):
+        environ["REMOTE_USER"] = "alice"   # as an authentication middleware would
+        start_response("200 OK", [("Content-Type", "text/plain"), ("X-Served-By", "w1"),
+                                  ("Content-Length", "2")])
+        return [b"ok"]
+    r = serve(app, threads=threads, access_format=(
+        "%(s)s %({x-served-by}o)s %({Content-Type}o)s %({REMOTE_USER}e)s %({PATH_INFO}e)s"
+        " %({HTTP_X_TRACE}e)s %({x-missing}o)s %({MISSING}e)s"))
+    s = r.connect()
+    get(s, "/p", "X-Trace: t-1\r\n")
+    assert read_response(s, bytearray())[2] == b"ok"
+    wait_for(lambda: r.access_lines, "the access line")
+    assert r.access_lines == ["200 w1 text/plain alice /p t-1 - -"]
+
+
+def test_access_log_keeps_no_headers_or_environ_unless_its_format_shows_them(serve) -> None:
+    r = serve()   # the default format: no {..}o or {..}e atom
+    s = r.connect()
+    get(s, "/p")
+    read_response(s, bytearray())
+    wait_for(lambda: r.access_records, "the access record")
+    record = r.access_records[0]
+    assert (record.response_headers, record.environ) == ((), None)
 
 
 # ---------------------------------------------------------------- PROXY protocol
@@ -464,43 +536,35 @@ def test_add_connection_with_proxy_header_in_initial_bytes(serve) -> None:
     a.settimeout(DEADLINE_S)
     r.clients += [a, b]
     header = b"PROXY TCP6 2001:db8::7 2001:db8::1 1000 80\r\n"
-    v1, v2 = socket.socketpair()
-    r.clients += [v1, v2]
-    added = threading.Event()
-
-    def adopt():
-        v1.recv(1)
-        # As from the balancer: part of the header was already read off the socket.
-        r.server.add_connection(b, ("10.0.0.9", 5), "", header[:9], proxy_protocol=True)
-        added.set()
-    r.server.watch(v1.fileno(), adopt)
-    v2.send(b"x")
-    assert added.wait(DEADLINE_S)
+    # As from the balancer: part of the header was already read off the socket.
+    r.in_loop(lambda: r.server.add_connection(b, ("10.0.0.9", 5), "", header[:9], proxy_protocol=True))
     a.sendall(header[9:] + b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
     assert read_response(a, bytearray())[2] == b"2001:db8::7 1000"
 
 
-def test_connection_awaiting_proxy_header_is_not_taken(serve) -> None:
-    """A half-read PROXY header cannot travel as "unparsed bytes": it stays, bounded by
-    header_timeout_s, and is never handed to another server as if it were HTTP."""
+def test_connection_awaiting_proxy_header_is_not_handed_back(serve) -> None:
+    """A half-read PROXY header cannot travel as "unparsed bytes": the drain leaves the
+    connection (bounded by header_timeout_s) until the header is whole, and hands it
+    back with the address the header gave."""
     r = serve(whoami, proxy_protocol=True)
     s = r.connect()
     s.sendall(b"PROXY TCP4 1.2")
     wait_for(lambda: r.server.active_connections == 1, "connection accepted")
-    taken: list = []
-    done = threading.Event()
-    w1, w2 = socket.socketpair()
-    r.clients += [w1, w2]
+    handed: list = []
 
-    def grab():
-        w1.recv(1)
-        taken.extend(r.server.take_idle_connections())
-        done.set()
-    r.server.watch(w1.fileno(), grab)
-    w2.send(b"x")
-    assert done.wait(DEADLINE_S)
-    assert taken == []
+    def hand_back(sock, unparsed, peer, listener):
+        r.clients.append(sock)
+        handed.append((sock, unparsed, peer, listener))
+    r.in_loop(lambda: r.server.hand_back_with(hand_back))
+    r.server.stop(graceful=True)
+    r.in_loop(lambda: None)   # the loop went round since the stop: a drain step ran
+    assert handed == [] and r.thread.is_alive()
     s.sendall(b".3.4 5.6.7.8 1 2\r\n")
+    wait_for(lambda: handed, "the connection handed back once its header was whole")
+    (sock, unparsed, peer, listener), = handed
+    assert (unparsed, peer, listener) == (b"", ("1.2.3.4", 1), "web")
+    r2 = serve(whoami)   # where the balancer would pass it next
+    r2.in_loop(lambda: r2.server.add_connection(sock, peer, listener, unparsed))
     get(s, "/")
     assert read_response(s, bytearray())[2] == b"1.2.3.4 1"
 
@@ -508,15 +572,14 @@ def test_connection_awaiting_proxy_header_is_not_taken(serve) -> None:
 def _conn_objects() -> int:
     import gc
 
-    from supervisor.http.server import _Conn
     gc.collect()
-    return sum(1 for o in gc.get_objects() if type(o) is _Conn)
+    return sum(1 for o in gc.get_objects() if type(o) is ClientConnection)
 
 
 def test_timers_and_connections_stay_bounded_over_many_requests(serve) -> None:
     """Memory does not grow with traffic: 20k keep-alive requests and 2k one-request
-    connections leave a heap of a few entries per live connection, and no closed
-    connection alive (each used to stay in the timer heap until its deadline)."""
+    connections leave the loop's timer heap with a few entries per live connection,
+    and no closed connection alive (each used to stay in the heap until its deadline)."""
     r = serve(validate=False)
     server = r.server
     s = r.connect()
@@ -528,7 +591,7 @@ def test_timers_and_connections_stay_bounded_over_many_requests(serve) -> None:
             assert read_response(s, buf)[2] == b"hello /k"
     wait_for(lambda: server.requests_served == 20_000, "20k requests served")
     assert server.active_connections == 1
-    assert len(server._timers) <= 2 * server.active_connections + 65
+    assert len(r.loop._timers) <= 2 * server.active_connections + 65
     for i in range(2000):
         c = socket.create_connection(("127.0.0.1", r.port))
         c.settimeout(DEADLINE_S)
@@ -539,7 +602,7 @@ def test_timers_and_connections_stay_bounded_over_many_requests(serve) -> None:
         assert c.recv(1) == b""   # closed right after the response, no lingering
         c.close()
     wait_for(lambda: server.active_connections == 1, "closed connections forgotten")
-    assert len(server._timers) <= 2 * server.active_connections + 65
+    assert len(r.loop._timers) <= 2 * server.active_connections + 65
     assert _conn_objects() <= 70
     get(s, "/still")   # the keep-alive connection still works
     assert read_response(s, buf)[2] == b"hello /still"
@@ -571,17 +634,18 @@ def test_with_deferred_accept_the_accept_step_already_answers(defer) -> None:
     if defer:
         listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
     listener.listen(8)
-    server = Server(hello, [listener], ServerSettings(), logging.getLogger("test.httpserver"))
+    loop = Loop()
+    server = Server(hello, [listener], ServerSettings(), logging.getLogger("test.httpserver"), loop=loop)
     try:
         with socket.create_connection(listener.getsockname(), timeout=5) as client:
             client.sendall(b"GET /now HTTP/1.1\r\nHost: t\r\n\r\n")
             wait_for(lambda: select.select([listener], [], [], 0)[0], "a connection to accept")
-            _, accept_args = server._selector.data[listener.fileno()]
-            server._accept(*accept_args)   # the loop's step for a readable listener
+            loop.run_once(max_wait_s=0)   # one iteration: the listener's accept step
             assert bool(select.select([client], [], [], 0)[0]) == defer
     finally:
         server.stop(graceful=False)
         server.run()   # returns at once, closing what the server opened
+        loop.close()
         listener.close()
 
 

@@ -3,9 +3,11 @@ import logging
 import socket
 
 import pytest
+from conftest import REPO, answers, http_request, wait_for
 
 from supervisor.ipc import channel, messages
-from supervisor.ipc.messages import CONN, REPORT, REPORT_MAX_IDS, Message
+from supervisor.ipc.messages import REPORT_MAX_IDS, Message, Report
+from supervisor.system.loop import Loop
 from supervisor.worker.process import BalancerLink
 
 
@@ -24,12 +26,9 @@ class RecordingServer:
                        proxy_protocol=False):
         self.heard.extend(drain(self.balancer_end))
         conn_id = int(sock.recv(16))  # the test wrote each connection's id into it
-        self.acked_before_added[conn_id] = any(conn_id in m["acked"] for m in self.heard)
+        self.acked_before_added[conn_id] = any(conn_id in m.acked for m in self.heard)
         self.on_close[conn_id] = on_close
         sock.close()
-
-    def unwatch(self, fd):
-        pass
 
 
 def drain(sock: socket.socket) -> list[Message]:
@@ -44,6 +43,13 @@ def drain(sock: socket.socket) -> list[Message]:
 
 
 @pytest.fixture
+def loop():
+    loop = Loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
 def pair():
     worker_end, balancer_end = channel.pair()
     balancer_end.setblocking(False)
@@ -55,18 +61,18 @@ def pair():
 def send_connection(balancer_end: socket.socket, conn_id: int) -> None:
     ours, theirs = socket.socketpair()
     ours.sendall(str(conn_id).encode())
-    channel.send_encoded(balancer_end, messages.encode_conn(conn_id, ["192.0.2.1", 1000 + conn_id], "web"),
+    channel.send_encoded(balancer_end, messages.encode_conn(conn_id, ("192.0.2.1", 1000 + conn_id), "web"),
                          [theirs.fileno()])
     ours.close()
     theirs.close()  # the channel holds its own reference until the worker takes it
 
 
 @pytest.fixture
-def three_taken(pair):
+def three_taken(pair, loop):
     """A link that just read three connections (ids 1, 2, 3) in one wakeup."""
     worker_end, balancer_end = pair
     server = RecordingServer(balancer_end)
-    link = BalancerLink(worker_end, server, logging.getLogger("test"))
+    link = BalancerLink(worker_end, server, logging.getLogger("test"), loop)
     for conn_id in (1, 2, 3):
         send_connection(balancer_end, conn_id)
     link.on_readable()
@@ -76,7 +82,7 @@ def three_taken(pair):
 def test_connections_are_acknowledged_in_one_report_before_any_is_served(three_taken):
     _, server, _ = three_taken
     assert server.acked_before_added == {1: True, 2: True, 3: True}
-    assert server.heard == [Message(REPORT, {"busy": 1, "acked": [1, 2, 3], "closed": []})]
+    assert server.heard == [Report(busy=1, acked=(1, 2, 3), closed=())]
 
 
 def test_closes_wait_for_the_end_of_the_loop_iteration_and_go_together(three_taken):
@@ -84,29 +90,65 @@ def test_closes_wait_for_the_end_of_the_loop_iteration_and_go_together(three_tak
     server.on_close[3]()
     server.on_close[1]()
     assert drain(balancer_end) == []
-    link.report()  # what Server.after_events calls
-    assert drain(balancer_end) == [Message(REPORT, {"busy": 1, "acked": [], "closed": [3, 1]})]
+    link.report()  # what the loop's after-events step calls
+    assert drain(balancer_end) == [Report(busy=1, acked=(), closed=(3, 1))]
     link.report()
     assert drain(balancer_end) == []  # nothing new, nothing sent
 
 
-def test_more_ids_than_one_report_holds_go_in_several(pair):
+def test_more_ids_than_one_report_holds_go_in_several(pair, loop):
     worker_end, balancer_end = pair
-    link = BalancerLink(worker_end, RecordingServer(balancer_end), logging.getLogger("test"))
+    link = BalancerLink(worker_end, RecordingServer(balancer_end), logging.getLogger("test"), loop)
     link.acked.extend(range(5))
     link.closed.extend(range(100, 100 + REPORT_MAX_IDS))
     link.report()
     first, second = drain(balancer_end)
-    assert first["acked"] == list(range(5)) and len(first["acked"]) + len(first["closed"]) == REPORT_MAX_IDS
-    assert first["closed"] + second["closed"] == list(range(100, 100 + REPORT_MAX_IDS))
-    assert second["acked"] == []
+    assert first.acked == tuple(range(5)) and len(first.acked) + len(first.closed) == REPORT_MAX_IDS
+    assert first.closed + second.closed == tuple(range(100, 100 + REPORT_MAX_IDS))
+    assert second.acked == ()
     assert not link.acked and not link.closed
 
 
-def test_a_connection_sent_without_its_fd_is_neither_served_nor_acknowledged(pair):
+def test_a_connection_sent_without_its_fd_is_neither_served_nor_acknowledged(pair, loop):
     worker_end, balancer_end = pair
     server = RecordingServer(balancer_end)
-    link = BalancerLink(worker_end, server, logging.getLogger("test"))
-    channel.send(balancer_end, Message(CONN, {"id": 9, "peer": ["192.0.2.1", 1], "listener": "web"}))
+    link = BalancerLink(worker_end, server, logging.getLogger("test"), loop)
+    balancer_end.send(messages.encode_conn(9, ("192.0.2.1", 1), "web"))  # announces an fd it lacks
     link.on_readable()
     assert server.acked_before_added == {} and drain(balancer_end) == []
+
+
+def test_a_closed_balancer_channel_leaves_the_loop(pair, loop):
+    """When the balancer goes away its channel is unregistered, so the loop does not
+    spin on a hung-up fd."""
+    worker_end, balancer_end = pair
+    link = BalancerLink(worker_end, RecordingServer(balancer_end), logging.getLogger("test"), loop)
+    loop.register(worker_end, link.on_readable)
+    balancer_end.close()
+    loop.run_once(max_wait_s=5)
+    assert not loop.registered(worker_end)
+
+
+def test_a_worker_logs_the_response_headers_and_environ_its_access_format_names(baton, port, tmp_path):
+    """The worker hands its compiled access format to its server, which then keeps
+    what the format shows: a real master, worker and request."""
+    access = tmp_path / "access.log"
+    baton(f"""
+        [master]
+        access_log = "{access}"
+        access_log_format = '%(s)s %({{content-type}}o)s %({{PATH_INFO}}e)s %({{HTTP_X_TRACE}}e)s'
+
+        [listeners.web]
+        bind = "127.0.0.1:{port}"
+
+        [apps.probe]
+        module = "tests.apps.probe:app"
+        listeners = ["web"]
+        workers = 1
+        chdir = "{REPO}"
+    """)
+    wait_for(lambda: answers(port), message="the app answering")
+    assert http_request(port, "/traced", headers={"X-Trace": "t-1"})[0] == 200
+    wait_for(lambda: "/traced" in access.read_text(), message="the access line")
+    lines = [line for line in access.read_text().splitlines() if "/traced" in line]
+    assert lines == ["200 application/json /traced t-1"]
