@@ -6,14 +6,17 @@ are tiny and answered whole; anything unexpected is refused.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 MAX_HEAD = 4096
 
 _STATUS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
            503: "Service Unavailable"}
 
 
-def answer(head: bytes, *, draining: bool, metrics: str) -> bytes | None:
-    """The whole response to one request head, or None while the head is incomplete."""
+def answer(head: bytes, *, draining: bool, metrics: Callable[[], str]) -> bytes | None:
+    """The whole response to one request head, or None while the head is incomplete.
+    `metrics` renders the /metrics body; it is called only when that is asked for."""
     end = head.find(b"\r\n\r\n")
     if end < 0:
         return _response(400, "request head too large\n") if len(head) > MAX_HEAD else None
@@ -27,7 +30,7 @@ def answer(head: bytes, *, draining: bool, metrics: str) -> bytes | None:
     if target == b"/healthz":
         body = _response(503, "draining\n") if draining else _response(200, "ok\n")
     elif target == b"/metrics":
-        body = _response(200, metrics, "text/plain; version=0.0.4; charset=utf-8")
+        body = _response(200, metrics(), "text/plain; version=0.0.4; charset=utf-8")
     else:
         body = _response(404, "try /healthz or /metrics\n")
     if method == b"HEAD":

@@ -59,8 +59,15 @@ class LeastConnections:
     def pick(self, workers: Sequence[WorkerLoad], client: str | None = None) -> WorkerLoad | None:
         if not workers:
             return None
-        best = min(_load(worker) for worker in workers)
-        tied = [worker for worker in workers if _load(worker) == best]
+        # One pass, no helper calls: the balancer runs this for every connection.
+        best = None
+        tied: list[WorkerLoad] = []
+        for worker in workers:
+            load = (worker.connections, worker.busy)
+            if best is None or load < best:
+                best, tied = load, [worker]
+            elif load == best:
+                tied.append(worker)
         choice = tied[self._turn % len(tied)]
         self._turn += 1
         return choice

@@ -1,0 +1,390 @@
+"""Which worker takes a connection, and what waits for one (pure, sans I/O).
+
+The balancer's process shell feeds a `Dispatcher` events: a connection is ready to go
+to a worker of its app, a worker attached, was detached, reported, or went away, a
+send failed, time passed. It answers with decisions, which the shell carries out:
+
+* `Send(conn, worker, conn_id)`: pass the connection to that worker, numbered
+  `conn_id` for the worker's REPORT.
+* `Refuse(conn, reason)`: no worker will take it; answer 503 (`OVERFLOW`,
+  `QUEUE_TIMEOUT`) or just close it (`APP_GONE`: its app went away with a reload).
+* nothing (None, or no entry in a list): the connection waits in the queue.
+
+Promises:
+
+1. **A decision is carried out unless the shell says otherwise.** The core counts a
+   `Send` as done when it makes it (the worker holds one connection more, the
+   connection is unacknowledged until that worker's REPORT acks it). A send that fails
+   (the worker's channel is full, or broken) goes back through `send_failed`, which
+   takes the send back and answers for the same connection: another worker, the queue,
+   or a 503 for the oldest queued connection to make room. The hot path (a new
+   connection, a free worker) is one `dispatch` call and nothing more.
+2. **Only accepting workers get connections**: attached, not detached, not gone, and
+   not a peer balancer (a negative key: the old master's balancer after an upgrade,
+   which only hands connections over). Among them the app's `balancing` policy
+   (`policies.py`) chooses; the core only keeps each app's policy instance.
+3. **The queue is bounded, and first in first out per app.** A connection no worker
+   could take waits; when `queue_limit` connections already wait (all apps together),
+   the oldest of them (of any app) is refused with `OVERFLOW` to make room. A
+   connection waits at most `queue_timeout_s` from the moment it entered the queue (a
+   failed attempt to send it does not restart that wait); then `expire` refuses it
+   with `QUEUE_TIMEOUT`.
+4. **Queued connections go out as soon as a worker may take them**: after the app's
+   worker attached or reported (a report means it read its channel, so there is room),
+   or the routes changed. `next_queued` hands them out oldest first; one that no
+   worker of its app could take goes back to the front, and that app's queue rests
+   until its next such event (no busy loop on a full channel).
+5. **No connection is lost with a worker.** When a worker goes away, every connection
+   it had not acknowledged is dispatched again, as if just accepted.
+6. Time is the injected `clock`'s; nothing here does I/O or reads the system clock.
+
+A `Connection` is the core's view of a connection; the shell subclasses it with the
+socket and whatever else it must send along. The core never touches those.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from supervisor.balancer import policies
+from supervisor.balancer.policies import WorkerLoad
+
+QUEUE_LIMIT = 1024
+QUEUE_TIMEOUT_S = 30.0
+
+# Why a connection is refused; the two 503s are also the counters' names.
+OVERFLOW = "overflow_503"
+QUEUE_TIMEOUT = "queue_timeout_503"
+APP_GONE = "app_gone"
+
+
+class Connection:
+    """A connection that no worker owns yet: its app, and the client address ip-hash
+    reads (without the port; None if unknown). `queued_at` and `deadline` are the
+    core's: when it entered the queue, and when it leaves it with a 503."""
+
+    __slots__ = ("app", "client", "queued_at", "deadline")
+
+    def __init__(self, app: str | None, client: str | None = None) -> None:
+        self.app = app
+        self.client = client
+        self.queued_at = 0.0
+        self.deadline = 0.0
+
+
+class Worker(WorkerLoad):
+    """A worker link as the core sees it: its load (what policies read), its app,
+    whether it takes connections, and the connections sent to it that it has not
+    acknowledged yet (conn id -> Connection), which go elsewhere if it dies."""
+
+    def __init__(self, key: int, app: str) -> None:
+        super().__init__(key)
+        self.app = app
+        self.accepting = key >= 0
+        self.unacked: dict[int, Connection] = {}
+
+
+class Send:
+    """Decision: pass `conn` to `worker`, numbered `conn_id`. `from_queue`, `waited_s`
+    and `tried` are the core's, for `send_failed` (where it came from, the queue wait it
+    counted, the workers whose sends already failed for it)."""
+
+    __slots__ = ("conn", "worker", "conn_id", "from_queue", "waited_s", "tried")
+
+    def __init__(self, conn: Connection, worker: Worker, conn_id: int, from_queue: bool = False,
+                 waited_s: float = 0.0, tried: frozenset[int] = frozenset()) -> None:
+        self.conn = conn
+        self.worker = worker
+        self.conn_id = conn_id
+        self.from_queue = from_queue
+        self.waited_s = waited_s
+        self.tried = tried
+
+    def __repr__(self) -> str:
+        return f"Send(conn={self.conn!r}, worker={self.worker.key}, conn_id={self.conn_id})"
+
+
+class Refuse:
+    """Decision: no worker takes `conn`; `reason` is OVERFLOW, QUEUE_TIMEOUT or APP_GONE."""
+
+    __slots__ = ("conn", "reason")
+
+    def __init__(self, conn: Connection, reason: str) -> None:
+        self.conn = conn
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Refuse(conn={self.conn!r}, reason={self.reason!r})"
+
+
+Decision = Send | Refuse
+
+
+@dataclass(frozen=True)
+class AppFigures:
+    """What /metrics reports of one app, from the core's side."""
+    handoffs: int            # connections sent to its workers (failed sends not counted)
+    queue_wait_s: float      # time its sent connections had spent queued
+    connections: int         # connections its workers hold, by their reports
+    queue_depth: int         # its connections waiting now
+
+
+class _App:
+    """One app's state: its policy (None once the routes no longer name it), the
+    workers that take its connections, in attach order, and its queue."""
+
+    __slots__ = ("name", "policy_name", "policy", "accepting", "waiting", "handoffs", "queue_wait_s")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.policy_name = ""
+        self.policy: policies.Policy | None = None
+        self.accepting: list[Worker] = []
+        self.waiting: deque[Connection] = deque()   # oldest first; deadlines ascend
+        self.handoffs = 0
+        self.queue_wait_s = 0.0
+
+
+class Dispatcher:
+    """The dispatch-and-queue core; see the module's promises."""
+
+    def __init__(self, clock: Callable[[], float], queue_limit: int = QUEUE_LIMIT,
+                 queue_timeout_s: float = QUEUE_TIMEOUT_S, rng: random.Random | None = None) -> None:
+        if queue_limit < 1:
+            raise ValueError(f"queue_limit must be at least 1, not {queue_limit}")
+        self.clock = clock
+        self.queue_limit = queue_limit
+        self.queue_timeout_s = queue_timeout_s
+        self._rng = rng
+        self._apps: dict[str, _App] = {}
+        self._workers: dict[int, Worker] = {}
+        self._ready: set[str] = set()   # apps whose queue may move now (promise 4)
+        self._ids = itertools.count(1)
+        self.queued = 0                 # connections waiting, all apps together
+        self.draining = False
+        # Counters, for /metrics.
+        self.dispatched = 0
+        self.redispatched = 0
+        self.overflow_503 = 0
+        self.queue_timeout_503 = 0
+
+    # -- apps ------------------------------------------------------------------
+
+    def set_apps(self, balance: Mapping[str, str]) -> list[Refuse]:
+        """Adopt the routed apps (app -> its policy's name). An app whose policy name is
+        unchanged keeps its policy instance (and so its rotation). Connections queued
+        for an app no longer named are refused (APP_GONE). ValueError, with nothing
+        changed, on an unknown policy name."""
+        fresh = {name: policies.make_policy(policy_name, self._rng) for name, policy_name in balance.items()
+                 if not self._routed_with(name, policy_name)}
+        refused: list[Refuse] = []
+        for name, app in self._apps.items():
+            if name in balance:
+                if name in fresh:
+                    app.policy_name, app.policy = balance[name], fresh[name]
+            elif app.policy is not None:
+                app.policy_name, app.policy = "", None
+                refused.extend(Refuse(conn, APP_GONE) for conn in app.waiting)
+                self.queued -= len(app.waiting)
+                app.waiting.clear()
+        for name in balance:
+            if name not in self._apps:
+                app = self._app(name)
+                app.policy_name, app.policy = balance[name], fresh[name]
+        self._ready.update(name for name, app in self._apps.items() if app.waiting)
+        return refused
+
+    def _routed_with(self, name: str, policy_name: str) -> bool:
+        app = self._apps.get(name)
+        return app is not None and app.policy is not None and app.policy_name == policy_name
+
+    def _app(self, name: str) -> _App:
+        app = self._apps.get(name)
+        if app is None:
+            app = self._apps[name] = _App(name)
+        return app
+
+    # -- workers ---------------------------------------------------------------
+
+    def attach(self, key: int, app: str) -> Worker:
+        """A worker link came. KeyError if `key` is attached already."""
+        if key in self._workers:
+            raise KeyError(f"worker {key} is attached already")
+        worker = self._workers[key] = Worker(key, app)
+        if worker.accepting:
+            state = self._app(app)
+            state.accepting.append(worker)
+            if state.waiting:
+                self._ready.add(app)
+        return worker
+
+    def worker(self, key: int) -> Worker | None:
+        return self._workers.get(key)
+
+    def detach(self, worker: Worker) -> None:
+        """Send the worker nothing more (it retires); it stays attached until `gone`,
+        since it still acknowledges, and its unacknowledged connections still count."""
+        if worker.accepting:
+            worker.accepting = False
+            accepting = self._apps[worker.app].accepting
+            accepting[:] = [other for other in accepting if other is not worker]
+
+    def report(self, worker: Worker, acked: tuple[int, ...], closed: tuple[int, ...], busy: int) -> list[Connection]:
+        """The worker's REPORT: the connections it now owns (returned: the shell drops
+        its copies), how many of its connections ended, how many threads are busy."""
+        unacked = worker.unacked
+        taken = [conn for conn_id in acked if (conn := unacked.pop(conn_id, None)) is not None]
+        if closed:
+            worker.connections = max(0, worker.connections - len(closed))
+        worker.busy = busy
+        if self.queued and worker.accepting:
+            self._ready.add(worker.app)
+        return taken
+
+    def gone(self, worker: Worker) -> list[Decision]:
+        """The worker's channel closed: its unacknowledged connections go elsewhere."""
+        if self._workers.get(worker.key) is not worker:
+            return []
+        self.detach(worker)
+        del self._workers[worker.key]
+        decisions = []
+        for conn in worker.unacked.values():
+            self.redispatched += 1
+            conn.queued_at = 0.0   # it enters anew: its earlier wait was counted when sent
+            decision = self.dispatch(conn)
+            if decision is not None:
+                decisions.append(decision)
+        worker.unacked.clear()
+        return decisions
+
+    # -- connections -----------------------------------------------------------
+
+    def dispatch(self, conn: Connection) -> Decision | None:
+        """A connection whose app is known: a worker for it, or it waits (None), or it
+        waits and the oldest waiting connection makes room (Refuse OVERFLOW), or its app
+        is gone (Refuse APP_GONE)."""
+        app = self._apps.get(conn.app)
+        if app is None or app.policy is None:
+            return Refuse(conn, APP_GONE)
+        workers = app.accepting
+        if workers:
+            worker = app.policy.pick(workers, conn.client)
+            conn_id = next(self._ids)
+            worker.unacked[conn_id] = conn
+            worker.connections += 1
+            app.handoffs += 1
+            self.dispatched += 1
+            return Send(conn, worker, conn_id)
+        return self._enqueue(conn, app)
+
+    def send_failed(self, send: Send) -> Decision | None:
+        """Carrying out `send` failed: take it back, and answer again for its connection,
+        with the workers already tried left out."""
+        conn, worker = send.conn, send.worker
+        if worker.unacked.pop(send.conn_id, None) is not None:
+            worker.connections = max(0, worker.connections - 1)
+        app = self._apps[conn.app]   # it was sent, so its app has a record
+        self.dispatched -= 1
+        app.handoffs -= 1
+        app.queue_wait_s -= send.waited_s
+        if app.policy is None:
+            return Refuse(conn, APP_GONE)
+        tried = send.tried | {worker.key}
+        others = [other for other in app.accepting if other.key not in tried]
+        if others:
+            return self._send(conn, app.policy.pick(others, conn.client), app, send.from_queue, tried)
+        if send.from_queue:   # back where it was: the front, its deadline unchanged
+            app.waiting.appendleft(conn)
+            self.queued += 1
+            self._ready.discard(app.name)
+            return None
+        return self._enqueue(conn, app)
+
+    def next_queued(self) -> Send | None:
+        """The oldest queued connection of an app that may place it now, sent to one of
+        its workers; None when no queue may move (call again after each send until then)."""
+        ready = self._ready
+        while ready:
+            name = next(iter(ready))
+            app = self._apps.get(name)
+            if app is None or not app.waiting or not app.accepting or app.policy is None:
+                ready.discard(name)
+                continue
+            conn = app.waiting.popleft()
+            self.queued -= 1
+            return self._send(conn, app.policy.pick(app.accepting, conn.client), app, True, frozenset())
+        return None
+
+    def _send(self, conn: Connection, worker: Worker, app: _App, from_queue: bool, tried: frozenset[int]) -> Send:
+        conn_id = next(self._ids)
+        worker.unacked[conn_id] = conn
+        worker.connections += 1
+        app.handoffs += 1
+        self.dispatched += 1
+        waited_s = self.clock() - conn.queued_at if from_queue else 0.0
+        app.queue_wait_s += waited_s
+        return Send(conn, worker, conn_id, from_queue, waited_s, tried)
+
+    def _enqueue(self, conn: Connection, app: _App) -> Refuse | None:
+        refused = None
+        if self.queued >= self.queue_limit:
+            oldest = min((other for other in self._apps.values() if other.waiting),
+                         key=lambda other: other.waiting[0].deadline)
+            refused = Refuse(oldest.waiting.popleft(), OVERFLOW)
+            self.queued -= 1
+            self.overflow_503 += 1
+        now = self.clock()
+        conn.queued_at = now
+        conn.deadline = now + self.queue_timeout_s
+        app.waiting.append(conn)
+        self.queued += 1
+        return refused
+
+    # -- time ------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """When `expire` next has something to do, if anything waits."""
+        if not self.queued:
+            return None
+        return min(app.waiting[0].deadline for app in self._apps.values() if app.waiting)
+
+    def expire(self) -> list[Refuse]:
+        """Refuse (QUEUE_TIMEOUT) every queued connection whose wait is over."""
+        now = self.clock()
+        refused = []
+        for app in self._apps.values():
+            waiting = app.waiting
+            while waiting and waiting[0].deadline <= now:
+                refused.append(Refuse(waiting.popleft(), QUEUE_TIMEOUT))
+        self.queued -= len(refused)
+        self.queue_timeout_503 += len(refused)
+        return refused
+
+    # -- the end -----------------------------------------------------------------
+
+    def drain(self) -> None:
+        """A graceful stop began: nothing new arrives, but what waits still goes out."""
+        self.draining = True
+
+    @property
+    def done(self) -> bool:
+        """Draining, every worker gone (peer balancers aside) and nothing queued: every
+        connection a worker handed back was passed on."""
+        return self.draining and not self.queued and not any(key >= 0 for key in self._workers)
+
+    def held(self) -> list[Connection]:
+        """Every connection the core holds: queued, or sent and not acknowledged."""
+        held = [conn for app in self._apps.values() for conn in app.waiting]
+        held.extend(conn for worker in self._workers.values() for conn in worker.unacked.values())
+        return held
+
+    def figures(self) -> dict[str, AppFigures]:
+        connections = dict.fromkeys(self._apps, 0)
+        for worker in self._workers.values():
+            if worker.app in connections:
+                connections[worker.app] += worker.connections
+        return {name: AppFigures(app.handoffs, app.queue_wait_s, connections[name], len(app.waiting))
+                for name, app in self._apps.items()}

@@ -1,0 +1,372 @@
+"""The balancer's dispatch-and-queue core (supervisor.balancer.dispatch), on a fake clock.
+
+Each scenario is a table of steps: an event fed to the core, and the decisions it must
+answer with, written as "send c1 to 1" (pass connection c1 to worker 1), "refuse c1
+overflow_503", "taken c1" (a REPORT acknowledged c1: the shell closes its copy).
+An empty list: nothing to do (a connection that could not go waits in the queue).
+
+Events: `apps a=POLICY ...` (the routed apps), `attach KEY APP`, `detach KEY`,
+`gone KEY`, `dispatch NAME [APP] [client=ADDRESS]` (APP defaults to "a"), `fail NAME`
+(the last send of NAME failed), `report KEY [acked=N,M] [closed=COUNT] [busy=COUNT]`,
+`next` (the next queued connection some worker may take), `time SECONDS` (the clock
+moves to it), `expire`, `drain`. A step `("state", {...})` checks the core's figures.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from supervisor.balancer.dispatch import (
+    APP_GONE,
+    OVERFLOW,
+    QUEUE_TIMEOUT,
+    Connection,
+    Dispatcher,
+    Refuse,
+    Send,
+)
+from supervisor.balancer.policies import RandomTwo
+
+
+class FakeClock:
+    def __init__(self, now: float = 0.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Named(Connection):
+    __slots__ = ("name",)
+
+    def __init__(self, name: str, app: str, client: str | None) -> None:
+        super().__init__(app, client)
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class Driver:
+    def __init__(self, queue_limit=1024, queue_timeout_s=30.0, rng=None):
+        self.clock = FakeClock()
+        self.core = Dispatcher(self.clock, queue_limit=queue_limit, queue_timeout_s=queue_timeout_s, rng=rng)
+        self.core.set_apps({"a": "least-connections"})
+        self.conns: dict[str, Named] = {}
+        self.sends: dict[str, Send] = {}
+
+    def step(self, command: str):
+        verb, *words = command.split()
+        args = [word for word in words if "=" not in word]
+        options = dict(word.split("=", 1) for word in words if "=" in word)
+        core = self.core
+        if verb == "apps":
+            return self.render(core.set_apps(options))
+        if verb == "attach":
+            core.attach(int(args[0]), args[1])
+            return []
+        if verb == "detach":
+            core.detach(core.worker(int(args[0])))
+            return []
+        if verb == "gone":
+            return self.render(core.gone(core.worker(int(args[0]))))
+        if verb == "dispatch":
+            name = args[0]
+            conn = self.conns[name] = Named(name, args[1] if len(args) > 1 else "a", options.get("client"))
+            return self.render(core.dispatch(conn))
+        if verb == "fail":
+            return self.render(core.send_failed(self.sends[args[0]]))
+        if verb == "report":
+            worker = core.worker(int(args[0]))
+            acked = tuple(self.sends[name].conn_id for name in options.get("acked", "").split(",") if name)
+            closed = tuple(range(int(options.get("closed", 0))))
+            taken = core.report(worker, acked, closed, int(options.get("busy", 0)))
+            return [f"taken {conn.name}" for conn in taken]
+        if verb == "next":
+            return self.render(core.next_queued())
+        if verb == "time":
+            self.clock.now = float(args[0])
+            return []
+        if verb == "expire":
+            return self.render(core.expire())
+        if verb == "drain":
+            core.drain()
+            return []
+        raise AssertionError(f"unknown step {command!r}")
+
+    def render(self, decisions):
+        if decisions is None:
+            return []
+        if not isinstance(decisions, list):
+            decisions = [decisions]
+        out = []
+        for decision in decisions:
+            if isinstance(decision, Send):
+                self.sends[decision.conn.name] = decision
+                out.append(f"send {decision.conn.name} to {decision.worker.key}")
+            else:
+                assert isinstance(decision, Refuse)
+                out.append(f"refuse {decision.conn.name} {decision.reason}")
+        return out
+
+    def state(self):
+        core = self.core
+        figures = core.figures()
+        return {
+            "queued": core.queued,
+            "next_deadline": core.next_deadline(),
+            "done": core.done,
+            "dispatched": core.dispatched,
+            "redispatched": core.redispatched,
+            "overflow_503": core.overflow_503,
+            "queue_timeout_503": core.queue_timeout_503,
+            **{f"{app}.{field}": getattr(f, field) for app, f in figures.items()
+               for field in ("handoffs", "queue_wait_s", "connections", "queue_depth")},
+            **{f"load.{key}": (worker.connections, worker.busy) for key in (1, 2, 3, -1)
+               if (worker := core.worker(key)) is not None},
+        }
+
+
+def run(driver: Driver, steps):
+    for number, (command, expected) in enumerate(steps, 1):
+        if command == "state":
+            state = driver.state()
+            got = {key: state[key] for key in expected}
+        else:
+            got = driver.step(command)
+        assert got == expected, f"step {number}: {command!r}"
+
+
+SCENARIOS = {
+    # -- the policies, applied among the accepting workers only --------------------
+    "least-connections spreads a burst, then follows the reports": [
+        ("attach 1 a", []), ("attach 2 a", []), ("attach 3 a", []),
+        ("dispatch c1", ["send c1 to 1"]),
+        ("dispatch c2", ["send c2 to 3"]),       # ties are taken in turn
+        ("dispatch c3", ["send c3 to 2"]),
+        ("report 1 acked=c1 closed=1", ["taken c1"]),
+        ("dispatch c4", ["send c4 to 1"]),       # the only one with no connection
+        ("report 3 acked=c2 busy=1", ["taken c2"]),
+        ("state", {"load.1": (1, 0), "load.2": (1, 0), "load.3": (1, 1)}),
+        ("dispatch c5", ["send c5 to 1"]),       # one connection each: the busy one is left out
+        ("dispatch c6", ["send c6 to 2"]),
+    ],
+    "round-robin takes the accepting workers in turn": [
+        ("apps a=round-robin", []),
+        ("attach 1 a", []), ("attach 2 a", []), ("attach 3 a", []),
+        ("dispatch c1", ["send c1 to 1"]),
+        ("dispatch c2", ["send c2 to 2"]),
+        ("detach 3", []),
+        ("dispatch c3", ["send c3 to 1"]),
+        ("dispatch c4", ["send c4 to 2"]),
+    ],
+    "ip-hash keeps a client on its worker, and moves it only when that one stops": [
+        ("apps a=ip-hash", []),
+        ("attach 1 a", []), ("attach 2 a", []), ("attach 3 a", []),
+        ("dispatch c1 client=192.0.2.7", ["send c1 to 3"]),
+        ("dispatch c2 client=192.0.2.7", ["send c2 to 3"]),
+        ("dispatch c3 client=192.0.2.8", ["send c3 to 1"]),
+        ("detach 3", []),
+        ("dispatch c4 client=192.0.2.7", ["send c4 to 1"]),
+        ("dispatch c5 client=192.0.2.8", ["send c5 to 1"]),   # its worker stayed: so does it
+    ],
+    "the policy is kept across routes that keep its name, replaced when it changes": [
+        ("apps a=round-robin", []),
+        ("attach 1 a", []), ("attach 2 a", []),
+        ("dispatch c1", ["send c1 to 1"]),
+        ("apps a=round-robin b=ip-hash", []),
+        ("dispatch c2", ["send c2 to 2"]),       # the rotation went on
+        ("apps a=least-connections", []),
+        ("dispatch c3", ["send c3 to 1"]),       # a fresh policy: by load (both hold one)
+    ],
+
+    # -- who gets nothing ---------------------------------------------------------
+    "a detached worker gets nothing more, but its reports still count": [
+        ("attach 1 a", []), ("attach 2 a", []),
+        ("dispatch c1", ["send c1 to 1"]),
+        ("detach 1", []),
+        ("dispatch c2", ["send c2 to 2"]),
+        ("dispatch c3", ["send c3 to 2"]),
+        ("report 1 acked=c1 closed=1", ["taken c1"]),
+        ("dispatch c4", ["send c4 to 2"]),
+        ("state", {"a.connections": 3, "load.1": (0, 0)}),
+    ],
+    "a peer balancer (negative key) only hands over: it takes nothing": [
+        ("attach -1 a", []),
+        ("dispatch c1", []),
+        ("state", {"queued": 1}),
+    ],
+    "another app's workers do not take an app's connections": [
+        ("apps a=least-connections b=least-connections", []),
+        ("attach 1 b", []),
+        ("dispatch c1 a", []),
+        ("dispatch c2 b", ["send c2 to 1"]),
+        ("state", {"queued": 1, "a.queue_depth": 1, "b.queue_depth": 0}),
+    ],
+    "a connection for an app the routes no longer name is closed": [
+        ("attach 1 a", []),
+        ("dispatch c1 gone", ["refuse c1 app_gone"]),
+        ("dispatch c2", ["send c2 to 1"]),
+    ],
+
+    # -- failed sends ---------------------------------------------------------------
+    "a send that fails goes to another worker, and is not counted": [
+        ("attach 1 a", []), ("attach 2 a", []),
+        ("dispatch c1", ["send c1 to 1"]),
+        ("fail c1", ["send c1 to 2"]),
+        ("state", {"dispatched": 1, "a.handoffs": 1, "load.1": (0, 0), "load.2": (1, 0)}),
+    ],
+    "a connection no worker's channel takes waits for the next report": [
+        ("attach 1 a", []), ("attach 2 a", []),
+        ("dispatch c1", ["send c1 to 1"]),
+        ("fail c1", ["send c1 to 2"]),
+        ("fail c1", []),
+        ("state", {"queued": 1, "dispatched": 0, "a.connections": 0}),
+        ("next", []),                            # nothing happened that makes room
+        ("report 2", []),
+        ("next", ["send c1 to 1"]),
+        ("next", []),
+    ],
+
+    # -- the queue ------------------------------------------------------------------
+    "the queue overflows by refusing its oldest connection, of any app": [
+        ("apps a=least-connections b=least-connections", []),
+        ("time 1", []), ("dispatch c1 b", []),
+        ("time 2", []), ("dispatch c2 a", []),
+        ("time 3", []), ("dispatch c3 a", []),
+        ("dispatch c4 a", ["refuse c1 overflow_503"]),
+        ("dispatch c5 b", ["refuse c2 overflow_503"]),
+        ("state", {"queued": 3, "overflow_503": 2, "a.queue_depth": 2, "b.queue_depth": 1}),
+    ],
+    "a queued connection times out with a 503": [
+        ("time 100", []), ("dispatch c1", []),
+        ("time 110", []), ("dispatch c2", []),
+        ("state", {"next_deadline": 130.0}),
+        ("time 129.9", []), ("expire", []),
+        ("time 130", []), ("expire", ["refuse c1 queue_timeout_503"]),
+        ("state", {"next_deadline": 140.0, "queue_timeout_503": 1}),
+        ("time 145", []), ("expire", ["refuse c2 queue_timeout_503"]),
+        ("state", {"queued": 0, "next_deadline": None}),
+    ],
+    "queued connections leave oldest first once a worker attaches, counting their wait": [
+        ("time 10", []), ("dispatch c1", []),
+        ("time 12", []), ("dispatch c2", []),
+        ("time 15", []), ("attach 1 a", []),
+        ("next", ["send c1 to 1"]),
+        ("next", ["send c2 to 1"]),
+        ("next", []),
+        ("state", {"queued": 0, "a.queue_wait_s": 8.0, "a.handoffs": 2}),
+    ],
+    "a failed attempt puts a queued connection back in front and does not restart its wait": [
+        ("time 0", []), ("dispatch c1", []),
+        ("time 1", []), ("dispatch c2", []),
+        ("time 5", []), ("attach 1 a", []),
+        ("next", ["send c1 to 1"]),
+        ("fail c1", []),
+        ("next", []),                            # the app's queue rests until its next report
+        ("state", {"queued": 2, "next_deadline": 30.0, "a.queue_wait_s": 0.0}),
+        ("time 30", []), ("expire", ["refuse c1 queue_timeout_503"]),
+        ("report 1", []),
+        ("next", ["send c2 to 1"]),
+    ],
+    "new routes refuse what waits for a removed app and move the others": [
+        ("apps a=least-connections b=least-connections", []),
+        ("dispatch c1 a", []), ("dispatch c2 b", []),
+        ("attach 1 b", []),
+        ("apps b=least-connections", ["refuse c1 app_gone"]),
+        ("next", ["send c2 to 1"]),
+    ],
+
+    # -- workers that go away -----------------------------------------------------------
+    "a dead worker's unacknowledged connections are dispatched again": [
+        ("attach 1 a", []),
+        ("dispatch c1", ["send c1 to 1"]),
+        ("dispatch c2", ["send c2 to 1"]),
+        ("dispatch c3", ["send c3 to 1"]),
+        ("report 1 acked=c1", ["taken c1"]),
+        ("attach 2 a", []),
+        ("gone 1", ["send c2 to 2", "send c3 to 2"]),
+        ("state", {"redispatched": 2, "a.connections": 2}),
+    ],
+    "a dead worker's connections wait when no worker is left, then go out in order": [
+        ("attach 1 a", []),
+        ("dispatch c1", ["send c1 to 1"]),
+        ("dispatch c2", ["send c2 to 1"]),
+        ("gone 1", []),
+        ("state", {"queued": 2}),
+        ("attach 2 a", []),
+        ("next", ["send c1 to 2"]),
+        ("next", ["send c2 to 2"]),
+    ],
+    "a detached worker that dies still gives its connections back": [
+        ("attach 1 a", []), ("attach 2 a", []),
+        ("dispatch c1", ["send c1 to 1"]),
+        ("detach 1", []),
+        ("gone 1", ["send c1 to 2"]),
+    ],
+
+    # -- draining -----------------------------------------------------------------------
+    "a drain is done once every worker is gone and nothing waits": [
+        ("attach -1 a", []), ("attach 1 a", []),
+        ("dispatch c1", ["send c1 to 1"]),
+        ("drain", []),
+        ("state", {"done": False}),
+        ("gone 1", []),                          # c1 waits: nobody left to take it
+        ("state", {"done": False, "queued": 1}),
+        ("time 30", []), ("expire", ["refuse c1 queue_timeout_503"]),
+        ("state", {"done": True}),               # the peer balancer does not hold it up
+    ],
+    "connections queued when the drain began still go out": [
+        ("dispatch c1", []),
+        ("drain", []),
+        ("attach 1 a", []),
+        ("next", ["send c1 to 1"]),
+        ("state", {"done": False}),
+        ("report 1 acked=c1", ["taken c1"]),
+        ("gone 1", []),
+        ("state", {"done": True}),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_scenario(name):
+    driver = Driver(queue_limit=3) if "overflow" in name else Driver()
+    run(driver, SCENARIOS[name])
+
+
+def test_random_two_draws_among_the_accepting_workers_only():
+    driver = Driver(rng=random.Random(7))
+    driver.core.set_apps({"a": "random-two"})
+    for key in (1, 2, 3):
+        driver.step(f"attach {key} a")
+    driver.step("detach 2")
+    reference, pool = RandomTwo(random.Random(7)), [driver.core.worker(1), driver.core.worker(3)]
+    expected = []
+    for n in range(20):
+        expected.append(f"send c{n} to {reference.pick(pool, None).key}")
+        assert driver.step(f"dispatch c{n}") == [expected[-1]]
+        pool[0].connections = pool[1].connections = 0   # keep the loads level: the draw decides
+    assert {line.rsplit(" ", 1)[1] for line in expected} == {"1", "3"}
+
+
+def test_an_unknown_policy_changes_nothing():
+    driver = Driver()
+    driver.step("attach 1 a")
+    driver.step("dispatch c1")
+    with pytest.raises(ValueError, match="unknown balancing policy"):
+        driver.core.set_apps({"a": "least-connections", "b": "fastest"})
+    assert driver.step("dispatch c2") == ["send c2 to 1"]
+    assert driver.step("dispatch c3 b") == ["refuse c3 app_gone"]
+
+
+def test_attaching_a_key_twice_is_refused():
+    driver = Driver()
+    driver.step("attach 1 a")
+    with pytest.raises(KeyError):
+        driver.step("attach 1 a")
+
+
+def test_reasons_are_the_counters_names():
+    assert (OVERFLOW, QUEUE_TIMEOUT, APP_GONE) == ("overflow_503", "queue_timeout_503", "app_gone")
