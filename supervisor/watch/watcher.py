@@ -1,243 +1,35 @@
-"""The file watcher: tell the master when the config or an app's code changed on disk.
+"""The watcher process: tell the master when the config or an app's code changed on disk.
 
 The master is single-threaded (it forks) and watchdog's observer uses threads, so the
 watcher runs in its own small child process (`main`), which reports over its channel
-to the master. Its promises:
+to the master; what counts as a change and when a burst is over is `topics.py`'s.
+Its promises:
 
 - It watches *directories*, never files: an editor that saves by writing a temp file
   and renaming it over the target replaces the inode, and a watch on the file itself
   would go deaf after the first save. Events are filtered by path.
-- One save is one report: an editor's burst of events (write, close, rename, chmod)
-  is debounced until the paths have been quiet for `quiet_s`.
-- A report is a sorted list of *topics*: "config" (the config file, a file it includes,
-  or a new file an include glob matches) and "app:NAME" (a file an app's `reload_on`
-  globs match).
 - A watched directory that does not exist yet (an empty `apps.d/`), or is deleted and
   created again (a checkout), is picked up when it appears; the matching files found
   in it then count as changed.
 - Opening or reading a file is not a change (the master reading its config, a worker
   importing its code), so a reload never triggers itself.
-
-Glob semantics are glob.glob(recursive=True)'s, which `config.load` uses to expand
-`include`: `*`, `?` and `[...]` never cross a `/`, `**` as a whole component matches any
-number of directories (zero included), and wildcards never match a name that starts
-with "." (editor lock and swap files, `.git`, `.venv`) unless the pattern's component
-does. We translate globs ourselves on every Python: `PurePath.full_match` (3.13) would
-match hidden names, so the watcher and the loader would disagree on what is included.
+- watchdog's threads only queue events and wake the process's one event loop
+  (`supervisor.system.loop`); everything else happens in the loop's thread.
 """
 from __future__ import annotations
 
-import glob
 import os
 import queue
-import re
-import selectors
 import socket
 import stat
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
-from supervisor.config.model import Config
+from supervisor.system.loop import Loop, Timer
+from supervisor.watch.topics import Debouncer, Watch, matches, minimal_roots
 
-CONFIG = "config"
-APP_PREFIX = "app:"
-_MAGIC = re.compile(r"[*?[]")
-_ANY_NAME = r"(?!\.)[^/]+"   # one path component that is not hidden
 WATCHDOG_DOUBLE_ADD = "Callback with id"  # a harmless watchdog warning; see `main`
-
-
-# -- debouncing (pure) ----------------------------------------------------------
-
-
-class Debouncer:
-    """Collects changed paths until none has been noted for `quiet_s` seconds.
-
-    Time is passed in (`now`), so tests drive it with a fake clock. Contract:
-    `note` paths as they come; when `due(now)`, `take()` returns the paths noted since
-    the last take, deduplicated and sorted, and starts over. `deadline()` is when the
-    current burst becomes due if nothing more arrives (None when nothing is pending):
-    the caller's wait timeout.
-    """
-
-    def __init__(self, quiet_s: float):
-        self.quiet_s = quiet_s
-        self._paths: dict[str, None] = {}
-        self._last: float | None = None
-
-    def note(self, path: str, now: float) -> None:
-        self._paths[path] = None
-        self._last = now
-
-    def deadline(self) -> float | None:
-        return None if self._last is None else self._last + self.quiet_s
-
-    def due(self, now: float) -> bool:
-        deadline = self.deadline()
-        return deadline is not None and now >= deadline
-
-    def take(self) -> list[str]:
-        paths = sorted(self._paths)
-        self._paths.clear()
-        self._last = None
-        return paths
-
-
-# -- globs (pure) -----------------------------------------------------------------
-
-
-def translate(pattern: str) -> str:
-    """The regular expression (for `re.fullmatch`) of an absolute glob; see the module
-    docstring for the semantics. Relative patterns are refused: anchor them first."""
-    if not pattern.startswith("/"):
-        raise ValueError(f"expected an absolute glob, found {pattern!r}")
-    parts = os.path.normpath(pattern).split("/")
-    regex = ""  # parts[0] is the empty name before the leading "/"
-    for part in parts[1:]:
-        if part == "**":
-            regex += rf"(?:/{_ANY_NAME})*"
-        elif part:
-            regex += "/" + _component(part)
-    return regex or "/"
-
-
-def compile_glob(pattern: str) -> re.Pattern:
-    return re.compile(translate(pattern))
-
-
-def has_magic(pattern: str) -> bool:
-    return _MAGIC.search(pattern) is not None
-
-
-def _component(part: str) -> str:
-    """One path component of a glob; a wildcard never matches a leading "."."""
-    if not has_magic(part):
-        return re.escape(part)
-    regex = "" if part.startswith(".") else r"(?!\.)"
-    index = 0
-    while index < len(part):
-        char = part[index]
-        index += 1
-        if char == "*":
-            if not regex.endswith("[^/]*"):
-                regex += "[^/]*"
-        elif char == "?":
-            regex += "[^/]"
-        elif char == "[" and (end := _class_end(part, index)) is not None:
-            regex += _char_class(part[index:end])
-            index = end + 1
-        else:
-            regex += re.escape(char)
-    return regex
-
-
-def _class_end(part: str, start: int) -> int | None:
-    """Index of the "]" closing a class opened just before `start` (fnmatch's rules:
-    a "]" right after "[" or "[!" is a member), or None: then "[" is literal."""
-    index = start
-    if index < len(part) and part[index] == "!":
-        index += 1
-    if index < len(part) and part[index] == "]":
-        index += 1
-    end = part.find("]", index)
-    return None if end < 0 else end
-
-
-def _char_class(members: str) -> str:
-    negate = members.startswith("!")
-    if negate:
-        members = members[1:]
-    items, index = [], 0
-    while index < len(members):
-        if index + 2 < len(members) and members[index + 1] == "-":
-            low, high = members[index], members[index + 2]
-            if low <= high:  # fnmatch drops reversed ranges
-                items.append(f"{re.escape(low)}-{re.escape(high)}")
-            index += 3
-        else:
-            items.append(re.escape(members[index]))
-            index += 1
-    if not items:
-        return "[^/]" if negate else "(?!)"
-    body = "".join(items)
-    return f"[^/{body}]" if negate else f"(?!/)[{body}]"
-
-
-# -- what to watch (pure) ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Watch:
-    """What to watch, all absolute: `files` (the config file and the files it included)
-    and `config_globs` (the include globs) make topic "config"; `app_globs` maps an app
-    name to its `reload_on` globs, topic "app:NAME". Equal watches watch the same."""
-    files: tuple[str, ...] = ()
-    config_globs: tuple[str, ...] = ()
-    app_globs: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (name, globs); a Mapping is accepted
-    _rules: tuple[tuple[str, re.Pattern], ...] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        # Tuples only, so a Watch is hashable and compares by value.
-        apps = tuple((name, tuple(globs)) for name, globs in dict(self.app_globs).items())
-        object.__setattr__(self, "files", tuple(os.path.normpath(path) for path in self.files))
-        object.__setattr__(self, "config_globs", tuple(self.config_globs))
-        object.__setattr__(self, "app_globs", apps)
-        rules = [(CONFIG, compile_glob(glob.escape(path))) for path in self.files]
-        rules += [(CONFIG, compile_glob(pattern)) for pattern in self.config_globs]
-        rules += [(APP_PREFIX + name, compile_glob(pattern)) for name, globs in apps for pattern in globs]
-        object.__setattr__(self, "_rules", tuple(rules))
-
-    def patterns(self) -> list[str]:
-        return [glob.escape(path) for path in self.files] + list(self.config_globs) + [
-            pattern for _, globs in self.app_globs for pattern in globs]
-
-    def roots(self) -> list[tuple[str, bool]]:
-        """The directories to watch, each with whether recursively: sorted, and without
-        one that a recursive one already covers."""
-        return minimal_roots(root_of(pattern) for pattern in self.patterns())
-
-
-def watch_for(config: Config) -> Watch:
-    """What a master running `config` must watch. A config file that is a symlink to
-    another directory is watched at both ends: editing the target changes what we read.
-    (Not when only a directory is a symlink: both names are one inode, one watch.)"""
-    files = list(config.sources or ([config.path] if config.path else []))
-    files += [os.path.realpath(path) for path in files
-              if os.path.dirname(os.path.realpath(path)) != os.path.realpath(os.path.dirname(path))]
-    return Watch(files=tuple(dict.fromkeys(files)), config_globs=config.master.include,
-                 app_globs={name: app.reload_on for name, app in config.apps.items() if app.reload_on})
-
-
-def matches(watch: Watch, path: str | bytes) -> list[str]:
-    """The topics an absolute path belongs to, sorted ([] for none)."""
-    path = os.path.normpath(os.fsdecode(path))
-    return sorted({topic for topic, regex in watch._rules if regex.fullmatch(path)})
-
-
-def root_of(pattern: str) -> tuple[str, bool]:
-    """The directory whose events can concern an absolute glob, and whether its
-    subdirectories matter too: the glob's literal leading directories."""
-    parts = os.path.normpath(pattern).split("/")
-    first_magic = next((i for i, part in enumerate(parts) if has_magic(part)), None)
-    if first_magic is None:  # a plain path: its directory
-        return os.path.dirname(os.path.normpath(pattern)) or "/", False
-    root = "/".join(parts[:first_magic]) or "/"
-    return root, len(parts) - first_magic > 1 or parts[first_magic] == "**"
-
-
-def minimal_roots(roots: Iterable[tuple[str, bool]]) -> list[tuple[str, bool]]:
-    roots = set(roots)
-    recursive = {path for path, deep in roots if deep}
-
-    def covered(path: str, deep: bool) -> bool:
-        return any((path == other and not deep) or _inside(path, other) for other in recursive)
-    return sorted((path, deep) for path, deep in roots if not covered(path, deep))
-
-
-def _inside(path: str, directory: str) -> bool:
-    """Whether `path` is strictly below `directory`."""
-    return path != directory and path.startswith(directory.rstrip("/") + "/")
 
 
 # -- the watcher loop -------------------------------------------------------------
@@ -249,7 +41,7 @@ def main(watch: Watch, end: socket.socket) -> int:
     import setproctitle
 
     from supervisor.ipc import channel
-    from supervisor.ipc.messages import CHANGED, READY, Message
+    from supervisor.ipc.messages import Changed, Ready
 
     setproctitle.setproctitle("baton: watcher")
     # watchdog 7 warns from its inotify thread when a new directory tree is added to a
@@ -257,81 +49,82 @@ def main(watch: Watch, end: socket.socket) -> int:
     # thread and leave the watcher deaf. This process is ours alone, so filter globally.
     warnings.filterwarnings("ignore", message=WATCHDOG_DOUBLE_ADD, category=RuntimeWarning)
     end.setblocking(True)
-    run_watcher(watch, lambda topics: channel.send(end, Message(CHANGED, {"topics": topics})),
-                stop_fd=end.fileno(), on_ready=lambda: channel.send(end, Message(READY)))
+    run_watcher(watch, lambda topics: channel.send(end, Changed(topics=tuple(topics))),
+                stop_fd=end.fileno(), on_ready=lambda: channel.send(end, Ready(pid=os.getpid())))
     return 0
 
 
 def run_watcher(watch: Watch, report: Callable[[list[str]], None], stop_fd: int | None = None,
-                quiet_s: float = 0.2, *, on_ready: Callable[[], None] | None = None) -> None:
+                quiet_s: float = 0.2, *, on_ready: Callable[[], None] | None = None,
+                clock: Callable[[], float] = time.monotonic) -> None:
     """Watch until `stop_fd` is readable (or at EOF); call `report(sorted topics)` once
     per debounced burst of changes, from the calling thread.
 
-    watchdog's threads (all daemonic) only queue events and wake this thread through a
-    pipe; everything else happens here, in one selector wait whose timeout is the
-    debouncer's deadline. `on_ready` is called once the directories are watched: a
-    change made after it is seen. Nothing is global, so several watchers can run in one
-    process; an exception from `report` stops the watcher and propagates.
+    `on_ready` is called once the directories are watched: a change made after it is
+    seen. Nothing is global, so several watchers can run in one process; an exception
+    from `report` stops the watcher and propagates.
     """
     from watchdog.observers import Observer
 
-    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    loop = Loop(clock)
     events: queue.SimpleQueue = queue.SimpleQueue()
+    debouncer = Debouncer(quiet_s)
+    report_timer: Timer | None = None
+
+    def on_events() -> None:
+        nonlocal report_timer
+        changed = _event_paths(events)
+        # A directory may have appeared, gone or been replaced: the files found in a
+        # directory watched anew count as changed (they may predate its watch).
+        changed += _files_under(directories.sync())
+        noted = False
+        for path in changed:
+            if matches(watch, path):
+                debouncer.note(path, loop.now)
+                noted = True
+        if noted:
+            if report_timer is not None:
+                report_timer.cancel()
+            report_timer = loop.call_at(debouncer.deadline(), report_burst)
+
+    def report_burst() -> None:
+        nonlocal report_timer
+        report_timer = None
+        topics = sorted({topic for path in debouncer.take() for topic in matches(watch, path)})
+        if topics:
+            report(topics)
+
     observer = Observer()
     observer.daemon = True
-    directories = _Directories(observer, _Funnel(events, wake_write), watch.roots())
-    debouncer = Debouncer(quiet_s)
-    selector = selectors.DefaultSelector()
+    directories = _Directories(observer, _Funnel(events, loop.threadsafe_waker(on_events)), watch.roots())
+    if stop_fd is not None:
+        loop.register(stop_fd, loop.stop)
     try:
-        selector.register(wake_read, selectors.EVENT_READ)
-        if stop_fd is not None:
-            selector.register(stop_fd, selectors.EVENT_READ)
         observer.start()
         directories.sync()
         if on_ready is not None:
             on_ready()
-        while True:
-            deadline = debouncer.deadline()
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = selector.select(timeout)
-            if any(key.fd == stop_fd for key, _ in ready):
-                return
-            _drain(wake_read)
-            now = time.monotonic()
-            changed = _event_paths(events)
-            # A directory may have appeared, gone or been replaced: the files found in a
-            # directory watched anew count as changed (they may predate its watch).
-            changed += _files_under(directories.sync())
-            for path in changed:
-                if matches(watch, path):
-                    debouncer.note(path, now)
-            if debouncer.due(time.monotonic()):
-                topics = sorted({topic for path in debouncer.take() for topic in matches(watch, path)})
-                if topics:
-                    report(topics)
+        loop.run()
     finally:
-        selector.close()
         observer.stop()  # also stops watchdog's inotify reader, started with the Observer
         if observer.ident is not None:
             observer.join(timeout=10)
-        os.close(wake_read)
-        if not observer.is_alive():  # else a late event could write into a reused fd
-            os.close(wake_write)
+        # A late event from a thread that outlived the join finds the waker's socket
+        # closed and is dropped: it can never write into a reused fd number.
+        loop.close()
 
 
 class _Funnel:
-    """The observer's event handler: runs in watchdog's thread, so it only queues."""
+    """The observer's event handler: runs in watchdog's thread, so it only queues and
+    wakes the loop."""
 
-    def __init__(self, events: queue.SimpleQueue, wake_fd: int):
+    def __init__(self, events: queue.SimpleQueue, wake: Callable[[], None]):
         self.events = events
-        self.wake_fd = wake_fd
+        self.wake = wake
 
     def dispatch(self, event) -> None:
         self.events.put(event)
-        try:
-            os.write(self.wake_fd, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full: the main thread is awake anyway
+        self.wake()
 
 
 def _event_types():
@@ -422,11 +215,3 @@ def _files_under(roots: list[tuple[str, bool]]) -> list[str]:
             if not deep:
                 subdirectories.clear()
     return paths
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass
