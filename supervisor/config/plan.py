@@ -33,6 +33,16 @@ NO_RESTART_FIELDS = ("name", "workers", *ROUTING_FIELDS, *MASTER_FIELDS, "reload
 # Listener modes in which workers hold the listening socket themselves.
 WORKER_HELD_MODES = ("share", "reuseport")
 
+# [master] settings a reload applies at once, and those that wait for a master upgrade
+# (`baton ctl upgrade`): the log files and their format are opened before any child
+# exists and shared by all of them; the health socket and the balancer's user belong
+# to the balancer process, which must not restart just for them (it holds connections
+# being routed). Every field of MasterConfig is in exactly one of the two.
+MASTER_LIVE = ("graceful_timeout", "boot_timeout", "crash_backoff_max", "log_level", "pidfile",
+               "control_socket", "admins", "include")
+MASTER_AFTER_UPGRADE = ("access_log", "error_log", "log_format", "access_log_format", "health",
+                        "balancer_user")
+
 RESTART_ALL = "restart_all"       # reason: every app restarts (SIGHUP)
 VIA_LISTENER = "listener:"        # reason prefix: a listener the app's workers hold changed
 

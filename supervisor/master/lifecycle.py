@@ -1,9 +1,22 @@
 """Worker lifecycle as data (pure).
 
-A worker moves SPAWNED -> BOOTING -> READY -> DRAINING -> EXITED through `TRANSITIONS`;
-any other move raises, so a bookkeeping bug surfaces at once instead of as a stray
-process. Time-driven decisions (boot deadline, drain deadline, crash-loop backoff) take
-`now` from the caller's clock, so tests drive them with plain numbers.
+A worker record moves through `TRANSITIONS`; any other move raises, so a bookkeeping
+bug surfaces at once instead of as a stray process:
+
+    BACKOFF ──▶ SPAWNED ──▶ BOOTING ──▶ READY ──▶ DRAINING ──▶ EXITED
+       │           │           │          │                      ▲
+       └───────────┴───────────┴──────────┴──────────────────────┘
+
+* BACKOFF: a replacement waiting out the crash-loop delay before it is forked (or
+  dropped, if the app stops or shrinks meanwhile).
+* SPAWNED: the master asked for a fork; the fork has not been confirmed yet.
+* BOOTING: forked, importing the app; not serving.
+* READY: said READY; serving (routed to, once its generation is current).
+* DRAINING: told to stop (or being killed); finishing its running requests.
+* EXITED: reaped, or never forked.
+
+Time-driven decisions take `now` from the caller's clock, so tests drive them with
+plain numbers.
 """
 from __future__ import annotations
 
@@ -12,52 +25,29 @@ from dataclasses import dataclass
 
 
 class State(enum.Enum):
-    SPAWNED = "spawned"     # forked, not yet heard from
-    BOOTING = "booting"     # reserved for workers that report progress before READY
-    READY = "ready"         # app imported, serving
-    DRAINING = "draining"   # told to stop; finishing running requests
-    EXITED = "exited"       # reaped
+    BACKOFF = "backoff"
+    SPAWNED = "spawned"
+    BOOTING = "booting"
+    READY = "ready"
+    DRAINING = "draining"
+    EXITED = "exited"
 
 
 TRANSITIONS: dict[State, frozenset[State]] = {
-    State.SPAWNED: frozenset({State.BOOTING, State.READY, State.DRAINING, State.EXITED}),
+    State.BACKOFF: frozenset({State.SPAWNED, State.EXITED}),
+    State.SPAWNED: frozenset({State.BOOTING, State.EXITED}),
     State.BOOTING: frozenset({State.READY, State.DRAINING, State.EXITED}),
     State.READY: frozenset({State.DRAINING, State.EXITED}),
     State.DRAINING: frozenset({State.EXITED}),
     State.EXITED: frozenset(),
 }
 
+# The states in which a process exists (or is being made) for the record.
+ALIVE = frozenset({State.SPAWNED, State.BOOTING, State.READY, State.DRAINING})
+
 
 class IllegalTransition(RuntimeError):
     pass
-
-
-@dataclass
-class Worker:
-    """What the master knows of one worker process."""
-    app: str
-    index: int
-    generation: int
-    pid: int
-    spawned_at: float
-    state: State = State.SPAWNED
-    ready_at: float | None = None
-    kill_at: float | None = None     # deadline after which the master sends SIGKILL
-
-    def move(self, to: State, now: float) -> None:
-        if to not in TRANSITIONS[self.state]:
-            raise IllegalTransition(f"worker {self.pid} ({self.app}#{self.index}): {self.state.value} -> {to.value}")
-        self.state = to
-        if to is State.READY:
-            self.ready_at = now
-
-    @property
-    def alive(self) -> bool:
-        return self.state is not State.EXITED
-
-    @property
-    def serving(self) -> bool:
-        return self.state is State.READY
 
 
 @dataclass
@@ -72,10 +62,10 @@ class Backoff:
     stable_after_s: float = 5.0
     failures: int = 0
 
-    def record_exit(self, worker: Worker, now: float) -> float:
-        """Return how long to wait before replacing `worker`."""
-        lived_s = now - worker.ready_at if worker.ready_at is not None else None
-        if lived_s is not None and lived_s >= self.stable_after_s:
+    def record_exit(self, ready_at: float | None, now: float) -> float:
+        """Return how long to wait before replacing a worker that became READY at
+        `ready_at` (None: never) and exited at `now`."""
+        if ready_at is not None and now - ready_at >= self.stable_after_s:
             self.failures = 0
             return 0.0
         self.failures += 1

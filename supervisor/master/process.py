@@ -1,26 +1,29 @@
-"""The master: bind listeners, fork and supervise workers, reload without dropping.
+"""The master process: a thin executor around the supervision core.
 
-One selector wait drives everything: the signal wakeup fd, one pidfd per child and one
-channel per child, with the nearest deadline (a respawn after backoff, a boot timeout,
-a kill after a drain) as its timeout. Signal handlers only record. The master never
-imports application code and never reads a byte from a client; it stays
-single-threaded, so forking is always safe.
+The master binds the listeners, forks the balancer, the watcher and the workers, and
+answers signals and the control socket. It never imports application code and never
+reads a byte from a client; it stays single-threaded, so forking is always safe.
+
+Every decision is the supervision core's (`supervisor.master.supervision`): the master
+feeds it commands and events and carries out the actions it answers with, through
+small objects that own their state:
+
+* `WorkerPool` forks workers and turns their channels and pidfds into events;
+* `BalancerHandle` and `WatcherHandle` start and talk to the two helper processes;
+* `Sockets` holds every listening socket by name;
+* `Predecessor` / `Successors` are the two sides of a master upgrade;
+* `ControlServer` answers `baton ctl`.
+
+One `Loop` (supervisor.system.loop) drives them all: signals, pidfds, channels, the
+control socket, and a timer at the core's next deadline.
 
 A reload is `plan.diff(old, new)` applied: a restarted app boots a whole new
-generation beside the serving one, and only when every new worker said READY does
-routing switch and the old generation drain, handing its idle keep-alive connections
-to the new one through the balancer. A new generation that fails to boot is dropped
-and the old one keeps serving.
-
-This file holds the loop, the signals and commands, reload and stop. The rest of
-`Master` lives beside it, one concern a file: master_workers.py (apps, generations,
-supervision), master_sidecars.py (balancer, watcher, control socket, health) and
-master_upgrade.py (handing everything to a new master).
+generation beside the serving one (see the core for the rules).
 """
 from __future__ import annotations
 
+import logging
 import os
-import selectors
 import signal
 import socket
 import time
@@ -29,434 +32,542 @@ import setproctitle
 
 from supervisor.config import plan as plan_mod
 from supervisor.config import reader as config_mod
-from supervisor.config.model import Config, ConfigError
-from supervisor.ipc import channel
-from supervisor.ipc.messages import REOPEN, Message
+from supervisor.config.model import (
+    MAX_WORKERS,
+    AppConfig,
+    Config,
+    ConfigError,
+    MasterConfig,
+    control_socket_path,
+    effective_user,
+)
+from supervisor.ipc import channel, messages
+from supervisor.master import commands
 from supervisor.master import status as status_mod
-from supervisor.master.control import ControlServer
+from supervisor.master import supervision as sv
+from supervisor.master.balancer_handle import BalancerHandle
+from supervisor.master.control import ControlError, ControlServer
 from supervisor.master.lifecycle import State
-from supervisor.master.sidecar import Sidecar
-from supervisor.master.sidecars import QUICK_STOP_GRACE_S, SidecarsMixin
-from supervisor.master.upgrade import Successor, UpgradeMixin
-from supervisor.master.workers import AppState, Child, WorkersMixin
-from supervisor.system import activation, sdnotify
+from supervisor.master.pool import WorkerPool, describe_status
+from supervisor.master.sockets import Sockets
+from supervisor.master.upgrade import Predecessor, Successors
+from supervisor.master.watcher_handle import WatcherHandle
+from supervisor.system import activation, privileges, sdnotify
 from supervisor.system import listeners as listeners_mod
 from supervisor.system.listeners import ListenerError
 from supervisor.system.log import Logs
+from supervisor.system.loop import Loop, Timer
 from supervisor.system.privileges import PrivilegeError
-from supervisor.watch import watcher as watcher_mod
+from supervisor.worker import process as worker_process
+
+METRICS_PUSH_S = 1.0
+
+_SIGNUMS = {sv.SIGKILL: signal.SIGKILL, sv.SIGTERM: signal.SIGTERM, sv.SIGQUIT: signal.SIGQUIT}
 
 
-class Master(WorkersMixin, SidecarsMixin, UpgradeMixin):
+def core_settings(master: MasterConfig) -> sv.Settings:
+    return sv.Settings(boot_timeout_s=master.boot_timeout, graceful_timeout_s=master.graceful_timeout,
+                       crash_backoff_max_s=master.crash_backoff_max)
+
+
+class Master:
     """Owns every listener, child and deadline; `run()` returns the exit status."""
-
-    # Every signal and every control command goes through `command()`.
-    _SIGNALS = {
-        signal.SIGTERM: ("stop", {}),
-        signal.SIGINT: ("stop", {"now": True}),
-        signal.SIGQUIT: ("stop", {"now": True}),
-        signal.SIGHUP: ("reload", {}),
-        signal.SIGTTIN: ("scale_all", {"delta": 1}),
-        signal.SIGTTOU: ("scale_all", {"delta": -1}),
-        signal.SIGUSR2: ("upgrade", {}),
-        signal.SIGUSR1: ("reopen_logs", {}),
-    }
-    _COMMANDS = {
-        "status": "_status",
-        "stats": "_stats",
-        "reload": "_reload_command",
-        "restart": "_restart_command",
-        "scale": "_scale_command",
-        "scale_all": "_scale_all_command",
-        "stop": "_stop_command",
-        "upgrade": "_upgrade_command",
-        "reopen_logs": "_reopen_logs_command",
-    }
 
     def __init__(self, config: Config, logs: Logs, clock=time.monotonic, takeover: str | None = None):
         self.config = config
-        self.takeover = takeover              # taking over from a running master (handoff.connect spec)
-        self.predecessor: socket.socket | None = None   # our channel to the master we take over from
-        self.successor: Successor | None = None        # a new master taking over from us
-        self.takeover_listener: socket.socket | None = None
         self.logs = logs
         self.log = logs.error
         self.clock = clock
-        self.selector = selectors.DefaultSelector()
-        self.sockets: dict[str, socket.socket] = {}
-        self.children: dict[int, Child] = {}
-        self.apps: dict[str, AppState] = {}
-        self.balancer: Sidecar | None = None
-        self.watcher: Sidecar | None = None
-        self.retiring_watchers: list[Sidecar] = []  # replaced, watching until the new one is ready
-        self.sidecar_respawn_at: dict[str, float] = {}
-        # One SO_REUSEPORT socket per (listener, app, worker index): a replacement
-        # worker inherits its predecessor's socket, accept queue and all.
-        self.reuseport: dict[tuple[str, str, int], socket.socket] = {}
-        self.stopping = False
+        self.loop = Loop(clock)
+        self.core = sv.Supervisor(core_settings(config.master), clock)
+        self.pool = WorkerPool(self.loop, logs, self._on_event)
+        self.balancer = BalancerHandle(self.loop, logs, self._on_sidecar_exit)
+        self.watcher = WatcherHandle(self.loop, logs, self._on_changed, self._on_sidecar_exit)
+        self.sockets = Sockets({})
+        self.notifier = sdnotify.Notifier(None)   # replaced in run() from NOTIFY_SOCKET
+        self.successors = Successors(self.loop, self.log, self.sockets, self.balancer, self.notifier,
+                                     self._on_taken_over)
+        self.predecessor = Predecessor(self.loop, self.log, takeover, self._on_released) if takeover else None
+        self.control: ControlServer | None = None
+        self.pending_ready: str | None = "start"  # "start"/"reload": the READY=1 systemd waits for
         self.exit_status = 0
         self.started_at = clock()
-        self.counters: dict[str, int] = {"reloads": 0, "reloads_rejected": 0, "generation_switches": 0,
-                                         "generations_dropped": 0, "worker_restarts": 0,
-                                         "worker_timeouts": 0, "worker_recycles": 0}
-        self._wakeup_read, self._wakeup_write = socket.socketpair()
-        self.notifier = sdnotify.Notifier(None)   # replaced in run() from NOTIFY_SOCKET
-        self.inherited: dict[str, int] = {}       # systemd's sockets by name, open for the master's life
-        self.pending_ready: str | None = "start"  # "start"/"reload": the READY=1 systemd waits for
-        self.control: ControlServer | None = None
-        self.health_socket: socket.socket | None = None
-        self.metrics_at: float | None = None  # next push of figures to the balancer's /metrics
-        self.balancer_kill_at: float | None = None  # a draining balancer that outstays this dies
+        self.counters = {"reloads": 0, "reloads_rejected": 0}
+        self.started_master = config.master   # the values in force of settings that wait for an upgrade
+        self._core_timer: Timer | None = None
+        self._commands = commands.Commands(self)
 
-    # -- running -----------------------------------------------------------
+    # -- running -------------------------------------------------------------------
 
     def run(self) -> int:
-        self.notifier = sdnotify.Notifier.from_environ()
-        self.inherited = activation.inherited()
-        sdnotify.scrub(os.environ)  # before any fork: children never talk to systemd
-        if self.takeover is not None:
-            self._take_sockets()
-        else:
-            self.sockets = listeners_mod.open_all(self.config.listeners, inherited=self.inherited)
+        self.notifier.address = sdnotify.Notifier.from_environ().address
+        self.sockets.inherited = activation.inherited()
+        sdnotify.scrub(os.environ)   # before any fork: children never talk to systemd
         try:
-            self._install_signals()
+            if self.predecessor is not None:
+                self.predecessor.take_sockets(self.sockets, self.config, self.config.master.boot_timeout)
+            else:
+                self.sockets.open_all(self.config)
+            for signum in commands.SIGNALS:
+                self.loop.on_signal(signum, self._on_signal)
             if self.predecessor is None:
-                self._open_control()
-                self._write_pidfile()
-            self._open_health()
+                self._open_control(self.config)
+                _write_pidfile(self.config.master.pidfile)
+            if self.sockets.open_health(self.config):
+                self.log.info("health and metrics on %s/healthz and /metrics",
+                              listeners_mod.describe(self.sockets.health))
             setproctitle.setproctitle(f"baton: master [{self.config.path or 'serve'}]")
-            for name, sock in self.sockets.items():
+            for name, sock in self.sockets.listening.items():
                 self.log.info("listening on %s (%s)", listeners_mod.describe(sock), name)
-            self._start_balancer()
-            self._start_watcher()
+            self._start_sidecar("balancer")
+            self._start_sidecar("watcher")
             for app in self.config.apps.values():
-                self._add_app(app)
-            while not (self.stopping and not self.children and self.balancer is None):
-                self._wait_once()
+                self._execute(self.core.add_app(app, self._identity(app)))
+            self.loop.every(METRICS_PUSH_S, self._push_metrics)
+            self.loop.before_wait(self._arm_core_timer)
+            self.loop.after_events(self._notify_if_ready)
+            while not (self.core.stopping and self.core.idle() and not self.balancer.running):
+                self.loop.run_once()
             return self.exit_status
         finally:
             self._cleanup()
 
-    def _wait_once(self) -> None:
-        deadline = self._next_deadline()
-        timeout = None if deadline is None else max(0.0, deadline - self.clock())
-        registered = self.selector.get_map()
-        for key, _ in self.selector.select(timeout):
-            # A handler earlier in this batch may have closed this fd (a child's pidfd
-            # reaped it and its channel): its event is stale.
-            if registered.get(key.fd) is key:
-                key.data()
-        now = self.clock()
-        if self.control is not None:
-            self.control.expire(now)
-        self._on_deadlines(now)
-        self._notify_if_ready()
+    def _arm_core_timer(self) -> None:
+        """One loop timer at the core's nearest deadline, moved when that changes."""
+        deadline = self.core.next_deadline()
+        timer = self._core_timer
+        if timer is not None and not timer.cancelled and timer.when == deadline:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._core_timer = None if deadline is None else self.loop.call_at(deadline, self._on_core_deadline)
+
+    def _on_core_deadline(self) -> None:
+        self._core_timer = None
+        self._execute(self.core.tick())
+
+    def _on_event(self, event) -> None:
+        self._execute(self.core.handle(event))
 
     def _notify_if_ready(self) -> None:
         """Pay the READY=1 systemd waits for: at start once every app's generation is
         complete, after a reload once no app has a new generation booting."""
-        if self.pending_ready is None or self.stopping:
+        if self.pending_ready is None or self.core.stopping or self.core.booting():
             return
-        if any(app.next is not None for app in self.apps.values()):
-            return
-        if self.pending_ready == "start" and not all(
-                sum(c.record.state is State.READY for c in self._generation_workers(name, app.current.number))
-                >= app.target for name, app in self.apps.items()):
+        if self.pending_ready == "start" and not self.core.complete():
             return
         self.pending_ready = None
         if self.predecessor is not None:
-            self._taken()
-            return  # READY=1 once the old master let go, with our pid as MAINPID
+            self.predecessor.taken(self.balancer)
+            return   # READY=1 once the old master let go, with our pid as MAINPID
         self.notifier.ready(status="serving: " + ", ".join(
-            f"{name} gen {app.current.number} x{app.target}" for name, app in self.apps.items()))
+            f"{name} gen {app.current.number} x{app.target}" for name, app in self.core.apps.items()))
 
-    # -- master upgrade: the new master's side ------------------------------
+    # -- carrying out the core's actions -------------------------------------------
 
-    # -- master upgrade: the old master's side ------------------------------
+    def _execute(self, actions: list) -> None:
+        for action in actions:
+            self._ACTIONS[type(action)](self, action)
 
-    def _install_signals(self) -> None:
-        for sock in (self._wakeup_read, self._wakeup_write):
-            sock.setblocking(False)
-        signal.set_wakeup_fd(self._wakeup_write.fileno(), warn_on_full_buffer=False)
-        for signum in self._SIGNALS:
-            signal.signal(signum, _record_only)
-        self.selector.register(self._wakeup_read, selectors.EVENT_READ, self._on_signals)
-
-    def _on_signals(self) -> None:
+    def _do_spawn(self, action: sv.Spawn) -> None:
+        if not self.core.wants_fork(action.key):
+            return   # an earlier action of the same batch made it moot
+        generation, app = action.generation, action.generation.config
+        master_end, child_end = channel.pair()
+        balancer_end, worker_balancer_end = channel.pair()
         try:
-            data = self._wakeup_read.recv(512)
-        except BlockingIOError:
+            listeners = self.sockets.for_worker(self.config, app, action.index)
+            spec = worker_process.WorkerSpec(
+                app=app, index=action.index, generation=generation.number, identity=generation.identity,
+                graceful_timeout_s=app.graceful_timeout if app.graceful_timeout is not None
+                else self.config.master.graceful_timeout,
+                master_pid=os.getpid(), heartbeat_s=sv.heartbeat_interval_s(app),
+                channel=child_end, listeners=listeners, logs=self.logs, balancer=worker_balancer_end,
+                proxy_listeners=frozenset(name for name in app.listeners
+                                          if self.config.listeners[name].proxy_protocol))
+        except (ListenerError, OSError) as exc:
+            for end in (master_end, child_end, balancer_end, worker_balancer_end):
+                end.close()
+            self._on_event(sv.SpawnFailed(action.key, str(exc)))
             return
-        for signum in data:
-            if signum in self._SIGNALS:
-                self.log.info("received %s", signal.Signals(signum).name)
-                self.command(*self._SIGNALS[signum])
+        try:
+            pid = self.pool.spawn(action.key, spec, master_end, balancer_end)
+        except OSError as exc:
+            self._on_event(sv.SpawnFailed(action.key, str(exc)))
+            return
+        self._on_event(sv.Spawned(action.key, pid))
+
+    def _do_stop(self, action: sv.Stop) -> None:
+        self.pool.stop(action.key, action.handback)
+
+    def _do_kill(self, action: sv.Kill) -> None:
+        self.pool.kill(action.key, action.signal)
+
+    def _do_attach(self, action: sv.Attach) -> None:
+        child = self.pool.children.get(action.key)
+        if child is not None:
+            self.balancer.attach(child.pid, child.app, child.balancer_end)
+
+    def _do_detach(self, action: sv.Detach) -> None:
+        child = self.pool.children.get(action.key)
+        if child is not None:
+            self.balancer.detach(child.pid)
+
+    def _do_release_slot(self, action: sv.ReleaseSlot) -> None:
+        self.sockets.release_slot(action.app, action.index)
+
+    def _do_start_sidecar(self, action: sv.StartSidecar) -> None:
+        self._start_sidecar(action.name)
+
+    def _do_signal_sidecar(self, action: sv.SignalSidecar) -> None:
+        handle = self.balancer if action.name == "balancer" else self.watcher
+        handle.signal(_SIGNUMS[action.signal])
+
+    def _do_drain_balancer(self, action: sv.DrainBalancer) -> None:
+        if not self.balancer.drain():
+            self.balancer.signal(signal.SIGTERM)
+        else:
+            self._push_metrics()
+
+    def _do_log(self, action: sv.Log) -> None:
+        self.log.log(logging.getLevelName(action.level.upper()), "%s", action.text)
+
+    def _do_notify(self, action: sv.Notify) -> None:
+        self.notifier.status(action.text)
+
+    def _do_give_up(self, action: sv.GiveUp) -> None:
+        self.exit_status = action.exit_status
+        self.stop(now=True)
+
+    _ACTIONS = {
+        sv.Spawn: _do_spawn, sv.Stop: _do_stop, sv.Kill: _do_kill, sv.Attach: _do_attach,
+        sv.Detach: _do_detach, sv.ReleaseSlot: _do_release_slot, sv.StartSidecar: _do_start_sidecar,
+        sv.SignalSidecar: _do_signal_sidecar, sv.DrainBalancer: _do_drain_balancer, sv.Log: _do_log,
+        sv.Notify: _do_notify, sv.GiveUp: _do_give_up,
+    }
+
+    # -- sidecars --------------------------------------------------------------------
+
+    def _start_sidecar(self, name: str) -> None:
+        if name == "balancer":
+            self.balancer.start(self.config, self.sockets.balanced(self.config), self._balancer_links(),
+                                self.sockets.health, self.clock())
+        else:
+            if self.config.path is None:
+                return
+            self.watcher.start(self.config, self.clock())
+        self._on_event(sv.SidecarStarted(name))
+
+    def _balancer_links(self) -> dict[int, tuple[str, socket.socket]]:
+        """The serving workers of every current generation: what a new balancer routes to."""
+        links = {}
+        for key, child in self.pool.children.items():
+            record, app = self.core.record_of(key), self.core.apps.get(child.app)
+            if (record is not None and app is not None and record.state is State.READY
+                    and record.generation == app.current.number):
+                links[child.pid] = (child.app, child.balancer_end)
+        return links
+
+    def _on_sidecar_exit(self, name: str, status: int | None) -> None:
+        self._on_event(sv.SidecarExited(name, describe_status(status)))
+
+    def _on_changed(self, topics: list[str]) -> None:
+        try:
+            if "config" in topics:
+                self.reload()
+            for topic in topics:
+                if topic.startswith("app:"):
+                    self.restart_app(topic[len("app:"):])
+        except Exception:   # noqa: BLE001 - a bug must reach the log, not end the master
+            self.log.exception("internal error handling a change on disk (%s)", ", ".join(topics))
+
+    def _push_metrics(self) -> None:
+        """The master's figures for the balancer's /metrics (it adds its own)."""
+        if not self.balancer.running:
+            return
+        apps = {}
+        for name, app in self.core.apps.items():
+            serving = self.core.serving(name)
+            apps[name] = {"baton_requests_total": sum(w.load.requests for w in serving) + app.retired_requests,
+                          "baton_workers": len(serving), "baton_worker_restarts_total": app.restarts}
+        self.balancer.send(messages.Metrics(apps=apps, overall={"baton_reloads_total": self.counters["reloads"]}))
+
+    # -- signals and commands ------------------------------------------------------
+
+    def _on_signal(self, signum: int) -> None:
+        name, args = commands.SIGNALS[signum]
+        self.log.info("received %s", signal.Signals(signum).name)
+        try:
+            self.command(name, args)
+        except Exception:   # noqa: BLE001 - a bug must reach the log, not end the master
+            self.log.exception("internal error handling %s", signal.Signals(signum).name)
 
     def command(self, name: str, args: dict) -> dict:
-        """The one way to act on the master: signals and `baton ctl` both come here."""
-        method = self._COMMANDS.get(name)
-        if method is None:
-            return {"ok": False, "errors": [f"unknown command {name!r}"]}
-        try:
-            return getattr(self, method)(**args)
-        except TypeError as exc:
-            return {"ok": False, "errors": [f"{name}: {exc}"]}
+        """The one way to act on the master: signals and `baton ctl` both come here.
+        Arguments are checked before the command runs; an error inside it propagates
+        (to the control socket's handler, which logs it and answers "internal error")."""
+        return self._commands.run(name, args)
 
-    def _status(self) -> dict:
-        return status_mod.status(self)
+    # -- what the commands do --------------------------------------------------------
 
-    def _stats(self) -> dict:
-        return {"ok": True, "counters": dict(self.counters)}
+    def status(self) -> dict:
+        return status_mod.report(self)
 
-    def _reload_command(self) -> dict:
-        errors = self.reload(restart_all=True)
-        return {"ok": not errors, "errors": errors} if errors else {"ok": True}
+    def stats(self) -> dict:
+        return {"ok": True, "counters": {**self.counters, **self.core.counters}}
 
-    def _restart_command(self, app: str) -> dict:
-        if app not in self.apps:
-            return {"ok": False, "errors": [f"no app named {app!r}"]}
-        self.restart_app(app)
-        return {"ok": True}
+    def restart_app(self, name: str) -> None:
+        """A new generation of just that app (`baton ctl restart`, or its reload_on files)."""
+        app = self.core.apps.get(name)
+        if app is not None:
+            self._execute(self.core.restart_app(name, app.current.config, app.current.identity, app.target))
 
-    def _scale_command(self, app: str, workers: int) -> dict:
-        if app not in self.apps:
-            return {"ok": False, "errors": [f"no app named {app!r}"]}
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            return {"ok": False, "errors": [f"workers: expected an integer >= 1, found {workers!r}"]}
-        self._rescale(self.apps[app], workers)
-        self.log.info("scaled app %s to %d workers", app, workers)
-        return {"ok": True}
+    def scale(self, name: str, workers: int) -> None:
+        self._execute(self.core.rescale(name, workers))
+        self.log.info("scaled app %s to %d workers", name, workers)
 
-    def _scale_all_command(self, delta: int) -> dict:
-        for app in self.apps.values():
-            self._rescale(app, max(1, app.target + delta))
-        self.log.info("scaled %s: %s", "up" if delta > 0 else "down", self._targets())
-        return {"ok": True}
+    def scale_all(self, delta: int) -> None:
+        for name, app in self.core.apps.items():
+            self._execute(self.core.rescale(name, min(MAX_WORKERS, max(1, app.target + delta))))
+        self.log.info("scaled %s: %s", "up" if delta > 0 else "down",
+                      ", ".join(f"{name}={app.target}" for name, app in self.core.apps.items()))
 
-    def _reopen_logs_command(self) -> dict:
+    def reopen_logs(self) -> None:
         """logrotate moved the files: reopen them here and hand the new files to every
         child, which cannot open them itself (it runs as another user)."""
         pairs = self.logs.reopen()
         if not pairs:
-            return {"ok": True}
-        message = Message(REOPEN, {"numbers": [number for number, _ in pairs]})
+            return
+        message = messages.Reopen(numbers=tuple(number for number, _ in pairs))
         new_fds = [fd for _, fd in pairs]
         try:
-            ends = [child.channel for child in self.children.values() if child.channel.fileno() >= 0]
-            if self.balancer is not None:
-                ends.append(self.balancer.channel)
-            for end in ends:
-                try:
-                    channel.send(end, message, new_fds)
-                except OSError as exc:
-                    self.log.warning("could not hand reopened logs to a child: %s", exc)
+            self.pool.send_all(message, new_fds)
+            self.balancer.send(message, new_fds)
         finally:
             self.logs.release(pairs)
         self.log.info("reopened %d log files", len(pairs))
-        return {"ok": True}
 
-    def _stop_command(self, now: bool = False) -> dict:
-        (self.stop_quick if now else self.stop_graceful)()
-        return {"ok": True}
+    def stop(self, now: bool = False) -> None:
+        if not self.core.stopping:
+            self.notifier.stopping(status="stopping now" if now else "stopping: draining workers")
+        self.successors.accepting = False
+        self._execute(self.core.stop(graceful=not now))
 
-    # -- apps, generations and workers -------------------------------------
+    def upgrade(self) -> dict:
+        if self.config.path is None:
+            return {"ok": False, "errors": ["upgrade needs a config file (baton run -c FILE)"]}
+        if self.core.stopping:
+            return {"ok": False, "errors": ["an upgrade or a stop is already under way"]}
+        return self.successors.start(self.config.path)
 
-    # -- deadlines ---------------------------------------------------------
+    def _on_taken_over(self, pid: int | None) -> None:
+        """A new master took over: let go of the control socket and drain into it."""
+        if self.control is not None:
+            self._close_control()
+        self.successors.accepting = False
+        self._execute(self.core.stop(graceful=True, handback=True))
 
-    def _next_deadline(self) -> float | None:
-        deadlines = [at for app in self.apps.values() for at in app.respawn_at.values()]
-        deadlines.extend(self.sidecar_respawn_at.values())
-        if self.metrics_at is not None:
-            deadlines.append(self.metrics_at)
-        if self.balancer_kill_at is not None and self.balancer is not None:
-            deadlines.append(self.balancer_kill_at)
-        if self.control is not None and self.control.next_deadline() is not None:
-            deadlines.append(self.control.next_deadline())
-        for child in self.children.values():
-            if child.record.kill_at is not None:
-                deadlines.append(child.record.kill_at)
-            elif child.record.state is State.SPAWNED:
-                deadlines.append(child.record.spawned_at + self.config.master.boot_timeout)
-            elif child.record.state is State.READY:
-                app = self.apps.get(child.record.app)
-                if app is not None and app.current.config.timeout:
-                    deadlines.append(child.load.at + app.current.config.timeout)
-        return min(deadlines, default=None)
+    def _on_released(self) -> None:
+        """The old master let go: this one is the master now."""
+        try:
+            self._open_control(self.config)
+        except ControlError as exc:
+            self.log.error("no control socket: %s", exc)
+        _write_pidfile(self.config.master.pidfile)
+        self.notifier.ready(status=f"serving; took over ({os.getpid()})")
+        self.log.info("took over: this master (pid %d) is now serving", os.getpid())
+        self.predecessor = None
 
-    def _on_deadlines(self, now: float) -> None:
-        if self.metrics_at is not None and now >= self.metrics_at:
-            self._push_metrics()
-        if self.balancer_kill_at is not None and now >= self.balancer_kill_at and self.balancer is not None:
-            self.balancer_kill_at = None
-            self.balancer.signal(signal.SIGKILL)
-        for child in list(self.children.values()):
-            record = child.record
-            if record.kill_at is not None and now >= record.kill_at:
-                record.kill_at = None
-                self._kill(record.pid, signal.SIGKILL)
-            elif record.state is State.SPAWNED and now >= record.spawned_at + self.config.master.boot_timeout:
-                self.log.error("worker %s#%d (pid %d) did not boot within %ss", record.app, record.index,
-                               record.pid, self.config.master.boot_timeout)
-                record.kill_at = now  # killed on the next pass; counts as a failed boot
-            elif (why := self._hung(child, now)) is not None:
-                self._abort_hung(child, why, now)
-        if self.stopping:
-            return
-        for name, at in list(self.sidecar_respawn_at.items()):
-            if now >= at:
-                del self.sidecar_respawn_at[name]
-                (self._start_balancer if name == "balancer" else self._start_watcher)()
-        for app in self.apps.values():
-            for index, at in list(app.respawn_at.items()):
-                if now >= at:
-                    del app.respawn_at[index]
-                    if index <= app.target:
-                        self._spawn(app.current, index)
+    # -- reload ----------------------------------------------------------------------
 
-    # -- actions (signals and, later, control commands) ----------------------
-
-    def stop_graceful(self) -> None:
-        if self.stopping:
-            return
-        self.notifier.stopping(status="stopping: draining workers")
-        self.stopping = True
-        self._stop_sidecars(drain_balancer=True)
-        now = self.clock()
-        for child in self.children.values():
-            self._retire(child, now, handback=False)
-
-    def stop_quick(self) -> None:
-        if not self.stopping:
-            self.notifier.stopping(status="stopping now")
-        self.stopping = True
-        self._stop_sidecars()
-        deadline = self.clock() + QUICK_STOP_GRACE_S
-        for child in self.children.values():
-            if child.record.state is not State.DRAINING:
-                child.record.move(State.DRAINING, self.clock())
-            child.record.kill_at = min(deadline, child.record.kill_at or deadline)
-            self._kill(child.record.pid, signal.SIGQUIT)
-
-    def reload(self, restart_all: bool = False, restart_apps: tuple[str, ...] = ()) -> list[str]:
-        """Apply the config file as it is now; return the problems ([] on success)."""
-        if self.stopping or self.config.path is None:
-            return ["nothing to reload: no config file" if self.config.path is None else "stopping"]
-        announce = self.pending_ready is None  # one before start-up READY is covered by that READY
+    def reload(self, restart_all: bool = False) -> dict:
+        """Apply the config file as it is now; the answer lists the problems, if any,
+        and the [master] settings that wait for an upgrade."""
+        if self.core.stopping or self.config.path is None:
+            return {"ok": False, "errors": ["nothing to reload: no config file" if self.config.path is None
+                                            else "stopping"]}
+        announce = self.pending_ready is None   # one before start-up READY is covered by that READY
         if announce:
             self.notifier.reloading(status=f"reloading {self.config.path}")
         try:
             new = config_mod.load(self.config.path)
+            plan = plan_mod.diff(self.config, new, restart_all=restart_all)
+            restart = set(plan.apps_restart)
+            identities = {name: self._identity(new.apps[name], announce=name in plan.apps_start)
+                          for name in (*plan.apps_start, *restart)}
+            opened = self.sockets.open_new(new, plan.listeners_open)
         except ConfigError as exc:
-            for problem in exc.problems:
-                self.log.error("reload rejected: %s", problem)
-            self.log.error("reload rejected; the running config stays")
-            if announce:
-                self.notifier.ready(status=f"reload rejected: {exc.problems[0]}; the running config stays")
-            self.counters["reloads_rejected"] += 1
-            return exc.problems
-        plan = plan_mod.diff(self.config, new, restart_all=restart_all)
-        restart = set(plan.apps_restart) | {name for name in restart_apps if name in new.apps}
-        try:
-            opened = {name: listeners_mod.open_listener(new.listeners[name], inherited=self.inherited)
-                      for name in plan.listeners_open if new.listeners[name].mode != "reuseport"}
+            return self._rejected(exc.problems, announce)
         except (ListenerError, PrivilegeError) as exc:
-            self.log.error("reload rejected: %s; the running config stays", exc)
-            if announce:
-                self.notifier.ready(status=f"reload rejected: {exc}; the running config stays")
-            self.counters["reloads_rejected"] += 1
-            return [str(exc)]
+            return self._rejected([str(exc)], announce)
         if announce:
-            self.pending_ready = "reload"  # paid by _notify_if_ready once no new generation boots
+            self.pending_ready = "reload"   # paid by _notify_if_ready once no new generation boots
         self.counters["reloads"] += 1
+        self.core.note_reload()
         for line in plan.describe():
             self.log.info("reload: %s", line)
-        old_config, self.config = self.config, new
-        if self.control is not None:
-            self.control.admins = new.master.admins
-        for name in plan.listeners_close:
-            sock = self.sockets.pop(name, None)
-            if sock is not None:
-                sock.close()  # workers and the balancer keep their own copies until they drain
-            for key in [k for k in self.reuseport if k[0] == name]:
-                self.reuseport.pop(key).close()
-        self.sockets.update(opened)
+        old, self.config = self.config, new
+        waiting = self._apply_master_settings(old.master, new.master)
+        self.sockets.commit(plan.listeners_close, opened)
         for name, sock in opened.items():
             self.log.info("listening on %s (%s)", listeners_mod.describe(sock), name)
-        self._send_routes(opened)
-        now = self.clock()
+        self.balancer.routes(new, self.sockets.balanced(new, opened))
         for name in plan.apps_stop:
-            app = self.apps.pop(name)
-            for child in [c for c in self.children.values() if c.record.app == name]:
-                self._retire(child, now, handback=False)
+            self._execute(self.core.remove_app(name))
         for name in plan.apps_start:
-            self._add_app(new.apps[name])
+            self._execute(self.core.add_app(new.apps[name], identities[name]))
         for name in restart:
-            self._start_generation(self.apps[name], new.apps[name], new.apps[name].workers)
+            self._execute(self.core.restart_app(name, new.apps[name], identities[name]))
         for name, count in plan.apps_rescale.items():
             if name not in restart:
-                self._rescale(self.apps[name], count)
-        for name, app in self.apps.items():
-            if name not in restart and name in new.apps:
-                app.current.config = new.apps[name]  # routing-only fields; workers need nothing
-        if watcher_mod.watch_for(old_config) != watcher_mod.watch_for(new):
-            self._restart_watcher()
-        return []
+                self._execute(self.core.rescale(name, count))
+        for name in self.core.apps:
+            if name not in restart and name in new.apps and name not in plan.apps_start:
+                self.core.update_app(name, new.apps[name])   # settings no new worker is needed for
+        self.watcher.follow(new, self.clock())
+        answer: dict = {"ok": True}
+        if waiting:
+            answer["after_upgrade"] = waiting
+            answer["message"] = ("[master] " + ", ".join(waiting) + " changed: "
+                                 "takes effect after `baton ctl upgrade`")
+        return answer
 
-    # -- the balancer and the watcher --------------------------------------
+    def _rejected(self, problems: list[str], announce: bool) -> dict:
+        for problem in problems:
+            self.log.error("reload rejected: %s", problem)
+        self.log.error("reload rejected; the running config stays")
+        if announce:
+            self.notifier.ready(status=f"reload rejected: {problems[0]}; the running config stays")
+        self.counters["reloads_rejected"] += 1
+        return {"ok": False, "errors": problems}
 
-    # -- files -------------------------------------------------------------
+    def _apply_master_settings(self, old: MasterConfig, new: MasterConfig) -> list[str]:
+        """Apply changed [master] settings that can change live; return the names of
+        those whose configured value differs from the one in force, which waits for a
+        master upgrade (said at every reload until then)."""
+        changed = [name for name in plan_mod.MASTER_LIVE + plan_mod.MASTER_AFTER_UPGRADE
+                   if getattr(old, name) != getattr(new, name)]
+        if {"graceful_timeout", "boot_timeout", "crash_backoff_max"} & set(changed):
+            self.core.settings = core_settings(new)
+            for app in self.core.apps.values():
+                app.backoff.max_delay_s = new.crash_backoff_max
+        if "log_level" in changed:
+            level = logging.getLevelName(new.log_level.upper())
+            self.log.setLevel(level)   # workers and balancers forked from now on inherit it
+        if "pidfile" in changed:
+            _remove_pidfile(old.pidfile)
+            _write_pidfile(new.pidfile)
+        if "control_socket" in changed and self.control is not None:
+            self._move_control(old)
+        elif "admins" in changed and self.control is not None:
+            self.control.admins = new.admins
+        waiting = [name for name in plan_mod.MASTER_AFTER_UPGRADE
+                   if getattr(self.started_master, name) != getattr(new, name)]
+        for name in changed:
+            if name in plan_mod.MASTER_AFTER_UPGRADE:
+                self.log.warning("reload: [master] %s changed: takes effect after `baton ctl upgrade` "
+                                 "(the running value stays)", name)
+            else:
+                self.log.info("reload: [master] %s changed: applied", name)
+        return waiting
 
-    def _write_pidfile(self) -> None:
-        path = self.config.master.pidfile
-        if path:
-            with open(path + ".tmp", "w") as f:
-                f.write(f"{os.getpid()}\n")
-            os.replace(path + ".tmp", path)
+    # -- the control socket ------------------------------------------------------------
+
+    def _open_control(self, config: Config) -> None:
+        path = control_socket_path(config)
+        if path is None:
+            return
+        self.control = ControlServer(path, admins=config.master.admins, handle=self.command,
+                                     log=self.log, loop=self.loop)
+        self.log.info("control socket at %s", path)
+        self.successors.open_listener(path)
+
+    def _move_control(self, old: MasterConfig) -> None:
+        try:
+            replacement = ControlServer(control_socket_path(self.config), admins=self.config.master.admins,
+                                        handle=self.command, log=self.log, loop=self.loop)
+        except ControlError as exc:
+            self.log.error("reload: the control socket stays where it was: %s", exc)
+            return
+        self._close_control()
+        self.control = replacement
+        self.successors.open_listener(replacement.path)
+        self.log.info("control socket at %s", replacement.path)
+
+    def _close_control(self) -> None:
+        self.control.close()
+        self.control = None
+        self.successors.close_listener()
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _identity(self, app: AppConfig, announce: bool = True) -> privileges.Identity:
+        running_as_root = os.geteuid() == 0
+        user = effective_user(app, running_as_root)
+        if announce and running_as_root and app.user is None:
+            self.log.info("app %s names no user; its workers run as %s", app.name, user)
+        return privileges.resolve(user, app.group)
 
     def _cleanup(self) -> None:
-        for child in list(self.children.values()):
-            self._kill(child.record.pid, signal.SIGKILL)
-            try:
-                os.waitpid(child.record.pid, 0)
-            except ChildProcessError:
-                pass
-            os.close(child.pidfd)
-            child.channel.close()
-            child.balancer_end.close()
-        self.children.clear()
-        for sidecar in (self.balancer, self.watcher, *self.retiring_watchers):
-            if sidecar is not None:
-                sidecar.kill_now()
-        self.balancer = self.watcher = None
-        listeners_mod.close_all(self.sockets, self.config.listeners)
-        activation.close(self.inherited)
-        for sock in self.reuseport.values():
-            sock.close()
+        self.pool.close()
+        self.balancer.kill_now()
+        self.watcher.kill_now()
+        self.sockets.close(self.config)
         if self.control is not None:
             self.control.close()
-        self._close_takeover_listener()
-        if self.successor is not None:
-            if self.successor.channel.fileno() >= 0:
-                self.successor.channel.close()
-            if self.successor.pidfd >= 0:
-                os.close(self.successor.pidfd)
+        self.successors.close()
         if self.predecessor is not None:
             self.predecessor.close()
-        if self.health_socket is not None:
-            self.health_socket.close()
-        self.selector.close()
-        signal.set_wakeup_fd(-1)
-        self._wakeup_read.close()
-        self._wakeup_write.close()
-        path = self.config.master.pidfile
-        if path:
-            try:
-                with open(path) as f:
-                    if f.read().strip() == str(os.getpid()):
-                        os.unlink(path)
-            except FileNotFoundError:
-                pass
+        self.loop.close()
+        _remove_pidfile(self.config.master.pidfile)
 
 
-def _record_only(signum, frame) -> None:
-    """The wakeup fd carries the signal number to the loop; the handler does nothing."""
+def _write_pidfile(path: str | None) -> None:
+    """Put our pid at `path` in one rename, never writing through a file someone else
+    planted: the master may be root, the directory writable by others. The new file is
+    created, O_EXCL and O_NOFOLLOW, under a random name beside `path` (so nothing can be
+    waiting there), then renamed onto `path`, which replaces a symlink at `path`
+    itself, never its target."""
+    if not path:
+        return
+    directory, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{name}.{os.urandom(8).hex()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(temporary, flags, 0o644)
+    try:
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
+def _remove_pidfile(path: str | None) -> None:
+    """Remove the pidfile if it is still ours (a new master may have written its own):
+    the file at `path` itself, not a symlink's target, opened without blocking (a FIFO
+    planted there would hold the master forever), holding our pid, and still the file
+    that was read when it is unlinked. Anything else is left where it is."""
+    if not path:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:   # gone, a symlink (ELOOP), unreadable: nothing of ours to remove
+        return
+    try:
+        read = os.fstat(fd)
+        ours = os.read(fd, 64).strip() == str(os.getpid()).encode()
+    except OSError:   # a directory, a FIFO with nothing to read
+        ours = False
+    finally:
+        os.close(fd)
+    try:
+        if ours and os.path.samestat(read, os.lstat(path)):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass

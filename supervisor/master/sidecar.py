@@ -1,8 +1,8 @@
-"""The master's helper processes that are not workers: the balancer and the watcher.
+"""A helper process of the master that is not a worker: the balancer or the watcher.
 
 A sidecar is one forked child with a channel to the master and a pidfd the master's
-selector watches. The master restarts a sidecar that dies (at once, or after a short
-pause if it died young, so a broken one cannot spin).
+loop watches. When to restart one that died is the supervision core's decision (at
+once, or after a pause if it died young, so a broken one cannot spin).
 """
 from __future__ import annotations
 
@@ -14,9 +14,6 @@ from typing import Callable, Iterable
 
 from supervisor.ipc import channel
 from supervisor.system import spawn
-
-RESTART_PAUSE_S = 0.5
-YOUNG_S = 1.0
 
 
 @dataclass
@@ -45,21 +42,15 @@ class Sidecar:
         except ProcessLookupError:
             pass
 
-    def reap(self) -> int:
-        """Collect the exit status of a child that has exited; release its fds."""
-        try:
-            _, status = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:
-            status = 0
+    def reap(self) -> int | None:
+        """Collect the exit status of a child that has exited (see `spawn.reap`); release its fds."""
+        status = spawn.reap(self.pid, block=False)
         self.close()
         return status
 
     def kill_now(self) -> None:
         self.signal(signal.SIGKILL)
-        try:
-            os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass
+        spawn.reap(self.pid, block=True)
         self.close()
 
     def close(self) -> None:
@@ -67,6 +58,3 @@ class Sidecar:
             os.close(self.pidfd)
             self.pidfd = -1
         self.channel.close()
-
-    def restart_delay(self, now: float) -> float:
-        return RESTART_PAUSE_S if now - self.spawned_at < YOUNG_S else 0.0

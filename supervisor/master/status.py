@@ -31,26 +31,28 @@ def queue_depth(sock: socket.socket) -> int | None:
         return None
 
 
-def status(master) -> dict:
+def report(master) -> dict:
+    """What `baton ctl status` shows: the master, every app with its workers (from the
+    supervision core's records), every listener."""
     now = master.clock()
     apps = []
-    for name, app in master.apps.items():
+    for name, app in master.core.apps.items():
         workers = []
-        for child in sorted(master.children.values(), key=lambda c: (c.record.generation, c.record.index)):
-            record = child.record
-            if record.app != name:
-                continue
+        records = sorted((w for w in master.core.workers.values() if w.app == name),
+                         key=lambda w: (w.generation, w.index, w.key))
+        for record in records:
             workers.append({
                 "pid": record.pid, "index": record.index, "generation": record.generation,
-                "state": record.state.value, "requests": child.load.requests,
-                "connections": child.load.connections, "busy": child.load.busy,
-                "rss_kb": rss_kb(record.pid), "uptime_s": round(now - record.spawned_at, 1),
+                "state": record.state.value, "requests": record.load.requests,
+                "connections": record.load.connections, "busy": record.load.busy,
+                "rss_kb": rss_kb(record.pid) if record.pid else None,
+                "uptime_s": round(now - (record.spawned_at or record.created_at), 1),
             })
         apps.append({"name": name, "generation": app.current.number, "target": app.target,
                      "user": app.current.identity.name, "workers": workers})
     listeners = []
     for name, listener in master.config.listeners.items():
-        sock = master.sockets.get(name)
+        sock = master.sockets.listening.get(name)
         listeners.append({"name": name, "address": str(listener.bind), "mode": listener.mode,
                           "queue": queue_depth(sock) if sock is not None else None,
                           "url": listeners_mod.describe(sock) if sock is not None else None})
@@ -58,7 +60,7 @@ def status(master) -> dict:
         "ok": True,
         "master": {"pid": os.getpid(), "config": master.config.path, "uptime_s": round(now - master.started_at, 1),
                    "reloads": master.counters["reloads"],
-                   "generation_switches": master.counters["generation_switches"]},
+                   "generation_switches": master.core.counters["generation_switches"]},
         "apps": apps,
         "listeners": listeners,
     }

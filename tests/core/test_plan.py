@@ -183,3 +183,13 @@ def test_diff_of_loaded_configs(tmp_path):
     assert diff(load(1, "a"), load(1, "a")).empty
     assert dict(diff(load(1, "a"), load(3, "a")).apps_rescale) == {"blog": 3}
     assert diff(load(1, "a"), load(3, "b")).apps_restart == ("blog",)
+
+
+def test_every_master_setting_is_either_applied_live_or_waits_for_an_upgrade():
+    from dataclasses import fields
+
+    from supervisor.config.model import MasterConfig
+    from supervisor.config.plan import MASTER_AFTER_UPGRADE, MASTER_LIVE
+    names = [f.name for f in fields(MasterConfig)]
+    assert sorted(MASTER_LIVE + MASTER_AFTER_UPGRADE) == sorted(names)
+    assert not set(MASTER_LIVE) & set(MASTER_AFTER_UPGRADE)

@@ -1,0 +1,184 @@
+"""The master's worker processes: fork them, watch them, talk to them.
+
+`WorkerPool` carries out the supervision core's worker actions (fork, STOP, signal)
+and turns what it hears back into supervision events: a channel message becomes
+`Ready`, `BootFailed` or `Heartbeat`, a pidfd that turns readable becomes `Exited`.
+It knows a worker by the core's key; the pid is only for the kernel and the logs.
+Every fd it opens for a worker (channel, pidfd, the balancer's end of the worker's
+balancer channel) is closed when the worker is reaped, or at `close()`.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from typing import Callable
+
+from supervisor.ipc import channel, messages
+from supervisor.ipc.channel import ChannelClosed
+from supervisor.ipc.messages import MessageError
+from supervisor.master import status as status_mod
+from supervisor.master import supervision as sv
+from supervisor.system import spawn
+from supervisor.system.log import Logs
+from supervisor.system.loop import Loop
+from supervisor.worker import process as worker_process
+
+_SIGNALS = {sv.SIGKILL: signal.SIGKILL, sv.SIGTERM: signal.SIGTERM, sv.SIGQUIT: signal.SIGQUIT}
+
+
+@dataclass(eq=False)
+class Child:
+    """A live worker process and the fds the master holds for it."""
+    key: int
+    app: str
+    pid: int
+    pidfd: int
+    channel: socket.socket
+    balancer_end: socket.socket   # kept, so a restarted balancer gets it again
+    max_rss_mb: int = 0
+
+
+class WorkerPool:
+    """Forks workers from `WorkerSpec`s and feeds `on_event` what happens to them."""
+
+    def __init__(self, loop: Loop, logs: Logs, on_event: Callable[[object], None]):
+        self.loop = loop
+        self.logs = logs
+        self.log = logs.error
+        self.on_event = on_event
+        self.children: dict[int, Child] = {}
+
+    def spawn(self, key: int, spec: worker_process.WorkerSpec, master_end: socket.socket,
+              balancer_end: socket.socket) -> int:
+        """Fork the worker `spec` describes. The master keeps `master_end` (the other
+        end of `spec.channel`) and `balancer_end` (of `spec.balancer`); the child's
+        ends are closed here whatever happens. Raises OSError when the fork fails,
+        having closed the master's ends too."""
+        try:
+            pid = spawn.fork(lambda: worker_process.main(spec), spec.owned_fds())
+        except OSError:
+            master_end.close()
+            balancer_end.close()
+            raise
+        finally:
+            spec.channel.close()
+            spec.balancer.close()
+        master_end.setblocking(False)
+        child = Child(key, spec.app.name, pid, os.pidfd_open(pid), master_end, balancer_end,
+                      spec.app.max_rss)
+        self.children[key] = child
+        self.loop.register(child.pidfd, lambda: self._reap(child))
+        self.loop.register(master_end, lambda: self._on_channel(child))
+        return pid
+
+    # -- talking to workers -------------------------------------------------------
+
+    def stop(self, key: int, handback: bool) -> None:
+        child = self.children.get(key)
+        if child is None:
+            return
+        try:
+            channel.send(child.channel, messages.Stop(graceful=True, handback=handback))
+        except OSError:
+            self.kill(key, sv.SIGTERM)   # its channel is gone or full: the signal says the same
+
+    def kill(self, key: int, signal_name: str) -> None:
+        child = self.children.get(key)
+        if child is None:
+            return
+        signum = _SIGNALS.get(signal_name)
+        if signal_name == sv.SIGABRT:
+            # A stopped (SIGSTOP) worker cannot write its stacks: wake it, then abort it.
+            self._signal(child, signal.SIGCONT)
+            signum = signal.SIGABRT
+        self._signal(child, signum)
+
+    def send_all(self, message: messages.Message, fds: list[int] = ()) -> None:
+        """One message (with fds) to every worker, e.g. reopened log files."""
+        for child in self.children.values():
+            if child.channel.fileno() < 0:
+                continue
+            try:
+                channel.send(child.channel, message, fds)
+            except OSError as exc:
+                self.log.warning("could not send %s to worker %d: %s", message.KIND, child.pid, exc)
+
+    @staticmethod
+    def _signal(child: Child, signum: int) -> None:
+        try:
+            signal.pidfd_send_signal(child.pidfd, signum)
+        except ProcessLookupError:
+            pass
+
+    # -- hearing from workers -----------------------------------------------------
+
+    def _on_channel(self, child: Child) -> bool:
+        """Handle one message; False once nothing more can be read now."""
+        try:
+            message, fds = channel.receive(child.channel)
+        except BlockingIOError:
+            return False
+        except (ChannelClosed, ConnectionError):
+            self._close_channel(child)
+            return False
+        except MessageError as exc:
+            # Only app code writes garbage on this channel: nothing more it says can be
+            # trusted. The worker is replaced (its exit goes the way of any crash).
+            self.log.warning("worker %d sent a bad message: %s; replacing it", child.pid, exc)
+            self._close_channel(child)
+            self._signal(child, signal.SIGKILL)
+            return False
+        for fd in fds:
+            os.close(fd)
+        kind = type(message)
+        if kind is messages.Heartbeat:
+            rss_kb = status_mod.rss_kb(child.pid) if child.max_rss_mb else None
+            self.on_event(sv.Heartbeat(child.key, message.requests, message.connections, message.busy,
+                                       message.oldest_s, rss_kb))
+        elif kind is messages.Ready:
+            self.on_event(sv.Ready(child.key))
+        elif kind is messages.BootFailed:
+            self.on_event(sv.BootFailed(child.key, message.traceback))
+        else:
+            self.log.warning("worker %d sent an unexpected %s message", child.pid, message.KIND)
+        return True
+
+    def _reap(self, child: Child) -> None:
+        status = spawn.reap(child.pid, block=False)
+        self.loop.unregister(child.pidfd)
+        os.close(child.pidfd)
+        # Its last words (BOOT_FAILED) may still sit in the channel: hear them first.
+        while child.channel.fileno() >= 0 and self._on_channel(child):
+            pass
+        self._close_channel(child)
+        child.balancer_end.close()
+        del self.children[child.key]
+        self.on_event(sv.Exited(child.key, describe_status(status)))
+
+    def _close_channel(self, child: Child) -> None:
+        if child.channel.fileno() >= 0:
+            self.loop.unregister(child.channel)
+            child.channel.close()
+
+    def close(self) -> None:
+        """At the master's exit: kill and reap whatever is left, and release its fds."""
+        for child in list(self.children.values()):
+            self._signal(child, signal.SIGKILL)
+            spawn.reap(child.pid, block=True)
+            if self.loop.registered(child.pidfd):
+                self.loop.unregister(child.pidfd)
+            os.close(child.pidfd)
+            self._close_channel(child)
+            child.balancer_end.close()
+        self.children.clear()
+
+
+def describe_status(status: int | None) -> str:
+    if status is None:
+        return "exit status unknown"
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    code = os.WEXITSTATUS(status)
+    return "failed to boot" if code == worker_process.EXIT_BOOT_FAILED else f"exit status {code}"
