@@ -1,2 +1,2 @@
-"""Operating-system plumbing every role shares: forking, privileges, listening sockets,
-systemd socket activation and sd_notify, and logging."""
+"""Operating-system plumbing every role shares: forking and reaping, users and groups,
+privileges, listening sockets, systemd socket activation and sd_notify, and logging."""
