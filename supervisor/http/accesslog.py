@@ -25,6 +25,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 DEFAULT_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
 # What a JSON access line holds when `access_log_format` is not set.
@@ -228,36 +229,41 @@ def _pick(headers, wanted: frozenset) -> dict:
 # -- getters: (record, request headers, response headers) -> value ------------
 
 
-def _text_getter(atom: tuple[str, str], wall_clock):
+class _Style(NamedTuple):
+    """How one output form (text or JSON) renders an atom's value."""
+    clock: Callable            # the `t` atom, given the wall clock
+    header_bytes: Callable     # a request header's bytes (or None)
+    text: Callable             # a response header's or the environ's value (or None)
+    value: Callable | None     # any other atom's JSON value; None: as it is
+    special: dict              # atoms rendered their own way in this form
+
+
+def _getter(atom: tuple[str, str], wall_clock, style: _Style):
     kind, name = atom
     if kind == "t":
-        return _clf_clock(wall_clock)
+        return style.clock(wall_clock)
     if kind == "i":
-        key = name.encode("latin-1")
-        return lambda r, inh, outh: _text_bytes(inh.get(key))
+        key, render = name.encode("latin-1"), style.header_bytes
+        return lambda r, inh, outh: render(inh.get(key))
     if kind == "o":
-        return lambda r, inh, outh: _text_str(outh.get(name))
+        render = style.text
+        return lambda r, inh, outh: render(outh.get(name))
     if kind == "e":
-        return lambda r, inh, outh: _text_str(_environ(r, name))
-    get = _JSON_GETTERS[kind]
-    text = _TEXT_GETTERS.get(kind)
-    if text is not None:
-        return text
-    return lambda r, inh, outh: _text_value(get(r, inh, outh))
+        render = style.text
+        return lambda r, inh, outh: render(_environ(r, name))
+    special = style.special.get(kind)
+    if special is not None:
+        return special
+    get, render = _JSON_GETTERS[kind], style.value
+    return get if render is None else (lambda r, inh, outh: render(get(r, inh, outh)))
+
+
+def _text_getter(atom: tuple[str, str], wall_clock):
+    return _getter(atom, wall_clock, _TEXT)
 
 
 def _json_getter(atom: tuple[str, str], wall_clock):
-    kind, name = atom
-    if kind == "t":
-        return _iso_clock(wall_clock)
-    if kind == "i":
-        key = name.encode("latin-1")
-        return lambda r, inh, outh: _latin1(inh.get(key))
-    if kind == "o":
-        return lambda r, inh, outh: outh.get(name)
-    if kind == "e":
-        return lambda r, inh, outh: _json_environ(r, name)
-    return _JSON_GETTERS[kind]
+    return _getter(atom, wall_clock, _JSON_STYLE)
 
 
 def _latin1(value: bytes | None) -> str | None:
@@ -345,13 +351,6 @@ def _environ(r, name: str):
     return None if environ is None else environ.get(name)
 
 
-def _json_environ(r, name: str):
-    value = _environ(r, name)
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)
-
-
 def _clf_clock(wall_clock):
     """The `t` atom, [10/Oct/2000:13:55:36 +0000], rendered once per second."""
     cache = [(None, "")]
@@ -414,3 +413,14 @@ def _text_bytes(value: bytes | None) -> str:
 
 def _text_value(value) -> str:
     return "-" if value is None else _text_str(value)
+
+
+def _json_value(value):
+    """An environ or response-header value as JSON holds it (anything else as text)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+_TEXT = _Style(_clf_clock, _text_bytes, _text_str, _text_value, _TEXT_GETTERS)
+_JSON_STYLE = _Style(_iso_clock, _latin1, _json_value, None, {})
