@@ -12,23 +12,24 @@ The states, and the moves between them, are a table (`TRANSITIONS`). Promises:
 
 What a state means (which direction the server waits for, which deadline runs):
 
-========== =====================================================================
-PROXY      awaiting its PROXY protocol header (under ``header_timeout_s`` from the
-           connect). Its client is not known yet, so it is never handed back.
-IDLE       nothing of a request is here yet: a new connection, or a keep-alive one
-           between requests (under ``keepalive_s``). The bytes of one read are parsed
-           before the state changes, so a request that is complete in its first read
-           (most are) goes from IDLE straight to BUSY and never needs a deadline.
-READING    a request is partly here, under ``header_timeout_s`` (from its first byte
-           for the head; re-armed by every piece of body).
-BUSY       the application runs, inline or on a pool thread; no deadline.
-WRITING    the response's last bytes wait for the socket (``write_timeout_s``); the
-           next request waits for them.
-CLOSING    the final bytes (an error answer, or a response after which the connection
-           must close) go out, then the connection closes.
-CLOSED     closed by the server (final).
+=========== ====================================================================
+PROXY       awaiting its PROXY protocol header (under ``header_timeout_s`` from the
+            connect). Its client is not known yet, so it is never handed back.
+IDLE        nothing of a request is here yet: a new connection, or a keep-alive one
+            between requests (under ``keepalive_s``). The bytes of one read are
+            parsed before the state changes, so a request that is complete in its
+            first read (most are) goes from IDLE straight to BUSY, with no deadline
+            of its own.
+READING     a request is partly here, under ``header_timeout_s`` (from its first
+            byte for the head; re-armed by every piece of body).
+BUSY        the application runs, inline or on a pool thread; no deadline.
+WRITING     the response's last bytes wait for the socket (``write_timeout_s``); the
+            next request waits for them.
+CLOSING     the final bytes (an error answer, or a response after which the
+            connection must close) go out, then the connection closes.
+CLOSED      closed by the server (final).
 HANDED_BACK detached, with its unparsed bytes, for another process (final).
-========== =====================================================================
+=========== ====================================================================
 
 The send methods are the application's output, as `wsgi.run_app` calls them.
 """
@@ -36,6 +37,8 @@ from __future__ import annotations
 
 import os
 import select
+from collections.abc import Mapping
+from types import MappingProxyType
 
 OUTBUF_CAP = 1 << 20   # inline mode: buffer this much unsent response, then wait
 
@@ -65,7 +68,7 @@ CLOSED = State("CLOSED")
 HANDED_BACK = State("HANDED_BACK")
 
 # state -> the states it may move to
-TRANSITIONS: dict[State, frozenset[State]] = {
+TRANSITIONS: Mapping[State, frozenset[State]] = MappingProxyType({
     PROXY: frozenset({IDLE, CLOSED}),
     # BUSY: the first read held a whole request. CLOSING: it held a bad one (answered,
     # then closed). CLOSED: the peer closed, the keep-alive deadline passed, or a drain
@@ -78,10 +81,10 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     CLOSING: frozenset({CLOSED}),
     CLOSED: frozenset(),
     HANDED_BACK: frozenset(),
-}
+})
 
 
-def _link(table: dict[State, frozenset[State]]) -> None:
+def _link(table: Mapping[State, frozenset[State]]) -> None:
     for state, targets in table.items():
         state.next = targets
 
@@ -109,9 +112,10 @@ class ClientConnection:
     __slots__ = ("sock", "fd", "peer", "builder", "environ_base", "proto", "state", "outbuf",
                  "deadline", "timer", "request", "body", "body_len", "spool", "events",
                  "outcome", "continue_input", "on_close", "listener", "proxy_buf",
-                 "write_timeout_s", "busy_since", "request_started", "sole_copy")
+                 "write_timeout_s", "busy_since", "request_started", "sole_copy", "on_deadline")
 
-    def __init__(self, sock, peer, builder, proto, write_timeout_s: float, state: State) -> None:
+    def __init__(self, sock, peer, builder, proto, write_timeout_s: float, state: State,
+                 on_deadline) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
@@ -136,12 +140,18 @@ class ClientConnection:
         self.proxy_buf = None       # bytes of a PROXY header still arriving (state PROXY)
         self.write_timeout_s = write_timeout_s
         self.sole_copy = False      # True: closing our fd closes the socket (no other process has it)
+        self.on_deadline = on_deadline  # the server's on_deadline(conn), see deadline_passed
 
     def move(self, new: State) -> None:
         """Change state, if the table allows it; raise `IllegalTransition` otherwise."""
         if new not in self.state.next:
             raise IllegalTransition(self.state, new)
         self.state = new
+
+    def deadline_passed(self) -> None:
+        """The callback of the loop timer armed for this connection: a bound method
+        is cheaper to make for every connection than a closure or a partial."""
+        self.on_deadline(self)
 
     def __repr__(self) -> str:
         return f"<ClientConnection fd={self.fd} {self.state} peer={self.peer!r}>"

@@ -206,6 +206,7 @@ class Server:
             conn.request_started = self._loop.now
             conn.proto.receive_data(initial_bytes)
             self._process(conn)
+        self._arm_connect_deadline(conn)
 
     def stop(self, graceful: bool) -> None:
         self._stopping = True
@@ -271,7 +272,8 @@ class Server:
             limit_request_line=s.limit_request_line, limit_request_fields=s.limit_request_fields,
             limit_request_field_size=s.limit_request_field_size,
             max_body_size=s.max_body_size, date_cache=self._date)
-        conn = ClientConnection(sock, peer, builder, proto, s.write_timeout_s, PROXY if proxy else IDLE)
+        conn = ClientConnection(sock, peer, builder, proto, s.write_timeout_s, PROXY if proxy else IDLE,
+                                self._on_deadline)
         self._conns[conn.fd] = conn
         conn.events = READ
         if proxy:
@@ -281,13 +283,21 @@ class Server:
             self._loop.register(conn.fd, partial(self._on_proxy_readable, conn))
         else:
             self._loop.register(conn.fd, partial(self._on_readable, conn))
-        self._set_deadline(conn, self._loop.now + s.header_timeout_s)
-        return conn
+        return conn   # the caller arms its deadline: see _arm_connect_deadline
+
+    def _arm_connect_deadline(self, conn: ClientConnection) -> None:
+        """Give a new connection its header_timeout_s deadline from the connect, unless
+        what it already sent armed one or finished with it. Armed after the bytes that
+        came with the connection were served, so a one-request connection that brought
+        its request (deferred accept, a balancer's hand-over) never needs a timer."""
+        if conn.timer is None and (conn.state is IDLE or conn.state is PROXY):
+            self._set_deadline(conn, self._loop.now + self._header_timeout_s)
 
     def _accept(self, lsock: socket.socket, builder, proxy: bool, name: str,
                 nodelay: bool, kind: tuple[int, int, int], read_at_once: bool) -> None:
         # A bounded batch: the connections already accepted get read before more come
         # in (the listener stays readable, so the rest wait one iteration).
+        loop, header_timeout_s = self._loop, self._header_timeout_s
         for _ in range(ACCEPT_BATCH):
             try:
                 # socket.accept() wraps each connection in a socket.socket, converting
@@ -309,6 +319,10 @@ class Server:
                 # TCP_DEFER_ACCEPT: the kernel handed it over once its first bytes came,
                 # so they are read now rather than after another wait.
                 self._on_readable(conn)
+                self._arm_connect_deadline(conn)
+            else:   # _arm_connect_deadline, inlined: nothing was read, nothing armed
+                deadline = conn.deadline = loop.now + header_timeout_s
+                conn.timer = loop.call_at(deadline, conn.deadline_passed)
 
     # ---------------------------------------------------------------- deadlines
 
@@ -321,7 +335,7 @@ class Server:
         if timer is None or deadline < timer.when:
             if timer is not None:
                 timer.cancel()
-            conn.timer = self._loop.call_at(deadline, partial(self._on_deadline, conn))
+            conn.timer = self._loop.call_at(deadline, conn.deadline_passed)
 
     def _on_deadline(self, conn: ClientConnection) -> None:
         conn.timer = None
@@ -329,11 +343,11 @@ class Server:
             return   # no timeout while the app runs; the deadline set after it arms a timer
         deadline = conn.deadline
         if deadline > self._loop.now:   # moved later since this timer was armed: re-arm
-            conn.timer = self._loop.call_at(deadline, partial(self._on_deadline, conn))
+            conn.timer = self._loop.call_at(deadline, conn.deadline_passed)
             return
         if conn.state is READING:
             self._fail(conn, 408, "Request Timeout")
-        else:   # IDLE, WRITING, CLOSING, PROXY: the client is gone, stopped reading, or never spoke
+        else:   # IDLE, WRITING, CLOSING, PROXY: idle too long, stopped reading, or never spoke
             self._close(conn)
 
     # ---------------------------------------------------------------- connections leaving

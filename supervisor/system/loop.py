@@ -67,6 +67,9 @@ class Timer:
                 self._loop._cancelled += 1
 
 
+_new_timer = object.__new__   # a Timer without the call to __init__ (see call_at)
+
+
 class Loop:
     """Run handlers for ready fds, due timers and signals, until `stop()`."""
 
@@ -130,8 +133,17 @@ class Loop:
     # -- time -----------------------------------------------------------------
 
     def call_at(self, when: float, callback: Handler) -> Timer:
-        timer = Timer(self, when, callback)
-        self._push(timer)
+        # Timer(...) and _push, inlined: the worker's server arms one per connection.
+        timer = _new_timer(Timer)
+        timer.when = when
+        timer.callback = callback
+        timer.cancelled = False
+        timer._queued = True
+        timer._loop = self
+        timers = self._timers
+        heapq.heappush(timers, (when, next(self._timer_seq), timer))
+        if self._cancelled > _COMPACT_MIN and self._cancelled * 2 > len(timers):
+            self._compact()
         return timer
 
     def call_later(self, delay_s: float, callback: Handler) -> Timer:
@@ -252,10 +264,10 @@ class Loop:
         if self._stop_requested:
             return   # a before-wait callback stopped the loop
         timers = self._timers
-        if timers and not timers[0][2].cancelled:
-            deadline = timers[0][0]   # the usual case, without next_deadline's call
-        else:
-            deadline = self.next_deadline()
+        while timers and timers[0][2].cancelled:   # next_deadline, inlined
+            heapq.heappop(timers)[2]._queued = False
+            self._cancelled -= 1
+        deadline = timers[0][0] if timers else None
         if deadline is None:
             timeout = -1.0
         else:

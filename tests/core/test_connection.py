@@ -31,7 +31,7 @@ FINAL = {CLOSED, HANDED_BACK}
 def conn():
     a, b = socket.socketpair()
     yield lambda state: ClientConnection(a, ("192.0.2.1", 1), EnvironBuilder(server_name="h", server_port="80"),
-                                         Connection(), 30.0, state)
+                                         Connection(), 30.0, state, lambda conn: None)
     a.close()
     b.close()
 

@@ -342,6 +342,27 @@ def test_header_timeout_408(serve) -> None:
     assert s.recv(10) == b""
 
 
+@pytest.mark.parametrize("initial, answer", [
+    (b"", b""),                                               # silent: closed, no answer
+    (b"GET / HTTP/1.1\r\n", b"HTTP/1.1 408"),                # a head begun: 408
+    (b"GET / HTTP/1.1\r\nHost: t\r\n\r\n", b"HTTP/1.1 200"),  # served, then idle: closed
+])
+def test_a_handed_over_connection_is_bounded_by_its_deadlines(serve, initial, answer) -> None:
+    """A connection given with add_connection (as from the balancer) gets its deadline
+    after its initial bytes are served: header_timeout_s if it is still silent or in
+    its head, keepalive_s after a response."""
+    r = serve(header_timeout_s=0.05, keepalive_s=0.05)
+    a, b = socket.socketpair()
+    a.settimeout(DEADLINE_S)
+    r.clients += [a, b]
+    r.in_loop(lambda: r.server.add_connection(b, ("192.0.2.9", 5), "", initial))
+    received = bytearray()
+    while data := a.recv(65536):
+        received += data
+    assert received.startswith(answer)
+    wait_for(lambda: r.server.active_connections == 0, "the connection forgotten")
+
+
 def test_threads_pool(serve) -> None:
     gate = threading.Event()
 

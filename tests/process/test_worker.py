@@ -12,8 +12,9 @@ from supervisor.worker.process import BalancerLink
 
 
 class RecordingServer:
-    """Stands in for httpserver.Server: notes which acknowledgements the balancer had
-    received by the time each connection was added, and keeps its close callback."""
+    """Stands in for the worker's http.server.Server: notes which acknowledgements the
+    balancer had received by the time each connection was added, and keeps its close
+    callback."""
 
     def __init__(self, balancer_end: socket.socket):
         self.balancer_end = balancer_end
