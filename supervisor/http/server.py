@@ -448,11 +448,10 @@ class Server:
     def _on_proxy_readable(self, conn: ClientConnection) -> None:
         try:
             data = conn.sock.recv(RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
+        except BlockingIOError:   # (EINTR is retried by Python itself, PEP 475)
             return
         except OSError:
-            self._close(conn)
-            return
+            data = b""   # a reset: the same as a close, since no response is owed yet
         if not data:
             self._close(conn)
             return

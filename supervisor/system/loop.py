@@ -135,11 +135,8 @@ class Loop:
     def call_at(self, when: float, callback: Handler) -> Timer:
         # Timer(...) and _push, inlined: the worker's server arms one per connection.
         timer = _new_timer(Timer)
-        timer.when = when
-        timer.callback = callback
-        timer.cancelled = False
-        timer._queued = True
-        timer._loop = self
+        timer.when, timer.callback, timer._loop = when, callback, self
+        timer.cancelled, timer._queued = False, True
         timers = self._timers
         heapq.heappush(timers, (when, next(self._timer_seq), timer))
         if self._cancelled > _COMPACT_MIN and self._cancelled * 2 > len(timers):
