@@ -25,8 +25,6 @@ from supervisor.system.log import Logs
 from supervisor.system.loop import Loop
 from supervisor.worker import process as worker_process
 
-_SIGNALS = {sv.SIGKILL: signal.SIGKILL, sv.SIGTERM: signal.SIGTERM, sv.SIGQUIT: signal.SIGQUIT}
-
 
 @dataclass(eq=False)
 class Child:
@@ -88,12 +86,10 @@ class WorkerPool:
         child = self.children.get(key)
         if child is None:
             return
-        signum = _SIGNALS.get(signal_name)
         if signal_name == sv.SIGABRT:
             # A stopped (SIGSTOP) worker cannot write its stacks: wake it, then abort it.
             self._signal(child, signal.SIGCONT)
-            signum = signal.SIGABRT
-        self._signal(child, signum)
+        self._signal(child, signal.Signals[signal_name])
 
     def send_all(self, message: messages.Message, fds: list[int] = ()) -> None:
         """One message (with fds) to every worker, e.g. reopened log files."""

@@ -62,9 +62,6 @@ from supervisor.worker import process as worker_process
 
 METRICS_PUSH_S = 1.0
 
-_SIGNUMS = {sv.SIGKILL: signal.SIGKILL, sv.SIGTERM: signal.SIGTERM, sv.SIGQUIT: signal.SIGQUIT}
-
-
 def core_settings(master: MasterConfig) -> sv.Settings:
     return sv.Settings(boot_timeout_s=master.boot_timeout, graceful_timeout_s=master.graceful_timeout,
                        crash_backoff_max_s=master.crash_backoff_max)
@@ -221,7 +218,7 @@ class Master:
 
     def _do_signal_sidecar(self, action: sv.SignalSidecar) -> None:
         handle = self.balancer if action.name == "balancer" else self.watcher
-        handle.signal(_SIGNUMS[action.signal])
+        handle.signal(signal.Signals[action.signal])
 
     def _do_drain_balancer(self, action: sv.DrainBalancer) -> None:
         if not self.balancer.drain():

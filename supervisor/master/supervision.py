@@ -332,9 +332,9 @@ class Supervisor:
         self.apps[name].current.config = config
 
     def remove_app(self, name: str) -> list[Action]:
-        del self.apps[name]
         for worker in self._workers_of(name):
-            self._retire(worker, handback=False)
+            self._retire(worker, handback=False)   # with the app's own graceful timeout
+        del self.apps[name]
         return self._take()
 
     def rescale(self, name: str, count: int) -> list[Action]:

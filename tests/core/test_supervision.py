@@ -474,3 +474,11 @@ def test_next_deadline_is_exactly_when_tick_first_acts():
                 h.event(sv.Exited(action.key, "killed by SIGKILL"))
         if h.clock.now > 1000:
             break
+
+
+def test_a_removed_apps_workers_drain_within_its_own_graceful_timeout():
+    h = Harness()
+    h.start(app_config(graceful_timeout=1.5, timeout=None))
+    actions = h.run(h.core.remove_app("web"))
+    assert of(actions, sv.Stop) == [sv.Stop(k, handback=False) for k in h.keys()]
+    assert h.core.next_deadline() == h.clock.now + 1.5   # not the master's 5 s
