@@ -7,7 +7,8 @@ send failed, time passed. It answers with decisions, which the shell carries out
 * `Send(conn, worker, conn_id)`: pass the connection to that worker, numbered
   `conn_id` for the worker's REPORT.
 * `Refuse(conn, reason)`: no worker will take it; answer 503 (`OVERFLOW`,
-  `QUEUE_TIMEOUT`) or just close it (`APP_GONE`: its app went away with a reload).
+  `QUEUE_TIMEOUT`, `WORKER_REFUSED`) or just close it (`APP_GONE`: its app went away
+  with a reload).
 * nothing (None, or no entry in a list): the connection waits in the queue.
 
 Promises:
@@ -35,7 +36,11 @@ Promises:
    worker of its app could take goes back to the front, and that app's queue rests
    until its next such event (no busy loop on a full channel).
 5. **No connection is lost with a worker.** When a worker goes away, every connection
-   it had not acknowledged is dispatched again, as if just accepted.
+   it had not acknowledged is dispatched again, as if just accepted. One a worker
+   refused (its fd never reached it: it was out of fds) goes at once to another
+   accepting worker of its app; when there is none, or it was refused as many times as
+   its app has accepting workers, it is refused with `WORKER_REFUSED` (never queued,
+   for the same worker to refuse again).
 6. Time is the injected `clock`'s; nothing here does I/O or reads the system clock.
 
 A `Connection` is the core's view of a connection; the shell subclasses it with the
@@ -58,21 +63,24 @@ QUEUE_TIMEOUT_S = 30.0
 # Why a connection is refused; the two 503s are also the counters' names.
 OVERFLOW = "overflow_503"
 QUEUE_TIMEOUT = "queue_timeout_503"
+WORKER_REFUSED = "worker_refused_503"
 APP_GONE = "app_gone"
 
 
 class Connection:
     """A connection that no worker owns yet: its app, and the client address ip-hash
-    reads (without the port; None if unknown). `queued_at` and `deadline` are the
-    core's: when it entered the queue, and when it leaves it with a 503."""
+    reads (without the port; None if unknown). `queued_at`, `deadline` and `refusals`
+    are the core's: when it entered the queue, when it leaves it with a 503, and how
+    many workers refused it."""
 
-    __slots__ = ("app", "client", "queued_at", "deadline")
+    __slots__ = ("app", "client", "queued_at", "deadline", "refusals")
 
     def __init__(self, app: str | None, client: str | None = None) -> None:
         self.app = app
         self.client = client
         self.queued_at = 0.0
         self.deadline = 0.0
+        self.refusals = 0
 
 
 class Worker(WorkerLoad):
@@ -108,7 +116,8 @@ class Send:
 
 
 class Refuse:
-    """Decision: no worker takes `conn`; `reason` is OVERFLOW, QUEUE_TIMEOUT or APP_GONE."""
+    """Decision: no worker takes `conn`; `reason` is OVERFLOW, QUEUE_TIMEOUT,
+    WORKER_REFUSED or APP_GONE."""
 
     __slots__ = ("conn", "reason")
 
@@ -170,6 +179,7 @@ class Dispatcher:
         self.redispatched = 0
         self.overflow_503 = 0
         self.queue_timeout_503 = 0
+        self.worker_refused_503 = 0
 
     # -- apps ------------------------------------------------------------------
 
@@ -243,6 +253,31 @@ class Dispatcher:
         if self.queued and worker.accepting:
             self._ready.add(worker.app)
         return taken
+
+    def refused(self, worker: Worker, conn_ids) -> list[Decision]:
+        """The worker's REPORT says these connections never reached it (promise 5): each
+        goes to another worker, or is refused. Ids it was not sent, or acknowledged, are
+        ignored."""
+        decisions: list[Decision] = []
+        for conn_id in conn_ids:
+            conn = worker.unacked.pop(conn_id, None)
+            if conn is None:
+                continue
+            worker.connections = max(0, worker.connections - 1)
+            app = self._apps[conn.app]   # it was sent, so its app has a record
+            self.dispatched -= 1   # that handoff did not happen
+            app.handoffs -= 1
+            conn.refusals += 1
+            others = [other for other in app.accepting if other is not worker]
+            if app.policy is None:
+                decisions.append(Refuse(conn, APP_GONE))
+            elif others and conn.refusals <= len(app.accepting):
+                decisions.append(self._send(conn, app.policy.pick(others, conn.client), app, False,
+                                            frozenset((worker.key,))))
+            else:
+                self.worker_refused_503 += 1
+                decisions.append(Refuse(conn, WORKER_REFUSED))
+        return decisions
 
     def gone(self, worker: Worker) -> list[Decision]:
         """The worker's channel closed: its unacknowledged connections go elsewhere."""

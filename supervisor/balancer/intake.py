@@ -16,14 +16,23 @@ Promises:
   freed) count when the new connections pick a worker.
 * **A peeking connection wakes the balancer only when more bytes arrive**: it is
   registered edge-triggered, since its bytes stay in the socket.
+* **Running out of fds is weathered, not spun on.** An accept that fails for want of
+  fds (EMFILE, ENFILE, ENOBUFS, ENOMEM) sheds the SHED_BATCH oldest connections still
+  peeking (answered 503: a client that has not said which host it wants in all that
+  time is the likeliest flooder) and takes that listener off the loop for
+  ACCEPT_PAUSE_S, so its level-triggered readiness cannot spin the balancer; then it
+  accepts again, by itself. Failed accepts are logged at most once per
+  ACCEPT_LOG_INTERVAL_S, with how many there were.
+* A peeking connection costs a registration and a timer only when its first look
+  (right after accept) did not settle it; the timer refuses it after PEEK_TIMEOUT_S.
 * Listeners are the master's: the balancer closes its copy when a routing table no
   longer names one, or names it with a fresh socket, or when it drains.
 """
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from supervisor.balancer import routing
 from supervisor.balancer.dispatch import Connection
@@ -33,21 +42,30 @@ from supervisor.system.loop import EDGE, HANGUP, READ, Loop, Timer
 ACCEPT_BATCH = 64
 PEEK_BYTES = 8192
 PEEK_TIMEOUT_S = 10.0
+ACCEPT_PAUSE_S = 0.1          # a listener rests this long after accept ran out of fds
+ACCEPT_LOG_INTERVAL_S = 10.0  # failed accepts are logged at most once per this
+SHED_BATCH = 64               # peeking connections closed per accept that ran out of fds
+_OUT_OF_FDS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 MISDIRECTED = (b"HTTP/1.1 421 Misdirected Request\r\nContent-Type: text/plain\r\n"
                b"Content-Length: 32\r\nConnection: close\r\n\r\nNo app is served for this host.\n")
 BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
                b"Content-Length: 12\r\nConnection: close\r\n\r\nBad request\n")
 TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+SHED = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+        b"Connection: close\r\n\r\n")
 
 
 class Pending(Connection):
     """An accepted (or handed-back) connection that no worker owns yet: the core's
     `Connection`, with what travels to the worker (the socket, the peer address, the
     listener's name, bytes a previous worker read but did not parse, whether a PROXY
-    header leads the stream) and, while peeking, its deadline's timer."""
+    header leads the stream) and, while peeking, its deadline's timer. Set later, and
+    read only then: `origin`, the client address a PROXY header gave (None: it gave
+    none), set before a `proxy` connection is dispatched; `ident`, the socket's
+    (st_dev, st_ino), set when it is sent to a worker (see links.py)."""
 
-    __slots__ = ("sock", "peer", "listener", "data", "proxy", "peek_timer")
+    __slots__ = ("sock", "peer", "listener", "data", "proxy", "peek_timer", "origin", "ident")
 
     def __init__(self, sock: socket.socket, peer, listener: str, app: str | None = None,
                  client: str | None = None, data: bytes = b"", proxy: bool = False) -> None:
@@ -57,6 +75,7 @@ class Pending(Connection):
         self.client = client
         self.queued_at = 0.0
         self.deadline = 0.0
+        self.refusals = 0
         self.sock = sock
         self.peer = peer
         self.listener = listener
@@ -65,35 +84,15 @@ class Pending(Connection):
         self.peek_timer: Timer | None = None
 
 
-@dataclass(frozen=True)
-class ListenerRoute:
-    """How one balance listener picks an app: one app outright, or by Host/SNI."""
-    only_app: str | None
-    hosts: routing.HostTable | None
-
-
-def build_routes(payload: Mapping) -> dict[str, ListenerRoute]:
-    """Each listener's route from a routing table (see `process.routing_payload`).
-    ValueError on a host pattern `routing.HostTable` refuses."""
-    routes = {}
-    apps = payload["apps"]
-    for name, app_names in payload["listeners"].items():
-        if len(app_names) == 1:
-            routes[name] = ListenerRoute(app_names[0], None)
-        else:
-            routes[name] = ListenerRoute(None, routing.HostTable(
-                [(app, tuple(apps[app]["hosts"]), apps[app]["default"]) for app in app_names]))
-    return routes
-
-
 class _Listener:
-    __slots__ = ("name", "sock", "open", "_ready")
+    __slots__ = ("name", "sock", "open", "_ready", "pause_timer")
 
     def __init__(self, name: str, sock: socket.socket, ready: list) -> None:
         self.name = name
         self.sock = sock
         self.open = True
         self._ready = ready
+        self.pause_timer: Timer | None = None   # set while off the loop, out of fds
 
     def readable(self) -> None:
         self._ready.append(self)
@@ -107,7 +106,7 @@ class Intake:
         self.loop = loop
         self.dispatch = dispatch
         self.log = log
-        self.routes: dict[str, ListenerRoute] = {}
+        self.routes: dict[str, routing.ListenerRoute] = {}
         self.proxy_listeners: frozenset[str] = frozenset()
         self.listeners: dict[str, _Listener] = {}
         self._ready: list[_Listener] = []     # readable in this wakeup, accepted after it
@@ -116,8 +115,12 @@ class Intake:
         self.accepted = 0
         self.refused_host = 0
         self.refused_proxy = 0
+        self.shed = 0
+        # Failed accepts since the last one logged, and when that was.
+        self._accept_failures = 0
+        self._accept_logged_at = float("-inf")
 
-    def set_routes(self, routes: dict[str, ListenerRoute], proxy: frozenset[str],
+    def set_routes(self, routes: dict[str, routing.ListenerRoute], proxy: frozenset[str],
                    opened: Mapping[str, socket.socket]) -> None:
         """Adopt each listener's route, and the listeners newly served (`opened`, which
         may replace one by name). Our copies of listeners no longer routed are closed."""
@@ -146,7 +149,11 @@ class Intake:
 
     def _close_listener(self, listener: _Listener) -> None:
         listener.open = False   # it may be in this wakeup's `_ready` still
-        self.loop.unregister(listener.sock)
+        if listener.pause_timer is not None:   # off the loop already
+            listener.pause_timer.cancel()
+            listener.pause_timer = None
+        else:
+            self.loop.unregister(listener.sock)
         listener.sock.close()
 
     # -- accepting -------------------------------------------------------------
@@ -171,8 +178,8 @@ class Intake:
                 sock, peer = listening.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: the next wakeup retries
-                self.log.warning("accept on %s failed: %s", name, exc)
+            except OSError as exc:
+                self._accept_failed(listener, exc)
                 return
             self.accepted += 1
             pending = Pending(sock, peer, name, direct_app, peer[0] if type(peer) is tuple else None,
@@ -182,15 +189,45 @@ class Intake:
             else:
                 self._start_peeking(pending)
 
+    def _accept_failed(self, listener: _Listener, exc: OSError) -> None:
+        """Out of fds: shed, rest, and say so once in a while (see the promises). Any
+        other failure (a connection reset before we took it) is only counted and logged."""
+        shed = 0
+        if exc.errno in _OUT_OF_FDS:
+            peeking = self.peeking
+            while peeking and shed < SHED_BATCH:
+                self._refuse(next(iter(peeking.values())), SHED)   # the oldest: dicts keep order
+                shed += 1
+            self.shed += shed
+            if listener.pause_timer is None:
+                self.loop.unregister(listener.sock)
+                listener.pause_timer = self.loop.call_later(ACCEPT_PAUSE_S, lambda: self._resume(listener))
+        self._accept_failures += 1
+        now = self.loop.now
+        if now - self._accept_logged_at >= ACCEPT_LOG_INTERVAL_S:
+            self.log.warning("accept on %s failed: %s (%d failed accepts since the last such line);"
+                             " %d connections shed in all", listener.name, exc, self._accept_failures, self.shed)
+            self._accept_logged_at = now
+            self._accept_failures = 0
+
+    def _resume(self, listener: _Listener) -> None:
+        listener.pause_timer = None
+        if listener.open:
+            self.loop.register(listener.sock, listener.readable)
+
     # -- peeking ---------------------------------------------------------------
 
     def _start_peeking(self, pending: Pending) -> None:
         sock = pending.sock
         sock.setblocking(False)
-        self.peeking[sock.fileno()] = pending
-        self.loop.register(sock, lambda: self._peek(pending), READ | HANGUP | EDGE)
-        pending.peek_timer = self.loop.call_later(PEEK_TIMEOUT_S, lambda: self._refuse(pending, TIMEOUT))
-        self._peek(pending)  # the head often arrived with the handshake
+        # The head often arrived with the handshake: look before paying for a
+        # registration and a timer. One added to epoll while readable reports it, so
+        # bytes that arrive in between are not missed.
+        if self._peek(pending):
+            fd = sock.fileno()
+            self.peeking[fd] = pending
+            self.loop.register(fd, lambda: self._peek(pending), READ | HANGUP | EDGE)
+            pending.peek_timer = self.loop.call_later(PEEK_TIMEOUT_S, lambda: self._refuse(pending, TIMEOUT))
 
     def _stop_peeking(self, pending: Pending) -> None:
         fd = pending.sock.fileno()
@@ -202,49 +239,57 @@ class Intake:
             pending.peek_timer.cancel()
             pending.peek_timer = None
 
-    def _peek(self, pending: Pending) -> None:
+    def _peek(self, pending: Pending) -> bool:
+        """Look at what the client sent; True while it must say more."""
         try:
             data = pending.sock.recv(PEEK_BYTES, socket.MSG_PEEK)
         except BlockingIOError:
-            return
+            return True
         except OSError:
             data = b""
         route = self.routes.get(pending.listener)
         if not data or route is None:  # the client left before saying which host, or the listener went away
             self._stop_peeking(pending)
             pending.sock.close()
-            return
+            return False
         if pending.proxy:
             header = proxyproto.parse(data)
             if header.status != "ok":
                 if header.status == "invalid" or len(data) >= PEEK_BYTES:
                     self._refuse(pending, b"")  # not a client: no HTTP answer
-                return
-            if header.source is not None and not header.use_peer:
-                pending.client = header.source[0]
+                    return False
+                return True
+            if header.use_peer:
+                pending.origin = pending.peer
+            else:
+                pending.origin = header.source
+                if header.source is not None:
+                    pending.client = header.source[0]
             data = data[header.consumed:]
         if route.only_app is not None:
             self._stop_peeking(pending)
             pending.app = route.only_app
             self.dispatch(pending)
-            return
+            return False
         if not data:
-            return
+            return True
         peek = routing.peek_sni(data) if routing.looks_like_tls(data) else routing.peek_host(data, PEEK_BYTES)
         if peek.status == "need_more":
             if len(data) >= PEEK_BYTES:
                 self._refuse(pending, BAD_REQUEST)
-            return
+                return False
+            return True
         if peek.status == "invalid":
             self._refuse(pending, BAD_REQUEST)
-            return
+            return False
         app = route.hosts.match(peek.host)
         if app is None:
             self._refuse(pending, MISDIRECTED)
-            return
+            return False
         self._stop_peeking(pending)
         pending.app = app
         self.dispatch(pending)
+        return False
 
     def _refuse(self, pending: Pending, response: bytes) -> None:
         """Answer (when there is an answer: PROXY garbage gets none) and close."""

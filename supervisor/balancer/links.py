@@ -1,18 +1,41 @@
 """The balancer's worker links: one SOCK_SEQPACKET channel end per worker, on the loop.
 
 Out goes a CONN per connection (the fd, its id, peer, listener, unparsed bytes); in
-come the worker's REPORTs (connections it now owns, connections that ended, busy
-threads) and HANDBACKs (an idle keep-alive connection from a retiring worker). Every
-decision is the dispatch core's: a link only moves messages and fds between the
-channel and `Dispatcher`, and tells it when the channel closed.
+come the worker's REPORTs (connections it now owns, connections that ended or never
+reached it, busy threads) and HANDBACKs (an idle keep-alive connection from a retiring
+worker). Every decision is the dispatch core's: a link only moves messages and fds
+between the channel and `Dispatcher`, and tells it when the channel closed.
 
-Promises:
+A worker runs app code, which can write anything on its channel; so a link believes
+a worker only about the connections the balancer gave it. Promises:
 
 * The balancer's copy of a connection is closed when the worker's REPORT acknowledges
-  it, never before: a worker that dies first has its connections dispatched again.
+  it, never before: a worker that dies first has its connections dispatched again,
+  and one it refused (its fd never reached it) goes to another worker or gets a 503.
+* **A worker hands back only what it was given, to its own app.** Each connection sent
+  is recorded (its socket's (st_dev, st_ino), the same file on both sides of
+  SCM_RIGHTS, with its peer, listener and PROXY origin) until the worker reports it
+  closed or hands it back. A HANDBACK whose fd is one of that worker's records gets the
+  record's peer and listener and the link's app; only its unparsed bytes are the
+  worker's word. The cost per connection is one fstat and a dict entry.
+* A connection the worker accepted itself (on a `share` or `reuseport` listener, which
+  the balancer never sees) has no record. It is taken only as a connected stream
+  socket that names no `balance` listener (those connections it would have been
+  given), and goes to the worker's own app only, with the kernel's peer address (on a
+  PROXY listener, where the kernel's is the proxy's, the worker's word: it reaches
+  only its own app). So no worker can reach another app, or forge a client address
+  for one.
+* **A worker that lies loses its link**: an fd that is not a connection, or that it
+  was not given on a `balance` listener (closed at once), a HANDBACK naming an app, a
+  message that does not decode, a kind only the master takes. The link is shut down
+  (the worker sees its channel end and stops, so the master replaces it) and its
+  unacknowledged connections go elsewhere; the balancer carries on. Ids in a REPORT
+  that name no connection of that worker count for nothing.
 * A worker that hands a connection back retires: it gets no more connections.
-* After a master upgrade (`upstream` set) handed-back connections go to the new
-  master's balancer, naming their app; if that fails they are dispatched here.
+* Only the old master's balancer (a negative key, after an upgrade) names the app of
+  what it hands over; after a master upgrade (`upstream` set) handed-back connections
+  go to the new master's balancer, naming their app; if that fails they are
+  dispatched here.
 * At most READS_PER_WAKEUP messages are read from one link per wakeup, so a chatty
   worker cannot starve the others (the level-triggered loop comes back for the rest).
 """
@@ -23,9 +46,9 @@ import socket
 from collections.abc import Callable
 
 from supervisor.balancer.dispatch import Decision, Dispatcher, Send, Worker
-from supervisor.balancer.intake import Pending
+from supervisor.balancer.intake import Intake, Pending
 from supervisor.ipc import channel
-from supervisor.ipc.channel import ChannelClosed
+from supervisor.ipc.channel import ChannelClosed, Truncated
 from supervisor.ipc.messages import HandBack, MessageError, Report, encode_conn
 from supervisor.system.loop import Loop
 
@@ -34,26 +57,32 @@ READS_PER_WAKEUP = 64
 
 class WorkerLink:
     """One worker's channel end (`key`: its pid; negative for the old master's
-    balancer after an upgrade, which only hands connections over) and its core record."""
+    balancer after an upgrade, which only hands connections over), its core record,
+    and the connections sent to it that it still holds (`owned`: conn id -> Pending,
+    indexed by socket identity in `by_ident` once it first hands one back)."""
 
-    __slots__ = ("key", "app", "sock", "worker")
+    __slots__ = ("key", "app", "sock", "worker", "owned", "by_ident")
 
     def __init__(self, key: int, app: str, sock: socket.socket, worker: Worker) -> None:
         self.key = key
         self.app = app
         self.sock = sock
         self.worker = worker
+        self.owned: dict[int, Pending] = {}
+        self.by_ident: dict[tuple[int, int], int] | None = None
 
 
 class Links:
     """Every worker link of the balancer. `perform` carries out a core decision (the
     balancer's; it calls `send_conn` for a Send)."""
 
-    def __init__(self, loop: Loop, core: Dispatcher, perform: Callable[[Decision | None], None], log) -> None:
+    def __init__(self, loop: Loop, core: Dispatcher, perform: Callable[[Decision | None], None], log,
+                 intake: Intake | None = None) -> None:
         self.loop = loop
         self.core = core
         self.perform = perform
         self.log = log
+        self.intake = intake   # which listeners are `balance` ones, and which expect PROXY headers
         self.by_key: dict[int, WorkerLink] = {}
         self.upstream: socket.socket | None = None   # a new master's balancer, after an upgrade
         # Counters, for /metrics.
@@ -86,10 +115,17 @@ class Links:
         if type(peer) is not tuple:   # a UNIX socket's peer: a path, or nothing
             peer = (str(peer or ""), 0)
         message = encode_conn(send.conn_id, peer, pending.listener, pending.data, pending.proxy)
+        fd = pending.sock.fileno()
+        link = self.by_key[send.worker.key]
         try:
-            channel.send_encoded(self.by_key[send.worker.key].sock, message, [pending.sock.fileno()])
+            channel.send_encoded(link.sock, message, [fd])
         except OSError:
             return False
+        stat = os.fstat(fd)
+        pending.ident = ident = (stat.st_dev, stat.st_ino)
+        link.owned[send.conn_id] = pending
+        if link.by_ident is not None:
+            link.by_ident[ident] = send.conn_id
         return True
 
     def _readable(self, link: WorkerLink) -> None:
@@ -102,50 +138,150 @@ class Links:
             except (ChannelClosed, ConnectionError):
                 self._gone(link)
                 return
-            except MessageError as exc:
-                self.log.warning("worker %d sent a bad message: %s", link.key, exc)
+            except Truncated as exc:   # we are out of fds: our shortage, not the worker's lie
+                self.log.warning("worker %d: %s; the connection it carried is lost", link.key, exc)
                 continue
+            except MessageError as exc:
+                if link.key < 0:   # the old master's balancer: ours, never lying
+                    self.log.warning("the old master's balancer sent a bad message: %s", exc)
+                    continue
+                self._drop(link, f"sent a bad message: {exc}")
+                return
             kind = type(message)
             if kind is Report:
-                for conn in core.report(worker, message.acked, message.closed, message.busy):
+                owned = link.owned
+                closed = message.closed
+                if closed:   # only what it was given counts (and stops being handed back)
+                    closed = [conn_id for conn_id in closed if owned.pop(conn_id, None) is not None]
+                for conn in core.report(worker, message.acked, closed, message.busy):
                     conn.sock.close()   # the worker owns it now
+                if message.refused:
+                    self._refused(link, message.refused)
             elif kind is HandBack:   # with its one fd
-                self._handed_back(link, message, fds[0])
+                if not self._handed_back(link, message, fds[0]):
+                    return
             else:
                 for fd in fds:
                     os.close(fd)
-                self.log.warning("worker %d sent a %s message, which only the master takes", link.key, message.KIND)
+                if link.key < 0:
+                    self.log.warning("the old master's balancer sent a %s message", message.KIND)
+                    continue
+                self._drop(link, f"sent a {message.KIND} message, which only the master takes")
+                return
 
-    def _handed_back(self, link: WorkerLink, message: HandBack, fd: int) -> None:
+    def _refused(self, link: WorkerLink, conn_ids: tuple[int, ...]) -> None:
+        """Connections whose fd never reached the worker: they go elsewhere."""
+        unacked = link.worker.unacked
+        refused = [conn_id for conn_id in conn_ids if conn_id in unacked]
+        for conn_id in refused:
+            link.owned.pop(conn_id, None)
+        if refused:
+            self.log.warning("worker %d could not take %d connections (out of fds); passing them on",
+                             link.key, len(refused))
+        for decision in self.core.refused(link.worker, refused):
+            self.perform(decision)
+
+    def _handed_back(self, link: WorkerLink, message: HandBack, fd: int) -> bool:
+        """Pass a handed-back connection on; False if that cost the worker its link."""
+        if link.key < 0:   # the old master's balancer: what it says is ours to believe
+            self._pass_on(fd, message.peer, message.listener, message.data, message.app or link.app,
+                          message.peer[0])
+            return True
+        stat = os.fstat(fd)
+        ident = (stat.st_dev, stat.st_ino)
+        if link.by_ident is None:   # once per worker: its first hand-back
+            link.by_ident = {pending.ident: conn_id for conn_id, pending in link.owned.items()}
+        conn_id = link.by_ident.pop(ident, None)
+        recorded = link.owned.pop(conn_id, None) if conn_id is not None else None
+        if recorded is None or recorded.ident != ident:
+            return self._handed_back_unrecorded(link, message, fd)
+        worker = link.worker
+        self.core.detach(worker)   # only a retiring worker hands connections back
+        # It ended at this worker (its REPORT's word for it, which follows, counts for
+        # nothing now); if it was never acknowledged, our copy goes.
+        for conn in self.core.report(worker, (conn_id,), (conn_id,), worker.busy):
+            conn.sock.close()
+        self._pass_on(fd, _presented_peer(recorded), recorded.listener, message.data, link.app, recorded.client)
+        if message.app:
+            self._drop(link, f"handed back a connection naming app {message.app!r}")
+            return False
+        return True
+
+    def _handed_back_unrecorded(self, link: WorkerLink, message: HandBack, fd: int) -> bool:
+        """A connection we did not give: see the module's promises."""
+        intake = self.intake
+        balanced = intake.routes if intake is not None else ()
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            os.close(fd)
+            self._drop(link, f"handed back something that is not a connection: {exc}")
+            return False
+        try:
+            if message.listener in balanced:
+                raise OSError(f"a connection of listener {message.listener!r}, which it was never given")
+            if sock.type != socket.SOCK_STREAM or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                raise OSError("not a connected stream socket")
+            peer = sock.getpeername()
+        except OSError as exc:
+            sock.close()
+            self._drop(link, f"handed back something that is not a connection it may hand back ({exc});"
+                             " closed it")
+            return False
+        if intake is not None and message.listener in intake.proxy_listeners:
+            peer = message.peer
+        elif type(peer) is tuple:
+            peer = (peer[0], peer[1])
+        else:
+            peer = (str(peer or ""), 0)   # a UNIX socket's peer
         self.core.detach(link.worker)   # only a retiring worker hands connections back
-        app = message.app or link.app   # from the old master's balancer, the message names it
+        self._pass_on(sock.detach(), peer, message.listener, message.data, link.app, peer[0] or None)
+        if message.app:
+            self._drop(link, f"handed back a connection naming app {message.app!r}")
+            return False
+        return True
+
+    def _pass_on(self, fd: int, peer: tuple[str, int], listener: str, data: bytes, app: str,
+                 client: str | None) -> None:
         self.handed_back += 1
         self.handbacks[app] = self.handbacks.get(app, 0) + 1
         if self.upstream is not None:
             try:
-                channel.send(self.upstream, HandBack(message.peer, message.listener, message.data, app), [fd])
+                channel.send(self.upstream, HandBack(peer, listener, data, app), [fd])
                 os.close(fd)
                 return
             except (OSError, ValueError) as exc:  # ValueError: with `app`, too big for one message
                 self.log.warning("could not pass a connection to the new master: %s", exc)
         try:
             sock = socket.socket(fileno=fd)
-        except OSError as exc:  # the fd a worker sent is not a socket
+        except OSError as exc:  # the fd the old master's balancer sent is not a socket
             os.close(fd)
-            self.log.warning("worker %d handed back something that is not a connection: %s", link.key, exc)
+            self.log.warning("handed back something that is not a connection: %s", exc)
             return
-        self.perform(self.core.dispatch(
-            Pending(sock, message.peer, message.listener, app, message.peer[0], data=message.data)))
+        self.perform(self.core.dispatch(Pending(sock, peer, listener, app, client, data=data)))
+
+    def _drop(self, link: WorkerLink, why: str) -> None:
+        """The worker lied: use it no more. The master holds a copy of this channel end
+        (for a restarted balancer), so closing ours alone would tell the worker nothing:
+        shutting the channel down (`_gone`) is what it hears."""
+        self.log.error("worker %d %s; dropping its link", link.key, why)
+        self._gone(link)
 
     def _gone(self, link: WorkerLink) -> None:
+        """The channel ended (or we end it: a zero-length record reads as its end, and
+        only app code sends one). Shut down, so a worker still there hears it too."""
         self.loop.unregister(link.sock)
+        try:
+            link.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         link.sock.close()
         del self.by_key[link.key]
         for decision in self.core.gone(link.worker):
             self.perform(decision)
 
     def close(self) -> None:
-        """Close every link (the balancer is exiting)."""
+        """Close every link (the balancer is exiting); the master keeps its copies."""
         for link in self.by_key.values():
             self.loop.unregister(link.sock)
             link.sock.close()
@@ -153,3 +289,12 @@ class Links:
         if self.upstream is not None:
             self.upstream.close()
             self.upstream = None
+
+
+def _presented_peer(pending: Pending) -> tuple[str, int]:
+    """The client address a connection's next worker is told: the PROXY header's, once
+    the first worker consumed that header; (host, port) even for IPv6."""
+    peer = pending.origin if pending.proxy else pending.peer
+    if type(peer) is tuple:
+        return (peer[0], peer[1])
+    return (str(peer or ""), 0)   # a UNIX socket's peer, or no address at all

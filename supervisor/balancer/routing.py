@@ -37,6 +37,7 @@ the config reader also uses for `[apps.X] hosts` entries and bind host names.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
@@ -184,7 +185,16 @@ def peek_host(data: bytes, max_head: int = DEFAULT_MAX_HEAD) -> Peek:
         reason, host_value = _scan_fields(field_lines)
     if reason is not None:
         return _invalid(reason)
+    return request_host(host_value, target, minor)
 
+
+def request_host(host_value: bytes | None, target: bytes, minor: int = 1) -> Peek:
+    """The host of a request whose head is read: from its Host field's value (None:
+    no Host field; surrounding whitespace stripped), unless its target is in absolute
+    form ("http://example.com/"), which supplies the host instead (RFC 9112 §3.2.2).
+    `minor` is the HTTP/1.x minor version. What `peek_host` decides once the head is
+    whole, for a caller that parsed the head itself (the worker, which checks every
+    request of a connection against the listener's routing, not just the first)."""
     if host_value is None:
         if minor != 0:
             return _invalid("HTTP/1.1 request without Host")
@@ -474,3 +484,24 @@ class HostTable:
                     return app
                 dot = host.find(".", dot + 1)
         return self.default
+
+
+@dataclass(frozen=True)
+class ListenerRoute:
+    """How one balance listener picks an app: one app outright, or by Host/SNI."""
+    only_app: str | None
+    hosts: HostTable | None
+
+
+def build_routes(payload: Mapping) -> dict[str, ListenerRoute]:
+    """Each listener's route from a routing table (see `balancer.process.routing_payload`).
+    ValueError on a host pattern `HostTable` refuses."""
+    routes = {}
+    apps = payload["apps"]
+    for name, app_names in payload["listeners"].items():
+        if len(app_names) == 1:
+            routes[name] = ListenerRoute(app_names[0], None)
+        else:
+            routes[name] = ListenerRoute(None, HostTable(
+                [(app, tuple(apps[app]["hosts"]), apps[app]["default"]) for app in app_names]))
+    return routes

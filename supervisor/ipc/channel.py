@@ -5,6 +5,9 @@ close-on-exec set, a truncated control message is an error, the number of fds mu
 exactly what the message announced (which `messages.decode` holds to what its kind
 carries), and on any error every received fd is closed so nothing leaks. So a receiver
 gets a well-formed message with exactly its fds, or ChannelClosed, or MessageError.
+A message that arrived whole but whose fds did not (the receiver was at its fd limit,
+so the kernel dropped them: MSG_CTRUNC) raises `Truncated`, a MessageError that still
+carries the decoded message, so the receiver can say which one it could not take.
 The sender keeps its own copies; it closes them only once sendmsg has succeeded, if it
 wants to.
 """
@@ -23,12 +26,21 @@ _ANCILLARY_BYTES = socket.CMSG_SPACE(_MAX_FDS * _FD_BYTES)
 _MAX_MESSAGE_BYTES = messages.MAX_MESSAGE_BYTES
 _SOL_SOCKET, _SCM_RIGHTS = socket.SOL_SOCKET, socket.SCM_RIGHTS
 _CMSG_CLOEXEC = socket.MSG_CMSG_CLOEXEC
-_TRUNCATED = socket.MSG_CTRUNC | socket.MSG_TRUNC
+_MSG_TRUNC, _MSG_CTRUNC = socket.MSG_TRUNC, socket.MSG_CTRUNC
 _encode, _decode = messages.encode, messages.decode
 
 
 class ChannelClosed(Exception):
     """The peer closed its end."""
+
+
+class Truncated(MessageError):
+    """`message` arrived without (all of) its fds: we were out of fds, or the sender
+    attached more than a message may carry. Whatever fds did arrive are closed."""
+
+    def __init__(self, message: Message) -> None:
+        super().__init__(f"{message.KIND} message arrived without its fds (out of fds?)")
+        self.message = message
 
 
 def pair() -> tuple[socket.socket, socket.socket]:
@@ -59,13 +71,17 @@ def receive(sock: socket.socket) -> tuple[Message, list[int]]:
     data, ancillary, flags, _ = sock.recvmsg(_MAX_MESSAGE_BYTES, _ANCILLARY_BYTES, _CMSG_CLOEXEC)
     fds = _fds_from(ancillary) if ancillary else []
     try:
-        if flags & _TRUNCATED:
-            raise MessageError("message or its fds were truncated")
+        if flags & _MSG_TRUNC:
+            raise MessageError("message was truncated")
         if not data:
             if fds:
                 raise MessageError("fds arrived without a message")
+            if flags & _MSG_CTRUNC:
+                raise MessageError("fds were truncated, and no message came with them")
             raise ChannelClosed()
         message = _decode(data)
+        if flags & _MSG_CTRUNC:
+            raise Truncated(message)
         if data[0] != len(fds):
             raise MessageError(f"{message.KIND} message announced {data[0]} fds, {len(fds)} arrived")
         return message, fds

@@ -158,3 +158,34 @@ def test_hostile_binary_on_the_wire_closes_the_fds_that_came_with_it():
             os.close(fd)
         left.close()
         right.close()
+
+
+def test_a_message_whose_fds_could_not_be_received_is_truncated_and_still_decoded():
+    """At its fd limit the receiver gets the message without its fd (MSG_CTRUNC):
+    `Truncated` carries the message, so a worker can say which connection it missed."""
+    import resource
+
+    left, right = channel.pair()
+    r, w = os.pipe()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers = []
+    try:
+        channel.send(left, Conn(id=7, peer=("192.0.2.1", 80), listener="web"), [r])
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        try:
+            while True:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass   # EMFILE: not one fd more
+        with pytest.raises(channel.Truncated) as caught:
+            channel.receive(right)
+        assert caught.value.message == Conn(id=7, peer=("192.0.2.1", 80), listener="web")
+        assert isinstance(caught.value, MessageError)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for fd in (r, w):
+            os.close(fd)
+        left.close()
+        right.close()

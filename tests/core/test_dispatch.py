@@ -21,6 +21,7 @@ from supervisor.balancer.dispatch import (
     APP_GONE,
     OVERFLOW,
     QUEUE_TIMEOUT,
+    WORKER_REFUSED,
     Connection,
     Dispatcher,
     Refuse,
@@ -370,3 +371,30 @@ def test_attaching_a_key_twice_is_refused():
 
 def test_reasons_are_the_counters_names():
     assert (OVERFLOW, QUEUE_TIMEOUT, APP_GONE) == ("overflow_503", "queue_timeout_503", "app_gone")
+
+
+def test_a_refused_connection_goes_to_another_worker_then_is_refused():
+    core = Dispatcher(FakeClock())
+    core.set_apps({"a": "round-robin"})
+    one, two = core.attach(1, "a"), core.attach(2, "a")
+    conn = Named("c1", "a", None)
+    first = core.dispatch(conn)
+    (second,) = core.refused(first.worker, (first.conn_id, 12345))   # an id it was never sent: nothing
+    assert type(second) is Send and second.worker is not first.worker and second.conn is conn
+    assert first.conn_id not in first.worker.unacked and first.worker.connections == 0
+    (third,) = core.refused(second.worker, (second.conn_id,))
+    assert type(third) is Send and third.worker is first.worker   # each may refuse it once
+    (last,) = core.refused(third.worker, (third.conn_id,))
+    assert (type(last), last.reason) == (Refuse, WORKER_REFUSED)
+    assert core.worker_refused_503 == 1 and core.dispatched == 0
+    assert {one.connections, two.connections} == {0}
+
+
+def test_a_connection_refused_by_the_only_worker_is_refused_at_once_never_queued():
+    core = Dispatcher(FakeClock())
+    core.set_apps({"a": "least-connections"})
+    core.attach(1, "a")
+    send = core.dispatch(Named("c1", "a", None))
+    assert [(type(d), d.reason) for d in core.refused(send.worker, (send.conn_id,))] == [(Refuse, WORKER_REFUSED)]
+    assert core.queued == 0
+    assert core.refused(send.worker, (send.conn_id,)) == []   # told twice: once counts
