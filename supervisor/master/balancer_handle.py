@@ -6,6 +6,11 @@ afterwards it sends ROUTES (new table, new listeners), ATTACH and DETACH (a work
 starts or stops taking connections), METRICS, DRAIN and UPSTREAM over its channel.
 A send that fails is logged; the balancer it was meant for is then dead or dying, and
 a restarted one is forked with the state as it is by then.
+
+The balancer sends HEARTBEAT from its loop (`on_alive`), so the supervision core can
+replace one that is stopped or stuck. Who it runs as is decided once, at its first
+start (`privileges.balancer_identity`), and kept for every restart: `balancer_user`
+waits for an upgrade like the other settings of the balancer's process.
 """
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ from typing import Callable
 from supervisor.balancer import process as balancer_process
 from supervisor.config.model import Config
 from supervisor.ipc import channel, messages
+from supervisor.ipc.channel import ChannelClosed
+from supervisor.ipc.messages import MessageError
+from supervisor.master import supervision as sv
 from supervisor.master.sidecar import Sidecar
 from supervisor.system import privileges
 from supervisor.system.log import Logs
@@ -26,12 +34,15 @@ NAME = "balancer"
 
 
 class BalancerHandle:
-    def __init__(self, loop: Loop, logs: Logs, on_exit: Callable[[str, int | None], None]):
+    def __init__(self, loop: Loop, logs: Logs, on_exit: Callable[[str, int | None], None],
+                 on_alive: Callable[[], None] = lambda: None):
         self.loop = loop
         self.logs = logs
         self.log = logs.error
         self.on_exit = on_exit      # (name, wait status) once it is reaped
+        self.on_alive = on_alive    # a heartbeat arrived from the running balancer
         self.process: Sidecar | None = None
+        self.identity: privileges.Identity | None = None
 
     @property
     def running(self) -> bool:
@@ -40,21 +51,47 @@ class BalancerHandle:
     def start(self, config: Config, listening: dict[str, socket.socket], links: dict[int, tuple[str, socket.socket]],
               health: socket.socket | None, clock_now: float) -> None:
         """Fork the balancer with `links` (worker pid -> (app, the balancer's channel end))."""
-        user = config.master.balancer_user or ("nobody" if os.geteuid() == 0 else None)
-        identity = privileges.resolve(user, None)
+        if self.identity is None:
+            self.identity, why = privileges.balancer_identity(config.master.balancer_user, config.path or "",
+                                                              os.geteuid() == 0)
+            self.log.info("the balancer runs as %s (%s)", self.identity.name, why)
+        identity = self.identity
         keep = [*(s.fileno() for s in listening.values()), *(s.fileno() for _, s in links.values()), *self.logs.fds]
         if health is not None:
             keep.append(health.fileno())
         payload, master_pid = balancer_process.routing_payload(config), os.getpid()
         self.process = Sidecar.start(
             NAME, lambda end: balancer_process.main(payload, identity, listening, end, links, self.logs,
-                                                    master_pid, health), keep, clock_now)
+                                                    master_pid, health, sv.BALANCER_HEARTBEAT_S), keep, clock_now)
         process = self.process
         self.loop.register(process.pidfd, lambda: self._reap(process))
+        self.loop.register(process.channel, lambda: self._on_message(process))
         self.log.info("balancer (pid %d) started as %s", process.pid, identity.name)
+
+    def _on_message(self, process: Sidecar) -> None:
+        while True:
+            try:
+                message, fds = channel.receive(process.channel)
+            except BlockingIOError:
+                return
+            except (ChannelClosed, ConnectionError):
+                self.loop.unregister(process.channel)   # it is dying: the pidfd says when it is gone
+                return
+            except MessageError as exc:
+                self.log.warning("the balancer sent a bad message: %s", exc)
+                continue
+            for fd in fds:
+                os.close(fd)
+            if type(message) is messages.Heartbeat:
+                if process is self.process:
+                    self.on_alive()
+            else:
+                self.log.warning("the balancer sent an unexpected %s message", message.KIND)
 
     def _reap(self, process: Sidecar) -> None:
         self.loop.unregister(process.pidfd)
+        if process.channel.fileno() >= 0 and self.loop.registered(process.channel):
+            self.loop.unregister(process.channel)
         status = process.reap()
         if process is self.process:
             self.process = None
@@ -94,7 +131,8 @@ class BalancerHandle:
 
     def kill_now(self) -> None:
         if self.process is not None:
-            if self.loop.registered(self.process.pidfd):
-                self.loop.unregister(self.process.pidfd)
+            for fd in (self.process.pidfd, self.process.channel):
+                if self.loop.registered(fd):
+                    self.loop.unregister(fd)
             self.process.kill_now()
             self.process = None

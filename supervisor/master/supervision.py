@@ -2,11 +2,11 @@
 
 `Supervisor` is fed commands (add an app, restart it as a new generation, rescale,
 stop) and events (a worker was forked, said READY, failed to boot, sent a heartbeat,
-exited; a sidecar started or exited; time passed) and answers each with a list of
-actions for the master process to carry out (fork a worker, send it STOP, signal it,
-attach it to the balancer or detach it, log a line). It forks nothing, reads no clock
-of its own (time comes from the injected `clock`), and touches no fd, so every timeout
-path is a table test on a fake clock.
+exited; a sidecar started, sent a heartbeat or exited; time passed) and answers each
+with a list of actions for the master process to carry out (fork a worker, send it
+STOP, signal it, attach it to the balancer or detach it, log a line). It forks
+nothing, reads no clock of its own (time comes from the injected `clock`), and touches
+no fd, so every timeout path is a table test on a fake clock.
 
 Promises:
 * An app serves from its *current* generation. A restart boots a whole *next*
@@ -38,8 +38,10 @@ ABORT_GRACE_S = 2.0        # after SIGABRT (stacks written), SIGKILL
 QUICK_STOP_GRACE_S = 1.0   # a quick stop's SIGQUIT, then SIGKILL
 SIDECAR_RESTART_PAUSE_S = 0.5
 SIDECAR_YOUNG_S = 1.0      # a sidecar that dies younger than this restarts after a pause
+BALANCER_HEARTBEAT_S = 1.0                       # how often the balancer's loop says it is alive
+BALANCER_SILENT_S = 4 * BALANCER_HEARTBEAT_S     # silent this long: stopped (SIGSTOP) or stuck
 
-SIGKILL, SIGTERM, SIGQUIT, SIGABRT = "SIGKILL", "SIGTERM", "SIGQUIT", "SIGABRT"
+SIGKILL, SIGTERM, SIGQUIT, SIGABRT, SIGCONT = "SIGKILL", "SIGTERM", "SIGQUIT", "SIGABRT", "SIGCONT"
 
 
 # -- actions -------------------------------------------------------------------------
@@ -99,7 +101,8 @@ class StartSidecar:
 @dataclass(frozen=True)
 class SignalSidecar:
     name: str
-    signal: str       # SIGTERM to stop it, SIGKILL past its drain deadline
+    signal: str       # SIGTERM to stop it, SIGKILL past its drain deadline; a silent one
+                      # gets SIGCONT then SIGABRT (its stacks), then SIGKILL
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,12 @@ class SidecarExited:
     status: str
 
 
+@dataclass(frozen=True)
+class SidecarHeartbeat:
+    """The sidecar's loop said it is alive (the balancer does, every BALANCER_HEARTBEAT_S)."""
+    name: str
+
+
 # -- state ---------------------------------------------------------------------------
 
 
@@ -267,6 +276,7 @@ class SidecarRecord:
     started_at: float = 0.0
     restart_at: float | None = None
     kill_at: float | None = None
+    heard_at: float | None = None   # its last heartbeat (or its start); None: not judged by silence
 
 
 @dataclass(frozen=True)
@@ -274,6 +284,9 @@ class Settings:
     boot_timeout_s: float = 30.0
     graceful_timeout_s: float = 30.0
     crash_backoff_max_s: float = 30.0
+    # The balancer silent this long is stopped or stuck: aborted, then restarted. None:
+    # never judged by silence (an executor whose balancer sends no heartbeat).
+    balancer_silent_s: float | None = None
 
 
 def heartbeat_interval_s(config: AppConfig) -> float:
@@ -473,13 +486,20 @@ class Supervisor:
     def _on_sidecar_started(self, event: SidecarStarted) -> None:
         sidecar = self.sidecars.setdefault(event.name, SidecarRecord(event.name))
         sidecar.running, sidecar.started_at, sidecar.restart_at = True, self.clock(), None
+        # Judged from its start, so one that never reaches its loop is caught too.
+        sidecar.heard_at = sidecar.started_at if self._silent_s(sidecar) is not None else None
+
+    def _on_sidecar_heartbeat(self, event: SidecarHeartbeat) -> None:
+        sidecar = self.sidecars.get(event.name)
+        if sidecar is not None and sidecar.running and sidecar.heard_at is not None:
+            sidecar.heard_at = self.clock()
 
     def _on_sidecar_exited(self, event: SidecarExited) -> None:
         sidecar = self.sidecars.get(event.name)
         if sidecar is None or not sidecar.running:
             return
         now = self.clock()
-        sidecar.running, sidecar.kill_at = False, None
+        sidecar.running, sidecar.kill_at, sidecar.heard_at = False, None, None
         if self.stopping:
             return
         young = now - sidecar.started_at < SIDECAR_YOUNG_S
@@ -490,6 +510,7 @@ class Supervisor:
         Spawned: _on_spawned, SpawnFailed: _on_spawn_failed, Ready: _on_ready,
         BootFailed: _on_boot_failed, Heartbeat: _on_heartbeat, Exited: _on_exited,
         SidecarStarted: _on_sidecar_started, SidecarExited: _on_sidecar_exited,
+        SidecarHeartbeat: _on_sidecar_heartbeat,
     }
 
     # -- time ----------------------------------------------------------------------
@@ -513,6 +534,8 @@ class Supervisor:
             if due[1] == "restart":
                 sidecar.restart_at = None
                 self._emit(StartSidecar(sidecar.name))
+            elif due[1] == "silent":
+                self._due_sidecar_silent(sidecar, now)
             else:
                 sidecar.kill_at = None
                 self._emit(SignalSidecar(sidecar.name, SIGKILL))
@@ -546,9 +569,29 @@ class Supervisor:
     def _sidecar_deadline(self, sidecar: SidecarRecord) -> tuple[float, str] | None:
         if sidecar.restart_at is not None and not self.stopping:
             return sidecar.restart_at, "restart"
-        if sidecar.kill_at is not None and sidecar.running:
-            return sidecar.kill_at, "kill"
-        return None
+        if not sidecar.running:
+            return None
+        due = []
+        if sidecar.kill_at is not None:
+            due.append((sidecar.kill_at, "kill"))
+        silent_s = self._silent_s(sidecar)
+        if sidecar.heard_at is not None and silent_s is not None:
+            due.append((sidecar.heard_at + silent_s, "silent"))
+        return min(due, default=None)
+
+    def _silent_s(self, sidecar: SidecarRecord) -> float | None:
+        return self.settings.balancer_silent_s if sidecar.name == "balancer" else None
+
+    def _due_sidecar_silent(self, sidecar: SidecarRecord, now: float) -> None:
+        """A sidecar's loop went silent: it is stopped (SIGSTOP) or stuck. Woken so that
+        its stacks can be written (SIGABRT), then killed if that does not end it; its
+        exit restarts it as any exit does."""
+        self._log("error", f"{sidecar.name} sent no heartbeat for {now - sidecar.heard_at:.1f}s "
+                           f"(stopped or stuck): aborting it, its stacks follow; a new one replaces it")
+        sidecar.heard_at = None
+        self._emit(SignalSidecar(sidecar.name, SIGCONT))
+        self._emit(SignalSidecar(sidecar.name, SIGABRT))
+        sidecar.kill_at = min(sidecar.kill_at or now + ABORT_GRACE_S, now + ABORT_GRACE_S)
 
     def _due_respawn(self, worker: WorkerRecord, now: float) -> None:
         app = self.apps.get(worker.app)

@@ -4,6 +4,10 @@ The watcher is a small child that watches the config file, its includes and the 
 `reload_on` trees, and sends CHANGED with topics ("config", "app:NAME"). When the set
 of watched files changes, a new watcher starts and the old one keeps watching until
 the new one says READY, so no change made during the switch goes unnoticed.
+
+It only reads, so under a root master it runs as the config file's owner, or (a file
+root owns) as the balancer does: never as root, unless that identity cannot read
+what it must watch (the watcher then says so and stays root; see `watch.watcher`).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from supervisor.ipc import channel, messages
 from supervisor.ipc.channel import ChannelClosed
 from supervisor.ipc.messages import MessageError
 from supervisor.master.sidecar import Sidecar
+from supervisor.system import privileges, users
 from supervisor.system.log import Logs
 from supervisor.system.loop import Loop
 from supervisor.watch import topics
@@ -26,8 +31,10 @@ NAME = "watcher"
 
 class WatcherHandle:
     def __init__(self, loop: Loop, logs: Logs, on_changed: Callable[[list[str]], None],
-                 on_exit: Callable[[str, int | None], None]):
+                 on_exit: Callable[[str, int | None], None],
+                 balancer_identity: Callable[[], privileges.Identity | None] = lambda: None):
         self.loop = loop
+        self.balancer_identity = balancer_identity   # the running balancer's, once it started
         self.logs = logs
         self.log = logs.error
         self.on_changed = on_changed    # (sorted topics)
@@ -44,10 +51,27 @@ class WatcherHandle:
         if config.path is None:
             return   # `baton serve` has no file to watch
         watch = topics.watch_for(config)
-        process = Sidecar.start(NAME, lambda end: watcher_mod.main(watch, end), self.logs.fds, clock_now)
+        identity, why = self._identity(config)
+        process = Sidecar.start(NAME, lambda end: watcher_mod.main(watch, end, identity, why, self.log),
+                                self.logs.fds, clock_now)
         self.process, self.watching = process, watch
         self.loop.register(process.pidfd, lambda: self._reap(process))
         self.loop.register(process.channel, lambda: self._on_message(process))
+
+    def _identity(self, config: Config) -> tuple[privileges.Identity | None, str]:
+        """Who the watcher becomes (None: stay who the master is, not root), and why."""
+        if os.geteuid() != 0:
+            return None, ""
+        try:
+            owner = os.stat(config.path).st_uid
+        except OSError:
+            owner = 0   # gone since it was read: the balancer's identity, as for root's files
+        if owner != 0 and users.user(owner) is not None:
+            return privileges.resolve(str(owner), None), "the owner of the config file"
+        identity = self.balancer_identity()
+        if identity is None:
+            identity, _ = privileges.balancer_identity(config.master.balancer_user, config.path, True)
+        return identity, "the balancer's identity: root owns the config file"
 
     def follow(self, config: Config, clock_now: float) -> None:
         """Watch what `config` names, if that differs from what is watched now."""

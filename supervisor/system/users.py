@@ -15,9 +15,13 @@ import grp
 import pwd
 import socket
 import struct
+import zlib
 from typing import NamedTuple
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid_t pid, uid_t uid, gid_t gid
+
+# The ids systemd hands out for DynamicUser=: no distribution puts accounts there.
+DYNAMIC_IDS = range(61184, 65520)
 
 
 def numeric_id(name_or_id: int | str) -> int | None:
@@ -47,6 +51,23 @@ def _entry(by_name, by_id, name_or_id: int | str):
         return by_name(name_or_id) if number is None else by_id(number)
     except (KeyError, OverflowError, ValueError):  # unknown; a NUL; beyond uid_t / gid_t
         return None
+
+
+def unused_id(seed: str) -> int | None:
+    """An id in DYNAMIC_IDS that is neither a uid nor a gid of this system's databases,
+    or None when every one is taken.
+
+    The search starts at a place derived from `seed` (say, a config file's path), so
+    the same seed gets the same id while the databases stay as they are, and two
+    seeds (two masters on one machine) most likely get different ones. An id with no
+    passwd entry is one no app can run as: an app's user must be one the system knows.
+    """
+    start = zlib.crc32(seed.encode("utf-8", "surrogateescape")) % len(DYNAMIC_IDS)
+    for offset in range(len(DYNAMIC_IDS)):
+        candidate = DYNAMIC_IDS[(start + offset) % len(DYNAMIC_IDS)]
+        if user(candidate) is None and group(candidate) is None:
+            return candidate
+    return None
 
 
 class PeerCredentials(NamedTuple):

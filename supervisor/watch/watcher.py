@@ -15,6 +15,9 @@ Its promises:
   importing its code), so a reload never triggers itself.
 - watchdog's threads only queue events and wake the process's one event loop
   (`supervisor.system.loop`); everything else happens in the loop's thread.
+- It needs only to read, so under a root master it gives up root before it watches
+  (`main`), unless the identity it is given could not read a watched directory: then
+  it says so in the error log and stays root rather than go deaf.
 """
 from __future__ import annotations
 
@@ -35,14 +38,20 @@ WATCHDOG_DOUBLE_ADD = "Callback with id"  # a harmless watchdog warning; see `ma
 # -- the watcher loop -------------------------------------------------------------
 
 
-def main(watch: Watch, end: socket.socket) -> int:
+def main(watch: Watch, end: socket.socket, identity=None, why: str = "", log=None) -> int:
     """The watcher child: send each report to the master as a CHANGED message; return
-    when the master's end closes (the master never writes to this channel)."""
+    when the master's end closes (the master never writes to this channel).
+
+    With an `identity` (a `privileges.Identity`; `why` says how it was chosen), drop
+    to it first if it can list every watched directory; `log` (a logger) hears which
+    way it went."""
     import setproctitle
 
     from supervisor.ipc import channel
     from supervisor.ipc.messages import Changed, Ready
 
+    if identity is not None:
+        _become(identity, why, watch, log)
     setproctitle.setproctitle("baton: watcher")
     # watchdog 7 warns from its inotify thread when a new directory tree is added to a
     # recursive watch twice (a benign race); under -W error that warning would kill the
@@ -52,6 +61,38 @@ def main(watch: Watch, end: socket.socket) -> int:
     run_watcher(watch, lambda topics: channel.send(end, Changed(topics=tuple(topics))),
                 stop_fd=end.fileno(), on_ready=lambda: channel.send(end, Ready(pid=os.getpid())))
     return 0
+
+
+def _become(identity, why: str, watch: Watch, log) -> None:
+    """Drop to `identity`, or stay root (and say so) if it could not list a watched
+    directory: inotify would then skip that directory silently, and a config edit
+    there would go unnoticed."""
+    from supervisor.system import privileges
+
+    directories = sorted({_existing_directory(path) for path, _ in watch.roots()})
+    try:
+        denied = privileges.unreadable(identity, directories)
+        if not denied:
+            privileges.drop(identity)
+    except (OSError, privileges.PrivilegeError) as exc:
+        # Root without the right to switch ids (a confined container): watching as
+        # root beats a watcher that dies at every start.
+        log.warning("the watcher stays root: cannot switch to %s: %s", identity.name, exc)
+        return
+    if denied:
+        log.warning("the watcher stays root: %s cannot read %s (changes there would go unnoticed); "
+                    "make them readable to it to run the watcher unprivileged",
+                    identity.name, ", ".join(denied))
+        return
+    log.info("the watcher runs as %s (%s)", identity.name, why)
+
+
+def _existing_directory(path: str) -> str:
+    """`path`, or its nearest ancestor that is a directory (what `_Directories` watches
+    for a root that does not exist yet)."""
+    while _identity(path) is None and path != "/":
+        path = os.path.dirname(path)
+    return path
 
 
 def run_watcher(watch: Watch, report: Callable[[list[str]], None], stop_fd: int | None = None,

@@ -14,12 +14,15 @@ from pathlib import Path
 from conftest import (
     REPO,
     alive,
+    cmdline,
     free_port,
     http_request,
     listening_inode,
     proc_status,
     wait_for,
 )
+
+from supervisor.system import users
 
 ROOT = os.geteuid() == 0
 
@@ -123,11 +126,24 @@ def test_unknown_host_goes_to_the_default_app(baton, port):
     assert get_json_host(port, "alpha.test")["pid"] != get_json_host(port, "nobody.test")["pid"]
 
 
-def test_balancer_runs_unprivileged(baton, port):
-    master = baton(master_config(port) + app_block("alpha"))
+def test_balancer_runs_unprivileged_as_an_id_no_app_shares(baton, port):
+    """Issue #11 item 5: an app that names no user runs as nobody, so a balancer running
+    as nobody could be stopped or killed by any such app."""
+    master = baton(master_config(port) + app_block("alpha") + app_block("beta", listener="other")
+                   + f'[listeners.other]\nbind = "127.0.0.1:{free_port()}"\n')
     pid = balancer_pid(master)
-    uid = int(proc_status(pid)["Uid"].split()[0])
-    assert uid == (pwd.getpwnam("nobody").pw_uid if ROOT else os.geteuid())
+    uids = proc_status(pid)["Uid"].split()
+    if not ROOT:
+        assert uids == [str(os.geteuid())] * 4
+        return
+    uid = int(uids[0])
+    assert uids == [str(uid)] * 4 and uid != 0
+    assert uid != pwd.getpwnam("nobody").pw_uid and users.user(uid) is None
+    assert proc_status(pid)["Groups"] == ""   # no supplementary groups: no name to look them up by
+    workers = master.wait_workers(2)
+    assert uid not in {int(proc_status(w)["Uid"].split()[0]) for w in workers}
+    master.wait_log(f"the balancer runs as uid {uid} (no app can run as it; set [master] balancer_user to choose)")
+    assert f"baton: balancer (uid {uid})" in cmdline(pid)
 
 
 def test_least_connections_routes_around_a_worker_busy_with_a_slow_request(baton, port, scratch):
