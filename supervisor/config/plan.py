@@ -32,6 +32,8 @@ MASTER_FIELDS = ("max_requests", "max_requests_jitter", "max_rss")
 NO_RESTART_FIELDS = ("name", "workers", *ROUTING_FIELDS, *MASTER_FIELDS, "reload_on")
 # Listener modes in which workers hold the listening socket themselves.
 WORKER_HELD_MODES = ("share", "reuseport")
+# Listener settings a worker reads itself, whatever the mode (it checks the PROXY peer).
+WORKER_READ_FIELDS = ("proxy_allow_ips",)
 
 # [master] settings a reload applies at once, and those that wait for a master upgrade
 # (`baton ctl upgrade`): the log files and their format are opened before any child
@@ -143,11 +145,12 @@ def diff(old: Config, new: Config, *, restart_all: bool = False) -> Plan:
             closed.append(name)
             addresses[name] = str(listener.bind)
     # Listeners whose workers must get a new socket (or lose the old one), or read a
-    # changed listener setting (proxy_protocol) themselves.
+    # changed listener setting (proxy_protocol, proxy_allow_ips) themselves.
     worker_visible = {
         name for name in new.listeners
         if f"listener {name}" in reasons and (old.listeners[name].mode in WORKER_HELD_MODES
-                                              or new.listeners[name].mode in WORKER_HELD_MODES)
+                                              or new.listeners[name].mode in WORKER_HELD_MODES
+                                              or set(reasons[f"listener {name}"]) & set(WORKER_READ_FIELDS))
     }
 
     # Apps.

@@ -8,13 +8,18 @@ bodies, and never touches a socket. Two promises:
   events before it are consumed, and nothing after it is ever parsed or delivered.
   Pipelined requests are delivered one at a time: the next request is only
   handed out after :meth:`Connection.start_next_cycle`.
-* The bytes of a request that has not been completely received are never lost:
-  :meth:`Connection.unparsed_bytes` returns them verbatim, so an idle connection
-  can be handed to another process that parses them from scratch.
+* The bytes of a request whose head has not been completely received are never
+  lost: :meth:`Connection.unparsed_bytes` returns them verbatim, so an idle
+  connection can be handed to another process that parses them from scratch. A
+  body's bytes are never kept (a connection is handed back only between requests):
+  what a connection holds is bounded by the head limits, whatever its bodies' sizes.
 
 httptools (llhttp) is strict about most of RFC 9112; the checks it does not make
 (HTTP/1.0 + Transfer-Encoding, unknown codings, versions other than 1.0/1.1,
-target forms, Host, trailing whitespace, forbidden trailers, limits) are made here.
+target forms and their userinfo, Host and its value, runs of spaces in the request
+line and stray CR or LF before it, trailing whitespace, forbidden trailers, limits)
+are made here. Nothing switches protocols: a request asking to upgrade is an
+ordinary one (its body included), after which the connection closes.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from email.utils import formatdate
 from urllib.parse import urlsplit
 
 import httptools
+
+from supervisor.config.hostnames import normalise_ipv6, normalise_name
 
 __all__ = [
     "Connection", "Request", "Data", "EndOfMessage", "NEED_DATA", "PAUSED", "CONNECTION_CLOSED",
@@ -201,6 +208,140 @@ def render_head(status: str, headers) -> RenderedHead:
     return start, "".join(parts).encode("latin-1"), code, length, close
 
 
+def _host_ok(value: bytes) -> bool:
+    """Is ``value`` a Host field value (or an authority) Baton serves: empty (RFC 9112
+    §3.2, for a target without one), or a host name or IPv4 address as
+    :mod:`supervisor.config.hostnames` reads them, or an IPv6 literal in brackets, with
+    an optional ":port". No userinfo, path, space or percent-encoding. Memoised."""
+    text = value.decode("latin-1")
+    ok = True
+    if text:
+        if text[0] == "[":
+            literal, bracket, port = text[1:].partition("]")
+            ok = bool(bracket) and normalise_ipv6(literal) is not None
+            if port:
+                ok = ok and port[0] == ":"
+                port = port[1:]
+                ok = ok and port.isascii() and port.isdigit() and len(port) <= 5 and int(port) <= 65535
+        else:
+            name, colon, port = text.partition(":")
+            ok = normalise_name(name) is not None and (
+                not colon or (port.isascii() and port.isdigit() and len(port) <= 5 and int(port) <= 65535))
+    if len(_HOSTS_OK) < _HOSTS_OK_MAX:
+        _HOSTS_OK[value] = ok
+    return ok
+
+
+# Memo of _host_ok, a pure function: clients send few distinct Host values. A plain
+# dict (bounded by refusing new values when full: a miss costs what checking costs).
+_HOSTS_OK: dict[bytes, bool] = {}
+_HOSTS_OK_MAX = 512
+
+
+def _head_end(data: bytes, start: int) -> int:
+    """Where the head of the message whose bytes begin at ``start`` of ``data`` ends
+    (llhttp found it complete, with CRLF line ends)."""
+    while data.startswith(b"\r\n", start):   # empty lines before a request line
+        start += 2
+    return data.find(b"\r\n\r\n", start) + 4
+
+
+class _BodyEnd:
+    """Where a request body ends, followed through its bytes as they arrive, without
+    keeping them. llhttp validates the framing; this only measures it, the same way.
+
+    ``advance(data, at)`` returns the offset in ``data`` just past the body (and, for a
+    chunked one, its trailer section), or -1 when the body goes on after ``data``.
+    Raises ValueError for a chunk-size line it cannot read or longer than
+    ``line_cap``. What it keeps between calls is bounded: a count, or an unfinished
+    chunk-size line, or the last 3 bytes of a trailer section."""
+
+    __slots__ = ("remaining", "chunked", "trailers", "line", "line_cap", "section_started")
+
+    def __init__(self, remaining: int, chunked: bool, line_cap: int) -> None:
+        self.remaining = remaining      # Content-Length left, or a chunk's data and CRLF
+        self.chunked = chunked
+        self.trailers = False           # past the last chunk: until an empty line
+        self.section_started = False    # more of the trailer section came than `line` holds
+        self.line = b""                 # an unfinished line, carried to the next bytes
+        self.line_cap = line_cap
+
+    def advance(self, data: bytes, at: int = 0) -> int:
+        shift = 0
+        if self.line:
+            shift = at - len(self.line)
+            data = self.line + data[at:]
+            at = 0
+            self.line = b""
+        end = len(data)
+        pos = at
+        while True:
+            remaining = self.remaining
+            if remaining:
+                if end - pos < remaining:
+                    self.remaining = remaining - (end - pos)
+                    return -1
+                pos += remaining
+                self.remaining = 0
+                if not self.chunked:
+                    return pos + shift
+            if self.trailers:
+                # The section ends at an empty line: at its very start, or after a field.
+                if not self.section_started and data.startswith(b"\r\n", pos):
+                    return pos + 2 + shift
+                stop = data.find(b"\r\n\r\n", pos)
+                if stop >= 0:
+                    return stop + 4 + shift
+                if end - pos > 3:
+                    self.section_started = True
+                    pos = end - 3       # enough to find a CRLFCRLF that spans two reads
+                self.line = data[pos:]
+                return -1
+            eol = data.find(b"\r\n", pos)
+            if eol < 0:
+                if end - pos > self.line_cap:
+                    raise ValueError("chunk-size line too long")
+                self.line = data[pos:]
+                return -1
+            size = data[pos:eol].partition(b";")[0]
+            if not size or size.strip(b"0123456789abcdefABCDEF"):
+                raise ValueError("invalid chunk size")
+            pos = eol + 2
+            if size.strip(b"0"):
+                self.remaining = int(size, 16) + 2
+            else:
+                self.trailers = True
+
+
+class _BodyOnly:
+    """The parser callbacks for the body of an upgrade request (see
+    Connection._upgraded): the parser is fed a made-up head first, which is ignored."""
+
+    __slots__ = ("conn", "in_body")
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.in_body = False
+
+    def on_message_begin(self) -> None:
+        if self.in_body:
+            self.conn.on_message_begin()   # the next request: refused (closing)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_body:
+            self.conn.on_header(name, value)   # a trailer
+
+    def on_headers_complete(self) -> None:
+        self.in_body = True
+
+    def on_body(self, body: bytes) -> None:
+        self.conn.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.conn._skipped_body = False
+        self.conn.on_message_complete()
+
+
 class Connection:
     """Server side of one HTTP/1.1 connection.
 
@@ -217,7 +358,8 @@ class Connection:
                  "max_body_size", "require_host", "_field_cap", "_head_cap", "_date",
                  "_parser", "_events", "_raw", "_raw_len", "_error", "_dead", "_eof",
                  "_paused", "_closing", "_in_message", "_ended", "_url", "_headers",
-                 "_request", "_trailers", "_body_len", "response_keep_alive", "_resp_chunked",
+                 "_request", "_trailers", "_body_len", "_body_end", "_skipped_body", "_mark",
+                 "response_keep_alive", "_resp_chunked",
                  "_resp_no_body", "_resp_remaining", "_resp_started")
 
     def __init__(self, *, limit_request_line: int = 8190, limit_request_fields: int = 100,
@@ -236,7 +378,9 @@ class Connection:
         self._date = date_cache if date_cache is not None else DateCache()
         self._parser = httptools.HttpRequestParser(self)
         self._events: deque = deque()
-        self._raw: list[bytes] = []      # fed bytes of the message in progress
+        # The fed bytes of the message in progress while its head is incomplete (a
+        # hand-back's unparsed bytes); a body's bytes are never kept (see _enter_body).
+        self._raw: list[bytes] = []
         self._raw_len = 0
         self._error: RemoteProtocolError | None = None   # raised after queued events
         self._dead = False               # parser must never see another byte
@@ -250,6 +394,9 @@ class Connection:
         self._request: Request | None = None
         self._trailers: list | None = None
         self._body_len = 0
+        self._body_end: _BodyEnd | None = None   # a keep-alive request's body is arriving
+        self._skipped_body = False       # llhttp will skip this body (an upgrade): see _upgraded
+        self._mark = (0, 0)              # (offset, count): where this feed's ended requests end
         # Response state.
         self.response_keep_alive = False
         self._resp_chunked = False
@@ -266,8 +413,8 @@ class Connection:
         collector."""
         self._dead = True
         self._parser = None
-        self._raw.clear()
-        self._raw_len = 0
+        self._forget_raw()
+        self._body_end = None
         self._events.clear()
 
     def receive_data(self, data: bytes) -> None:
@@ -280,42 +427,133 @@ class Connection:
             return
         if self._dead:
             return
+        body_end = self._body_end
+        if body_end is not None:
+            # The body of a keep-alive request goes to the parser and is not kept: a
+            # connection is handed back only between requests. Only where it ends is
+            # followed, so that the next request's bytes begin a feed of their own.
+            try:
+                end = body_end.advance(data)
+            except ValueError as exc:
+                self._refuse(400, str(exc))
+                return
+            if end < 0:
+                if self._parse(data) and self._request is None:
+                    self._refuse(400, "chunked body framing llhttp and Baton measure differently")
+                return
+            self._body_end = None
+            if not self._parse(data[:end]):
+                return
+            self._ended.clear()
+            if self._request is not None:
+                self._refuse(400, "chunked body framing llhttp and Baton measure differently")
+                return
+            data = data[end:]
+            if not data or self._dead or self._closing:
+                return
         self._raw.append(data)
         self._raw_len += len(data)
+        if self._parse(data):
+            self._after_feed()
+
+    def _parse(self, data: bytes) -> bool:
+        """Feed the parser; False when it stopped (an error, a close, an upgrade)."""
         try:
             self._parser.feed_data(data)
-            if self._ended:
-                if self._in_message:
-                    self._account_ended()
-                else:
-                    # The usual case: this feed ended with the request it completed
-                    # (empty lines may follow, which RFC 9112 §2.2 lets a server ignore).
-                    self._raw.clear()
-                    self._raw_len = 0
-                    self._ended.clear()
+            return True
         except httptools.HttpParserUpgrade as exc:
-            self._ended.clear()
-            # CONNECT or Upgrade: the request is complete (llhttp skips its body);
-            # we tunnel nothing, so the connection closes after the response.
-            self._dead = True
-            self._closing = True
-            self._raw.clear()
-            self._raw_len = 0
-            del exc
+            self._upgraded(data, exc.args[0])
         except httptools.HttpParserError as exc:
             self._ended.clear()
             self._dead = True
-            self._raw.clear()
-            self._raw_len = 0
+            self._forget_raw()
             if self._error is None and not self._closing:
                 status = 400
                 reason = str(exc) or type(exc).__name__
                 self._error = RemoteProtocolError(status, reason)
-        else:
+        return False
+
+    def _after_feed(self) -> None:
+        """A feed parsed without error: keep only the bytes an idle hand-back needs."""
+        if self._ended:
+            if self._in_message:
+                self._account_ended()
+            else:
+                # The usual case: this feed ended with the request it completed
+                # (empty lines may follow, which RFC 9112 §2.2 lets a server ignore).
+                self._forget_raw()
+                return
+        if not self._in_message:
+            return
+        if self._request is not None:
+            self._enter_body()
+        elif self._raw_len > self._head_cap:
             # Still in a head: guard the memory an unfinished head can take.
-            if self._in_message and self._request is None and self._raw_len > self._head_cap:
-                self._dead = True
-                self._error = RemoteProtocolError(431, "request header block too large")
+            self._dead = True
+            self._error = RemoteProtocolError(431, "request header block too large")
+
+    def _enter_body(self) -> None:
+        """The message in progress is in its body: drop its bytes, and for a keep-alive
+        request start following where the body ends (see receive_data)."""
+        request = self._request
+        if request.keep_alive:
+            if request.chunked:
+                data, start = self._message_start()
+                body_end = _BodyEnd(0, True, self.limit_request_field_size)
+                try:
+                    ended = body_end.advance(data, _head_end(data, start))
+                except ValueError as exc:
+                    self._refuse(400, str(exc))
+                    return
+                if ended >= 0:
+                    self._refuse(400, "chunked body framing llhttp and Baton measure differently")
+                    return
+            else:
+                body_end = _BodyEnd(request.content_length - self._body_len, False, 0)
+            self._body_end = body_end
+        self._forget_raw()
+
+    def _upgraded(self, data: bytes, offset: int) -> None:
+        """llhttp stopped at ``offset`` of ``data``: a CONNECT, or a request asking to
+        switch protocols (Connection: upgrade). Baton switches nothing: CONNECT is
+        answered and the connection closes (what follows would be a tunnel); any other
+        request is an ordinary one, whose body llhttp skipped: it is parsed here."""
+        self._ended.clear()
+        self._forget_raw()
+        request = self._request
+        if request is None or request.method == b"CONNECT" or request.ends_message:
+            self._dead = True
+            self._closing = True
+            return
+        # A parser that only ever sees this body: a head stating the same framing,
+        # then the bytes after the real head. Upgrade requests never keep the
+        # connection (see on_headers_complete), so it parses nothing after the body.
+        parser = httptools.HttpRequestParser(_BodyOnly(self))
+        if request.chunked:
+            parser.feed_data(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        else:
+            parser.feed_data(b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % request.content_length)
+        self._parser = parser
+        rest = data[offset:]
+        if rest:
+            self._raw.append(rest)
+            self._raw_len = len(rest)
+            if self._parse(rest):
+                self._after_feed()
+
+    def _refuse(self, status: int, reason: str) -> None:
+        """A framing error found outside a parser callback: the connection is dead."""
+        self._dead = True
+        self._forget_raw()
+        self._ended.clear()
+        if self._error is None:
+            self._error = RemoteProtocolError(status, reason)
+
+    def _forget_raw(self) -> None:
+        self._raw.clear()
+        self._raw_len = 0
+        self._ended.clear()
+        self._mark = (0, 0)
 
     @property
     def idle(self) -> bool:
@@ -328,6 +566,13 @@ class Connection:
         """Something of a next request is here: bytes not yet delivered, queued
         events, or an error still to be raised by :meth:`next_event`."""
         return bool(self._raw_len or self._events or self._error is not None)
+
+    @property
+    def buffered(self) -> int:
+        """How many received bytes this connection keeps: those of an unfinished head
+        (bounded by the limits), and none of a body, however long."""
+        body_end = self._body_end
+        return self._raw_len + (len(body_end.line) if body_end is not None else 0)
 
     def unparsed_bytes(self) -> bytes:
         """Bytes received that belong to no request delivered so far.
@@ -357,19 +602,31 @@ class Connection:
             self._paused = True
         return event
 
+    def _message_start(self) -> tuple[bytes, int]:
+        """The bytes of this feed (and of the unfinished head before it) and where in
+        them the message in progress begins: after the requests this feed completed."""
+        raw = self._raw
+        data = raw[0] if len(raw) == 1 else b"".join(raw)
+        ended = self._ended
+        start, counted = self._mark
+        if counted < len(ended):
+            for request in ended[counted:]:
+                start = (_head_end(data, start) if request.ends_message
+                         else self._message_end(data, request, start))
+            self._mark = (start, len(ended))
+        return data, start
+
     def _account_ended(self) -> None:
         """A pipelined request began after those this feed completed: drop their
         bytes from ``_raw``, so that only its own remain (``unparsed_bytes``)."""
-        raw = self._raw
-        data = raw[0] if len(raw) == 1 else b"".join(raw)
-        start = 0
-        for request in self._ended:
-            start = self._message_end(data, request, start)
+        data, start = self._message_start()
         rest = data[start:]
+        raw = self._raw
         raw.clear()
         raw.append(rest)
         self._raw_len = len(rest)
         self._ended.clear()
+        self._mark = (0, 0)
 
     def _fail(self, status: int, reason: str):
         """Record the error and abort parsing (called from parser callbacks)."""
@@ -426,7 +683,7 @@ class Connection:
         fields = self._headers
         field_cap = self._field_cap
         hosts = 0
-        cl = te = expect = None
+        cl = te = expect = host = None
         tokens = ()
         ctype_seen = False
         rebuild = False
@@ -446,6 +703,7 @@ class Connection:
             if lname in _SPECIAL:
                 if lname == b"host":
                     hosts += 1
+                    host = value
                 elif lname == b"content-length":
                     if cl is not None and cl != value:
                         self._fail(400, "conflicting Content-Length")
@@ -474,6 +732,7 @@ class Connection:
         target = self._url
         if len(method) + len(target) + 10 > self.limit_request_line:
             self._fail(414, "request line too long")
+        self._check_request_line(method, target)
         if target[:1] == b"/":
             if _QUESTION in target:
                 path, _, query = target.partition(b"?")
@@ -485,8 +744,11 @@ class Connection:
                 path = path.partition(b"#")[0]
         else:
             path, query = self._other_target(method, target)
-        if hosts != 1 and (hosts > 1 or (version == "1.1" and self.require_host)):
-            self._fail(400, "a request needs exactly one Host header")
+        if hosts != 1:
+            if hosts > 1 or (version == "1.1" and self.require_host):
+                self._fail(400, "a request needs exactly one Host header")
+        elif not (_HOSTS_OK.get(host) or _host_ok(host)):
+            self._fail(400, "invalid Host header")
         chunked = False
         content_length = None
         if te is not None:
@@ -513,7 +775,12 @@ class Connection:
         # llhttp only upgrades a CONNECT or a request with Connection: upgrade.
         upgrade = (tokens or method == b"CONNECT") and parser.should_upgrade()
         if upgrade:
+            # Nothing is switched: the request is served as an ordinary one, without
+            # its Upgrade field, and the connection closes after the response.
             keep_alive = False
+            if method != b"CONNECT":
+                headers = [(n, v) for n, v in headers if n.lower() != b"upgrade"]
+                self._skipped_body = chunked or bool(content_length)
         expects_continue = (expect is not None and version == "1.1"
                             and expect.lower() == b"100-continue"
                             and (chunked or bool(content_length)))
@@ -542,8 +809,8 @@ class Connection:
                 self._fail(400, "asterisk-form target is only for OPTIONS")
             return b"*", b""
         if method == b"CONNECT":
-            host, sep, port = target.rpartition(b":")
-            if not sep or not host or not port.isdigit() or b"/" in target or b"@" in target:
+            port = target.rpartition(b":")[2]
+            if not port.isdigit() or not _host_ok(target):   # a host and a port, nothing else
                 self._fail(400, "invalid authority-form target")
             return b"", b""
         try:
@@ -556,6 +823,11 @@ class Connection:
             self._fail(400, "invalid request target")
         if parts.scheme.lower() not in ("http", "https"):
             self._fail(400, "unsupported target scheme")
+        if "@" in parts.netloc:
+            # RFC 9110 §4.2.4: userinfo is deprecated, and a sender must not send it.
+            self._fail(400, "userinfo in the request target")
+        if not _host_ok(parts.netloc.encode("latin-1")):
+            self._fail(400, "invalid authority in the request target")
         return (parts.path or "/").encode("latin-1"), parts.query.encode("latin-1")
 
     def on_body(self, body: bytes) -> None:
@@ -565,6 +837,8 @@ class Connection:
         self._events.append(Data(body))
 
     def on_message_complete(self) -> None:
+        if self._skipped_body:
+            return   # llhttp skipped an upgrade request's body: _upgraded parses it
         request = self._request
         trailers = self._trailers
         if trailers and None in trailers:
@@ -581,27 +855,40 @@ class Connection:
         self._trailers = None
         self._body_len = 0
 
+    def _check_request_line(self, method: bytes, target: bytes) -> None:
+        """llhttp lets runs of spaces separate the request line's parts and skips any
+        CR or LF before it; RFC 9112 §3 wants one space, and §2.2 only empty lines."""
+        raw = self._raw
+        ended = self._ended
+        if not ended and len(raw) == 1:   # the usual case: the head began this feed's bytes
+            data = raw[0]
+            at = 0
+        else:   # _message_start, inlined for pipelined requests
+            data = raw[0] if len(raw) == 1 else b"".join(raw)
+            at, counted = self._mark
+            if counted < len(ended):
+                for request in ended[counted:]:
+                    at = (_head_end(data, at) if request.ends_message
+                          else self._message_end(data, request, at))
+                self._mark = (at, len(ended))
+        if data[at] == 13:   # CR: empty lines before the request line are fine, and no more
+            while data.startswith(b"\r\n", at):
+                at += 2
+        m = len(method)
+        after_target = at + m + 1 + len(target)
+        if not (data.startswith(method, at) and data[at + m] == 32 and data.startswith(target, at + m + 1)
+                and data[after_target] == 32 and data[after_target + 1] == 72):   # " H"TTP/
+            self._fail(400, "malformed request line")
+
     @staticmethod
     def _message_end(data: bytes, request: Request, start: int) -> int:
         """Where ``request``, whose bytes begin at ``start`` of ``data``, ends."""
-        while data.startswith(b"\r\n", start):   # empty lines before a request line
-            start += 2
-        pos = data.find(b"\r\n\r\n", start) + 4
+        pos = _head_end(data, start)
         if request.content_length:
             return pos + request.content_length
         if not request.chunked:
             return pos
-        # llhttp already validated the framing; this only measures it.
-        while True:
-            eol = data.index(b"\r\n", pos)
-            size = int(data[pos:eol].partition(b";")[0], 16)
-            pos = eol + 2
-            if size == 0:
-                break
-            pos += size + 2
-        if data.startswith(b"\r\n", pos):
-            return pos + 2
-        return data.index(b"\r\n\r\n", pos) + 4
+        return _BodyEnd(0, True, len(data)).advance(data, pos)   # llhttp validated it
 
     def start_next_cycle(self) -> bool:
         """The response to the current request is complete: allow the next one.

@@ -41,6 +41,10 @@ Choices where the spec leaves room, all on the strict side:
   whole address block are ignored, as the spec says. Otherwise the declared length must
   hold the family's address block, and the bytes after it must be whole TLVs (their
   contents are skipped: we use none of them).
+
+Who may send a header at all is a listener's ``proxy_allow_ips`` (`AllowList`), checked
+against the connection's direct peer before any of its bytes count; `RefusalLog` says
+when a refused peer is worth a log line.
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ import socket  # address formatting only: no I/O here
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["Result", "parse", "V1_MAX_LENGTH", "V2_MAX_LENGTH", "V2_SIGNATURE"]
+__all__ = ["Result", "parse", "AllowList", "RefusalLog", "allow_entry", "DEFAULT_ALLOW_IPS",
+           "V1_MAX_LENGTH", "V2_MAX_LENGTH", "V2_SIGNATURE"]
 
 Status = Literal["need_more", "ok", "invalid"]
 
@@ -78,6 +83,85 @@ class Result:
 
 
 NEED_MORE = Result("need_more")
+
+
+# ---------------------------------------------------------------- who may send one
+
+DEFAULT_ALLOW_IPS = ("127.0.0.1", "::1")   # a balancer on the same host
+
+
+def allow_entry(text: str) -> str:
+    """One ``proxy_allow_ips`` entry, normalised: an IP address, a network in CIDR form
+    (no host bits set: "10.0.0.1/8" is refused rather than guessed at) or "*". Raises
+    ValueError(what was expected) for anything else."""
+    if text == "*":
+        return text
+    try:
+        network = ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        raise ValueError("an IP address, a network in CIDR form (such as '10.0.0.0/8', "
+                         "with no host bits set) or '*'") from None
+    return str(network) if "/" in text else str(network.network_address)
+
+
+class AllowList:
+    """The direct peers whose PROXY headers are believed (a listener's ``proxy_allow_ips``).
+
+    ``entries``: what `allow_entry` accepts; raises ValueError for anything else. "*"
+    allows every peer. A peer that is not an (address, port) tuple is a UNIX socket's:
+    allowed, since only local processes reach one and its file permissions choose
+    which. An IPv4-mapped IPv6 peer ("::ffff:10.0.0.1", on a dual-stack listener) is
+    judged as the IPv4 address it carries."""
+
+    __slots__ = ("_networks", "_any", "_verdicts")
+
+    def __init__(self, entries=DEFAULT_ALLOW_IPS) -> None:
+        entries = [allow_entry(entry) for entry in entries]
+        self._any = "*" in entries
+        self._networks = tuple(ipaddress.ip_network(e) for e in entries if e != "*")
+        self._verdicts: dict[str, bool] = {}   # memo by peer host: balancers are few
+
+    def allows(self, peer) -> bool:
+        if self._any or type(peer) is not tuple:
+            return True
+        host = peer[0]
+        verdict = self._verdicts.get(host)
+        if verdict is None:
+            verdict = self._judge(host)
+            if len(self._verdicts) < 256:
+                self._verdicts[host] = verdict
+        return verdict
+
+    def _judge(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self._networks)
+
+
+class RefusalLog:
+    """When a refused peer is worth a log line: the first refusal of every
+    ``interval_s`` (on the caller's clock), with the count of those left unsaid."""
+
+    __slots__ = ("interval_s", "_logged_at", "_unsaid")
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._logged_at: float | None = None
+        self._unsaid = 0
+
+    def note(self, now: float) -> int | None:
+        """One more refusal, at ``now``. Returns None to stay quiet, or (log it) how many
+        refusals since the last line went unsaid."""
+        if self._logged_at is not None and now - self._logged_at < self.interval_s:
+            self._unsaid += 1
+            return None
+        unsaid, self._unsaid = self._unsaid, 0
+        self._logged_at = now
+        return unsaid
 
 
 def _invalid(reason: str) -> Result:

@@ -184,6 +184,14 @@ ONE_PROBLEM = [
      "apps.blog.header_timeout", ["expected a number of seconds > 0 and at most 86400", "found float 0.0"]),
     ("forwarded_allow_ips name", document(app='forwarded_allow_ips = ["127.0.0.1", "localhost"]'),
      "apps.blog.forwarded_allow_ips[1]", ["expected an IPv4 or IPv6 address", "found string 'localhost'"]),
+    ("proxy_allow_ips host bits", document(listener='proxy_protocol = true\nproxy_allow_ips = ["10.0.0.1/8"]'),
+     "listeners.web.proxy_allow_ips[0]", ["expected an IP address, a network in CIDR form", "found string '10.0.0.1/8'"]),
+    ("proxy_allow_ips name", document(listener='proxy_allow_ips = ["127.0.0.1", "lb.internal"]'),
+     "listeners.web.proxy_allow_ips[1]", ["expected an IP address, a network in CIDR form", "found string 'lb.internal'"]),
+    ("proxy_allow_ips prefix", document(listener='proxy_allow_ips = ["::/129"]'),
+     "listeners.web.proxy_allow_ips[0]", ["expected an IP address", "found string '::/129'"]),
+    ("proxy_allow_ips not a list", document(listener='proxy_allow_ips = "10.0.0.0/8"'),
+     "listeners.web.proxy_allow_ips", ["expected an array of strings"]),
     ("user bool", document(app="user = true"),
      "apps.blog.user", ["expected a user name or numeric id", "found boolean true"]),
     ("group negative", document(app="group = -1"),
@@ -881,3 +889,11 @@ def test_log_format_keys_refuse(tmp_path, line, key, fragments):
     assert len(found) == 1, found
     assert found[0].startswith(f"{path}: {key}: "), found
     assert all(fragment in found[0] for fragment in fragments), found
+
+
+def test_proxy_allow_ips_default_and_forms(tmp_path):
+    config = load(write(tmp_path, document(listener="proxy_protocol = true")))
+    assert config.listeners["web"].proxy_allow_ips == ("127.0.0.1", "::1")
+    text = document(listener='proxy_protocol = true\nproxy_allow_ips = ["10.0.0.0/8", "fd00::/8", "192.0.2.7", "*"]')
+    config = load(write(tmp_path, text))
+    assert config.listeners["web"].proxy_allow_ips == ("10.0.0.0/8", "fd00::/8", "192.0.2.7", "*")

@@ -190,3 +190,175 @@ def test_closed_connection_parses_nothing() -> None:
     conn.close()
     conn.receive_data(GOOD)
     assert conn.next_event() is http11.CONNECTION_CLOSED
+
+
+# ---------------------------------------------------------------- strict request lines and Host
+
+@pytest.mark.parametrize("data", [
+    b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: user@a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a:b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a:123456\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: ::1\r\n\r\n",              # an IPv6 literal needs brackets
+    b"GET / HTTP/1.1\r\nHost: [::1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: 127.1\r\n\r\n",            # numeric, but not a dotted quad
+    b"GET / HTTP/1.1\r\nHost: a%2eb\r\n\r\n",
+    b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n",               # two spaces before the target
+    b"GET /  HTTP/1.1\r\nHost: a\r\n\r\n",               # two after it
+    b"\rGET / HTTP/1.1\r\nHost: a\r\n\r\n",              # a bare CR before the request line
+    b"\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",              # a bare LF
+    b"GET http://user@a/ HTTP/1.1\r\nHost: a\r\n\r\n",   # userinfo in an absolute-form target
+    b"GET http://user:pw@a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET http://a b/ HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"CONNECT user@a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+    b"CONNECT a HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"CONNECT [::1] HTTP/1.1\r\nHost: a\r\n\r\n",
+    # The same leniencies in a request pipelined after a good one.
+    GOOD + b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n",
+    GOOD + b"\rGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    GOOD + b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+])
+def test_leniencies_llhttp_allows_are_refused(data) -> None:
+    for chunks in splits(data):
+        with pytest.raises(http11.RemoteProtocolError) as info:
+            feed(http11.Connection(), chunks + [b""])
+        assert info.value.status == 400
+
+
+@pytest.mark.parametrize("host", [
+    b"a", b"a.example", b"a.example.", b"A.Example:8080", b"127.0.0.1", b"127.0.0.1:1",
+    b"[::1]", b"[::1]:8080", b"[2001:db8::1]:65535", b"under_score.internal", b"",
+])
+def test_host_values_that_pass(host) -> None:
+    data = b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+    for chunks in splits(data):
+        evs = feed(http11.Connection(), chunks)
+        assert len(evs) == 1 and (b"Host", host) in evs[0].headers
+
+
+@pytest.mark.parametrize("data", [
+    b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",          # an empty line before a request is fine
+    GOOD + b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET http://a.example:8080/x?y HTTP/1.1\r\nHost: a.example:8080\r\n\r\n",
+    b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+])
+def test_request_lines_that_pass(data) -> None:
+    for chunks in splits(data):
+        evs = feed(http11.Connection(), chunks)
+        assert all(isinstance(e, http11.Request) for e in evs) and evs
+
+
+# ---------------------------------------------------------------- Upgrade: an ordinary request
+
+H2C = b"Host: a\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+
+
+@pytest.mark.parametrize(("data", "body"), [
+    (b"POST / HTTP/1.1\r\n" + H2C + b"Content-Length: 5\r\n\r\nhello", b"hello"),
+    (b"POST / HTTP/1.1\r\n" + H2C + b"Transfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\nT: v\r\n\r\n",
+     b"hello"),
+    (b"GET / HTTP/1.1\r\n" + H2C + b"\r\n", b""),
+])
+def test_a_request_asking_to_upgrade_is_served_with_its_body(data, body) -> None:
+    """Baton never switches protocols: the app gets the body, not the Upgrade field,
+    and nothing after the request is parsed (the connection closes after it)."""
+    for chunks in splits(data + b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"):
+        conn = http11.Connection()
+        evs = feed(conn, chunks)
+        request = evs[0]
+        assert isinstance(request, http11.Request) and request.upgrade and not request.keep_alive
+        assert b"upgrade" not in [n.lower() for n, _ in request.headers]
+        assert b"".join(e.data for e in evs if isinstance(e, http11.Data)) == body
+        assert [type(e) for e in evs if not isinstance(e, http11.Data)] == (
+            [http11.Request, http11.EndOfMessage] if body else [http11.Request])
+        if b"chunked" in data:
+            assert evs[-1].trailers == [(b"T", b"v")]
+        assert conn.next_event() is http11.CONNECTION_CLOSED
+
+
+def test_an_upgrade_request_with_a_bad_chunked_body_is_refused() -> None:
+    data = b"POST / HTTP/1.1\r\n" + H2C + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+    for chunks in splits(data):
+        with pytest.raises(http11.RemoteProtocolError) as info:
+            feed(http11.Connection(), chunks)
+        assert info.value.status == 400
+
+
+# ---------------------------------------------------------------- a body is never kept
+
+def _post(body: bytes, chunked: bool, piece: int = 65536) -> bytes:
+    if not chunked:
+        return b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+    chunks = b"".join(b"%x;ext=1\r\n%b\r\n" % (len(body[i:i + piece]), body[i:i + piece])
+                      for i in range(0, len(body), piece))
+    return b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\nT: v\r\n\r\n"
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("read", [65536, 4093, 1])
+def test_a_long_body_is_not_kept_and_what_follows_it_is(chunked, read) -> None:
+    """However long a body, the connection keeps at most an unfinished framing line of
+    it; the request after it (here partly arrived) is kept whole for a hand-back."""
+    size = (8 << 20) if read > 1 else 20000
+    body = bytes(range(256)) * (size // 256)
+    tail = b"GET /next HTTP/1.1\r\nHo"
+    data = _post(body, chunked, piece=7777) + GOOD + tail
+    conn = http11.Connection()
+    got = bytearray()
+    requests = 0
+    most = 0
+    for i in range(0, len(data), read):
+        conn.receive_data(data[i:i + read])
+        most = max(most, conn.buffered)
+        while True:
+            ev = conn.next_event()
+            if ev is http11.NEED_DATA:
+                break
+            if ev is http11.PAUSED:
+                conn.start_next_cycle()
+            elif isinstance(ev, http11.Data):
+                got += ev.data
+            elif isinstance(ev, http11.Request):
+                requests += 1
+    assert got == body and requests == 2
+    assert most <= len(GOOD) + len(tail) + 64   # a head's bytes, never the body's
+    assert conn.idle and conn.unparsed_bytes() == tail
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_pipelined_bodies_in_random_reads_parse_as_a_whole(seed) -> None:
+    import random
+    rnd = random.Random(seed)
+    messages = []
+    for _ in range(rnd.randint(1, 5)):
+        body = bytes(rnd.randrange(256) for _ in range(rnd.randint(0, 300)))
+        if rnd.random() < 0.5 or not body:
+            messages.append(_post(body, False) if body else GOOD)
+        else:
+            messages.append(_post(body, True, piece=rnd.randint(1, 50)))
+    data = b"".join(messages) + b"GET /rest HTTP/1.1\r\nHost: a\r\nX: "
+    whole = http11.Connection()
+    want = [(type(e), getattr(e, "data", None)) for e in feed(whole, [data])]
+    pieces, i = [], 0
+    while i < len(data):
+        n = rnd.choice((1, 2, 3, 5, 17, 64, 500))
+        pieces.append(data[i:i + n])
+        i += n
+    conn = http11.Connection()
+    got = feed(conn, pieces)
+    # Data events come in other sizes; compare the bodies request by request.
+    def shape(evs):
+        out, body = [], None
+        for cls, chunk in evs:
+            if cls is http11.Data:
+                body = (body or b"") + chunk
+            else:
+                if body is not None:
+                    out.append(body)
+                    body = None
+                out.append(cls)
+        return out
+    assert shape([(type(e), getattr(e, "data", None)) for e in got]) == shape(want)
+    assert conn.idle and conn.unparsed_bytes() == whole.unparsed_bytes() == b"GET /rest HTTP/1.1\r\nHost: a\r\nX: "

@@ -40,6 +40,10 @@ STRICTER = {
     "valid/compat_obs_fold_huge": "permit_obsolete_folding: obs-fold is always refused",
     "valid/pp_03": "a proxy_protocol listener requires the PROXY header (gunicorn's is "
                    "optional): without it any client could choose its REMOTE_ADDR",
+    "valid/002": "Host 0.0.0.0=5000: a Host value must be a host name or address and a port",
+    "valid/003": "Host 0.0.0.0=5000: a Host value must be a host name or address and a port",
+    "valid/rfc9112_target_absolute_userinfo_01": "userinfo in an absolute-form target is refused "
+                                                  "(RFC 9110 §4.2.4: senders must not send it)",
 }
 SKIPPED = {
     "valid/040_compat": "header_map=dangerous: Baton always drops names with '_' (valid/040)",

@@ -224,3 +224,43 @@ def test_mutations_are_prefix_monotone() -> None:
                 assert result == final, data[:i]
         if final is not None and final.status == "ok":
             assert final.consumed <= len(data)
+
+
+# ---------------------------------------------------------------- who may send a header
+
+@pytest.mark.parametrize(("entries", "peer", "allowed"), [
+    (proxyproto.DEFAULT_ALLOW_IPS, ("127.0.0.1", 5000), True),
+    (proxyproto.DEFAULT_ALLOW_IPS, ("::1", 5000, 0, 0), True),
+    (proxyproto.DEFAULT_ALLOW_IPS, ("::ffff:127.0.0.1", 5000, 0, 0), True),   # a dual-stack listener
+    (proxyproto.DEFAULT_ALLOW_IPS, ("127.0.0.2", 5000), False),
+    (proxyproto.DEFAULT_ALLOW_IPS, ("10.0.0.9", 5000), False),
+    (("10.0.0.0/8",), ("10.255.0.1", 1), True),
+    (("10.0.0.0/8",), ("11.0.0.1", 1), False),
+    (("10.0.0.0/8",), ("127.0.0.1", 1), False),
+    (("10.0.0.0/8",), ("::ffff:10.1.1.1", 1, 0, 0), True),
+    (("fd00::/8",), ("fd12::1", 1, 0, 0), True),
+    (("fd00::/8",), ("fe80::1", 1, 0, 0), False),
+    (("192.0.2.7",), ("192.0.2.7", 1), True),
+    (("*",), ("203.0.113.5", 1), True),
+    ((), ("127.0.0.1", 1), False),
+    (("10.0.0.0/8",), "", True),               # a UNIX socket's peer: its permissions choose
+    (("10.0.0.0/8",), "/run/lb.sock", True),
+    (("10.0.0.0/8",), ("not an address", 1), False),
+])
+def test_allow_list(entries, peer, allowed) -> None:
+    allow = proxyproto.AllowList(entries)
+    assert allow.allows(peer) is allowed
+    assert allow.allows(peer) is allowed   # the memoised verdict is the same
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.1/8", "10.0.0.0/33", "localhost", "10.0.0", "", "::1/129", "**"])
+def test_allow_list_refuses_entries_it_cannot_read(entry) -> None:
+    with pytest.raises(ValueError):
+        proxyproto.AllowList([entry])
+    with pytest.raises(ValueError):
+        proxyproto.allow_entry(entry)
+
+
+def test_refusal_log_says_one_line_per_interval_with_the_count_left_unsaid() -> None:
+    log = proxyproto.RefusalLog(60.0)
+    assert [log.note(t) for t in (0.0, 1.0, 59.9, 60.0, 61.0, 200.0)] == [0, None, None, 2, None, 1]
