@@ -23,8 +23,9 @@ IDLE        nothing of a request is here yet: a new connection, or a keep-alive 
 READING     a request is partly here, under ``header_timeout_s`` (from its first
             byte for the head; re-armed by every piece of body).
 BUSY        the application runs, inline or on a pool thread; no deadline.
-WRITING     the response's last bytes wait for the socket (``write_timeout_s``); the
-            next request waits for them.
+WRITING     bytes of the response wait for the socket (``write_timeout_s`` from the
+            last progress); then the rest of the app's response, if it has more (BUSY
+            again), or the next request.
 CLOSING     the final bytes (an error answer, or a response after which the
             connection must close) go out, then the connection closes.
 CLOSED      closed by the server (final).
@@ -40,7 +41,7 @@ import select
 from collections.abc import Mapping
 from types import MappingProxyType
 
-OUTBUF_CAP = 1 << 20   # inline mode: buffer this much unsent response, then wait
+OUTBUF_CAP = 1 << 20   # write() (PEP 3333's legacy callable) buffers this much, then waits
 
 
 class State:
@@ -77,7 +78,8 @@ TRANSITIONS: Mapping[State, frozenset[State]] = MappingProxyType({
     READING: frozenset({BUSY, CLOSING, CLOSED, HANDED_BACK}),
     # IDLE or READING: keep-alive (READING: the next request is partly here already).
     BUSY: frozenset({IDLE, READING, WRITING, CLOSING, CLOSED}),
-    WRITING: frozenset({IDLE, READING, CLOSED}),
+    # BUSY: the socket took what waited; the app's response iterable goes on.
+    WRITING: frozenset({IDLE, READING, BUSY, CLOSED}),
     CLOSING: frozenset({CLOSED}),
     CLOSED: frozenset(),
     HANDED_BACK: frozenset(),
@@ -111,8 +113,9 @@ class ClientConnection:
 
     __slots__ = ("sock", "fd", "peer", "builder", "environ_base", "proto", "state", "outbuf",
                  "deadline", "timer", "request", "body", "body_len", "spool", "events",
-                 "outcome", "continue_input", "on_close", "listener", "proxy_buf",
-                 "write_timeout_s", "busy_since", "request_started", "sole_copy", "on_deadline")
+                 "outcome", "continue_input", "body_error", "on_close", "listener", "proxy_buf",
+                 "write_timeout_s", "busy_since", "request_started", "sole_copy", "on_deadline",
+                 "host_gate")
 
     def __init__(self, sock, peer, builder, proto, write_timeout_s: float, state: State,
                  on_deadline) -> None:
@@ -133,6 +136,7 @@ class ClientConnection:
         self.events = 0             # what the loop watches it for (0: not registered)
         self.outcome = None
         self.continue_input = None
+        self.body_error = None      # how a 100-continue body broke the protocol, as the app read it
         self.busy_since = 0.0       # when a pool thread took its current request
         self.request_started = 0.0  # when the current request's first byte arrived (access log)
         self.on_close = None        # told when the connection leaves this server
@@ -141,6 +145,7 @@ class ClientConnection:
         self.write_timeout_s = write_timeout_s
         self.sole_copy = False      # True: closing our fd closes the socket (no other process has it)
         self.on_deadline = on_deadline  # the server's on_deadline(conn), see deadline_passed
+        self.host_gate = None       # on a listener routed by Host: checks each request's (hostcheck)
 
     def move(self, new: State) -> None:
         """Change state, if the table allows it; raise `IllegalTransition` otherwise."""
@@ -159,8 +164,10 @@ class ClientConnection:
     # The app's output, as run_app's send / sendfile (bound methods: no per-request
     # closures, no reference cycles).
 
-    def send_inline(self, data: bytes) -> None:
-        """Send from the loop's thread: what the socket does not take waits in outbuf."""
+    def send_inline(self, data: bytes) -> bool | None:
+        """Send without waiting: what the socket does not take waits in outbuf, and
+        then the answer is True (the server sends it when the socket is writable,
+        and the response goes no further meanwhile)."""
         outbuf = self.outbuf
         if not outbuf:
             try:
@@ -169,18 +176,23 @@ class ClientConnection:
                 sent = 0
             if sent == len(data):
                 return
-            data = data[sent:]
+            outbuf += memoryview(data)[sent:]
+            return True
         outbuf += data
-        # Keep memory bounded for a big streamed response: wait for the client.
+        # Only write() adds to bytes still waiting (an iterable's response stops at the
+        # first that wait): its calls are inside the app's, so memory is bounded by
+        # waiting for the client.
         while len(outbuf) > OUTBUF_CAP:
             wait_fd(self.fd, select.POLLOUT, self.write_timeout_s)
             try:
                 del outbuf[:self.sock.send(outbuf)]
             except (BlockingIOError, InterruptedError):
                 pass
+        return True
 
     def send_blocking(self, data: bytes) -> None:
-        """Send everything from a pool thread (the connection is off the loop)."""
+        """Send everything, waiting for the socket (the interim 100 Continue, which
+        the app's read of its body waits for)."""
         view = memoryview(data)
         while view:
             try:
@@ -190,18 +202,13 @@ class ClientConnection:
                 continue
             view = view[sent:]
 
-    def sendfile(self, fileobj, offset: int, count: int) -> int:
-        while self.outbuf:
-            wait_fd(self.fd, select.POLLOUT, self.write_timeout_s)
-            try:
-                del self.outbuf[:self.sock.send(self.outbuf)]
-            except (BlockingIOError, InterruptedError):
-                pass
-        while True:
-            try:
-                return os.sendfile(self.fd, fileobj.fileno(), offset, count)
-            except (BlockingIOError, InterruptedError):
-                wait_fd(self.fd, select.POLLOUT, self.write_timeout_s)
+    def sendfile(self, fileobj, offset: int, count: int) -> int | None:
+        """os.sendfile without waiting: bytes sent (0: the file ended), or None when
+        the socket is full. Only called with outbuf empty (see wsgi.ResponseStream)."""
+        try:
+            return os.sendfile(self.fd, fileobj.fileno(), offset, count)
+        except (BlockingIOError, InterruptedError):
+            return None
 
 
 def wait_fd(fd: int, mask: int, timeout_s: float) -> None:

@@ -9,9 +9,24 @@ channels, signals and heartbeat. Promises:
 * The loop never blocks on one client while reading: only a complete request
   (head and whole body, spooled to a temp file past ``SPOOL_BYTES``) reaches the
   application, so a slow client holds nothing but its own buffers.
+* Nor while writing: a response goes out as the socket takes it. The app's iterable
+  is iterated only while the socket takes every byte; when some must wait, the
+  iterable (or the ``wsgi.file_wrapper`` file, sent with non-blocking ``sendfile``
+  from its offset) is kept on the connection (WRITING), which waits for writability
+  while the loop serves the others, and goes on from there. A client that takes
+  nothing for ``write_timeout_s`` (from its last progress, not the response's start)
+  is closed, and the iterable with it (``close()``, PEP 3333). A response that fits
+  the socket costs what it always did: one ``send``, no registration.
+  With ``threads > 1`` the same holds: a pool thread runs the app until its response
+  would wait, the loop waits for the socket, and the rest is iterated on a pool
+  thread again (the iterable may block, as threaded apps do). So a slow reader holds
+  no thread, unlike gunicorn's gthread, whose threads write blocking; and a response
+  waiting on its client is not a running app call to the hung-request timeout
+  (``oldest_request_age`` counts BUSY connections only).
   Exceptions: a request with ``Expect: 100-continue`` reads its body when the app
-  does, and a ``wsgi.file_wrapper`` response is sent to completion; in
-  ``threads == 1`` mode both block the loop (bounded by the timeouts).
+  does, and an app calling ``write()`` (the legacy callable) waits for its client
+  past ``connection.OUTBUF_CAP`` unsent bytes; in ``threads == 1`` mode both block the
+  loop (bounded by the timeouts).
 * Every connection has at most one deadline (``ClientConnection.deadline``) and at
   most one loop timer armed for it: a deadline that moves later keeps the armed
   timer, which re-arms itself when it fires early; one that moves earlier replaces
@@ -21,11 +36,18 @@ channels, signals and heartbeat. Promises:
   ``add_connection(proxy_protocol=True)`` must open with a valid PROXY header (see
   :mod:`supervisor.http.proxyproto`) within ``header_timeout_s``; its source address
   becomes the peer. A bad header closes it without a response: that peer is no HTTP
-  client.
+  client. So does any byte from a direct peer (the accepted socket's, or the one a
+  balancer's CONN names) that its listener's ``proxy_allow_ips`` does not list.
 * Every socket the server opened or was given is closed by it, except listeners
   (owned by the caller) and connections given to the ``hand_back_with`` callback.
   Every fd it registered on the loop is unregistered when ``run`` returns; the loop
   stays the caller's.
+* On a listener that several apps share by Host (``host_tables``), every request is
+  checked against the listener's routing, not just the one the balancer routed the
+  connection by (see :mod:`supervisor.http.hostcheck`): one for another app, or for
+  none, is answered ``421 Misdirected Request`` with ``Connection: close``, and the
+  connection is closed; the app never sees it. (A later change may hand such a
+  connection back to the balancer instead.)
 * The access log gets what its format names: a request's response headers and environ
   are kept only when ``access_format`` (the compiled format) says it needs them.
 * Methods other than ``stop`` must be called from the loop's thread (from a loop
@@ -40,7 +62,7 @@ import logging
 import select
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -59,8 +81,10 @@ from supervisor.http.connection import (
     ClientConnection,
     wait_fd,
 )
+from supervisor.http.hostcheck import HostGate
 from supervisor.http.pool import Pool
 from supervisor.http.wsgi import (
+    BadRequestBody,
     EnvironBuilder,
     Input,
     Outcome,
@@ -75,7 +99,9 @@ __all__ = ["ServerSettings", "Server"]
 SPOOL_BYTES = 1 << 20         # request bodies larger than this go to a temp file
 RECV_BYTES = 65536
 ACCEPT_BATCH = 64             # connections accepted per listener per loop iteration
+PROXY_REFUSAL_LOG_S = 60.0    # PROXY headers from peers not allowed: one log line per this
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_RESUME = None                # a pool item's mode: go on with a response that waited
 
 _SocketType = socket.SocketType   # the C socket type, under socket.socket
 _Request, _Data, _EndOfMessage = http11.Request, http11.Data, http11.EndOfMessage
@@ -114,6 +140,9 @@ def _wake_only() -> None:
 def _abandon(item) -> None:
     """After shutdown, a pool thread closes the connection it finished."""
     conn = item[0]
+    outcome = conn.outcome
+    if outcome is not None and outcome.stream is not None:
+        outcome.stream.close()
     conn.move(CLOSED)
     conn.sock.close()
 
@@ -131,8 +160,18 @@ class Server:
                  error_log: logging.Logger, access_log: logging.Logger | None = None,
                  listener_names: list[str] | None = None,
                  proxy_protocol_fds: frozenset[int] = frozenset(), *, loop: Loop,
-                 access_format: Callable | None = None) -> None:
+                 access_format: Callable | None = None,
+                 proxy_allow_ips: Mapping[str, Iterable[str]] | None = None,
+                 app_name: str = "", host_tables: Mapping | None = None) -> None:
+        """``host_tables``: listener name -> `routing.HostTable`, for the listeners
+        shared with other apps by Host, on which this is the app named ``app_name``."""
         self.app = app
+        self._app_name = app_name
+        self._host_tables = dict(host_tables or {})
+        # Whose PROXY headers each listener believes (by name; unnamed: the default).
+        self._proxy_allow = {name: proxyproto.AllowList(ips) for name, ips in (proxy_allow_ips or {}).items()}
+        self._proxy_allow_default = proxyproto.AllowList()
+        self._proxy_refusals = proxyproto.RefusalLog(PROXY_REFUSAL_LOG_S)
         self.settings = settings
         self._header_timeout_s = settings.header_timeout_s
         self._keepalive_s = settings.keepalive_s
@@ -188,7 +227,8 @@ class Server:
 
     def oldest_request_age(self) -> float | None:
         """Seconds the longest-running app call has run (pool threads only: an inline
-        call blocks the loop, and the silence says it)."""
+        call blocks the loop, and the silence says it). A response waiting for its
+        client is not an app call: its connection is WRITING, not BUSY."""
         busy = [conn.busy_since for conn in self._conns.values()
                 if conn.state is BUSY and conn.busy_since]
         return round(self._clock() - min(busy), 3) if busy else None
@@ -200,6 +240,10 @@ class Server:
         conn = self._new_conn(sock, peer, builder, proxy_protocol)
         conn.on_close = on_close
         conn.listener = listener_name
+        if self._host_tables:
+            table = self._host_tables.get(listener_name)
+            if table is not None:
+                conn.host_gate = HostGate(table, self._app_name)
         if initial_bytes and proxy_protocol:
             self._on_proxy_bytes(conn, initial_bytes)
         elif initial_bytes:
@@ -207,6 +251,14 @@ class Server:
             conn.proto.receive_data(initial_bytes)
             self._process(conn)
         self._arm_connect_deadline(conn)
+
+    def set_host_tables(self, host_tables: Mapping) -> None:
+        """New routing for the listeners shared by Host (a reload changed it without
+        restarting this app): it applies to the next request of every connection."""
+        self._host_tables = dict(host_tables)
+        for conn in self._conns.values():
+            table = self._host_tables.get(conn.listener)
+            conn.host_gate = None if table is None else HostGate(table, self._app_name)
 
     def stop(self, graceful: bool) -> None:
         self._stopping = True
@@ -347,8 +399,11 @@ class Server:
             return
         if conn.state is READING:
             self._fail(conn, 408, "Request Timeout")
-        else:   # IDLE, WRITING, CLOSING, PROXY: idle too long, stopped reading, or never spoke
-            self._close(conn)
+            return
+        if conn.state is WRITING:
+            self.error_log.info("closing the connection from %s: it took nothing of its response"
+                                " for %ss", conn.peer, self._write_timeout_s)
+        self._close(conn)   # IDLE, WRITING, CLOSING, PROXY: idle too long, stopped reading, or never spoke
 
     # ---------------------------------------------------------------- connections leaving
 
@@ -379,6 +434,9 @@ class Server:
             conn.on_close()
 
     def _close(self, conn: ClientConnection) -> None:
+        outcome = conn.outcome
+        if outcome is not None and outcome.stream is not None:
+            self._cut_short(conn, outcome)
         conn.move(CLOSED)
         self._forget(conn, closing=True)
         if conn.spool is not None:
@@ -461,6 +519,8 @@ class Server:
         """Buffer until the PROXY header is decided; then serve HTTP with its source
         address as the peer (the header_timeout_s deadline set at connect still runs)."""
         buf = conn.proxy_buf
+        if not buf and not self._proxy_allowed(conn):
+            return
         buf += data
         result = proxyproto.parse(bytes(buf))
         if result.status == "need_more":
@@ -482,6 +542,21 @@ class Server:
             conn.proto.receive_data(rest)
             self._process(conn)
 
+    def _proxy_allowed(self, conn: ClientConnection) -> bool:
+        """Is conn's direct peer one whose PROXY header its listener believes? If not,
+        close it (nothing it sent reaches the app) and log that, now and then."""
+        allow = self._proxy_allow.get(conn.listener, self._proxy_allow_default)
+        if allow.allows(conn.peer):
+            return True
+        unsaid = self._proxy_refusals.note(self._loop.now)
+        if unsaid is not None:
+            self.error_log.warning(
+                "closing a connection from %s: listener %r takes PROXY headers only from its "
+                "proxy_allow_ips%s (logged once per %gs)", conn.peer, conn.listener,
+                f"; {unsaid} more refused since the last message" if unsaid else "", PROXY_REFUSAL_LOG_S)
+        self._close(conn)
+        return False
+
     def _process(self, conn: ClientConnection) -> None:
         """Pull events until a request is complete (then run it) or data runs out."""
         proto = conn.proto
@@ -493,6 +568,14 @@ class Server:
                 return
             cls = event.__class__
             if cls is _Request:
+                gate = conn.host_gate
+                if gate is not None:
+                    misdirected = gate.misdirected(event)
+                    if misdirected is not None:
+                        self.error_log.info("421 to %s on %s: its request is for %s, not this app",
+                                            conn.peer, conn.listener, misdirected)
+                        self._fail(conn, 421, "Misdirected Request")
+                        return
                 conn.request = event
                 if event.ends_message:   # no body: the request is whole
                     if not self._dispatch(conn, False):
@@ -539,15 +622,20 @@ class Server:
 
     def _fail(self, conn: ClientConnection, status: int, reason: str) -> None:
         """Answer a protocol error with Connection: close, then close."""
+        response, size = self._error_response(status, reason)
+        conn.move(CLOSING)
+        conn.request = None
+        if self.access_log is not None:
+            self._log_access(conn, None, str(status), size, None)
+        self._queue_out(conn, response)
+
+    def _error_response(self, status: int, reason: str) -> tuple[bytes, int]:
+        """A whole error response that closes the connection, and its body's size."""
         body = f"{status} {reason}\n".encode("latin-1", "replace")
         head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Bad Request')}\r\n"
                 f"Server: baton\r\nDate: {self._date.get()}\r\nConnection: close\r\n"
                 f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n")
-        conn.move(CLOSING)
-        conn.request = None
-        if self.access_log is not None:
-            self._log_access(conn, None, str(status), len(body), None)
-        self._queue_out(conn, head.encode("latin-1") + body)
+        return head.encode("latin-1") + body, len(body)
 
     def _queue_out(self, conn: ClientConnection, data: bytes) -> None:
         """Send a CLOSING connection's last bytes: what the socket takes now, the rest
@@ -567,19 +655,24 @@ class Server:
         self._set_deadline(conn, self._loop.now + self._write_timeout_s)
 
     def _on_writable(self, conn: ClientConnection) -> None:
-        try:
-            sent = conn.sock.send(conn.outbuf)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._close(conn)
-            return
-        del conn.outbuf[:sent]
-        if conn.outbuf:
-            self._set_deadline(conn, self._loop.now + self._write_timeout_s)
-            return
+        outbuf = conn.outbuf
+        if outbuf:   # (empty when a sendfile waited for room)
+            try:
+                sent = conn.sock.send(outbuf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._close(conn)
+                return
+            del outbuf[:sent]
+            if outbuf:
+                self._set_deadline(conn, self._loop.now + self._write_timeout_s)
+                return
         if conn.state is CLOSING:
             self._close(conn)
+            return
+        if conn.outcome is not None:   # the app's response has more to come
+            self._resume(conn)
             return
         if self._next_request(conn, conn.proto.has_unparsed, self._loop.now):   # WRITING
             self._process(conn)
@@ -592,7 +685,7 @@ class Server:
         conn.move(BUSY)
         pool = self._pool
         if pool is None:
-            self._handle(conn, continue_mode, True)
+            self._handle(conn, continue_mode)
             # The clock read again: the app may have taken long, and the deadlines set
             # next count from the end of its response.
             return self._finish(conn, self._clock())
@@ -608,7 +701,12 @@ class Server:
     def _run_pooled(self, item) -> None:
         """On a pool thread."""
         conn, continue_mode = item
-        self._handle(conn, continue_mode, False)
+        if continue_mode is _RESUME:
+            outcome = conn.outcome
+            if outcome.stream.advance():
+                outcome.stream = None
+            return
+        self._handle(conn, continue_mode)
 
     def _pooled_done(self, item) -> None:
         """Back on the loop's thread: the app call of a pooled request finished."""
@@ -620,13 +718,13 @@ class Server:
         if not self._listening:
             self._set_listening(True)   # (not while stopping: _set_listening checks)
 
-    def _handle(self, conn: ClientConnection, continue_mode: bool, inline: bool) -> None:
-        """Run the app for conn.request (in the loop thread or a pool thread)."""
+    def _handle(self, conn: ClientConnection, continue_mode: bool) -> None:
+        """Run the app for conn.request (in the loop thread or a pool thread), as far
+        as the socket takes its response (the rest: conn.outcome.stream)."""
         request = conn.request
         proto = conn.proto
-        send = conn.send_inline if inline else conn.send_blocking
         if continue_mode:
-            wsgi_input = Input(self._make_pull(conn, send))
+            wsgi_input = Input(self._make_pull(conn, conn.send_blocking))
             conn.continue_input = wsgi_input
         elif conn.spool is not None:
             wsgi_input = conn.spool
@@ -637,23 +735,50 @@ class Server:
         else:
             wsgi_input = io.BytesIO()
         environ = conn.builder.build_from(conn.environ_base, request, wsgi_input)
-        outcome = conn.outcome = run_app(self.app, environ, proto, request, send, self.error_log,
-                                         conn.sendfile, self._outcome_type)
+        outcome = conn.outcome = run_app(self.app, environ, proto, request, conn.send_inline,
+                                         self.error_log, conn.sendfile, self._outcome_type)
+        if conn.body_error is not None:
+            self._answer_bad_body(conn, outcome)
         if self._keep_environ:
             outcome.environ = environ
 
+    def _answer_bad_body(self, conn: ClientConnection, outcome: Outcome) -> None:
+        """The app read a 100-continue body that broke the protocol: the client is
+        told 400, as for any bad request (unless the app answered already, having
+        caught BadRequestBody), and the connection closes."""
+        outcome.must_close = True
+        if outcome.head_sent:
+            return
+        error = conn.body_error
+        response, size = self._error_response(error.status, error.reason)
+        outcome.head_sent = True
+        outcome.status = str(error.status)
+        try:
+            conn.send_blocking(response)
+            outcome.sent = size
+        except OSError:
+            pass
+
     def _make_pull(self, conn: ClientConnection, send):
-        """Body source for Expect: 100-continue: answer 100, then read as the app reads."""
+        """Body source for Expect: 100-continue: answer 100, then read as the app reads.
+        A body that breaks the protocol raises BadRequestBody in the app and is kept in
+        ``conn.body_error`` (see _answer_bad_body)."""
         state = {"continued": False}
         proto = conn.proto
         timeout_s = self.settings.header_timeout_s
 
         def pull() -> bytes:
+            if conn.body_error is not None:
+                raise BadRequestBody(f"bad request body: {conn.body_error.reason}")
             if not state["continued"]:
                 state["continued"] = True
                 send(_CONTINUE)
             while True:
-                event = proto.next_event()   # RemoteProtocolError reaches the app: a 500
+                try:
+                    event = proto.next_event()
+                except http11.RemoteProtocolError as exc:
+                    conn.body_error = exc
+                    raise BadRequestBody(f"bad request body: {exc.reason}") from None
                 if event.__class__ is http11.Data:
                     return event.data
                 if event.__class__ is http11.EndOfMessage:
@@ -677,6 +802,12 @@ class Server:
 
         True when bytes of ``conn``'s next request wait to be parsed."""
         outcome = conn.outcome
+        if outcome is not None and outcome.stream is not None:
+            # The response waits for the socket: the request is not over yet.
+            conn.move(WRITING)
+            self._set_events(conn, WRITE)
+            self._set_deadline(conn, now + self._write_timeout_s)
+            return False
         request = conn.request
         self._requests_served += 1
         if self.access_log is not None and outcome is not None:
@@ -725,6 +856,38 @@ class Server:
             self._set_deadline(conn, deadline)
         return False
 
+    def _resume(self, conn: ClientConnection) -> None:
+        """``conn`` (WRITING) sent what its response left waiting: iterate the rest
+        of the app's response (here, or on a pool thread as its app call was)."""
+        conn.move(BUSY)
+        pool = self._pool
+        if pool is not None:
+            self._loop.unregister(conn.fd)
+            conn.events = 0
+            conn.busy_since = self._loop.now
+            pool.submit((conn, _RESUME))
+            if pool.busy >= pool.size:
+                self._set_listening(False)
+            return
+        outcome = conn.outcome
+        if outcome.stream.advance():
+            outcome.stream = None
+            if not conn.outbuf:
+                self._set_events(conn, READ)   # _finish expects a connection read from
+        if self._finish(conn, self._clock()):
+            self._process(conn)
+
+    def _cut_short(self, conn: ClientConnection, outcome: Outcome) -> None:
+        """The connection closes before its response was whole (the client stopped
+        reading or went away, or the server stops): close the app's iterable, and
+        log the request with what it got."""
+        stream, outcome.stream = outcome.stream, None
+        stream.close()
+        outcome.must_close = True
+        self._requests_served += 1
+        if self.access_log is not None:
+            self._log_access(conn, conn.request, outcome.status, outcome.sent, outcome)
+
     def _next_request(self, conn: ClientConnection, pending: bool, now: float) -> bool:
         """Prepare ``conn`` (WRITING, its response sent at ``now``) to wait for its
         next request, of which something is already here if ``pending`` (`_finish` has
@@ -757,5 +920,5 @@ class Server:
             self._clock(), headers, environ))
 
 
-_REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 421: "Misdirected Request",
             414: "URI Too Long", 431: "Request Header Fields Too Large"}

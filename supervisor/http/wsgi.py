@@ -32,8 +32,8 @@ from supervisor.http.protocol import (
     render_head,
 )
 
-__all__ = ["EnvironBuilder", "Input", "FileWrapper", "Outcome", "RecordingOutcome", "run_app",
-           "valid_status", "valid_header"]
+__all__ = ["EnvironBuilder", "Input", "BadRequestBody", "FileWrapper", "Outcome", "RecordingOutcome", "ResponseStream",
+           "run_app", "valid_status", "valid_header"]
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
@@ -86,6 +86,12 @@ def _environ_key(name: bytes) -> tuple[str, bool]:
 # by refusing new names when full (a miss costs what computing costs).
 _ENVIRON_KEYS: dict[bytes, tuple[str, bool]] = {}
 _ENVIRON_KEYS_MAX = 512
+
+
+class BadRequestBody(OSError):
+    """What ``wsgi.input`` raises when the body it reads breaks the protocol (a bad
+    chunk, say): the client's doing, so an OSError, as for a client that went away.
+    The application's response is not sent; the server answers 400 and closes."""
 
 
 class Input:
@@ -283,7 +289,7 @@ class Outcome:
     and what happened, for the server and the access log."""
 
     __slots__ = ("status", "sent", "must_close", "head_sent", "conn", "request", "send",
-                 "status_line", "rendered")
+                 "status_line", "rendered", "stream")
 
     def __init__(self, conn: Connection, request: Request, send) -> None:
         self.status = "500"     # the status code sent (access log)
@@ -295,6 +301,7 @@ class Outcome:
         self.send = send
         self.status_line = None   # as the application gave it
         self.rendered = None      # its status and headers, checked and rendered
+        self.stream = None        # the rest of the response, while it waits for the socket
 
     def start_response(self, status, headers, exc_info=None):
         if exc_info is not None:
@@ -358,14 +365,20 @@ _ERROR_BODY = b"Internal Server Error\n"
 
 
 def run_app(app, environ: dict, conn: Connection, request: Request,
-            send: Callable[[bytes], None], error_log: logging.Logger,
-            sendfile: Callable[[object, int, int], int] | None = None,
+            send: Callable[[bytes], bool | None], error_log: logging.Logger,
+            sendfile: Callable[[object, int, int], int | None] | None = None,
             outcome_type: type[Outcome] = Outcome) -> Outcome:
-    """Call ``app`` and send its whole response through ``send``.
+    """Call ``app`` and send its response through ``send``, as far as the socket takes it.
 
-    ``send`` must send everything or raise OSError; ``sendfile(file, offset,
-    count)`` sends a file's bytes and returns how many went out. ``outcome_type``
-    is ``Outcome`` or :class:`RecordingOutcome`.
+    ``send(data)`` takes every byte (sent, or kept in a buffer for later) or raises
+    OSError; it returns a true value when some of them wait in that buffer, the sign
+    that the socket is full. The response's iterable is then iterated no further: the
+    rest is left in ``outcome.stream`` (a :class:`ResponseStream`) for the caller to
+    `~ResponseStream.advance` once the buffer drained. A ``send`` that always returns
+    None (one that blocks) gets the whole response before run_app returns.
+    ``sendfile(file, offset, count)`` sends a file's bytes and returns how many went
+    out (0: the file ended), or None when the socket is full. ``outcome_type`` is
+    ``Outcome`` or :class:`RecordingOutcome`.
     """
     outcome = outcome_type(conn, request, send)
     result = None
@@ -385,23 +398,10 @@ def run_app(app, environ: dict, conn: Connection, request: Request,
             outcome.sent = len(body)
             send(data)
             return outcome
-        if isinstance(result, FileWrapper) and sendfile is not None and result.fileno() is not None:
-            _send_file(result, outcome, conn, send, sendfile)
-            return outcome
-        for chunk in result:
-            if type(chunk) is not bytes:
-                raise TypeError(f"application yielded {type(chunk).__name__}, not bytes")
-            if not chunk:
-                continue
-            if not outcome.head_sent:
-                send(outcome.send_head(None) + conn.body(chunk))
-            else:
-                send(conn.body(chunk))
-            outcome.sent += len(chunk)
-        tail = b"" if outcome.head_sent else outcome.send_head(0)
-        tail += conn.end_of_response()
-        if tail:
-            send(tail)
+        stream = ResponseStream(outcome, result, environ, error_log, sendfile)
+        result = None   # the stream's to close, now or once the socket took the rest
+        if not stream.advance():
+            outcome.stream = stream
         return outcome
     except OSError:
         # The client went away (or the socket broke): nothing more can be sent.
@@ -424,40 +424,131 @@ def run_app(app, environ: dict, conn: Connection, request: Request,
                 outcome.must_close = True
 
 
-def _send_file(wrapper: FileWrapper, outcome: Outcome, conn: Connection, send,
-               sendfile) -> None:
-    fd = wrapper.fileno()
-    try:
-        offset = wrapper.filelike.tell()
-    except (AttributeError, OSError):
-        offset = 0
-    size = os.fstat(fd).st_size
-    count = max(0, size - offset)
-    head = outcome.send_head(count)
-    if conn.response_chunked or outcome.request.method == b"HEAD":
-        send(head)
-        if outcome.request.method != b"HEAD":
-            for chunk in wrapper:
-                send(conn.body(chunk))
-                outcome.sent += len(chunk)
-        tail = conn.end_of_response()
+class ResponseStream:
+    """What is left of a response once the application returned: its iterable's
+    chunks, or a ``wsgi.file_wrapper``'s file (sent with ``sendfile``), sent as the
+    socket takes them.
+
+    `advance()` sends until ``send`` says bytes wait in its buffer (or ``sendfile``
+    that the socket is full) and returns False: call it again once that buffer is
+    empty, never before (a file's bytes must not overtake the head). It returns True
+    when the response is over, whole or cut short by an error (then
+    ``outcome.must_close``, and a 500 if nothing went out yet), with the iterable
+    closed (PEP 3333). `close()` abandons it: the iterable is closed, and the caller
+    closes the connection. One thread at a time (the one that owns the connection).
+    """
+
+    __slots__ = ("outcome", "result", "environ", "error_log", "sendfile", "chunks", "file",
+                 "offset", "remaining")
+
+    def __init__(self, outcome: Outcome, result, environ: dict, error_log: logging.Logger,
+                 sendfile) -> None:
+        self.outcome = outcome
+        self.result = result        # the application's iterable, until closed
+        self.environ = environ
+        self.error_log = error_log
+        self.sendfile = sendfile
+        self.chunks = None          # the iterator being sent, once started
+        self.file = None            # or the file being sent with sendfile
+        self.offset = 0             # file: where its next byte is
+        self.remaining = 0          # file: bytes still to send
+
+    def advance(self) -> bool:
+        outcome = self.outcome
+        try:
+            if self.chunks is None and self.file is None and self._begin():
+                return False
+            if not (self._send_file() if self.file is not None else self._send_chunks()):
+                return False
+        except OSError:
+            # The client went away (or the socket broke): nothing more can be sent.
+            outcome.must_close = True
+        except Exception:
+            self.error_log.exception("Error handling request %s %s",
+                                     self.environ.get("REQUEST_METHOD"), self.environ.get("RAW_URI"))
+            outcome.must_close = True
+            if not outcome.head_sent:
+                _send_error(outcome.conn, outcome.request, outcome.send, outcome)
+        except BaseException:
+            self.close()
+            raise
+        self.close()
+        return True
+
+    def close(self) -> None:
+        """Close the application's iterable (once; an error in it is logged)."""
+        result, self.result = self.result, None
+        self.chunks = self.file = None
+        close = getattr(result, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                self.error_log.exception("Error closing the application's response")
+                self.outcome.must_close = True
+
+    def _begin(self) -> bool:
+        """Choose how the body goes out; True when the head waits in ``send``'s buffer."""
+        result = self.result
+        if not (isinstance(result, FileWrapper) and self.sendfile is not None
+                and result.fileno() is not None):
+            self.chunks = iter(result)
+            return False
+        outcome = self.outcome
+        conn = outcome.conn
+        try:
+            offset = result.filelike.tell()
+        except (AttributeError, OSError):
+            offset = 0
+        count = max(0, os.fstat(result.fileno()).st_size - offset)
+        head = outcome.send_head(count)
+        if outcome.request.method == b"HEAD":
+            self.chunks = iter(())
+        elif conn.response_chunked:
+            self.chunks = iter(result)   # read and framed: sendfile cannot frame chunks
+        else:
+            self.file = result.filelike
+            self.offset = offset
+            declared = conn.response_remaining
+            self.remaining = count if declared is None else min(count, declared)
+        return bool(outcome.send(head))
+
+    def _send_chunks(self) -> bool:
+        outcome = self.outcome
+        conn, send = outcome.conn, outcome.send
+        for chunk in self.chunks:
+            if type(chunk) is not bytes:
+                raise TypeError(f"application yielded {type(chunk).__name__}, not bytes")
+            if not chunk:
+                continue
+            if not outcome.head_sent:
+                waiting = send(outcome.send_head(None) + conn.body(chunk))
+            else:
+                waiting = send(conn.body(chunk))
+            outcome.sent += len(chunk)
+            if waiting:
+                return False
+        tail = b"" if outcome.head_sent else outcome.send_head(0)
+        tail += conn.end_of_response()
         if tail:
-            send(tail)
-        return
-    send(head)
-    remaining = count
-    declared = conn.response_remaining
-    if declared is not None:
-        remaining = min(remaining, declared)
-    while remaining > 0:
-        n = sendfile(wrapper.filelike, offset, remaining)
-        if n <= 0:
-            break
-        offset += n
-        remaining -= n
-        conn.count_body(n)
-        outcome.sent += n
-    conn.end_of_response()
+            send(tail)   # may wait in the buffer: the caller sends it before anything else
+        return True
+
+    def _send_file(self) -> bool:
+        outcome = self.outcome
+        conn, sendfile = outcome.conn, self.sendfile
+        while self.remaining > 0:
+            n = sendfile(self.file, self.offset, self.remaining)
+            if n is None:
+                return False
+            if n <= 0:
+                break   # the file is shorter than it was: end_of_response closes
+            self.offset += n
+            self.remaining -= n
+            conn.count_body(n)
+            outcome.sent += n
+        conn.end_of_response()
+        return True
 
 
 def _send_error(conn: Connection, request: Request, send, outcome: Outcome) -> None:

@@ -558,7 +558,7 @@ def test_add_connection_with_proxy_header_in_initial_bytes(serve) -> None:
     r.clients += [a, b]
     header = b"PROXY TCP6 2001:db8::7 2001:db8::1 1000 80\r\n"
     # As from the balancer: part of the header was already read off the socket.
-    r.in_loop(lambda: r.server.add_connection(b, ("10.0.0.9", 5), "", header[:9], proxy_protocol=True))
+    r.in_loop(lambda: r.server.add_connection(b, ("127.0.0.1", 5), "", header[:9], proxy_protocol=True))
     a.sendall(header[9:] + b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
     assert read_response(a, bytearray())[2] == b"2001:db8::7 1000"
 
@@ -694,3 +694,155 @@ def test_accepted_connections_have_nodelay(serve) -> None:
         read_response(s, bytearray())
         conn = next(iter(r.server._conns.values()))
         assert conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+# ---------------------------------------------------------------- responses that wait for the socket
+
+STREAM_CHUNK = 64 * 1024
+
+
+def streaming(closed: threading.Event, total: int = 8 << 20):
+    """An app whose response is `total` bytes in 64 KiB chunks, a pattern the reader can
+    check; `closed` is set when the server closes the iterable."""
+    class Body:
+        def __iter__(self):
+            for i in range(total // STREAM_CHUNK):
+                yield bytes([i % 251]) * STREAM_CHUNK
+
+        def close(self):
+            closed.set()
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] != "/stream":
+            return hello(environ, start_response)
+        start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                  ("Content-Length", str(total))])
+        return Body()
+    return app
+
+
+def expected_stream(total: int = 8 << 20) -> bytes:
+    return b"".join(bytes([i % 251]) * STREAM_CHUNK for i in range(total // STREAM_CHUNK))
+
+
+def slow_reader(r: Running) -> socket.socket:
+    """A client with small socket buffers at both ends (an accepted socket inherits the
+    listener's), so that a response of a few MiB fills them while it reads nothing."""
+    r.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+    s.settimeout(DEADLINE_S)
+    s.connect(("127.0.0.1", r.port))
+    r.clients.append(s)
+    return s
+
+
+def waiting_for_client(r: Running) -> bool:
+    return r.in_loop(lambda: any(c.state.name == "WRITING" for c in r.server._conns.values()))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_response_waits_for_its_reader_and_then_the_next_request_is_served(serve, threads) -> None:
+    closed = threading.Event()
+    r = serve(streaming(closed), validate=False, threads=threads)
+    s = slow_reader(r)
+    s.sendall(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\nGET /after HTTP/1.1\r\nHost: t\r\n\r\n")
+    wait_for(lambda: waiting_for_client(r), "the response to wait for its reader")
+    # Meanwhile the server serves others, and no app call is running.
+    other = r.connect()
+    get(other, "/other")
+    assert read_response(other, bytearray())[2] == b"hello /other"
+    # No thread waits for the reader: nothing counts as a running app call.
+    wait_for(lambda: r.in_loop(r.server.oldest_request_age) is None and r.server.busy_threads == 0,
+             "no app call running")
+    assert not closed.is_set()
+    buf = bytearray()
+    status, headers, body = read_response(s, buf)
+    assert body == expected_stream()
+    assert closed.is_set()
+    assert read_response(s, buf)[2] == b"hello /after"   # keep-alive and the pipelined request
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_client_that_stops_reading_is_cut_off_and_its_response_closed(serve, threads) -> None:
+    closed = threading.Event()
+    r = serve(streaming(closed, 64 << 20), validate=False, threads=threads, write_timeout_s=2.0)
+    stuck = [slow_reader(r) for _ in range(threads + 1)]   # more than there are threads
+    for s in stuck:
+        get(s, "/stream")
+    wait_for(lambda: r.in_loop(lambda: sum(c.state.name == "WRITING" for c in r.server._conns.values()))
+             == len(stuck), "every response to wait for its reader")
+    for i in range(3):
+        other = r.connect()
+        get(other, f"/other{i}")
+        assert read_response(other, bytearray())[2] == b"hello /other%d" % i
+        assert not closed.is_set(), "served only once a stuck reader was cut off"
+    assert closed.wait(DEADLINE_S)
+    wait_for(lambda: r.server.active_connections <= 3, "the stuck readers to be closed")
+    # Each logged with the part of its response it got.
+    wait_for(lambda: len([rec for rec in r.access_records if rec.path == b"/stream"]) == len(stuck),
+             "the cut responses logged")
+    cut = [rec for rec in r.access_records if rec.path == b"/stream"]
+    assert all(rec.status == "200" and rec.length < 64 << 20 for rec in cut)
+
+
+def test_graceful_stop_lets_a_waiting_response_finish(serve) -> None:
+    closed = threading.Event()
+    r = serve(streaming(closed), validate=False)
+    s = slow_reader(r)
+    get(s, "/stream")
+    wait_for(lambda: waiting_for_client(r), "the response to wait for its reader")
+    r.server.stop(graceful=True)
+    assert read_response(s, bytearray())[2] == expected_stream()
+    r.thread.join(DEADLINE_S)
+    assert not r.thread.is_alive() and closed.is_set()
+
+
+def test_file_wrapper_response_waits_for_its_reader_without_blocking_others(serve, tmp_path) -> None:
+    path = tmp_path / "f.bin"
+    payload = os.urandom(8 << 20)
+    path.write_bytes(payload)
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] != "/file":
+            return hello(environ, start_response)
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        f = open(path, "rb")
+        f.seek(100)   # sent from the file's offset
+        return environ["wsgi.file_wrapper"](f)
+    r = serve(app, validate=False)
+    s = slow_reader(r)
+    get(s, "/file")
+    wait_for(lambda: waiting_for_client(r), "the file to wait for its reader")
+    other = r.connect()
+    get(other, "/other")
+    assert read_response(other, bytearray())[2] == b"hello /other"
+    status, headers, body = read_response(s, bytearray())
+    assert headers["content-length"] == str(len(payload) - 100) and body == payload[100:]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_bad_chunked_body_read_after_100_continue_is_answered_400(serve, threads) -> None:
+    """The app reads a body that breaks the protocol: wsgi.input raises (an OSError,
+    the client's doing), the client gets 400 and a closed connection, nothing is logged
+    as an error of ours."""
+    seen = []
+
+    def app(environ, start_response):
+        try:
+            environ["wsgi.input"].read(100)
+        except OSError as exc:
+            seen.append(exc)
+            raise
+        start_response("200 OK", [("Content-Length", "0")])
+        return []
+    r = serve(app, validate=False, threads=threads)
+    s = r.connect()
+    s.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
+    buf = bytearray()
+    assert read_response(s, buf)[0] == b"HTTP/1.1 100 Continue"
+    s.sendall(b"2\r\nhi\r\nnot-hex\r\n")
+    status, headers, _ = read_response(s, buf)
+    assert status == b"HTTP/1.1 400 Bad Request" and headers["connection"] == "close"
+    assert s.recv(10) == b""
+    assert len(seen) == 1 and not [rec for rec in r.records if rec.levelname == "ERROR"]
