@@ -48,4 +48,8 @@ ensure_venv() {
         "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec" || exit 1
         touch "$stamp"
     fi
+    # Each worker execs a fresh interpreter as its app's user, who may not write bytecode
+    # beside Baton's sources: compile them here (only what changed), so a worker start
+    # reads bytecode instead of compiling every module again.
+    "$venv/bin/python" -m compileall -q "$repo/supervisor" >/dev/null || true
 }

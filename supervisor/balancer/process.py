@@ -24,6 +24,7 @@ connection (every worker gone, nothing queued).
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import time
@@ -33,8 +34,9 @@ import setproctitle
 from supervisor.balancer import health
 from supervisor.balancer.dispatch import APP_GONE, Decision, Dispatcher, Refuse, Send
 from supervisor.balancer.healthserver import HealthServer
-from supervisor.balancer.intake import Intake, Pending, answer_and_close, build_routes
+from supervisor.balancer.intake import Intake, Pending, answer_and_close
 from supervisor.balancer.links import Links
+from supervisor.balancer.routing import build_routes
 from supervisor.config.model import Config
 from supervisor.ipc import channel
 from supervisor.ipc.channel import ChannelClosed
@@ -42,6 +44,7 @@ from supervisor.ipc.messages import (
     Attach,
     Detach,
     Drain,
+    Heartbeat,
     MessageError,
     Metrics,
     Reopen,
@@ -79,13 +82,13 @@ class Balancer:
 
     def __init__(self, payload: dict, listeners: dict[str, socket.socket], master: socket.socket,
                  links: dict[int, tuple[str, socket.socket]], logs: Logs, clock=time.monotonic,
-                 health_socket: socket.socket | None = None):
+                 health_socket: socket.socket | None = None, heartbeat_s: float | None = None):
         self.log = logs.error
         self.logs = logs
         self.loop = loop = Loop(clock)
         self.core = Dispatcher(lambda: loop.now)
         self.intake = Intake(loop, self._dispatch, self.log)
-        self.links = Links(loop, self.core, self._perform, self.log)
+        self.links = Links(loop, self.core, self._perform, self.log, self.intake)
         self.master = master
         self.master_figures = Metrics(apps={}, overall={})
         self._queue_timer: Timer | None = None
@@ -108,6 +111,10 @@ class Balancer:
         self._adopt_routes(payload, listeners)
         for key, (app, sock) in links.items():
             self.links.attach(key, app, sock)
+        if heartbeat_s is not None:
+            # From the loop, not a thread: a stopped or stuck loop goes silent, and the
+            # master replaces this process.
+            loop.every(heartbeat_s, self._heartbeat)
 
     def run(self) -> None:
         self.loop.run()
@@ -186,6 +193,15 @@ class Balancer:
                 for fd in fds:
                     os.close(fd)
 
+    def _heartbeat(self) -> None:
+        try:
+            channel.send(self.master, Heartbeat(requests=self.intake.accepted, connections=0, busy=0,
+                                                oldest_s=None))
+        except BlockingIOError:
+            pass   # the master is behind on reading: the heartbeats already queued say the same
+        except OSError as exc:   # the master is gone: `_on_master` sees the channel close
+            self.log.debug("could not send a heartbeat to the master: %s", exc)
+
     def _on_attach(self, message: Attach, fds: list[int]) -> None:
         if self.core.worker(message.key) is not None:
             raise Malformed(f"worker {message.key} is attached already")
@@ -246,7 +262,8 @@ class Balancer:
         overall = dict(self.master_figures.overall)
         overall["baton_accepted_total"] = self.intake.accepted
         overall["baton_refused_total"] = (self.intake.refused_host + self.intake.refused_proxy
-                                          + self.core.overflow_503 + self.core.queue_timeout_503)
+                                          + self.core.overflow_503 + self.core.queue_timeout_503
+                                          + self.core.worker_refused_503)
         return health.render(per_app, overall)
 
 
@@ -277,9 +294,11 @@ def _socket(fd: int, what: str) -> socket.socket:
 
 def main(payload: dict, identity: privileges.Identity, listeners: dict[str, socket.socket],
          master: socket.socket, links: dict[int, tuple[str, socket.socket]], logs: Logs,
-         master_pid: int, health_socket: socket.socket | None = None) -> int:
+         master_pid: int, health_socket: socket.socket | None = None, heartbeat_s: float | None = None) -> int:
     privileges.drop(identity)
     spawn.die_with_parent(master_pid)
     setproctitle.setproctitle(f"baton: balancer ({identity.name})")
-    Balancer(payload, listeners, master, links, logs, health_socket=health_socket).run()
+    # SIGABRT (the master's answer to a silent balancer) writes every stack to the error log.
+    faulthandler.enable(file=logs.fds[0], all_threads=True)
+    Balancer(payload, listeners, master, links, logs, health_socket=health_socket, heartbeat_s=heartbeat_s).run()
     return 0

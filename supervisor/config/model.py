@@ -20,6 +20,8 @@ class ListenerConfig:
     mode: str = "balance"             # "balance", "share" or "reuseport"
     backlog: int = 2048
     proxy_protocol: bool = False
+    # Direct peers whose PROXY headers are believed (addresses, CIDR networks, "*").
+    proxy_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class AppConfig:
     limit_request_field_size: int = 8190
     max_body_size: int | None = None
     header_timeout: float = 10.0
+    write_timeout: float = 30.0       # seconds a client may take no byte of its response before it is closed
     forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
     hosts: tuple[str, ...] = ()       # Host/SNI names routed to this app on a shared listener
     default: bool = False             # takes the hosts no other app on the listener claims
@@ -61,7 +64,7 @@ class MasterConfig:
     access_log: str | None = None     # path, "-" for stdout, None for off
     error_log: str | None = None      # path, "-"/None for stderr
     pidfile: str | None = None
-    balancer_user: str | None = None  # None: "nobody" when root, else ourselves
+    balancer_user: str | None = None  # None: under root an id no app uses (privileges.balancer_identity), else ourselves
     crash_backoff_max: float = 30.0   # cap on the delay before respawning a crash-looping app
     health: BindAddress | None = None  # where the balancer answers /healthz and /metrics
     include: tuple[str, ...] = ()     # absolute globs of files adding [listeners.*] and [apps.*]

@@ -51,6 +51,7 @@ from supervisor.config.model import (
     ListenerConfig,
     MasterConfig,
     control_socket_path,
+    effective_user,
 )
 from supervisor.config.tables import (
     MISSING,
@@ -62,7 +63,7 @@ from supervisor.config.tables import (
     is_text,
     or_list,
 )
-from supervisor.http import accesslog
+from supervisor.http import accesslog, proxyproto
 from supervisor.system import users
 
 try:
@@ -135,6 +136,7 @@ def from_mapping(data: dict, path: str | None, *, running_as_root: bool | None =
         # Routing is a cross-app check: judged only once every app reads correctly,
         # so one typo is not echoed as a routing conflict.
         _check_routes(owners, listeners, apps)
+    _check_balancer_apart(owners, master, apps, running_as_root)
     top.finish(elsewhere=_elsewhere())
     lines = [line for document in documents for line in document.problems.lines]
     if lines:
@@ -348,6 +350,7 @@ def _listeners(problems: Problems, data: dict, base_dir: str, listeners: dict[st
             problems.expected(key + ("mode",), f"one of {or_list(LISTENER_MODES)}", mode)
         backlog = table.integer("backlog", ListenerConfig.backlog, low=1, high=MAX_BACKLOG)
         proxy_protocol = table.boolean("proxy_protocol", ListenerConfig.proxy_protocol)
+        proxy_allow_ips = table.strings("proxy_allow_ips", item=proxyproto.allow_entry)
         table.finish()
         if mode == "reuseport" and bind is not None and bind.kind != "tcp":
             problems.add(key + ("mode",), f"mode 'reuseport' needs a HOST:PORT bind, found {str(bind)!r}")
@@ -357,7 +360,9 @@ def _listeners(problems: Problems, data: dict, base_dir: str, listeners: dict[st
                                              "set Backlog= in its .socket unit instead")
         if bind is not None:
             _check_bind_clash(problems, key, bind, listeners)
-            listeners[name] = ListenerConfig(name, bind, mode, backlog, proxy_protocol)
+            listeners[name] = ListenerConfig(
+                name, bind, mode, backlog, proxy_protocol,
+                proxy_allow_ips=ListenerConfig.proxy_allow_ips if proxy_allow_ips is None else proxy_allow_ips)
 
 
 def _check_bind_clash(problems: Problems, key: tuple, bind: BindAddress,
@@ -419,6 +424,8 @@ def _app(problems: Problems, name: str, data: Any, listener_names: tuple[str, ..
         max_body_size=table.integer("max_body_size", None, low=0, high=MAX_BODY_SIZE),
         header_timeout=table.seconds("header_timeout", defaults.header_timeout, high=MAX_DURATION_S,
                                      positive=True),
+        write_timeout=table.seconds("write_timeout", defaults.write_timeout, high=MAX_DURATION_S,
+                                    positive=True),
         forwarded_allow_ips=_forwarded_allow_ips(table, defaults.forwarded_allow_ips),
         hosts=table.strings("hosts", item=_host_pattern) or (),
         default=table.boolean("default", defaults.default),
@@ -458,6 +465,30 @@ def _check_routes(owners: Mapping[tuple[str, str], Problems], listeners: Mapping
             routing.HostTable([(app.name, app.hosts, app.default) for app in sharing])
         except ValueError as exc:
             owners["listeners", name].add(("listeners", name), f"apps sharing this listener conflict: {exc}")
+
+
+def _check_balancer_apart(owners: Mapping[tuple[str, str], Problems], master: MasterConfig,
+                          apps: Mapping[str, AppConfig], running_as_root: bool) -> None:
+    """No app may run as the balancer's user: whoever shares its uid can stop or kill
+    it. Only an explicit `balancer_user` can clash (unset, the balancer gets an id no
+    app can have); without root everything runs as the master's user, so none is told
+    apart. Users the system does not know are reported where they are named."""
+    if not running_as_root or master.balancer_user is None:
+        return
+    balancer = users.user(master.balancer_user)
+    if balancer is None:
+        return
+    for name, app in apps.items():
+        user = effective_user(app, running_as_root)
+        entry = users.user(user) if user is not None else None
+        if entry is None or entry.pw_uid != balancer.pw_uid:
+            continue
+        who = repr(app.user) if app.user is not None else f"the default user {DEFAULT_USER!r} (no user is set)"
+        owners["apps", name].add(
+            ("apps", name, "user"),
+            f"expected a user other than the balancer's: this app runs as {who}, uid {entry.pw_uid}, "
+            f"the uid of [master] balancer_user = {master.balancer_user!r}, and could stop or kill the "
+            f"balancer; give the app another user, or leave balancer_user unset (an id no app uses)")
 
 
 def _host_pattern(text: str) -> str:

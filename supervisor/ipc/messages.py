@@ -49,9 +49,10 @@ Wire form: byte 0 is the fd count; byte 1 says which of two forms follows.
 
 `encode` always takes the binary form for those three kinds, except for a CONN whose
 host or listener is longer than its length byte can say (or cannot be encoded as
-UTF-8): it goes as text. `decode` accepts both forms for those kinds and rejects
-anything else with MessageError: a short or long binary message, an unknown kind code,
-lengths that do not add up, undecodable text.
+UTF-8), and a REPORT with `refused` ids (rare: a worker out of fds): they go as text.
+`decode` accepts both forms for those kinds and rejects anything else with
+MessageError: a short or long binary message, an unknown kind code, lengths that do
+not add up, undecodable text.
 """
 from __future__ import annotations
 
@@ -73,6 +74,8 @@ TRACEBACK_MAX = 5000
 _REPORT_HEAD_SIZE = 10
 # The most connection ids one REPORT carries; a sender with more sends several.
 REPORT_MAX_IDS = (MAX_MESSAGE_BYTES - _REPORT_HEAD_SIZE) // 8
+# The most refused ids one REPORT carries: they travel as JSON text (up to 21 bytes each).
+REFUSED_MAX = 1024
 
 
 class MessageError(ValueError):
@@ -128,7 +131,8 @@ class BootFailed(Message):
 class Heartbeat(Message):
     """Worker -> master, from its serving loop (so a stuck loop goes silent): requests
     served, open connections, busy threads, and the age of the oldest running request
-    (None when none runs)."""
+    (None when none runs). Balancer -> master too, from its loop: its sign of life
+    (requests: connections accepted; the rest zero and None)."""
     KIND = "heartbeat"
     requests: int = _field(fields.unsigned(64))
     connections: int = _field(fields.unsigned(32))
@@ -306,20 +310,28 @@ class Conn(Message):
 @dataclass(frozen=True, slots=True)
 class Report(Message):
     """Worker -> balancer: busy threads; `acked`, the ids of connections the worker now
-    owns (the balancer closes its copies); `closed`, the ids of those that ended. Sent
+    owns (the balancer closes its copies); `closed`, the ids of those that ended;
+    `refused`, the ids of connections whose fd never reached the worker (it was at its
+    fd limit: the CONN arrived truncated), which the balancer passes on elsewhere. Sent
     per batch of connections received and per serving-loop iteration, never per
-    connection; at most REPORT_MAX_IDS ids in all."""
+    connection; at most REPORT_MAX_IDS ids in all (REFUSED_MAX refused: a report with
+    any travels in the text form, which is rare and so may be slow)."""
     KIND = "report"
     busy: int = _field(fields.unsigned(32))
     acked: tuple[int, ...] = _field(fields.array(fields.unsigned(64), REPORT_MAX_IDS))
     closed: tuple[int, ...] = _field(fields.array(fields.unsigned(64), REPORT_MAX_IDS))
+    refused: tuple[int, ...] = _field(fields.array(fields.unsigned(64), REFUSED_MAX), ())
 
 
 @dataclass(frozen=True, slots=True)
 class HandBack(Message):
     """Worker -> balancer: a retiring worker's idle keep-alive connection (the fd), with
     the bytes it read but did not parse, for another worker of the same app. Between
-    balancers (after an upgrade) `app` names that app; from a worker it is left out."""
+    balancers (after an upgrade) `app` names that app; from a worker it is left out.
+    A balancer trusts a worker's HANDBACK for little more than `data`: the fd must be
+    one it gave that worker (then the peer and listener are those it recorded) or a
+    connection the worker accepted itself on a `share` or `reuseport` listener (then
+    the peer is the kernel's); the app is always the worker's own (see links.py)."""
     KIND = "handback"
     FDS = 1
     peer: tuple[str, int] = _field(fields.peer)
@@ -466,7 +478,7 @@ def _setters(cls: type, *names: str):
 _set_heartbeat = _setters(Heartbeat, "requests", "connections", "busy", "oldest_s")
 _set_conn_id, _set_conn_peer, _set_conn_listener, _set_conn_data, _set_conn_proxy = _setters(
     Conn, "id", "peer", "listener", "data", "proxy")
-_set_report = _setters(Report, "busy", "acked", "closed")
+_set_report = _setters(Report, "busy", "acked", "closed", "refused")
 _unpack_conn_head = _CONN_HEAD.unpack_from
 
 
@@ -566,6 +578,8 @@ def _decode_conn(data: bytes) -> Conn:
 
 
 def _encode_report(message: Report) -> bytes:
+    if message.refused:   # the binary layout has no room for them
+        return encode_text(message)
     acked, closed = message.acked, message.closed
     count = len(acked) + len(closed)
     if count > REPORT_MAX_IDS:
@@ -589,10 +603,11 @@ def _decode_report(data: bytes) -> Report:
         raise MessageError(f"report message of {len(data)} bytes does not carry {count} ids")
     ids = struct.unpack_from(f"<{count}Q", data, _REPORT_HEAD_SIZE)
     message = _new_object(Report)
-    set_busy, set_acked, set_closed = _set_report
+    set_busy, set_acked, set_closed, set_refused = _set_report
     set_busy(message, busy)
     set_acked(message, ids[:acked_count])
     set_closed(message, ids[acked_count:])
+    set_refused(message, ())
     return message
 
 

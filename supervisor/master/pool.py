@@ -1,11 +1,13 @@
-"""The master's worker processes: fork them, watch them, talk to them.
+"""The master's worker processes: start them, watch them, talk to them.
 
 `WorkerPool` carries out the supervision core's worker actions (fork, STOP, signal)
 and turns what it hears back into supervision events: a channel message becomes
 `Ready`, `BootFailed` or `Heartbeat`, a pidfd that turns readable becomes `Exited`.
 It knows a worker by the core's key; the pid is only for the kernel and the logs.
 Every fd it opens for a worker (channel, pidfd, the balancer's end of the worker's
-balancer channel) is closed when the worker is reaped, or at `close()`.
+balancer channel, the read ends of its log pipes) is closed when the worker is reaped,
+or at `close()`. A worker is a fork that execs a fresh interpreter (`worker.entry`);
+its log lines come through its pipes and the `LogSink`, tagged with its app and pid.
 """
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ from supervisor.ipc.channel import ChannelClosed
 from supervisor.ipc.messages import MessageError
 from supervisor.master import status as status_mod
 from supervisor.master import supervision as sv
+from supervisor.master.logsink import LogSink, Pipes
 from supervisor.system import spawn
 from supervisor.system.log import Logs
 from supervisor.system.loop import Loop
+from supervisor.worker import entry as worker_entry
 from supervisor.worker import process as worker_process
 
 
@@ -35,6 +39,7 @@ class Child:
     pidfd: int
     channel: socket.socket
     balancer_end: socket.socket   # kept, so a restarted balancer gets it again
+    pipes: Pipes                  # its log pipes' read ends
     max_rss_mb: int = 0
 
 
@@ -47,24 +52,31 @@ class WorkerPool:
         self.log = logs.error
         self.on_event = on_event
         self.children: dict[int, Child] = {}
+        self.sink = LogSink(loop, logs, clock=lambda: loop.now)
 
     def spawn(self, key: int, spec: worker_process.WorkerSpec, master_end: socket.socket,
               balancer_end: socket.socket) -> int:
-        """Fork the worker `spec` describes. The master keeps `master_end` (the other
-        end of `spec.channel`) and `balancer_end` (of `spec.balancer`); the child's
-        ends are closed here whatever happens. Raises OSError when the fork fails,
-        having closed the master's ends too."""
+        """Start the worker `spec` describes (its `log_fds` are set here). The master
+        keeps `master_end` (the other end of `spec.channel`) and `balancer_end` (of
+        `spec.balancer`); the child's ends are closed here whatever happens. Raises
+        OSError when the pipes or the fork fail, having closed the master's ends too."""
+        pipes = None
         try:
-            pid = spawn.fork(lambda: worker_process.main(spec), spec.owned_fds())
+            pipes = self.sink.open()
+            spec.log_fds = (pipes.error_w, pipes.access_w)
+            pid = spawn.fork(lambda: worker_entry.exec_worker(spec), spec.owned_fds())
         except OSError:
             master_end.close()
             balancer_end.close()
+            if pipes is not None:
+                self.sink.discard(pipes)
             raise
         finally:
             spec.channel.close()
             spec.balancer.close()
+        self.sink.follow(spec.app.name, pid, pipes)
         master_end.setblocking(False)
-        child = Child(key, spec.app.name, pid, os.pidfd_open(pid), master_end, balancer_end,
+        child = Child(key, spec.app.name, pid, os.pidfd_open(pid), master_end, balancer_end, pipes,
                       spec.app.max_rss)
         self.children[key] = child
         self.loop.register(child.pidfd, lambda: self._reap(child))
@@ -90,16 +102,6 @@ class WorkerPool:
             # A stopped (SIGSTOP) worker cannot write its stacks: wake it, then abort it.
             self._signal(child, signal.SIGCONT)
         self._signal(child, signal.Signals[signal_name])
-
-    def send_all(self, message: messages.Message, fds: list[int] = ()) -> None:
-        """One message (with fds) to every worker, e.g. reopened log files."""
-        for child in self.children.values():
-            if child.channel.fileno() < 0:
-                continue
-            try:
-                channel.send(child.channel, message, fds)
-            except OSError as exc:
-                self.log.warning("could not send %s to worker %d: %s", message.KIND, child.pid, exc)
 
     @staticmethod
     def _signal(child: Child, signum: int) -> None:
@@ -150,6 +152,7 @@ class WorkerPool:
             pass
         self._close_channel(child)
         child.balancer_end.close()
+        self.sink.finish(child.pipes)   # its last lines (a traceback, faulthandler's stacks)
         del self.children[child.key]
         self.on_event(sv.Exited(child.key, describe_status(status)))
 
@@ -168,6 +171,7 @@ class WorkerPool:
             os.close(child.pidfd)
             self._close_channel(child)
             child.balancer_end.close()
+            self.sink.finish(child.pipes)
         self.children.clear()
 
 

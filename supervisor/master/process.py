@@ -30,6 +30,7 @@ import time
 
 import setproctitle
 
+from supervisor.balancer.process import routing_payload
 from supervisor.config import plan as plan_mod
 from supervisor.config import reader as config_mod
 from supervisor.config.model import (
@@ -41,6 +42,7 @@ from supervisor.config.model import (
     control_socket_path,
     effective_user,
 )
+from supervisor.http import hostcheck
 from supervisor.ipc import channel, messages
 from supervisor.master import commands
 from supervisor.master import status as status_mod
@@ -52,7 +54,7 @@ from supervisor.master.pool import WorkerPool, describe_status
 from supervisor.master.sockets import Sockets
 from supervisor.master.upgrade import Predecessor, Successors
 from supervisor.master.watcher_handle import WatcherHandle
-from supervisor.system import activation, privileges, sdnotify
+from supervisor.system import activation, limits, privileges, sdnotify
 from supervisor.system import listeners as listeners_mod
 from supervisor.system.listeners import ListenerError
 from supervisor.system.log import Logs
@@ -64,7 +66,7 @@ METRICS_PUSH_S = 1.0
 
 def core_settings(master: MasterConfig) -> sv.Settings:
     return sv.Settings(boot_timeout_s=master.boot_timeout, graceful_timeout_s=master.graceful_timeout,
-                       crash_backoff_max_s=master.crash_backoff_max)
+                       crash_backoff_max_s=master.crash_backoff_max, balancer_silent_s=sv.BALANCER_SILENT_S)
 
 
 class Master:
@@ -78,8 +80,10 @@ class Master:
         self.loop = Loop(clock)
         self.core = sv.Supervisor(core_settings(config.master), clock)
         self.pool = WorkerPool(self.loop, logs, self._on_event)
-        self.balancer = BalancerHandle(self.loop, logs, self._on_sidecar_exit)
-        self.watcher = WatcherHandle(self.loop, logs, self._on_changed, self._on_sidecar_exit)
+        self.balancer = BalancerHandle(self.loop, logs, self._on_sidecar_exit,
+                                       on_alive=lambda: self._on_event(sv.SidecarHeartbeat("balancer")))
+        self.watcher = WatcherHandle(self.loop, logs, self._on_changed, self._on_sidecar_exit,
+                                     balancer_identity=lambda: self.balancer.identity)
         self.sockets = Sockets({})
         self.notifier = sdnotify.Notifier(None)   # replaced in run() from NOTIFY_SOCKET
         self.successors = Successors(self.loop, self.log, self.sockets, self.balancer, self.notifier,
@@ -97,6 +101,7 @@ class Master:
     # -- running -------------------------------------------------------------------
 
     def run(self) -> int:
+        limits.raise_fd_limit(self.log)   # before any fork: every child inherits it
         self.notifier.address = sdnotify.Notifier.from_environ().address
         self.sockets.inherited = activation.inherited()
         sdnotify.scrub(os.environ)   # before any fork: children never talk to systemd
@@ -179,9 +184,14 @@ class Master:
                 graceful_timeout_s=app.graceful_timeout if app.graceful_timeout is not None
                 else self.config.master.graceful_timeout,
                 master_pid=os.getpid(), heartbeat_s=sv.heartbeat_interval_s(app),
-                channel=child_end, listeners=listeners, logs=self.logs, balancer=worker_balancer_end,
+                channel=child_end, listeners=listeners, balancer=worker_balancer_end,
+                log_level=logging.getLevelName(self.log.getEffectiveLevel()).lower(),
+                log_format=self.logs.log_format, access_log_format=self.logs.access_log_format,
                 proxy_listeners=frozenset(name for name in app.listeners
-                                          if self.config.listeners[name].proxy_protocol))
+                                          if self.config.listeners[name].proxy_protocol),
+                proxy_allow_ips={name: self.config.listeners[name].proxy_allow_ips for name in app.listeners
+                                 if self.config.listeners[name].proxy_protocol},
+                host_routes=hostcheck.routes_for(routing_payload(self.config), app.name))
         except (ListenerError, OSError) as exc:
             for end in (master_end, child_end, balancer_end, worker_balancer_end):
                 end.close()
@@ -330,15 +340,15 @@ class Master:
                       ", ".join(f"{name}={app.target}" for name, app in self.core.apps.items()))
 
     def reopen_logs(self) -> None:
-        """logrotate moved the files: reopen them here and hand the new files to every
-        child, which cannot open them itself (it runs as another user)."""
+        """logrotate moved the files: reopen them here (workers write through the
+        master) and hand the new files to the balancer, which cannot open them itself
+        (it runs as another user)."""
         pairs = self.logs.reopen()
         if not pairs:
             return
         message = messages.Reopen(numbers=tuple(number for number, _ in pairs))
         new_fds = [fd for _, fd in pairs]
         try:
-            self.pool.send_all(message, new_fds)
             self.balancer.send(message, new_fds)
         finally:
             self.logs.release(pairs)
@@ -377,6 +387,20 @@ class Master:
 
     # -- reload ----------------------------------------------------------------------
 
+    def _send_worker_routes(self, config: Config) -> None:
+        """Workers check every request's Host against the routing of the listeners
+        they share (http.hostcheck); routing changes restart no app, so the workers
+        that serve on are told here, each the part its app needs."""
+        payload = routing_payload(config)
+        for child in self.pool.children.values():
+            if child.app not in config.apps or child.channel.fileno() < 0:
+                continue   # its app is being removed: it drains with the table it has
+            message = messages.Routes(routes=hostcheck.routes_for(payload, child.app), open=())
+            try:
+                channel.send(child.channel, message)
+            except OSError as exc:
+                self.log.warning("could not send the new routing to worker %d: %s", child.pid, exc)
+
     def reload(self, restart_all: bool = False) -> dict:
         """Apply the config file as it is now; the answer lists the problems, if any,
         and the [master] settings that wait for an upgrade."""
@@ -409,6 +433,8 @@ class Master:
         for name, sock in opened.items():
             self.log.info("listening on %s (%s)", listeners_mod.describe(sock), name)
         self.balancer.routes(new, self.sockets.balanced(new, opened))
+        if plan.routing_changed:
+            self._send_worker_routes(new)
         for name in plan.apps_stop:
             self._execute(self.core.remove_app(name))
         for name in plan.apps_start:

@@ -1,16 +1,19 @@
-"""Logging setup shared by the master and (through inherited fds) its children.
+"""Logging setup for the master, its helper processes and its workers.
 
-Workers keep the master's log file descriptors across the privilege drop, so an app
-running as `nobody` still writes to a log only root may open. That is also why a child
-cannot reopen a rotated log itself; instead (SIGUSR1, for logrotate):
+The master and its own helpers (balancer, watcher) write to the log files' fds, which
+the helpers inherit. Workers run app code, so they hold no log file at all: they write
+to pipes the master reads (`supervisor.master.logsink`), which tags each line with the
+worker's app and pid before writing it; `worker_logs` sets a worker's loggers up over
+those pipes. A helper cannot reopen a rotated log itself (it runs as another user);
+instead (SIGUSR1, for logrotate):
 
 1. the master calls `Logs.reopen()`: each log *file* (never stdout/stderr) is opened
-   anew and `dup2`ed onto the fd number it had, so the master's handlers and
-   faulthandler write to the new file with no change of fd number; the new fds are
+   anew and `dup2`ed onto the fd number it had, so the master's handlers, faulthandler
+   and the log sink write to the new file with no change of fd number; the new fds are
    returned as `(fd_number, new_fd)` pairs;
-2. the master sends the new fds to every child over its channel, then calls
+2. the master sends the new fds to the balancer over its channel, then calls
    `Logs.release(pairs)` to close its copies;
-3. each child calls `Logs.adopt(numbers, fds)`: the same `dup2` onto the same numbers.
+3. the balancer calls `Logs.adopt(numbers, fds)`: the same `dup2` onto the same numbers.
 
 Log fds therefore keep the numbers they had at `setup()` in every process, for ever:
 `Logs.fds` stays right for children spawned later and for any number of reopens.
@@ -123,6 +126,12 @@ class Logs:
     fds: tuple[int, ...]
     paths: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
     access_line: Callable[[AccessRecord], str] | None = None
+    log_format: str = "text"
+    access_log_format: str | None = None   # as configured; None: the default for log_format
+
+    @property
+    def access_fd(self) -> int | None:
+        return self.fds[1] if self.access is not None else None
 
     def reopen(self) -> list[tuple[int, int]]:
         """Master side of a logrotate reopen: open each log file's path anew and make
@@ -234,7 +243,36 @@ def setup(level: str = "info", error_log: str | None = None, access_log: str | N
                                                      else logging.Formatter("%(message)s")))
         access.addHandler(access_handler)
         fds.append(access_handler.stream.fileno())
-    return Logs(error, access, tuple(fds), MappingProxyType(paths), access_line)
+    return Logs(error, access, tuple(fds), MappingProxyType(paths), access_line, log_format, access_log_format)
+
+
+def worker_logs(level: str, log_format: str, access_log_format: str | None, access_fd: int | None) -> Logs:
+    """A worker's loggers: errors to its stderr, access lines (when `access_fd` is not
+    None) to `access_fd`; both are pipes the master reads, tags and writes to the log
+    files. The lines look as `setup` would write them; the master adds who wrote them.
+    Raises ValueError for a bad format, like `setup`."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log_format must be one of {LOG_FORMATS}, not {log_format!r}")
+    as_json = log_format == "json"
+    line_formatter = _JsonFormatter() if as_json else _TextFormatter()
+    error = _reset(logging.getLogger(ERROR_LOGGER))
+    error.setLevel(level.upper())
+    error_handler = logging.StreamHandler(sys.stderr)
+    error_handler.setFormatter(line_formatter)
+    error.addHandler(error_handler)
+    if access_fd is None:
+        return Logs(error, None, (2,), log_format=log_format)
+    fmt = access_log_format or (DEFAULT_JSON_FORMAT if as_json else DEFAULT_FORMAT)
+    access_line = compile_format(fmt, json=as_json)
+    access = _reset(logging.getLogger(ACCESS_LOGGER))
+    access.setLevel(logging.INFO)
+    # Not "a": a pipe cannot seek to its end. One write per line: the handler flushes.
+    access_handler = _FileHandler(open(access_fd, "w", encoding="utf-8", errors="backslashreplace"))
+    access_handler.setFormatter(_AccessFormatter(access_line, line_formatter if as_json
+                                                 else logging.Formatter("%(message)s")))
+    access.addHandler(access_handler)
+    return Logs(error, access, (2, access_fd), access_line=access_line, log_format=log_format,
+                access_log_format=access_log_format)
 
 
 def log_access(logger: logging.Logger, record: AccessRecord) -> None:

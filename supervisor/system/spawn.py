@@ -6,7 +6,8 @@ second copy of the master loop. Signal dispositions are reset and every fd the c
 does not own is closed before the child's own code runs.
 
 `reap` is the one place a child's exit is collected (`waitpid`), for forked and
-posix_spawn'ed children alike.
+posix_spawn'ed children alike. `exec_python` replaces a forked child with a fresh
+interpreter started the way this one was, so that it holds nothing of ours.
 """
 from __future__ import annotations
 
@@ -78,6 +79,43 @@ def close_fds_except(keep: frozenset[int]) -> None:
                 os.close(fd)
             except OSError:
                 pass  # the directory's own fd, already gone
+
+
+def interpreter_flags() -> list[str]:
+    """The command-line options this interpreter runs with that a new one must get to
+    behave alike (isolation, site, optimisation, warnings, -X options)."""
+    flags = sys.flags
+    args = []
+    if flags.isolated:
+        args.append("-I")
+    else:
+        if flags.ignore_environment:
+            args.append("-E")
+        if flags.no_user_site:
+            args.append("-s")
+        if getattr(flags, "safe_path", False):
+            args.append("-P")
+    if flags.no_site:
+        args.append("-S")
+    if flags.optimize:
+        args.append("-" + "O" * flags.optimize)
+    if flags.dont_write_bytecode:
+        args.append("-B")
+    if flags.bytes_warning:
+        args.append("-" + "b" * flags.bytes_warning)
+    args.extend(f"-W{option}" for option in sys.warnoptions)
+    for name, value in sys._xoptions.items():
+        args.append(f"-X{name}" if value is True else f"-X{name}={value}")
+    return args
+
+
+def exec_python(code: str, args: list[str], env: dict[str, str], keep_fds: Iterable[int]) -> None:
+    """Become `python -c code *args` (this interpreter, with `interpreter_flags()`) in
+    environment `env`, keeping exactly `keep_fds` and 0-2 open across the exec (every
+    other fd of ours is close-on-exec). Returns only by raising OSError."""
+    for fd in keep_fds:
+        os.set_inheritable(fd, True)
+    os.execve(sys.executable, [sys.executable, *interpreter_flags(), "-c", code, *args], env)
 
 
 def die_with_parent(parent_pid: int) -> None:

@@ -1,9 +1,11 @@
-"""The worker process: become the app's user, import the app, say READY, serve.
+"""The worker process: import the app, say READY, serve.
 
-Runs in a freshly forked child (see `spawn.fork`), in the order that keeps root away
-from application code: drop privileges, set the app's environment, arrange to die with
-the master, and only then import the app. The master hears READY or BOOT_FAILED (with
-the traceback) over the channel; after that the channel carries STOP.
+A worker is a fresh interpreter (see `supervisor.worker.entry`), so it holds nothing
+of the master's but its own app's `WorkerSpec`. Before the exec it became the app's
+user and arranged to die with the master; `main` then sets the app's directory and
+paths, and only then imports the app. The master hears READY or BOOT_FAILED (with the
+traceback) over the channel; after that the channel carries STOP. Its log lines go to
+pipes the master reads (stderr, and the access pipe), never to a log file.
 """
 from __future__ import annotations
 
@@ -14,15 +16,17 @@ import signal
 import socket
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import setproctitle
 
-from supervisor.config.model import AppConfig
+from supervisor.http import hostcheck
 from supervisor.http.server import Server, ServerSettings
 from supervisor.ipc import channel
 from supervisor.ipc.channel import ChannelClosed
 from supervisor.ipc.messages import (
+    REFUSED_MAX,
     REPORT_MAX_IDS,
     TRACEBACK_MAX,
     BootFailed,
@@ -32,8 +36,8 @@ from supervisor.ipc.messages import (
     Message,
     MessageError,
     Ready,
-    Reopen,
     Report,
+    Routes,
     Stop,
 )
 from supervisor.system import privileges, spawn
@@ -41,13 +45,22 @@ from supervisor.system.log import Logs
 from supervisor.system.loop import Loop
 from supervisor.worker import appload
 
+if TYPE_CHECKING:
+    from supervisor.config.model import AppConfig
+
 EXIT_BOOT_FAILED = 3
 SEND_WAIT_S = 1.0  # how long a worker waits for room in a busy balancer's channel
 
 
 @dataclass
 class WorkerSpec:
-    """Everything a worker needs, decided by the master before the fork."""
+    """Everything a worker needs, decided by the master before the fork.
+
+    It reaches the worker's new interpreter as plain data (`entry.encode_spec`), so
+    every field holds plain data, a dataclass of plain data, or sockets: in the worker
+    `app` and `identity` are `entry.Record`s with the same fields, arrays are tuples,
+    and each socket is the same fd. `logs` alone never travels: the worker builds its
+    own over its pipes."""
     app: AppConfig
     index: int
     generation: int
@@ -57,12 +70,21 @@ class WorkerSpec:
     heartbeat_s: float
     channel: socket.socket
     listeners: dict[str, socket.socket]
-    logs: Logs
+    log_level: str = "info"
+    log_format: str = "text"
+    access_log_format: str | None = None
     balancer: socket.socket | None = None   # connections arrive here in `balance` mode
     proxy_listeners: frozenset[str] = frozenset()  # listeners whose streams open with a PROXY header
+    proxy_allow_ips: dict[str, tuple[str, ...]] = field(default_factory=dict)  # theirs, by name
+    # The routing of the balance listeners it shares with other apps by Host, which it
+    # checks every request against (hostcheck.routes_for: plain data, as ROUTES has it).
+    host_routes: dict = field(default_factory=dict)
+    log_fds: tuple[int, int] = (-1, -1)     # write ends of the error and access pipes (-1: no access log)
+    logs: Logs | None = None                # the worker's loggers, built in the worker
 
     def owned_fds(self) -> list[int]:
-        fds = [self.channel.fileno(), *(s.fileno() for s in self.listeners.values()), *self.logs.fds]
+        fds = [self.channel.fileno(), *(s.fileno() for s in self.listeners.values()),
+               *(fd for fd in self.log_fds if fd >= 0)]
         if self.balancer is not None:
             fds.append(self.balancer.fileno())
         return fds
@@ -88,21 +110,25 @@ def main(spec: WorkerSpec) -> int:
 
 
 def _boot(spec: WorkerSpec):
-    privileges.drop(spec.identity)
+    """Runs in the new interpreter, as the app's user (dropped to before the exec),
+    with the app's environment (given to the exec)."""
     app = spec.app
     if app.chdir:
         os.chdir(app.chdir)
     if app.umask is not None:
         os.umask(app.umask)
-    os.environ.update(app.env)
     for path in reversed(app.pythonpath):
         sys.path.insert(0, path)
     if app.chdir and app.chdir not in sys.path:
         sys.path.insert(0, app.chdir)
+    # Set before the exec already (after the privilege drop, which clears it); asked
+    # again because an exec of a set-id interpreter would clear it too, and the check
+    # against the master's pid is what closes the race with its death.
     spawn.die_with_parent(spec.master_pid)
     setproctitle.setproctitle(title(spec))
-    # A hung worker is sent SIGABRT: every thread's stack goes to the error log first.
-    faulthandler.enable(file=spec.logs.fds[0], all_threads=True)
+    # A hung worker is sent SIGABRT: every thread's stack goes to stderr, a pipe to the
+    # master, which writes it to the error log.
+    faulthandler.enable(file=sys.stderr.fileno(), all_threads=True)
     return appload.load(app.module)
 
 
@@ -128,12 +154,15 @@ class Worker:
             limit_request_field_size=spec.app.limit_request_field_size,
             max_body_size=spec.app.max_body_size,
             forwarded_allow_ips=spec.app.forwarded_allow_ips,
+            write_timeout_s=spec.app.write_timeout,
         )
         self.server = Server(app, list(spec.listeners.values()), settings,
                              spec.logs.error, spec.logs.access, listener_names=list(spec.listeners),
                              proxy_protocol_fds=frozenset(sock.fileno() for name, sock in spec.listeners.items()
                                                           if name in spec.proxy_listeners),
-                             loop=self.loop, access_format=spec.logs.access_line)
+                             loop=self.loop, access_format=spec.logs.access_line,
+                             proxy_allow_ips=spec.proxy_allow_ips, app_name=spec.app.name,
+                             host_tables=hostcheck.host_tables(spec.host_routes, spec.app.name))
         self.link = None
         if spec.balancer is not None:
             self.link = BalancerLink(spec.balancer, self.server, spec.logs.error, self.loop)
@@ -191,14 +220,14 @@ class Worker:
         except MessageError as exc:
             self.spec.logs.error.error("bad message from master: %s", exc)
             return
-        if type(message) is Reopen:
-            try:
-                self.spec.logs.adopt(list(message.numbers), fds)
-            except ValueError as exc:
-                self.spec.logs.error.error("could not adopt reopened logs: %s", exc)
-            return
         for fd in fds:
             os.close(fd)
+        if type(message) is Routes:   # a reload changed the routing without restarting us
+            try:
+                self.server.set_host_tables(hostcheck.host_tables(message.routes, self.spec.app.name))
+            except ValueError as exc:
+                self.spec.logs.error.error("bad routing table from master: %s", exc)
+            return
         if type(message) is Stop:
             if message.graceful and message.handback and self.link is not None:
                 self.server.hand_back_with(self.link.hand_back)
@@ -214,7 +243,13 @@ class BalancerLink:
     read are acknowledged together before any of them is served, and the ones that
     ended are reported once per loop iteration, after its events (`report` is the
     loop's after-events callback). So the balancer hears of a close up to one loop
-    iteration late, and counts a worker busy with a long inline call a little high."""
+    iteration late, and counts a worker busy with a long inline call a little high.
+
+    A CONN whose fd did not reach us (we are at our fd limit) is reported `refused`, so
+    the balancer passes it to another worker. The balancer shutting our channel down
+    means it dropped us (it believes nothing more from this worker): we stop, and the
+    master replaces us. A handed-back connection goes before the news that it ended
+    here, which the balancer reads as its end."""
 
     def __init__(self, sock: socket.socket, server: Server, log, loop: Loop):
         self.sock = sock
@@ -223,11 +258,12 @@ class BalancerLink:
         self.loop = loop
         self.acked: list[int] = []    # taken since the last report
         self.closed: list[int] = []   # ended since the last report
+        self.refused: list[int] = []  # arrived without their fd since the last report
         sock.setblocking(False)
 
     def on_readable(self) -> None:
         taken = self._receive_connections()
-        if taken:
+        if taken or self.refused:
             # Acknowledge before reading a byte of them (a handed-back connection may
             # even be served at once): from here on they are ours, and the balancer may
             # drop its copies.
@@ -244,7 +280,16 @@ class BalancerLink:
                 break
             except (ChannelClosed, ConnectionError):
                 self.loop.unregister(self.sock)
+                self.log.error("the balancer dropped this worker's link; stopping")
+                self.server.stop(graceful=True)
                 break
+            except channel.Truncated as exc:
+                if type(exc.message) is Conn:
+                    if not self.refused:   # one line per report, not per connection
+                        self.log.warning("could not take a connection from the balancer: %s;"
+                                         " it goes to another worker", exc)
+                    self.refused.append(exc.message.id)
+                continue
             except MessageError as exc:
                 self.log.error("bad message from the balancer: %s", exc)
                 continue
@@ -274,12 +319,19 @@ class BalancerLink:
             if not self._send_patiently(Report(busy=self.server.busy_threads, acked=acked, closed=closed)):
                 self.log.warning("the balancer is not reading; lost the news of %d taken and %d ended"
                                  " connections", len(acked), len(closed))
+        while self.refused:
+            refused = _take_first(self.refused, REFUSED_MAX)
+            if not self._send_patiently(Report(busy=self.server.busy_threads, acked=(), closed=(),
+                                               refused=refused)):
+                self.log.warning("the balancer is not reading; lost the news of %d refused connections",
+                                 len(refused))
 
     def hand_back(self, sock: socket.socket, unparsed: bytes, peer, listener: str) -> None:
         """Give an idle keep-alive connection, and what we read of it, to the balancer."""
         message = HandBack(peer=tuple(peer[:2]) if isinstance(peer, tuple) else ("", 0), listener=listener,
                            data=unparsed)
-        self.report()  # the balancer hears the connection ended here before it gets it back
+        # Not `report()` first: the balancer must still hold its record of a connection
+        # it gave us when the hand-back comes (the news that it ended here follows).
         try:
             if not self._send_patiently(message, [sock.fileno()]):
                 self.log.warning("could not hand back a connection; closing it")

@@ -1,7 +1,13 @@
 """Worker lifecycle transitions and crash-loop backoff, on a plain-number clock."""
 import pytest
 
-from supervisor.master.lifecycle import ALIVE, TRANSITIONS, Backoff, IllegalTransition, State
+from supervisor.master.lifecycle import (
+    ALIVE,
+    TRANSITIONS,
+    Backoff,
+    IllegalTransition,
+    State,
+)
 from supervisor.master.supervision import WorkerRecord
 
 

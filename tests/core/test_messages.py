@@ -166,7 +166,7 @@ def test_encode_conn_is_encode_without_the_message(args, message):
 def test_a_decoded_message_is_a_frozen_slotted_instance_of_its_class():
     message = messages.decode(messages.encode(Report(busy=1, acked=(4,), closed=())))
     assert type(message) is Report and message.acked == (4,) and message.closed == ()
-    assert repr(message) == "Report(busy=1, acked=(4,), closed=())"
+    assert repr(message) == "Report(busy=1, acked=(4,), closed=(), refused=())"
     with pytest.raises(dataclasses.FrozenInstanceError):
         message.busy = 2
     for sample, _ in WIRE:
@@ -408,3 +408,21 @@ def test_a_nan_heartbeat_age_is_refused_not_confused_with_none():
     with pytest.raises(ValueError):
         messages.encode(Heartbeat(1, 1, 1, math.nan))
     assert messages.decode(b"\0\4" + struct.pack("<QIId", 1, 1, 1, math.nan)).oldest_s is None
+
+
+@pytest.mark.parametrize("message", [
+    Report(busy=1, acked=(), closed=(), refused=(5,)),
+    Report(busy=0, acked=(1, 2), closed=(3,), refused=tuple(range(messages.REFUSED_MAX))),
+])
+def test_a_report_with_refused_ids_travels_as_text_and_round_trips(message):
+    data = messages.encode(message)
+    assert data.startswith(b"\x00report\x00")
+    assert messages.decode(data) == message
+
+
+def test_a_binary_report_has_no_refused_ids_and_too_many_are_refused():
+    assert messages.decode(messages.encode(Report(busy=1, acked=(1,), closed=()))).refused == ()
+    with pytest.raises(ValueError):
+        messages.encode(Report(busy=0, acked=(), closed=(), refused=tuple(range(messages.REFUSED_MAX + 1))))
+    with pytest.raises(MessageError):
+        messages.decode(b'\x00report\x00{"busy":0,"acked":[],"closed":[],"refused":[-1]}')

@@ -244,7 +244,8 @@ def test_usr1_reopens_the_log_files_in_every_process(baton, port, tmp_path):
     wait_for(lambda: access.exists() and "/after" in access.read_text(), message="the worker writing the new file")
     assert "/after" not in (tmp_path / "access.log.1").read_text()
     line = access.read_text().splitlines()[0]
-    assert line.startswith("127.0.0.1 - - [") and '"GET /after HTTP/1.1" 200' in line
+    tag, _, line = line.partition(": ")   # the master says whose line it is
+    assert tag.startswith("probe[") and line.startswith("127.0.0.1 - - [") and '"GET /after HTTP/1.1" 200' in line
 
 
 def test_json_logs(baton, port, tmp_path):

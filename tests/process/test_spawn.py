@@ -84,3 +84,15 @@ def test_reap_of_a_child_collected_already_is_none_and_never_raises():
     os.waitpid(pid, 0)   # someone else got there first
     assert spawn.reap(pid, block=True) is None
     assert spawn.reap(pid, block=False) is None
+
+
+# -- exec -------------------------------------------------------------------------
+
+
+def test_a_new_interpreter_gets_the_flags_that_matter():
+    import subprocess
+    import sys
+    code = "from supervisor.system.spawn import interpreter_flags; print(interpreter_flags())"
+    out = subprocess.run([sys.executable, "-I", "-OO", "-B", "-Wdefault", "-Xfrozen_modules=off", "-c", code],
+                         capture_output=True, text=True, check=True, cwd="/").stdout
+    assert out.strip() == "['-I', '-OO', '-B', '-Wdefault', '-Xfrozen_modules=off']"

@@ -31,6 +31,9 @@ class RecordingServer:
         self.on_close[conn_id] = on_close
         sock.close()
 
+    def stop(self, graceful):
+        self.stopped = graceful
+
 
 def drain(sock: socket.socket) -> list[Message]:
     received = []
@@ -119,15 +122,18 @@ def test_a_connection_sent_without_its_fd_is_neither_served_nor_acknowledged(pai
     assert server.acked_before_added == {} and drain(balancer_end) == []
 
 
-def test_a_closed_balancer_channel_leaves_the_loop(pair, loop):
-    """When the balancer goes away its channel is unregistered, so the loop does not
-    spin on a hung-up fd."""
+def test_a_closed_balancer_channel_leaves_the_loop_and_stops_the_worker(pair, loop):
+    """The balancer's end closes only when it dropped this worker (the master keeps a
+    copy for a restarted balancer): its channel is unregistered, so the loop does not
+    spin on a hung-up fd, and the worker stops gracefully, to be replaced."""
     worker_end, balancer_end = pair
-    link = BalancerLink(worker_end, RecordingServer(balancer_end), logging.getLogger("test"), loop)
+    server = RecordingServer(balancer_end)
+    link = BalancerLink(worker_end, server, logging.getLogger("test"), loop)
     loop.register(worker_end, link.on_readable)
     balancer_end.close()
     loop.run_once(max_wait_s=5)
     assert not loop.registered(worker_end)
+    assert server.stopped is True
 
 
 def test_a_worker_logs_the_response_headers_and_environ_its_access_format_names(baton, port, tmp_path):
@@ -151,5 +157,5 @@ def test_a_worker_logs_the_response_headers_and_environ_its_access_format_names(
     wait_for(lambda: answers(port), message="the app answering")
     assert http_request(port, "/traced", headers={"X-Trace": "t-1"})[0] == 200
     wait_for(lambda: "/traced" in access.read_text(), message="the access line")
-    lines = [line for line in access.read_text().splitlines() if "/traced" in line]
-    assert lines == ["200 application/json /traced t-1"]
+    lines = [line.split(": ", 1)[1] for line in access.read_text().splitlines() if "/traced" in line]
+    assert lines == ["200 application/json /traced t-1"]   # after the master's "probe[pid]: " tag
