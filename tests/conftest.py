@@ -64,6 +64,24 @@ def answers(port, path="/"):
         return False
 
 
+def probe_config(port: int, app: str = "") -> str:
+    """The config many process tests start from: the `probe` app (tests/apps/probe.py)
+    on one balance listener, `app` adding lines (unindented) to its table."""
+    return f"""
+        [master]
+        graceful_timeout = 5
+
+        [listeners.web]
+        bind = "127.0.0.1:{port}"
+
+        [apps.probe]
+        module = "tests.apps.probe:app"
+        listeners = ["web"]
+        chdir = "{REPO}"
+{textwrap.indent(textwrap.dedent(app).strip(), " " * 8)}
+    """
+
+
 def children_of(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()

@@ -102,19 +102,6 @@ class Harness:
             sock.close()
 
 
-@pytest.fixture
-def harness_factory():
-    made = []
-
-    def make(**kwargs):
-        harness = Harness(**kwargs)
-        made.append(harness)
-        return harness
-    yield make
-    for harness in made:
-        harness.close()
-
-
 def errors(caplog):
     return [record.getMessage() for record in caplog.records if record.name == LOGGER]
 
@@ -122,8 +109,8 @@ def errors(caplog):
 # -- messages from the master ------------------------------------------------------
 
 
-def test_routes_with_a_bad_host_pattern_are_logged_their_fds_closed_and_the_old_routes_kept(harness_factory, caplog):
-    harness = harness_factory()
+def test_routes_with_a_bad_host_pattern_are_logged_their_fds_closed_and_the_old_routes_kept(harnesses, caplog):
+    harness = harnesses()
     extra = listening()
     before = open_fds()
     routes = Routes(routes=payload(apps=("a", "b"), hosts={"a": ["a.test"], "b": ["bad host!"]}), open=("web",))
@@ -137,8 +124,8 @@ def test_routes_with_a_bad_host_pattern_are_logged_their_fds_closed_and_the_old_
     extra.close()
 
 
-def test_routes_whose_fds_do_not_match_their_names_are_logged_and_the_fds_closed(harness_factory, caplog):
-    harness = harness_factory()
+def test_routes_whose_fds_do_not_match_their_names_are_logged_and_the_fds_closed(harnesses, caplog):
+    harness = harnesses()
     extras = [listening(), listening()]
     before = open_fds()
     data = encode(Routes(routes=payload(), open=("web",)))
@@ -150,8 +137,8 @@ def test_routes_whose_fds_do_not_match_their_names_are_logged_and_the_fds_closed
         sock.close()
 
 
-def test_an_attach_whose_fd_is_not_a_socket_is_logged_and_closed(harness_factory, caplog):
-    harness = harness_factory()
+def test_an_attach_whose_fd_is_not_a_socket_is_logged_and_closed(harnesses, caplog):
+    harness = harnesses()
     read_end, write_end = os.pipe()
     before = open_fds()
     channel.send(harness.master, Attach(key=7, app="a"), [read_end])
@@ -165,8 +152,8 @@ def test_an_attach_whose_fd_is_not_a_socket_is_logged_and_closed(harness_factory
     os.close(write_end)
 
 
-def test_an_attach_for_a_worker_attached_already_is_refused(harness_factory, caplog):
-    harness = harness_factory()
+def test_an_attach_for_a_worker_attached_already_is_refused(harnesses, caplog):
+    harness = harnesses()
     ours, theirs = channel.pair()
     before = open_fds()
     channel.send(harness.master, Attach(key=1, app="a"), [theirs.fileno()])
@@ -180,8 +167,8 @@ def test_an_attach_for_a_worker_attached_already_is_refused(harness_factory, cap
     theirs.close()
 
 
-def test_a_listener_fd_that_is_not_listening_is_refused(harness_factory, caplog):
-    harness = harness_factory()
+def test_a_listener_fd_that_is_not_listening_is_refused(harnesses, caplog):
+    harness = harnesses()
     unbound = socket.socket()
     before = open_fds()
     channel.send(harness.master, Routes(routes=payload(), open=("web",)), [unbound.fileno()])
@@ -194,15 +181,15 @@ def test_a_listener_fd_that_is_not_listening_is_refused(harness_factory, caplog)
     unbound.close()
 
 
-def test_a_message_the_balancer_does_not_take_is_logged(harness_factory, caplog):
-    harness = harness_factory()
+def test_a_message_the_balancer_does_not_take_is_logged(harnesses, caplog):
+    harness = harnesses()
     channel.send(harness.master, Heartbeat(requests=1, connections=0, busy=0, oldest_s=None))
     harness.turn()
     assert any("dropped a heartbeat message" in line for line in errors(caplog))
 
 
-def test_the_master_going_away_ends_the_run(harness_factory):
-    harness = harness_factory()
+def test_the_master_going_away_ends_the_run(harnesses):
+    harness = harnesses()
     harness.master.close()
     harness.balancer.run()   # returns: nothing else would stop it
 
@@ -210,8 +197,8 @@ def test_the_master_going_away_ends_the_run(harness_factory):
 # -- the loop's order ------------------------------------------------------------------
 
 
-def test_reports_of_the_same_wakeup_count_before_a_new_connection_picks_a_worker(harness_factory):
-    harness = harness_factory(workers=(1, 2))
+def test_reports_of_the_same_wakeup_count_before_a_new_connection_picks_a_worker(harnesses):
+    harness = harnesses(workers=(1, 2))
     for _ in range(3):
         harness.connect()
     harness.turn()
@@ -233,8 +220,8 @@ def test_reports_of_the_same_wakeup_count_before_a_new_connection_picks_a_worker
 # -- the health server -------------------------------------------------------------------
 
 
-def test_a_health_client_that_sends_no_whole_head_is_closed_at_its_deadline(harness_factory):
-    harness = harness_factory(health=True)
+def test_a_health_client_that_sends_no_whole_head_is_closed_at_its_deadline(harnesses):
+    harness = harnesses(health=True)
     slow = socket.create_connection(("127.0.0.1", harness.health_port), timeout=5)
     harness.clients.append(slow)
     slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
@@ -251,8 +238,8 @@ def test_a_health_client_that_sends_no_whole_head_is_closed_at_its_deadline(harn
     assert slow.recv(1) == b""
 
 
-def test_a_health_check_is_answered(harness_factory):
-    harness = harness_factory(health=True)
+def test_a_health_check_is_answered(harnesses):
+    harness = harnesses(health=True)
     client = socket.create_connection(("127.0.0.1", harness.health_port), timeout=5)
     harness.clients.append(client)
     client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -268,8 +255,8 @@ def test_a_health_check_is_answered(harness_factory):
     assert b'baton_connections{app="a"} 0' in response
 
 
-def test_health_clients_accepted_in_one_wakeup_are_each_answered_on_their_own_socket(harness_factory):
-    harness = harness_factory(health=True)
+def test_health_clients_accepted_in_one_wakeup_are_each_answered_on_their_own_socket(harnesses):
+    harness = harnesses(health=True)
     first, second = (socket.create_connection(("127.0.0.1", harness.health_port), timeout=5) for _ in range(2))
     harness.clients += [first, second]
     harness.turn()   # both accepted in one batch

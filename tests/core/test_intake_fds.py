@@ -8,24 +8,9 @@ import os
 import resource
 import socket
 
-import pytest
-from test_balancer_shell import Harness, errors
+from test_balancer_shell import errors
 
 from supervisor.balancer import intake
-
-
-@pytest.fixture
-def harnesses():
-    """Factory: harnesses(**kwargs) -> a test_balancer_shell Harness, closed at teardown."""
-    made = []
-
-    def make(**kwargs):
-        harness = Harness(**kwargs)
-        made.append(harness)
-        return harness
-    yield make
-    for harness in made:
-        harness.close()
 
 
 class OutOfFds:

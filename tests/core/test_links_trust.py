@@ -7,27 +7,12 @@ from __future__ import annotations
 import os
 import socket
 
-import pytest
 from test_balancer_shell import Harness, errors, open_fds
 
 from supervisor.ipc import channel
 from supervisor.ipc.messages import Conn, HandBack, Heartbeat, Report, encode
 
 FORGED = ("203.0.113.9", 4444)
-
-
-@pytest.fixture
-def harnesses():
-    """Factory: harnesses(**kwargs) -> a test_balancer_shell Harness, closed at teardown."""
-    made = []
-
-    def make(**kwargs):
-        harness = Harness(**kwargs)
-        made.append(harness)
-        return harness
-    yield make
-    for harness in made:
-        harness.close()
 
 
 def take(harness: Harness, key: int) -> tuple[Conn, socket.socket]:

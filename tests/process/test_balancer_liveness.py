@@ -14,24 +14,20 @@ import sys
 import threading
 
 import pytest
-from conftest import REPO, alive, answers, http_request, proc_status, wait_for
+from conftest import (
+    alive,
+    answers,
+    http_request,
+    probe_config,
+    proc_status,
+    wait_for,
+)
 
 ROOT = os.geteuid() == 0
 
 
 def config(port):
-    return f"""
-        [master]
-        graceful_timeout = 5
-
-        [listeners.web]
-        bind = "127.0.0.1:{port}"
-
-        [apps.probe]
-        module = "tests.apps.probe:app"
-        listeners = ["web"]
-        chdir = "{REPO}"
-    """
+    return probe_config(port)
 
 
 @pytest.mark.skipif(not ROOT, reason="apps and the balancer have different users only under root")

@@ -11,24 +11,11 @@ import os
 import signal
 
 import pytest
-from conftest import REPO, free_port, get_json, http_request, wait_for
+from conftest import REPO, free_port, get_json, http_request, probe_config, wait_for
 
 
 def config(port, *, workers, timeout):
-    return f"""
-        [master]
-        graceful_timeout = 5
-
-        [listeners.web]
-        bind = "127.0.0.1:{port}"
-
-        [apps.probe]
-        module = "tests.apps.probe:app"
-        listeners = ["web"]
-        workers = {workers}
-        chdir = "{REPO}"
-        timeout = {timeout}
-    """
+    return probe_config(port, f"workers = {workers}\ntimeout = {timeout}")
 
 
 @pytest.mark.timeout(90)

@@ -7,25 +7,21 @@ import os
 import pwd
 
 import pytest
-from conftest import REPO, Baton, children_of, cmdline, get_json, proc_status, wait_for
+from conftest import (
+    Baton,
+    children_of,
+    cmdline,
+    get_json,
+    probe_config,
+    proc_status,
+    wait_for,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="only a root master has root to give up")
 
 
 def config(port, value):
-    return f"""
-        [master]
-        graceful_timeout = 5
-
-        [listeners.web]
-        bind = "127.0.0.1:{port}"
-
-        [apps.probe]
-        module = "tests.apps.probe:app"
-        listeners = ["web"]
-        chdir = "{REPO}"
-        env = {{ PROBE_VALUE = "{value}" }}
-    """
+    return probe_config(port, f'env = {{ PROBE_VALUE = "{value}" }}')
 
 
 def watcher_of(master) -> int:
