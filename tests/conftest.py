@@ -82,6 +82,22 @@ def probe_config(port: int, app: str = "") -> str:
     """
 
 
+@pytest.fixture
+def harnesses():
+    """Factory: harnesses(**kwargs) -> a balancer in this process on its own loop
+    (tests/core/test_balancer_shell.py's Harness), closed at teardown."""
+    from test_balancer_shell import Harness
+    made = []
+
+    def make(**kwargs):
+        harness = Harness(**kwargs)
+        made.append(harness)
+        return harness
+    yield make
+    for harness in made:
+        harness.close()
+
+
 def children_of(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
