@@ -29,6 +29,12 @@ from supervisor.watch import watcher as watcher_mod
 NAME = "watcher"
 
 
+def needed(config: Config) -> bool:
+    """Whether a master running `config` has anything to watch: its config file, or an
+    app's `reload_on` (`baton serve --reload` has no file, only that)."""
+    return config.path is not None or any(app.reload_on for app in config.apps.values())
+
+
 class WatcherHandle:
     def __init__(self, loop: Loop, logs: Logs, on_changed: Callable[[list[str]], None],
                  on_exit: Callable[[str, int | None], None],
@@ -48,8 +54,8 @@ class WatcherHandle:
         return self.process is not None
 
     def start(self, config: Config, clock_now: float) -> None:
-        if config.path is None:
-            return   # `baton serve` has no file to watch
+        if not needed(config):
+            return
         watch = topics.watch_for(config)
         identity, why = self._identity(config)
         process = Sidecar.start(NAME, lambda end: watcher_mod.main(watch, end, identity, why, self.log),
@@ -63,14 +69,14 @@ class WatcherHandle:
         if os.geteuid() != 0:
             return None, ""
         try:
-            owner = os.stat(config.path).st_uid
+            owner = os.stat(config.path).st_uid if config.path is not None else 0
         except OSError:
             owner = 0   # gone since it was read: the balancer's identity, as for root's files
         if owner != 0 and users.user(owner) is not None:
             return privileges.resolve(str(owner), None), "the owner of the config file"
         identity = self.balancer_identity()
         if identity is None:
-            identity, _ = privileges.balancer_identity(config.master.balancer_user, config.path, True)
+            identity, _ = privileges.balancer_identity(config.master.balancer_user, config.path or "", True)
         return identity, "the balancer's identity: root owns the config file"
 
     def follow(self, config: Config, clock_now: float) -> None:

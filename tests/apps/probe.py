@@ -39,3 +39,6 @@ app = validator(_app)
 
 def create_app():
     return app
+
+# gunicorn's default name: `baton serve tests.apps.probe` means tests.apps.probe:application.
+application = app
