@@ -21,7 +21,11 @@ The new interpreter (`run`) reads the spec, takes the master's `sys.path` (so th
 its loggers over its pipes, and hands over to `process.main`, which imports the app.
 
 A failure before the exec is a boot failure like an import error: BOOT_FAILED with the
-traceback on the channel, and `EXIT_BOOT_FAILED`.
+traceback on the channel, and `EXIT_BOOT_FAILED`. So is a new interpreter that could
+not start as the app's user (its venv or standard library unreadable to it: the exec
+fails, or Python dies before any Baton code runs): after the drop, the child checks
+what the new interpreter will read (`access.startup_needs`) and, rather than exec,
+reports each path the user cannot read and how to fix it.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ from supervisor.ipc import channel
 from supervisor.ipc.messages import TRACEBACK_MAX, BootFailed
 from supervisor.system import log as log_mod
 from supervisor.system import privileges, spawn
-from supervisor.worker import process
+from supervisor.worker import access, process
 from supervisor.worker.process import EXIT_BOOT_FAILED, WorkerSpec
 
 # Runs before `supervisor` can be imported: standard library only, and short (it is argv).
@@ -124,6 +128,9 @@ def exec_worker(spec) -> int:
         os.dup2(null, 0)
         os.close(null)
         privileges.drop(spec.identity)
+        refused = access.denied(access.startup_needs(sys.path))
+        if refused:
+            return _refuse(spec, [access.explain_for(spec, item) for item in refused])
         spawn.die_with_parent(spec.master_pid)
         env = dict(os.environ)
         env.update(spec.app.env)
@@ -134,18 +141,24 @@ def exec_worker(spec) -> int:
             view = view[os.write(memfd, view):]
         os.lseek(memfd, 0, os.SEEK_SET)
         keep = [memfd, spec.channel.fileno(), *(s.fileno() for s in spec.listeners.values())]
-        if spec.balancer is not None:
-            keep.append(spec.balancer.fileno())
+        keep.extend(sock.fileno() for sock in spec.balancers)
         if access_w >= 0:
             keep.append(access_w)
         spawn.exec_python(BOOTSTRAP, [str(memfd)], env, keep)
-    except BaseException:
-        text = traceback.format_exc()
-        sys.stderr.write(f"worker {spec.app.name}#{spec.index} could not start:\n{text}")
-        try:
-            channel.send(spec.channel, BootFailed(traceback=text[-TRACEBACK_MAX:]))
-        except OSError:
-            pass
+    except BaseException as exc:
+        text = traceback.format_exc() + access.boot_hint(spec, exc, startup_only=True)
+        return _refuse(spec, [text.rstrip("\n")])
+    return EXIT_BOOT_FAILED
+
+
+def _refuse(spec, lines: list[str]) -> int:
+    """BOOT_FAILED with `lines`, also written to the error pipe (the master's log)."""
+    text = "\n".join(lines) + "\n"
+    sys.stderr.write(f"worker {spec.app.name}#{spec.index} could not start:\n{text}")
+    try:
+        channel.send(spec.channel, BootFailed(traceback=text[-TRACEBACK_MAX:]))
+    except OSError:
+        pass
     return EXIT_BOOT_FAILED
 
 
@@ -157,9 +170,8 @@ def run(payload: dict) -> int:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     spec = decode_spec(payload["spec"])
     # The exec needed them inheritable; nothing the app runs may inherit them.
-    for sock in (spec.channel, spec.balancer, *spec.listeners.values()):
-        if sock is not None:
-            sock.set_inheritable(False)
+    for sock in (spec.channel, *spec.balancers, *spec.listeners.values()):
+        sock.set_inheritable(False)
     access_fd = spec.log_fds[1] if spec.log_fds[1] >= 0 else None
     if access_fd is not None:
         os.set_inheritable(access_fd, False)
