@@ -21,9 +21,10 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from urllib.parse import unquote_to_bytes
 
+from supervisor.http.forwarded import DEFAULT_SECURE_SCHEME_HEADERS, ForwardedTrust
 from supervisor.http.protocol import (
     Connection,
     LocalProtocolError,
@@ -194,8 +195,14 @@ class EnvironBuilder:
 
     def __init__(self, *, server_name: str, server_port: str, url_scheme: str = "http",
                  errors=None, multithread: bool = False,
-                 forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")) -> None:
-        self.forwarded_allow_ips = frozenset(forwarded_allow_ips)
+                 forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1"),
+                 forwarded_header: str = "x-forwarded-for",
+                 secure_scheme_headers: Mapping[str, str] = DEFAULT_SECURE_SCHEME_HEADERS) -> None:
+        self.forwarded = ForwardedTrust(forwarded_allow_ips, forwarded_header, secure_scheme_headers)
+        # Scheme headers the proxy-header test in build_from does not catch (custom names).
+        self._scheme_keys = frozenset(key for key in self.forwarded.keys
+                                      if not key.startswith(("HTTP_X_FORWARDED_", "HTTP_X_REAL"))
+                                      and key != "HTTP_FORWARDED")
         self._base = {
             "SCRIPT_NAME": "",
             "SERVER_NAME": server_name,
@@ -250,38 +257,13 @@ class EnvironBuilder:
         if request.chunked and "CONTENT_LENGTH" not in environ:
             # The body was de-chunked for the application; wsgi.input ends with it.
             environ["wsgi.input_terminated"] = True
-        if forwarded and environ["REMOTE_ADDR"] in self.forwarded_allow_ips:
+        if forwarded or (self._scheme_keys and not self._scheme_keys.isdisjoint(environ)):
             self._apply_forwarded(environ)
         return environ
 
-    @staticmethod
-    def _apply_forwarded(environ: dict) -> None:
-        """Trust proxy headers (only called for a peer in forwarded_allow_ips)."""
-        fwd = environ.get("HTTP_FORWARDED")
-        addr = proto = None
-        if fwd:
-            first = fwd.split(",")[0]
-            for pair in first.split(";"):
-                key, _, val = pair.strip().partition("=")
-                val = val.strip().strip('"')
-                key = key.lower()
-                if key == "for" and val:
-                    addr = val
-                elif key == "proto" and val:
-                    proto = val
-            if addr and addr.startswith("["):
-                addr = addr[1:].partition("]")[0]
-            elif addr and addr.count(":") == 1:
-                addr = addr.partition(":")[0]
-        if addr is None and "HTTP_X_FORWARDED_FOR" in environ:
-            addr = environ["HTTP_X_FORWARDED_FOR"].split(",")[0].strip() or None
-        if proto is None and "HTTP_X_FORWARDED_PROTO" in environ:
-            proto = environ["HTTP_X_FORWARDED_PROTO"].split(",")[0].strip() or None
-        if addr:
-            environ["REMOTE_ADDR"] = addr
-            environ.pop("REMOTE_PORT", None)
-        if proto and proto.lower() in ("http", "https"):
-            environ["wsgi.url_scheme"] = proto.lower()
+    def _apply_forwarded(self, environ: dict) -> None:
+        """Believe the proxy headers of a trusted peer (see forwarded.py)."""
+        self.forwarded.apply(environ)
 
 
 class Outcome:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from supervisor.http.accesslog import iso_time
 from supervisor.system.log import Logs
 from supervisor.system.loop import Loop
+from supervisor.system.words import count as counted
 
 LINE_MAX = 32 * 1024            # bytes of one line that reach the log; the rest is cut
 CUT_MARK = b" [line cut: longer than %d bytes]" % LINE_MAX
@@ -168,14 +169,14 @@ class Destination:
         except OSError as exc:
             count = self.drops.failed(self.clock(), lines)
             if count is not None:
-                self.log.error("cannot write to the %s: %s; dropped %d lines since the last report "
+                self.log.error("cannot write to the %s: %s; dropped %s since the last report "
                                "(%d in all), dropping more until it can be written; serving goes on",
-                               self.name, exc.strerror or exc, count, self.drops.total)
+                               self.name, exc.strerror or exc, counted(count, "line"), self.drops.total)
             return
         count = self.drops.succeeded()
         if count is not None:
-            self.log.warning("the %s can be written again; %d more lines were dropped (%d in all)",
-                             self.name, count, self.drops.total)
+            self.log.warning("the %s can be written again; %s more dropped (%d in all)",
+                             self.name, counted(count, "line"), self.drops.total)
 
 
 @dataclass(eq=False)

@@ -8,18 +8,112 @@ A "systemd:NAME" listener is not bound here: it is a dup of the socket systemd p
 under that name (`activation.inherited()`). The passed fd stays the caller's, to close
 or to keep for a reload that adopts it again; closing the listener (or the passed fd)
 leaves systemd's own copy listening.
+
+A "unix:" socket's file gets its mode, owner and group as it is bound (`socket_permissions`
+says which, and why): the mode through the umask around bind(), so the file is never
+more open than asked, not even for an instant.
 """
 from __future__ import annotations
 
 import os
 import socket
 import stat
+from dataclasses import dataclass
 from typing import Mapping
 
 from supervisor.config.model import ListenerConfig
 from supervisor.config.reader import BindAddress
+from supervisor.system import users
 
 DEFER_ACCEPT_S = 1   # see _tune_tcp
+# The group front proxies run as on Debian and Ubuntu (nginx, Apache): a root master
+# gives its sockets to it, so they can connect (which takes write permission) and
+# other local users cannot.
+DEFAULT_SOCKET_GROUP = "www-data"
+
+
+@dataclass(frozen=True)
+class SocketPermissions:
+    """What a UNIX socket's file gets: ``uid``/``gid`` -1 leave the master's own."""
+    mode: int
+    uid: int
+    gid: int
+    why: str      # for the log: where the values came from
+
+
+def socket_permissions(listener: ListenerConfig, euid: int | None = None) -> SocketPermissions:
+    """The mode, owner and group of `listener`'s socket file.
+
+    Unset, the group is DEFAULT_SOCKET_GROUP when the master is root and that group
+    exists (else the master's own), and the mode 0660 when there is such a group or
+    socket_group is set, else 0666: a master that cannot hand the file to the proxy's
+    group leaves it to the directory's permissions to choose who connects. The owner is
+    socket_owner, else the master's user. Config values were validated by the reader;
+    a user or group gone since raises ListenerError."""
+    euid = os.geteuid() if euid is None else euid
+    uid = gid = -1
+    why = []
+    if listener.socket_owner is not None:
+        entry = users.user(listener.socket_owner)
+        if entry is None:
+            raise ListenerError(f"listener {listener.name!r}: socket_owner {listener.socket_owner!r} is unknown")
+        uid = entry.pw_uid
+    group = listener.socket_group
+    if group is None and euid == 0 and users.group(DEFAULT_SOCKET_GROUP) is not None:
+        group = DEFAULT_SOCKET_GROUP
+        why.append(f"group {DEFAULT_SOCKET_GROUP}: the default under a root master, for the front proxy")
+    if group is not None:
+        entry = users.group(group)
+        if entry is None:
+            raise ListenerError(f"listener {listener.name!r}: socket_group {group!r} is unknown")
+        gid = entry.gr_gid
+    if listener.socket_mode is not None:
+        mode = listener.socket_mode
+    elif gid != -1:
+        mode = 0o660
+        why.append("mode 0660: the default with a group, whose members may connect")
+    else:
+        mode = 0o666
+        why.append(f"mode 0666: the default with no group {DEFAULT_SOCKET_GROUP} to give it to, "
+                   "so the directory's permissions choose who connects")
+    return SocketPermissions(mode, uid, gid, "; ".join(why) or "as configured")
+
+
+def apply_permissions(listener: ListenerConfig) -> SocketPermissions:
+    """Give the live socket file of `listener` its (new) mode, owner and group, as a
+    reload asks: the file at the path itself, never through a symlink, and only if it
+    is a socket. Raises ListenerError."""
+    permissions = socket_permissions(listener)
+    path = listener.bind.path
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISSOCK(st.st_mode):
+                raise OSError(f"{path} is no longer a socket")
+            # An O_PATH fd can be neither fchmod-ed nor fchown-ed; its /proc link can.
+            via = f"/proc/self/fd/{fd}"
+            # What both the old and the new mode allow, while the owner changes: a new
+            # group never gets the old, wider mode.
+            os.chmod(via, stat.S_IMODE(st.st_mode) & permissions.mode)
+            os.chown(via, permissions.uid, permissions.gid)
+            os.chmod(via, permissions.mode)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise ListenerError(f"listener {listener.name!r} ({listener.bind}): {exc.strerror or exc}") from None
+    return permissions
+
+
+def describe_file(path: str) -> str:
+    """The file at `path` as it is now: "mode 0660, owner root, group www-data"."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"cannot stat it: {exc.strerror}"
+    owner, group = users.user(st.st_uid), users.group(st.st_gid)
+    return (f"mode {stat.S_IMODE(st.st_mode):04o}, owner {owner.pw_name if owner else st.st_uid}, "
+            f"group {group.gr_name if group else st.st_gid}")
 
 
 class ListenerError(Exception):
@@ -36,9 +130,12 @@ def open_listener(listener: ListenerConfig, reuseport: bool = False,
         if adopting:
             sock = _adopt(inherited[listener.bind.fdname])
         else:
-            sock = _open(listener.bind, listener.backlog, reuseport)
+            sock = _open(listener.bind, listener.backlog, reuseport, listener)
     except OSError as exc:
-        raise ListenerError(f"listener {listener.name!r} ({listener.bind}): {exc.strerror or exc}") from None
+        hint = ""
+        if listener.bind.kind == "unix" and isinstance(exc, FileNotFoundError) and listener.socket_dir_mode is None:
+            hint = " (its directory is missing: create it, or set socket_dir_mode to have it created)"
+        raise ListenerError(f"listener {listener.name!r} ({listener.bind}): {exc.strerror or exc}{hint}") from None
     sock.setblocking(False)
     _tune_tcp(sock, defer_accept=listener.mode != "balance")
     return sock
@@ -120,7 +217,8 @@ def _adopt(fd: int) -> socket.socket:
     return sock
 
 
-def _open(bind: BindAddress, backlog: int, reuseport: bool = False) -> socket.socket:
+def _open(bind: BindAddress, backlog: int, reuseport: bool = False,
+          listener: ListenerConfig | None = None) -> socket.socket:
     if bind.kind == "fd":
         sock = socket.socket(fileno=os.dup(bind.fd))
         if sock.type != socket.SOCK_STREAM:
@@ -128,15 +226,7 @@ def _open(bind: BindAddress, backlog: int, reuseport: bool = False) -> socket.so
             raise OSError(f"fd {bind.fd} is not a stream socket")
         return sock
     if bind.kind == "unix":
-        _unlink_socket_file(bind.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(bind.path)
-            sock.listen(backlog)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        return _open_unix(listener or ListenerConfig("", bind), backlog)
     family = socket.AF_INET6 if ":" in (bind.host or "") else socket.AF_INET
     host = bind.host
     if family == socket.AF_INET and host not in ("", None):
@@ -158,6 +248,58 @@ def _open(bind: BindAddress, backlog: int, reuseport: bool = False) -> socket.so
     return sock
 
 
+def _open_unix(listener: ListenerConfig, backlog: int) -> socket.socket:
+    path = listener.bind.path
+    permissions = socket_permissions(listener)
+    if listener.socket_dir_mode is not None:
+        _make_directory(os.path.dirname(path), listener.socket_dir_mode, permissions)
+    _unlink_socket_file(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # bind() creates the file 0777 & ~umask: the umask gives it exactly the mode
+        # asked for from its first instant (the master is single-threaded, so no other
+        # file is created under this umask).
+        previous = os.umask(0o777 & ~permissions.mode)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(previous)
+        try:
+            if permissions.uid != -1 or permissions.gid != -1:
+                # Before listen(): until then nobody can connect, whoever owns the file.
+                os.chown(path, permissions.uid, permissions.gid, follow_symlinks=False)
+            sock.listen(backlog)
+        except BaseException:
+            _unlink_socket_file(path)
+            raise
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _make_directory(path: str, mode: int, permissions: SocketPermissions) -> None:
+    """Create the socket's directory with `mode`, owned as the socket is (so its group
+    may enter). One that exists is left exactly as it is (never loosened); a symlink
+    there is refused, never followed."""
+    try:
+        os.mkdir(path, 0o700)   # closed until it has its owner and mode
+    except FileExistsError:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            raise OSError(f"socket directory {path} is a symlink: not following it") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise OSError(f"socket directory {path} exists and is not a directory") from None
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if permissions.uid != -1 or permissions.gid != -1:
+            os.fchown(fd, permissions.uid, permissions.gid)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
 def _unlink_socket_file(path: str) -> None:
     """Remove a stale UNIX socket file, but never a regular file someone cares about."""
     try:
@@ -165,6 +307,24 @@ def _unlink_socket_file(path: str) -> None:
             os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def listening_line(listener: ListenerConfig, sock: socket.socket | None) -> str:
+    """What the log says of a listener that is open: its address and name and, for a
+    UNIX socket, who may connect and why; `sock` None for a reuseport listener, whose
+    sockets are bound per worker (from its config's address)."""
+    if sock is None:
+        bind = listener.bind
+        host = f"[{bind.host}]" if ":" in (bind.host or "") else (bind.host or "0.0.0.0")
+        return f"http://{host}:{bind.port} ({listener.name}; reuseport: one socket per worker)"
+    line = f"{describe(sock)} ({listener.name})"
+    if listener.bind.kind == "unix":
+        try:
+            why = socket_permissions(listener).why
+        except ListenerError as exc:
+            why = str(exc)
+        line += f": {describe_file(listener.bind.path)} ({why})"
+    return line
 
 
 def describe(sock: socket.socket) -> str:

@@ -140,7 +140,7 @@ def test_a_full_device_costs_one_error_per_interval(recorded):
     finally:
         os.close(fd)
     assert len(messages) == 3   # at 0, 60 and 120 s
-    assert "No space left on device" in messages[0] and "dropped 1 lines" in messages[0]
+    assert "No space left on device" in messages[0] and "dropped 1 line since" in messages[0]
     assert "dropped 40 lines" in messages[1] and "dropped 40 lines" in messages[2]
     assert destination.drops.total == 100
 

@@ -72,7 +72,124 @@ def test_path_info_and_query_string(target, path_info, query) -> None:
 
 def test_forwarded_only_from_allowed_peers() -> None:
     _, _, env = build(peer=("127.0.0.1", 5), allow=("127.0.0.1",))
-    assert env["REMOTE_ADDR"] == "9.9.9.9" and env["wsgi.url_scheme"] == "https"
+    assert env["REMOTE_ADDR"] == "1.1.1.1" and env["wsgi.url_scheme"] == "https"
+    _, _, env = build(peer=("10.0.0.1", 5), allow=("127.0.0.1",))
+    assert (env["REMOTE_ADDR"], env["REMOTE_PORT"], env["wsgi.url_scheme"]) == ("10.0.0.1", "5", "http")
+
+
+def forwarded_environ(headers, peer=("127.0.0.1", 5), allow=("127.0.0.1", "::1"), header="x-forwarded-for",
+                      scheme_headers=None):
+    head = b"".join(name.encode() + b": " + value.encode() + b"\r\n" for name, value in headers)
+    _, req, _ = make_request(b"GET / HTTP/1.1\r\nHost: h\r\n" + head + b"\r\n")
+    kwargs = {} if scheme_headers is None else {"secure_scheme_headers": scheme_headers}
+    builder = wsgi.EnvironBuilder(server_name="h", server_port="80", forwarded_allow_ips=allow,
+                                  forwarded_header=header, **kwargs)
+    env = environ_for(builder, req, io.BytesIO(), peer)
+    return env["REMOTE_ADDR"], env.get("REMOTE_PORT"), env["wsgi.url_scheme"]
+
+
+XFF = "X-Forwarded-For"
+# (headers, peer, allow, header) -> (REMOTE_ADDR, REMOTE_PORT, scheme)
+FORWARDED_CASES = [
+    # nginx appends the peer it saw: the leftmost entry is the client's to write.
+    ([(XFF, "6.6.6.6, 203.0.113.7")], ("127.0.0.1", 5), None, None, ("203.0.113.7", None, "http")),
+    ([(XFF, "203.0.113.7")], ("127.0.0.1", 5), None, None, ("203.0.113.7", None, "http")),
+    ([(XFF, "not-an-ip")], ("127.0.0.1", 5), None, None, ("127.0.0.1", "5", "http")),
+    ([(XFF, "")], ("127.0.0.1", 5), None, None, ("127.0.0.1", "5", "http")),
+    ([(XFF, "6.6.6.6, not-an-ip")], ("127.0.0.1", 5), None, None, ("127.0.0.1", "5", "http")),
+    ([(XFF, "6.6.6.6,, 203.0.113.7")], ("127.0.0.1", 5), None, None, ("203.0.113.7", None, "http")),
+    # Trusted hops are skipped, from the right; garbage past them keeps the last trusted one.
+    ([(XFF, "6.6.6.6, 203.0.113.7, 10.0.0.2")], ("127.0.0.1", 5), ("127.0.0.1", "10.0.0.0/8"), None,
+     ("203.0.113.7", None, "http")),
+    ([(XFF, "junk, 10.0.0.3, 10.0.0.2")], ("127.0.0.1", 5), ("127.0.0.1", "10.0.0.0/8"), None,
+     ("10.0.0.3", None, "http")),
+    ([(XFF, "10.0.0.3, 10.0.0.2")], ("127.0.0.1", 5), ("127.0.0.1", "10.0.0.0/8"), None,
+     ("10.0.0.3", None, "http")),
+    ([(XFF, "6.6.6.6, 203.0.113.7")], ("127.0.0.1", 5), ("*",), None, ("6.6.6.6", None, "http")),
+    # Two header lines read as one list, in order.
+    ([(XFF, "6.6.6.6"), (XFF, "203.0.113.7")], ("127.0.0.1", 5), None, None, ("203.0.113.7", None, "http")),
+    # Ports and IPv6, in canonical form.
+    ([(XFF, "203.0.113.7:4711")], ("127.0.0.1", 5), None, None, ("203.0.113.7", "4711", "http")),
+    ([(XFF, "2001:DB8:0::1")], ("127.0.0.1", 5), None, None, ("2001:db8::1", None, "http")),
+    ([(XFF, "[2001:db8::1]:4711")], ("::1", 5), None, None, ("2001:db8::1", "4711", "http")),
+    ([(XFF, "[2001:db8::1]x")], ("127.0.0.1", 5), None, None, ("127.0.0.1", "5", "http")),
+    ([(XFF, "203.0.113.7:99999")], ("127.0.0.1", 5), None, None, ("127.0.0.1", "5", "http")),
+    ([(XFF, "fe80::1%eth0")], ("127.0.0.1", 5), None, None, ("127.0.0.1", "5", "http")),
+    ([(XFF, "01.2.3.4")], ("127.0.0.1", 5), None, None, ("127.0.0.1", "5", "http")),
+    ([(XFF, "::ffff:10.0.0.9")], ("127.0.0.1", 5), None, None, ("::ffff:10.0.0.9", None, "http")),
+    # An untrusted peer changes nothing, whatever it sends.
+    ([(XFF, "203.0.113.7"), ("X-Forwarded-Proto", "https")], ("198.51.100.1", 5), None, None,
+     ("198.51.100.1", "5", "http")),
+    ([(XFF, "203.0.113.7")], ("10.1.2.3", 5), ("10.0.0.0/16",), None, ("10.1.2.3", "5", "http")),
+    ([(XFF, "203.0.113.7")], ("10.0.2.3", 5), ("10.0.0.0/16",), None, ("203.0.113.7", None, "http")),
+    # A UNIX socket's peer (nginx on the same host) is trusted: its file mode chose it.
+    ([(XFF, "6.6.6.6, 203.0.113.7")], "", None, None, ("203.0.113.7", None, "http")),
+    # Only the configured header names the client: nginx passes a client's Forwarded through.
+    ([("Forwarded", "for=6.6.6.6"), (XFF, "203.0.113.7")], ("127.0.0.1", 5), None, None,
+     ("203.0.113.7", None, "http")),
+    ([("Forwarded", "for=203.0.113.7"), (XFF, "6.6.6.6")], ("127.0.0.1", 5), None, "forwarded",
+     ("203.0.113.7", None, "http")),
+    # Forwarded (RFC 7239): the same walk, quoted values, proto=.
+    ([("Forwarded", "for=6.6.6.6, for=203.0.113.7;proto=https")], ("127.0.0.1", 5), None, "forwarded",
+     ("203.0.113.7", None, "https")),
+    ([("Forwarded", 'for="[2001:db8::1]:4711";proto=https')], ("127.0.0.1", 5), None, "forwarded",
+     ("2001:db8::1", "4711", "https")),
+    ([("Forwarded", 'For="203.0.113.7:_port"; Proto=HTTPS')], ("127.0.0.1", 5), None, "forwarded",
+     ("203.0.113.7", None, "https")),
+    ([("Forwarded", "for=unknown;proto=https")], ("127.0.0.1", 5), None, "forwarded", ("127.0.0.1", "5", "https")),
+    ([("Forwarded", "for=_hidden")], ("127.0.0.1", 5), None, "forwarded", ("127.0.0.1", "5", "http")),
+    ([("Forwarded", "for=6.6.6.6, for=_hidden")], ("127.0.0.1", 5), None, "forwarded", ("127.0.0.1", "5", "http")),
+    ([("Forwarded", "proto=https")], ("127.0.0.1", 5), None, "forwarded", ("127.0.0.1", "5", "https")),
+    ([("Forwarded", 'for="6.6.6.6, for=1.1.1.1", for=203.0.113.7')], ("127.0.0.1", 5), None, "forwarded",
+     ("203.0.113.7", None, "http")),
+    ([("Forwarded", "for=6.6.6.6"), ("Forwarded", "for=10.0.0.2;proto=https")], ("127.0.0.1", 5),
+     ("127.0.0.1", "10.0.0.0/8"), "forwarded", ("6.6.6.6", None, "http")),
+    # Unparseable: none of it counts.
+    ([("Forwarded", "for=203.0.113.7;for=1.1.1.1")], ("127.0.0.1", 5), None, "forwarded", ("127.0.0.1", "5", "http")),
+    ([("Forwarded", 'for="203.0.113.7')], ("127.0.0.1", 5), None, "forwarded", ("127.0.0.1", "5", "http")),
+    ([("Forwarded", "garbage")], ("127.0.0.1", 5), None, "forwarded", ("127.0.0.1", "5", "http")),
+    ([("Forwarded", "for=203.0.113.7;proto=https")], ("198.51.100.1", 5), None, "forwarded",
+     ("198.51.100.1", "5", "http")),
+    # The scheme headers (gunicorn's map), all agreeing, or the connection's own scheme.
+    ([("X-Forwarded-Proto", "https")], ("127.0.0.1", 5), None, None, ("127.0.0.1", "5", "https")),
+    ([("X-Forwarded-Proto", "HTTPS")], ("127.0.0.1", 5), None, None, ("127.0.0.1", "5", "https")),
+    ([("X-Forwarded-Proto", "http")], ("127.0.0.1", 5), None, None, ("127.0.0.1", "5", "http")),
+    ([("X-Forwarded-Ssl", "on")], ("127.0.0.1", 5), None, None, ("127.0.0.1", "5", "https")),
+    ([("X-Forwarded-Protocol", "ssl")], ("127.0.0.1", 5), None, None, ("127.0.0.1", "5", "https")),
+    ([("X-Forwarded-Proto", "https"), ("X-Forwarded-Ssl", "on")], ("127.0.0.1", 5), None, None,
+     ("127.0.0.1", "5", "https")),
+    ([("X-Forwarded-Proto", "https"), ("X-Forwarded-Ssl", "off")], ("127.0.0.1", 5), None, None,
+     ("127.0.0.1", "5", "http")),
+    ([("X-Forwarded-Proto", "https"), ("X-Forwarded-Proto", "http")], ("127.0.0.1", 5), None, None,
+     ("127.0.0.1", "5", "http")),
+    ([("Forwarded", "proto=http"), ("X-Forwarded-Proto", "https")], ("127.0.0.1", 5), None, "forwarded",
+     ("127.0.0.1", "5", "http")),
+]
+
+
+@pytest.mark.parametrize(("headers", "peer", "allow", "header", "expected"), FORWARDED_CASES)
+def test_forwarded_table(headers, peer, allow, header, expected) -> None:
+    got = forwarded_environ(headers, peer=peer, allow=allow or ("127.0.0.1", "::1"),
+                            header=header or "x-forwarded-for")
+    assert got == expected
+
+
+def test_forwarded_host_and_custom_scheme_headers() -> None:
+    def env_of(headers, scheme_headers=None):
+        head = b"".join(name.encode() + b": " + value.encode() + b"\r\n" for name, value in headers)
+        _, req, _ = make_request(b"GET / HTTP/1.1\r\nHost: h\r\n" + head + b"\r\n")
+        kwargs = {} if scheme_headers is None else {"secure_scheme_headers": scheme_headers}
+        builder = wsgi.EnvironBuilder(server_name="h", server_port="80", forwarded_header="forwarded", **kwargs)
+        return environ_for(builder, req, io.BytesIO(), ("127.0.0.1", 5))
+    assert env_of([("Forwarded", 'for=1.2.3.4;host="blog.example:8443"')])["HTTP_HOST"] == "blog.example:8443"
+    assert env_of([("Forwarded", "for=1.2.3.4;host=[::1]")])["HTTP_HOST"] == "[::1]"
+    assert env_of([("Forwarded", 'for=1.2.3.4;host="bad host"')])["HTTP_HOST"] == "h"
+    assert env_of([("Forwarded", "for=1.2.3.4;host=a.b:99999")])["HTTP_HOST"] == "h"
+    # A header name outside X-Forwarded-*: still read; the default map then no longer applies.
+    custom = {"Front-End-Https": "on"}
+    assert env_of([("Front-End-Https", "on")], custom)["wsgi.url_scheme"] == "https"
+    assert env_of([("X-Forwarded-Proto", "https")], custom)["wsgi.url_scheme"] == "http"
+    assert env_of([("X-Forwarded-Proto", "https")], {})["wsgi.url_scheme"] == "http"
 
 
 def test_input_lazy_semantics() -> None:
