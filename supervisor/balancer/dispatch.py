@@ -24,17 +24,28 @@ Promises:
    not a peer balancer (a negative key: the old master's balancer after an upgrade,
    which only hands connections over). Among them the app's `balancing` policy
    (`policies.py`) chooses; the core only keeps each app's policy instance.
-3. **The queue is bounded, and first in first out per app.** A connection no worker
-   could take waits; when `queue_limit` connections already wait (all apps together),
+2a. **Only a worker that can serve now gets one**: a free worker is one whose threads
+   outnumber its reported busy ones plus the connections sent to it that it has not
+   acknowledged (`unacked`). So a connection just sent makes its worker busy at once,
+   in the same instant, until the worker's REPORT says otherwise; the worker's
+   acknowledging REPORT counts the connections it acknowledges among its busy ones
+   (it has not served them yet), and the REPORT it sends when a thread frees says it
+   is free again. A worker's thread count is its reports' word; until its first
+   report it is taken to have one. Policies choose among the free workers, except
+   ip-hash, whose connection waits for the client's own worker when that one is busy.
+3. **The queue is bounded, and first in first out per app** (per worker for ip-hash,
+   whose connections wait for their own). A connection no free worker could take
+   waits; when `queue_limit` connections already wait (all apps together),
    the oldest of them (of any app) is refused with `OVERFLOW` to make room. A
    connection waits at most `queue_timeout_s` from the moment it entered the queue (a
    failed attempt to send it does not restart that wait); then `expire` refuses it
    with `QUEUE_TIMEOUT`.
 4. **Queued connections go out as soon as a worker may take them**: after the app's
-   worker attached or reported (a report means it read its channel, so there is room),
-   or the routes changed. `next_queued` hands them out oldest first; one that no
-   worker of its app could take goes back to the front, and that app's queue rests
-   until its next such event (no busy loop on a full channel).
+   worker attached or reported itself free (a report also means it read its channel,
+   so there is room), or the routes changed. `next_queued` hands them out oldest first
+   to the free workers; when none is free, or one that no worker of its app could take
+   goes back to the front, that app's queue rests until its next such event (no busy
+   loop on a full channel).
 5. **No connection is lost with a worker.** When a worker goes away, every connection
    it had not acknowledged is dispatched again, as if just accepted. One a worker
    refused (its fd never reached it: it was out of fds) goes at once to another
@@ -84,15 +95,21 @@ class Connection:
 
 
 class Worker(WorkerLoad):
-    """A worker link as the core sees it: its load (what policies read), its app,
-    whether it takes connections, and the connections sent to it that it has not
-    acknowledged yet (conn id -> Connection), which go elsewhere if it dies."""
+    """A worker link as the core sees it: its load (what policies read; `free` is kept
+    by the core, promise 2a), its app, its thread count, whether it takes connections,
+    and the connections sent to it that it has not acknowledged yet (conn id ->
+    Connection), which go elsewhere if it dies."""
 
     def __init__(self, key: int, app: str) -> None:
         super().__init__(key)
         self.app = app
+        self.threads = 1   # until its first report says
         self.accepting = key >= 0
         self.unacked: dict[int, Connection] = {}
+
+    def refresh(self) -> None:
+        """Recompute `free` after its busy count, threads or unacknowledged ones moved."""
+        self.free = self.busy + len(self.unacked) < self.threads
 
 
 class Send:
@@ -242,15 +259,20 @@ class Dispatcher:
             accepting = self._apps[worker.app].accepting
             accepting[:] = [other for other in accepting if other is not worker]
 
-    def report(self, worker: Worker, acked: tuple[int, ...], closed: tuple[int, ...], busy: int) -> list[Connection]:
+    def report(self, worker: Worker, acked: tuple[int, ...], closed: tuple[int, ...], busy: int,
+               threads: int | None = None) -> list[Connection]:
         """The worker's REPORT: the connections it now owns (returned: the shell drops
-        its copies), how many of its connections ended, how many threads are busy."""
+        its copies), how many of its connections ended, how many threads are busy (the
+        acknowledged ones among them) and, if it says, how many it has."""
         unacked = worker.unacked
         taken = [conn for conn_id in acked if (conn := unacked.pop(conn_id, None)) is not None]
         if closed:
             worker.connections = max(0, worker.connections - len(closed))
         worker.busy = busy
-        if self.queued and worker.accepting:
+        if threads:
+            worker.threads = threads
+        worker.free = busy + len(unacked) < worker.threads   # refresh(), inlined: once per report
+        if self.queued and worker.accepting and worker.free:
             self._ready.add(worker.app)
         return taken
 
@@ -264,6 +286,7 @@ class Dispatcher:
             if conn is None:
                 continue
             worker.connections = max(0, worker.connections - 1)
+            worker.refresh()
             app = self._apps[conn.app]   # it was sent, so its app has a record
             self.dispatched -= 1   # that handoff did not happen
             app.handoffs -= 1
@@ -272,8 +295,11 @@ class Dispatcher:
             if app.policy is None:
                 decisions.append(Refuse(conn, APP_GONE))
             elif others and conn.refusals <= len(app.accepting):
-                decisions.append(self._send(conn, app.policy.pick(others, conn.client), app, False,
-                                            frozenset((worker.key,))))
+                # A free one if there is one; else the least of evils, a busy one (it
+                # must not wait in the queue for the worker that refused it).
+                choice = app.policy.pick(others, conn.client) or min(
+                    others, key=lambda other: (other.busy + len(other.unacked), other.connections))
+                decisions.append(self._send(conn, choice, app, False, frozenset((worker.key,))))
             else:
                 self.worker_refused_503 += 1
                 decisions.append(Refuse(conn, WORKER_REFUSED))
@@ -304,12 +330,13 @@ class Dispatcher:
         app = self._apps.get(conn.app)
         if app is None or app.policy is None:
             return Refuse(conn, APP_GONE)
-        workers = app.accepting
-        if workers:
-            worker = app.policy.pick(workers, conn.client)
+        worker = app.policy.pick(app.accepting, conn.client)
+        if worker is not None and worker.free:
             conn_id = next(self._ids)
-            worker.unacked[conn_id] = conn
+            unacked = worker.unacked
+            unacked[conn_id] = conn
             worker.connections += 1
+            worker.free = worker.busy + len(unacked) < worker.threads   # refresh(), inlined
             app.handoffs += 1
             self.dispatched += 1
             return Send(conn, worker, conn_id)
@@ -321,6 +348,7 @@ class Dispatcher:
         conn, worker = send.conn, send.worker
         if worker.unacked.pop(send.conn_id, None) is not None:
             worker.connections = max(0, worker.connections - 1)
+            worker.refresh()
         app = self._apps[conn.app]   # it was sent, so its app has a record
         self.dispatched -= 1
         app.handoffs -= 1
@@ -329,10 +357,15 @@ class Dispatcher:
             return Refuse(conn, APP_GONE)
         tried = send.tried | {worker.key}
         others = [other for other in app.accepting if other.key not in tried]
-        if others:
-            return self._send(conn, app.policy.pick(others, conn.client), app, send.from_queue, tried)
-        if send.from_queue:   # back where it was: the front, its deadline unchanged
-            app.waiting.appendleft(conn)
+        choice = app.policy.pick(others, conn.client) if others else None
+        if choice is not None and choice.free:
+            return self._send(conn, choice, app, send.from_queue, tried)
+        if send.from_queue:   # back where it was, by its deadline (the front, but for ip-hash)
+            waiting = app.waiting
+            position = 0
+            while position < len(waiting) and waiting[position].deadline <= conn.deadline:
+                position += 1
+            waiting.insert(position, conn)
             self.queued += 1
             self._ready.discard(app.name)
             return None
@@ -348,15 +381,43 @@ class Dispatcher:
             if app is None or not app.waiting or not app.accepting or app.policy is None:
                 ready.discard(name)
                 continue
-            conn = app.waiting.popleft()
+            policy, waiting = app.policy, app.waiting
+            if not policy.AFFINE:
+                worker = policy.pick(app.accepting, None)   # (the client matters to ip-hash only)
+                if worker is None:   # none is free: rest until one says it is
+                    ready.discard(name)
+                    continue
+                conn = waiting.popleft()
+            else:   # the oldest connection whose own worker is free (promise 3)
+                found = self._first_placeable(app)
+                if found is None:
+                    ready.discard(name)
+                    continue
+                position, worker = found
+                conn = waiting[position]
+                del waiting[position]
             self.queued -= 1
-            return self._send(conn, app.policy.pick(app.accepting, conn.client), app, True, frozenset())
+            return self._send(conn, worker, app, True, frozenset())
+        return None
+
+    @staticmethod
+    def _first_placeable(app: _App) -> tuple[int, Worker] | None:
+        """For an affine policy: the position of the oldest queued connection whose
+        worker is free, and that worker. The scan stops once no worker is free."""
+        if not any(worker.free for worker in app.accepting):
+            return None
+        pick = app.policy.pick
+        for position, conn in enumerate(app.waiting):
+            worker = pick(app.accepting, conn.client)
+            if worker is not None and worker.free:
+                return position, worker
         return None
 
     def _send(self, conn: Connection, worker: Worker, app: _App, from_queue: bool, tried: frozenset[int]) -> Send:
         conn_id = next(self._ids)
         worker.unacked[conn_id] = conn
         worker.connections += 1
+        worker.refresh()
         app.handoffs += 1
         self.dispatched += 1
         waited_s = self.clock() - conn.queued_at if from_queue else 0.0

@@ -52,6 +52,8 @@ METRICS = {
     "baton_connections": ("gauge", "Connections the app's workers hold now."),
     "baton_handoffs_total": ("counter", "Connections the balancer passed to the app's workers."),
     "baton_handbacks_total": ("counter", "Idle keep-alive connections handed from a retiring worker to another."),
+    "baton_parks_total": ("counter", "Idle keep-alive connections the app's workers parked in the balancer."),
+    "baton_parked": ("gauge", "Idle keep-alive connections the balancer watches for their next request."),
     "baton_queue_depth": ("gauge", "Connections waiting in the balancer for a worker of the app."),
     "baton_queue_wait_seconds_total": ("counter", "Time connections spent waiting in the balancer's queue."),
     "baton_reloads_total": ("counter", "Configuration reloads applied."),

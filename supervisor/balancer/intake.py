@@ -25,6 +25,15 @@ Promises:
   ACCEPT_LOG_INTERVAL_S, with how many there were.
 * A peeking connection costs a registration and a timer only when its first look
   (right after accept) did not settle it; the timer refuses it after PEEK_TIMEOUT_S.
+* **A parked connection** (an idle keep-alive connection a serving worker handed back,
+  `park`) is watched edge-triggered with one timer. When its next request's bytes
+  arrive it goes on like a new connection: straight to dispatch on a listener of one
+  app (today's), peeked at again on one shared by Host, so each request of a
+  keep-alive connection reaches the app its Host names (and a free worker of it). A
+  client that closes it is closed without a word; one idle past the time the worker
+  gave (what was left of its app's `keepalive`) is closed the same way. Out of fds,
+  parked connections are shed after the peeking ones, oldest first, unanswered (an
+  idle keep-alive connection may be closed between requests).
 * Listeners are the master's: the balancer closes its copy when a routing table no
   longer names one, or names it with a fresh socket, or when it drains.
 """
@@ -111,11 +120,13 @@ class Intake:
         self.listeners: dict[str, _Listener] = {}
         self._ready: list[_Listener] = []     # readable in this wakeup, accepted after it
         self.peeking: dict[int, Pending] = {}   # by fd
+        self.parked: dict[int, Pending] = {}    # by fd, oldest first
         # Counters, for /metrics.
         self.accepted = 0
         self.refused_host = 0
         self.refused_proxy = 0
         self.shed = 0
+        self.parked_expired = 0   # parked connections closed idle
         # Failed accepts since the last one logged, and when that was.
         self._accept_failures = 0
         self._accept_logged_at = float("-inf")
@@ -141,10 +152,13 @@ class Intake:
         self.listeners.clear()
 
     def close(self) -> None:
-        """Close the listeners and every connection still peeked at."""
+        """Close the listeners and every connection still peeked at or parked."""
         self.close_listeners()
         for pending in list(self.peeking.values()):
             self._stop_peeking(pending)
+            pending.sock.close()
+        for pending in list(self.parked.values()):
+            self._unpark(pending)
             pending.sock.close()
 
     def _close_listener(self, listener: _Listener) -> None:
@@ -197,6 +211,12 @@ class Intake:
             peeking = self.peeking
             while peeking and shed < SHED_BATCH:
                 self._refuse(next(iter(peeking.values())), SHED)   # the oldest: dicts keep order
+                shed += 1
+            parked = self.parked
+            while parked and shed < SHED_BATCH:
+                pending = next(iter(parked.values()))
+                self._unpark(pending)
+                pending.sock.close()
                 shed += 1
             self.shed += shed
             if listener.pause_timer is None:
@@ -290,6 +310,64 @@ class Intake:
         pending.app = app
         self.dispatch(pending)
         return False
+
+    # -- parked connections ------------------------------------------------------
+
+    def park(self, pending: Pending, idle_s: float) -> None:
+        """Watch an idle keep-alive connection (its app and client known) until its next
+        request's bytes arrive, it closes, or `idle_s` passes (see the promises)."""
+        sock = pending.sock
+        sock.setblocking(False)
+        fd = sock.fileno()
+        self.parked[fd] = pending
+        # Edge-triggered: bytes that came before the registration are reported too.
+        self.loop.register(fd, lambda: self._parked_readable(pending), READ | HANGUP | EDGE)
+        pending.peek_timer = self.loop.call_later(idle_s, lambda: self._parked_expire(pending))
+
+    def _unpark(self, pending: Pending) -> None:
+        fd = pending.sock.fileno()
+        if self.parked.get(fd) is pending:
+            del self.parked[fd]
+            self.loop.unregister(fd)
+            pending.peek_timer.cancel()
+            pending.peek_timer = None
+
+    def unpark_all(self) -> list[Pending]:
+        """Stop watching every parked connection and give them to the caller (a new
+        master's balancer takes them over)."""
+        parked = list(self.parked.values())
+        for pending in parked:
+            self._unpark(pending)
+        return parked
+
+    def _parked_expire(self, pending: Pending) -> None:
+        self.parked_expired += 1
+        self._unpark(pending)
+        pending.sock.close()
+
+    def _parked_readable(self, pending: Pending) -> None:
+        sock = pending.sock
+        try:
+            data = sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self._unpark(pending)
+        if not data:   # the client closed it
+            sock.close()
+            return
+        route = self.routes.get(pending.listener)
+        if route is None:   # not a `balance` listener (a `share` one's, handed back at a reload; or no
+            self.dispatch(pending)   # longer routed): its own app, as if it had stayed at its worker
+        elif route.only_app is not None:
+            pending.app = route.only_app
+            self.dispatch(pending)
+        elif pending.data:   # bytes only the worker vouches for: its own app alone
+            self.dispatch(pending)
+        else:   # shared by Host: this request's Host says which app
+            pending.app = None
+            self._start_peeking(pending)
 
     def _refuse(self, pending: Pending, response: bytes) -> None:
         """Answer (when there is an answer: PROXY garbage gets none) and close."""

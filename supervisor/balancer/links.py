@@ -2,9 +2,11 @@
 
 Out goes a CONN per connection (the fd, its id, peer, listener, unparsed bytes); in
 come the worker's REPORTs (connections it now owns, connections that ended or never
-reached it, busy threads) and HANDBACKs (an idle keep-alive connection from a retiring
-worker). Every decision is the dispatch core's: a link only moves messages and fds
-between the channel and `Dispatcher`, and tells it when the channel closed.
+reached it, busy threads and how many it has) and HANDBACKs (an idle keep-alive
+connection from a retiring worker, or one a serving worker parks). Every decision is
+the dispatch core's: a link only moves messages and fds between the channel and
+`Dispatcher` (and parked connections to `Intake.park`), and tells it when the channel
+closed.
 
 A worker runs app code, which can write anything on its channel; so a link believes
 a worker only about the connections the balancer gave it. Promises:
@@ -31,11 +33,17 @@ a worker only about the connections the balancer gave it. Promises:
   (the worker sees its channel end and stops, so the master replaces it) and its
   unacknowledged connections go elsewhere; the balancer carries on. Ids in a REPORT
   that name no connection of that worker count for nothing.
-* A worker that hands a connection back retires: it gets no more connections.
+* A worker that hands a connection back retires: it gets no more connections. Except
+  a **parked** one (HANDBACK with `keepalive_s`): the worker goes on serving, and the
+  connection, idle, waits in the intake for its next request's bytes (see intake.py),
+  then goes to a free worker like a new one. Only a connection the balancer gave that
+  worker may be parked (its record says whose it is); one it did not give is taken as
+  a retiring worker's hand-back. Parked bytes (`data`, the worker's word) keep it on
+  its own app.
 * Only the old master's balancer (a negative key, after an upgrade) names the app of
-  what it hands over; after a master upgrade (`upstream` set) handed-back connections
-  go to the new master's balancer, naming their app; if that fails they are
-  dispatched here.
+  what it hands over; after a master upgrade (`upstream` set) handed-back and parked
+  connections (those parked already, too) go to the new master's balancer, naming
+  their app; if that fails they are dispatched here.
 * At most READS_PER_WAKEUP messages are read from one link per wakeup, so a chatty
   worker cannot starve the others (the level-triggered loop comes back for the rest).
 """
@@ -51,6 +59,7 @@ from supervisor.ipc import channel
 from supervisor.ipc.channel import ChannelClosed, Truncated
 from supervisor.ipc.messages import HandBack, MessageError, Report, encode_conn
 from supervisor.system.loop import Loop
+from supervisor.system.words import count as counted
 
 READS_PER_WAKEUP = 64
 
@@ -88,6 +97,7 @@ class Links:
         # Counters, for /metrics.
         self.handed_back = 0
         self.handbacks: dict[str, int] = {}   # per app
+        self.parks: dict[str, int] = {}       # per app
 
     def attach(self, key: int, app: str, sock: socket.socket) -> None:
         """A new link; KeyError (nothing changed) if `key` has one already."""
@@ -107,6 +117,10 @@ class Links:
             self.upstream.close()
         sock.setblocking(True)   # a hand-back is rare, and must not be lost to EAGAIN
         self.upstream = sock
+        if self.intake is not None:   # what waits parked here goes to the new master's balancer too
+            for pending in self.intake.unpark_all():
+                self._pass_on(pending.sock.detach(), pending.peer, pending.listener, pending.data, pending.app,
+                              pending.client, as_handback=False)
 
     def send_conn(self, send: Send) -> bool:
         """Pass the connection to the worker; False if its channel is full or broken."""
@@ -153,7 +167,7 @@ class Links:
                 closed = message.closed
                 if closed:   # only what it was given counts (and stops being handed back)
                     closed = [conn_id for conn_id in closed if owned.pop(conn_id, None) is not None]
-                for conn in core.report(worker, message.acked, closed, message.busy):
+                for conn in core.report(worker, message.acked, closed, message.busy, message.threads):
                     conn.sock.close()   # the worker owns it now
                 if message.refused:
                     self._refused(link, message.refused)
@@ -176,8 +190,8 @@ class Links:
         for conn_id in refused:
             link.owned.pop(conn_id, None)
         if refused:
-            self.log.warning("worker %d could not take %d connections (out of fds); passing them on",
-                             link.key, len(refused))
+            self.log.warning("worker %d could not take %s (out of fds); passing them on",
+                             link.key, counted(len(refused), "connection"))
         for decision in self.core.refused(link.worker, refused):
             self.perform(decision)
 
@@ -196,6 +210,9 @@ class Links:
         if recorded is None or recorded.ident != ident:
             return self._handed_back_unrecorded(link, message, fd)
         worker = link.worker
+        if message.keepalive_s is not None and not message.app:
+            self._park(link, conn_id, recorded, message, fd)
+            return True
         self.core.detach(worker)   # only a retiring worker hands connections back
         # It ended at this worker (its REPORT's word for it, which follows, counts for
         # nothing now); if it was never acknowledged, our copy goes.
@@ -206,6 +223,21 @@ class Links:
             self._drop(link, f"handed back a connection naming app {message.app!r}")
             return False
         return True
+
+    def _park(self, link: WorkerLink, conn_id: int, recorded: Pending, message: HandBack, fd: int) -> None:
+        """A serving worker parks a connection it was given: it ended there, and waits
+        here for its next request (or goes on at once, with bytes the worker read)."""
+        worker = link.worker
+        for conn in self.core.report(worker, (conn_id,), (conn_id,), worker.busy):
+            conn.sock.close()   # never acknowledged: our copy goes
+        self.parks[link.app] = self.parks.get(link.app, 0) + 1
+        if self.upstream is not None or self.intake is None or message.data:
+            self._pass_on(fd, _presented_peer(recorded), recorded.listener, message.data, link.app,
+                          recorded.client, as_handback=False)
+            return
+        sock = socket.socket(fileno=fd)
+        self.intake.park(Pending(sock, _presented_peer(recorded), recorded.listener, link.app, recorded.client),
+                         message.keepalive_s)
 
     def _handed_back_unrecorded(self, link: WorkerLink, message: HandBack, fd: int) -> bool:
         """A connection we did not give: see the module's promises."""
@@ -242,9 +274,12 @@ class Links:
         return True
 
     def _pass_on(self, fd: int, peer: tuple[str, int], listener: str, data: bytes, app: str,
-                 client: str | None) -> None:
-        self.handed_back += 1
-        self.handbacks[app] = self.handbacks.get(app, 0) + 1
+                 client: str | None, as_handback: bool = True) -> None:
+        """Dispatch (or send upstream) a connection handed back; `as_handback`: count it
+        as one (False: a park, counted as such by the caller)."""
+        if as_handback:
+            self.handed_back += 1
+            self.handbacks[app] = self.handbacks.get(app, 0) + 1
         if self.upstream is not None:
             try:
                 channel.send(self.upstream, HandBack(peer, listener, data, app), [fd])

@@ -13,7 +13,9 @@ connections between its parts and decides nothing itself:
 * `dispatch.py` (pure) chooses the worker, queues what no worker can take, answers
   503 on overflow and timeout, and re-dispatches a dead worker's connections;
 * `links.py` holds the worker channels: CONN out, REPORT and HANDBACK in;
-* `healthserver.py` answers /healthz and /metrics, when the master gave it a socket;
+* `healthserver.py` answers /healthz and /metrics, when the master gave it a socket
+  (with `[master] balancers = N`, balancer 0 only: the others send the master their
+  own figures with each heartbeat, and the master's METRICS adds them up for it);
 * the master's messages are dispatched here by class (`_from_master`). One that
   decoded but cannot be applied (a host pattern HostTable refuses, an fd that is not
   the socket it should be, a worker attached twice) is logged with what was wrong, and
@@ -82,8 +84,10 @@ class Balancer:
 
     def __init__(self, payload: dict, listeners: dict[str, socket.socket], master: socket.socket,
                  links: dict[int, tuple[str, socket.socket]], logs: Logs, clock=time.monotonic,
-                 health_socket: socket.socket | None = None, heartbeat_s: float | None = None):
+                 health_socket: socket.socket | None = None, heartbeat_s: float | None = None,
+                 figures_to_master: bool = False):
         self.log = logs.error
+        self.figures_to_master = figures_to_master
         self.logs = logs
         self.loop = loop = Loop(clock)
         self.core = Dispatcher(lambda: loop.now)
@@ -197,10 +201,15 @@ class Balancer:
         try:
             channel.send(self.master, Heartbeat(requests=self.intake.accepted, connections=0, busy=0,
                                                 oldest_s=None))
+            if self.figures_to_master:
+                per_app, overall = self.own_figures()
+                channel.send(self.master, Metrics(apps=per_app, overall=overall))
         except BlockingIOError:
             pass   # the master is behind on reading: the heartbeats already queued say the same
         except OSError as exc:   # the master is gone: `_on_master` sees the channel close
             self.log.debug("could not send a heartbeat to the master: %s", exc)
+        except ValueError as exc:   # our figures outgrew one message (hundreds of apps)
+            self.log.debug("could not send our figures to the master: %s", exc)
 
     def _on_attach(self, message: Attach, fds: list[int]) -> None:
         if self.core.worker(message.key) is not None:
@@ -249,21 +258,37 @@ class Balancer:
 
     # -- metrics -----------------------------------------------------------------
 
-    def metrics_text(self) -> str:
-        per_app: dict[str, dict[str, float]] = {app: dict(figures) for app, figures in self.master_figures.apps.items()}
+    def own_figures(self) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+        """This balancer's figures for /metrics: per app, and overall."""
+        per_app: dict[str, dict[str, float]] = {}
         for app, figures in self.core.figures().items():
-            entry = per_app.setdefault(app, {})
-            entry["baton_handoffs_total"] = figures.handoffs
-            entry["baton_queue_wait_seconds_total"] = figures.queue_wait_s
-            entry["baton_connections"] = figures.connections
-            entry["baton_queue_depth"] = figures.queue_depth
+            per_app[app] = {"baton_handoffs_total": figures.handoffs,
+                            "baton_queue_wait_seconds_total": figures.queue_wait_s,
+                            "baton_connections": figures.connections,
+                            "baton_queue_depth": figures.queue_depth}
         for app, count in self.links.handbacks.items():
             per_app.setdefault(app, {})["baton_handbacks_total"] = count
+        for app, count in self.links.parks.items():
+            per_app.setdefault(app, {})["baton_parks_total"] = count
+        overall = {"baton_accepted_total": self.intake.accepted,
+                   "baton_refused_total": (self.intake.refused_host + self.intake.refused_proxy
+                                           + self.core.overflow_503 + self.core.queue_timeout_503
+                                           + self.core.worker_refused_503),
+                   "baton_parked": len(self.intake.parked)}
+        return per_app, overall
+
+    def metrics_text(self) -> str:
+        """The master's figures (with the other balancers' own, summed by the master)
+        plus ours: a figure both have is added up."""
+        per_app: dict[str, dict[str, float]] = {app: dict(figures) for app, figures in self.master_figures.apps.items()}
         overall = dict(self.master_figures.overall)
-        overall["baton_accepted_total"] = self.intake.accepted
-        overall["baton_refused_total"] = (self.intake.refused_host + self.intake.refused_proxy
-                                          + self.core.overflow_503 + self.core.queue_timeout_503
-                                          + self.core.worker_refused_503)
+        own_apps, own_overall = self.own_figures()
+        for app, figures in own_apps.items():
+            entry = per_app.setdefault(app, {})
+            for name, value in figures.items():
+                entry[name] = entry.get(name, 0) + value
+        for name, value in own_overall.items():
+            overall[name] = overall.get(name, 0) + value
         return health.render(per_app, overall)
 
 
@@ -294,11 +319,15 @@ def _socket(fd: int, what: str) -> socket.socket:
 
 def main(payload: dict, identity: privileges.Identity, listeners: dict[str, socket.socket],
          master: socket.socket, links: dict[int, tuple[str, socket.socket]], logs: Logs,
-         master_pid: int, health_socket: socket.socket | None = None, heartbeat_s: float | None = None) -> int:
+         master_pid: int, health_socket: socket.socket | None = None, heartbeat_s: float | None = None,
+         index: int = 0, figures_to_master: bool = False) -> int:
+    """Balancer `index` of the master's (its title says which, after the first);
+    `figures_to_master`: send the master our figures with each heartbeat."""
     privileges.drop(identity)
     spawn.die_with_parent(master_pid)
-    setproctitle.setproctitle(f"baton: balancer ({identity.name})")
+    setproctitle.setproctitle(f"baton: balancer{f'#{index}' if index else ''} ({identity.name})")
     # SIGABRT (the master's answer to a silent balancer) writes every stack to the error log.
     faulthandler.enable(file=logs.fds[0], all_threads=True)
-    Balancer(payload, listeners, master, links, logs, health_socket=health_socket, heartbeat_s=heartbeat_s).run()
+    Balancer(payload, listeners, master, links, logs, health_socket=health_socket, heartbeat_s=heartbeat_s,
+             figures_to_master=figures_to_master).run()
     return 0

@@ -22,6 +22,11 @@ class ListenerConfig:
     proxy_protocol: bool = False
     # Direct peers whose PROXY headers are believed (addresses, CIDR networks, "*").
     proxy_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
+    # A "unix:" socket's file (see listeners.socket_permissions for the defaults of None).
+    socket_mode: int | None = None
+    socket_owner: str | None = None   # a user name or uid, as written
+    socket_group: str | None = None   # a group name or gid, as written
+    socket_dir_mode: int | None = None   # create the socket's missing directory with this mode
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,9 @@ class AppConfig:
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     umask: int | None = None
     keepalive: float = 5.0            # seconds a keep-alive connection may sit idle
+    # Seconds a `balance` connection may sit idle at its worker before it is parked in
+    # the balancer (which passes its next request to a free worker); 0: never.
+    park_after: float = 0.0          # off by default until a master upgrade loses no parked connection
     graceful_timeout: float | None = None  # None: the master's
     limit_request_line: int = 8190
     limit_request_fields: int = 100
@@ -45,7 +53,12 @@ class AppConfig:
     max_body_size: int | None = None
     header_timeout: float = 10.0
     write_timeout: float = 30.0       # seconds a client may take no byte of its response before it is closed
+    # Direct peers whose proxy headers are believed (addresses, CIDR networks, "*").
     forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
+    forwarded_header: str = "x-forwarded-for"   # or "forwarded" (RFC 7239): the one read for the client
+    # Header -> the value meaning https (gunicorn's secure_scheme_headers), from those peers only.
+    secure_scheme_headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(
+        {"X-Forwarded-Protocol": "ssl", "X-Forwarded-Proto": "https", "X-Forwarded-Ssl": "on"}))
     hosts: tuple[str, ...] = ()       # Host/SNI names routed to this app on a shared listener
     default: bool = False             # takes the hosts no other app on the listener claims
     balance: str = "least-connections"
@@ -72,6 +85,7 @@ class MasterConfig:
     admins: tuple[str, ...] = ()      # users, and "@group"s, allowed on the control socket besides root and us
     log_format: str = "text"          # "text" or "json" (one object per line), for both logs
     access_log_format: str | None = None  # gunicorn-style atoms; None: accesslog's default for log_format
+    balancers: int = 1                # balancer processes, all accepting on the same listeners
 
 
 @dataclass(frozen=True)
@@ -104,6 +118,7 @@ DEFAULT_USER = "nobody"                  # workers of a root master run as this 
 # names the key and the bound.
 MAX_DURATION_S = 86_400.0                # every timeout and delay: one day
 MAX_WORKERS = 1024                       # per app (also what `baton ctl scale` may ask)
+MAX_BALANCERS = 64                       # [master] balancers: each holds a channel to every worker
 MAX_THREADS = 1024                       # per worker
 MAX_REQUESTS = 1_000_000_000             # max_requests and max_requests_jitter
 MAX_RSS_MB = 1 << 20                     # max_rss: 1 TiB
@@ -131,3 +146,11 @@ def effective_user(app: AppConfig, running_as_root: bool) -> str | None:
     if app.user is not None:
         return app.user
     return DEFAULT_USER if running_as_root else None
+
+
+def auto_balancers(cores: int) -> int:
+    """What `balancers = "auto"` means on a host with `cores` CPUs: one balancer per
+    four cores (a balancer's per-connection cost caps it at a fixed rate of new
+    connections; at one per four cores that rate stays above what the workers on the
+    other three can serve), at least one, at most MAX_BALANCERS."""
+    return max(1, min(MAX_BALANCERS, cores // 4))

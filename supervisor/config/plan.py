@@ -21,6 +21,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from supervisor.config.model import AppConfig, Config, ListenerConfig, MasterConfig
+from supervisor.system.words import count as counted
 
 # Changing one of these needs a new socket; anything else about a listener keeps it.
 RECREATE_FIELDS = ("bind", "backlog", "mode")
@@ -32,6 +33,9 @@ MASTER_FIELDS = ("max_requests", "max_requests_jitter", "max_rss")
 NO_RESTART_FIELDS = ("name", "workers", *ROUTING_FIELDS, *MASTER_FIELDS, "reload_on")
 # Listener modes in which workers hold the listening socket themselves.
 WORKER_HELD_MODES = ("share", "reuseport")
+# A UNIX socket file's permissions: the master applies a change to the live file
+# (chmod, chown) and no worker sees it, so it neither re-creates the socket nor restarts apps.
+SOCKET_FILE_FIELDS = ("socket_mode", "socket_owner", "socket_group", "socket_dir_mode")
 # Listener settings a worker reads itself, whatever the mode (it checks the PROXY peer).
 WORKER_READ_FIELDS = ("proxy_allow_ips",)
 
@@ -39,11 +43,12 @@ WORKER_READ_FIELDS = ("proxy_allow_ips",)
 # (`baton ctl upgrade`): the log files and their format are opened before any child
 # exists and shared by all of them; the health socket and the balancer's user belong
 # to the balancer process, which must not restart just for them (it holds connections
-# being routed). Every field of MasterConfig is in exactly one of the two.
+# being routed); so does how many balancers there are (each worker is forked with a
+# channel per balancer). Every field of MasterConfig is in exactly one of the two.
 MASTER_LIVE = ("graceful_timeout", "boot_timeout", "crash_backoff_max", "log_level", "pidfile",
                "control_socket", "admins", "include")
 MASTER_AFTER_UPGRADE = ("access_log", "error_log", "log_format", "access_log_format", "health",
-                        "balancer_user")
+                        "balancer_user", "balancers")
 
 RESTART_ALL = "restart_all"       # reason: every app restarts (SIGHUP)
 VIA_LISTENER = "listener:"        # reason prefix: a listener the app's workers hold changed
@@ -105,7 +110,7 @@ class Plan:
         for name in self.apps_restart:
             lines.append(f"restart app {name}: {_because(self.reasons.get(f'app {name}', ()))}")
         for name, count in self.apps_rescale.items():
-            lines.append(f"rescale app {name}: {self.rescale_from.get(name, '?')} -> {count} workers")
+            lines.append(f"rescale app {name}: {self.rescale_from.get(name, '?')} -> {counted(count, 'worker')}")
         for name in (*self.apps_rescale, *self.apps_keep):
             others = tuple(r for r in self.reasons.get(f"app {name}", ()) if r != "workers")
             if others:
@@ -148,7 +153,8 @@ def diff(old: Config, new: Config, *, restart_all: bool = False) -> Plan:
     # changed listener setting (proxy_protocol, proxy_allow_ips) themselves.
     worker_visible = {
         name for name in new.listeners
-        if f"listener {name}" in reasons and (old.listeners[name].mode in WORKER_HELD_MODES
+        if set(reasons.get(f"listener {name}", ())) - set(SOCKET_FILE_FIELDS)
+        and (old.listeners[name].mode in WORKER_HELD_MODES
                                               or new.listeners[name].mode in WORKER_HELD_MODES
                                               or set(reasons[f"listener {name}"]) & set(WORKER_READ_FIELDS))
     }

@@ -13,7 +13,6 @@ host names `config.hostnames`, the `module` spec `config.modulespec`.
 from __future__ import annotations
 
 import glob
-import ipaddress
 import os
 import re
 from dataclasses import dataclass, fields
@@ -37,6 +36,7 @@ from supervisor.config.model import (
     LOG_FORMATS,
     LOG_LEVELS,
     MAX_BACKLOG,
+    MAX_BALANCERS,
     MAX_BODY_SIZE,
     MAX_DURATION_S,
     MAX_HEAD_LINE,
@@ -50,6 +50,7 @@ from supervisor.config.model import (
     ConfigError,
     ListenerConfig,
     MasterConfig,
+    auto_balancers,
     control_socket_path,
     effective_user,
 )
@@ -64,6 +65,7 @@ from supervisor.config.tables import (
     or_list,
 )
 from supervisor.http import accesslog, proxyproto
+from supervisor.http.forwarded import FORWARDED_HEADERS
 from supervisor.system import users
 
 try:
@@ -72,6 +74,8 @@ except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_HEADER_NAME = re.compile(r"[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*")   # no '_': the HTTP layer drops those
+_HEADER_VALUE = re.compile(r"[!-~]+(?: [!-~]+)*")
 _TOML_POSITION = re.compile(r"(?P<reason>.*) \(at line (?P<line>\d+), column (?P<column>\d+)\)", re.DOTALL)
 
 
@@ -123,7 +127,7 @@ def from_mapping(data: dict, path: str | None, *, running_as_root: bool | None =
     for document in documents:
         defined = _claim(owners, "listeners", document)
         listener_names += defined
-        _listeners(document.problems, defined, base_dir, listeners)
+        _listeners(document.problems, defined, base_dir, listeners, running_as_root)
     apps = {}
     for document in documents:
         for name, app_data in _claim(owners, "apps", document).items():
@@ -266,6 +270,7 @@ def _master(table: Table, base_dir: str, running_as_root: bool) -> MasterConfig:
         health=_health(table, base_dir),
         log_format=table.choice("log_format", defaults.log_format, LOG_FORMATS),
         access_log_format=_access_log_format(table),
+        balancers=_balancers(table, os.cpu_count() or 1),
     )
     table.finish()
     # The balancer becomes this user at every (re)start: a name the system does not
@@ -273,6 +278,19 @@ def _master(table: Table, base_dir: str, running_as_root: bool) -> MasterConfig:
     _check_user(table.problems, table.key + ("balancer_user",), master.balancer_user, running_as_root,
                 started="the balancer")
     return master
+
+
+def _balancers(table: Table, cores: int) -> int:
+    """`balancers`: an integer from 1 to MAX_BALANCERS, or "auto" (`auto_balancers`)."""
+    value = table.raw("balancers")
+    if value is MISSING:
+        return 1
+    if value == "auto":
+        return auto_balancers(cores)
+    if is_int(value) and 1 <= value <= MAX_BALANCERS:
+        return value
+    table.problems.expected(table.key + ("balancers",), f'an integer from 1 to {MAX_BALANCERS} or "auto"', value)
+    return 1
 
 
 def _access_log_format(table: Table) -> str | None:
@@ -326,7 +344,8 @@ def _admin(text: str) -> str:
     return text
 
 
-def _listeners(problems: Problems, data: dict, base_dir: str, listeners: dict[str, ListenerConfig]) -> None:
+def _listeners(problems: Problems, data: dict, base_dir: str, listeners: dict[str, ListenerConfig],
+               running_as_root: bool) -> None:
     """Add the valid listeners of `data` to `listeners` (those of earlier files)."""
     for name, listener_data in data.items():
         key = ("listeners", name)
@@ -351,7 +370,16 @@ def _listeners(problems: Problems, data: dict, base_dir: str, listeners: dict[st
         backlog = table.integer("backlog", ListenerConfig.backlog, low=1, high=MAX_BACKLOG)
         proxy_protocol = table.boolean("proxy_protocol", ListenerConfig.proxy_protocol)
         proxy_allow_ips = table.strings("proxy_allow_ips", item=proxyproto.allow_entry)
+        socket_mode = _octal(table, "socket_mode", "0660")
+        socket_dir_mode = _octal(table, "socket_dir_mode", "0750")
+        socket_owner = _identity(table, "socket_owner")
+        socket_group = _identity(table, "socket_group")
         table.finish()
+        socket_keys = [k for k in ("socket_mode", "socket_owner", "socket_group", "socket_dir_mode")
+                       if k in listener_data]
+        if socket_keys and bind is not None and bind.kind != "unix":
+            problems.add(key + (socket_keys[0],), f"applies to a 'unix:PATH' bind only, found {str(bind)!r}")
+        _check_socket_identity(problems, key, socket_owner, socket_group, running_as_root)
         if mode == "reuseport" and bind is not None and bind.kind != "tcp":
             problems.add(key + ("mode",), f"mode 'reuseport' needs a HOST:PORT bind, found {str(bind)!r}")
         if bind is not None and bind.kind == "systemd" and "backlog" in listener_data:
@@ -362,7 +390,9 @@ def _listeners(problems: Problems, data: dict, base_dir: str, listeners: dict[st
             _check_bind_clash(problems, key, bind, listeners)
             listeners[name] = ListenerConfig(
                 name, bind, mode, backlog, proxy_protocol,
-                proxy_allow_ips=ListenerConfig.proxy_allow_ips if proxy_allow_ips is None else proxy_allow_ips)
+                proxy_allow_ips=ListenerConfig.proxy_allow_ips if proxy_allow_ips is None else proxy_allow_ips,
+                socket_mode=socket_mode, socket_owner=socket_owner, socket_group=socket_group,
+                socket_dir_mode=socket_dir_mode)
 
 
 def _check_bind_clash(problems: Problems, key: tuple, bind: BindAddress,
@@ -414,6 +444,7 @@ def _app(problems: Problems, name: str, data: Any, listener_names: tuple[str, ..
         env=_env(table),
         umask=_umask(table),
         keepalive=table.seconds("keepalive", defaults.keepalive, high=MAX_DURATION_S),
+        park_after=table.seconds("park_after", defaults.park_after, high=MAX_DURATION_S),
         graceful_timeout=table.seconds("graceful_timeout", None, high=MAX_DURATION_S),
         limit_request_line=table.integer("limit_request_line", defaults.limit_request_line, low=64,
                                          high=MAX_HEAD_LINE),
@@ -427,6 +458,8 @@ def _app(problems: Problems, name: str, data: Any, listener_names: tuple[str, ..
         write_timeout=table.seconds("write_timeout", defaults.write_timeout, high=MAX_DURATION_S,
                                     positive=True),
         forwarded_allow_ips=_forwarded_allow_ips(table, defaults.forwarded_allow_ips),
+        forwarded_header=_forwarded_header(table, defaults.forwarded_header),
+        secure_scheme_headers=_secure_scheme_headers(table, defaults.secure_scheme_headers),
         hosts=table.strings("hosts", item=_host_pattern) or (),
         default=table.boolean("default", defaults.default),
         balance=table.choice("balance", defaults.balance, balancing.POLICIES),
@@ -567,6 +600,40 @@ def _env(table: Table) -> Mapping[str, str]:
     return MappingProxyType(env)
 
 
+def _octal(table: Table, name: str, example: str) -> int | None:
+    """A file mode: an octal string ("0660", "660", "0o660") or an integer up to 0o777."""
+    value = table.raw(name)
+    if value is MISSING:
+        return None
+    if is_int(value) and 0 <= value <= 0o777:
+        return value
+    if isinstance(value, str) and re.fullmatch(r"(?:0o|0)?[0-7]{1,3}", value):
+        return int(value.removeprefix("0o"), 8)
+    table.problems.expected(table.key + (name,), f"an octal string like \"{example}\" or an integer from 0 "
+                                                 f"to 0o777", value)
+    return None
+
+
+def _check_socket_identity(problems: Problems, key: tuple, owner: str | None, group: str | None,
+                           running_as_root: bool) -> None:
+    """A socket file's owner and group must exist; without root, chown gives a file
+    only to ourselves, and only to a group we are in."""
+    if owner is not None:
+        entry = users.user(owner)
+        _check_known(problems, key + ("socket_owner",), owner, entry.pw_uid if entry else None,
+                     running_as_root, kind="user", id_name="uid", own_id=os.geteuid(),
+                     switch="give the socket to another user")
+    if group is not None:
+        entry = users.group(group)
+        if entry is None:
+            problems.add(key + ("socket_group",),
+                         f"expected an existing group, found {group!r}, which this system does not know")
+        elif not running_as_root and entry.gr_gid not in (os.getegid(), *os.getgroups()):
+            problems.add(key + ("socket_group",),
+                         f"expected one of the master's groups, found {group!r} (gid {entry.gr_gid}): "
+                         f"the master must run as root to give the socket to a group it is not in")
+
+
 def _umask(table: Table) -> int | None:
     value = table.raw("umask")
     if value is MISSING:
@@ -583,13 +650,34 @@ def _umask(table: Table) -> int | None:
 
 
 def _forwarded_allow_ips(table: Table, default: tuple[str, ...]) -> tuple[str, ...]:
-    def address(text: str) -> str:
-        try:
-            return str(ipaddress.ip_address(text))
-        except ValueError:
-            raise ValueError("an IPv4 or IPv6 address") from None
-    addresses = table.strings("forwarded_allow_ips", item=address)
+    addresses = table.strings("forwarded_allow_ips", item=proxyproto.allow_entry)
     return default if addresses is None else addresses
+
+
+def _forwarded_header(table: Table, default: str) -> str:
+    value = table.raw("forwarded_header")
+    if value is MISSING:
+        return default
+    if isinstance(value, str) and value.lower() in FORWARDED_HEADERS:
+        return value.lower()
+    table.problems.expected(table.key + ("forwarded_header",), "'X-Forwarded-For' or 'Forwarded'", value)
+    return default
+
+
+def _secure_scheme_headers(table: Table, default: Mapping[str, str]) -> Mapping[str, str]:
+    """Header name -> the value that means https; an empty table turns them all off."""
+    if table.raw("secure_scheme_headers") is MISSING:
+        return default
+    headers = {}
+    for name, value in table.table("secure_scheme_headers").items():
+        key = table.key + ("secure_scheme_headers", name)
+        if not _HEADER_NAME.fullmatch(name):
+            table.problems.add(key, f"expected a header name (letters, digits and '-'), found {name!r}")
+        elif not isinstance(value, str) or not _HEADER_VALUE.fullmatch(value):
+            table.problems.expected(key, "the header's value meaning https, a non-empty string", value)
+        else:
+            headers[name] = value
+    return MappingProxyType(headers)
 
 
 # -- small helpers ------------------------------------------------------------

@@ -29,7 +29,9 @@ WRITING     bytes of the response wait for the socket (``write_timeout_s`` from 
 CLOSING     the final bytes (an error answer, or a response after which the
             connection must close) go out, then the connection closes.
 CLOSED      closed by the server (final).
-HANDED_BACK detached, with its unparsed bytes, for another process (final).
+HANDED_BACK detached, with its unparsed bytes, for another process (final): a retiring
+            worker's idle connection, or one a serving worker parks in the balancer
+            (IDLE past ``park_after_s``, nothing unparsed).
 =========== ====================================================================
 
 The send methods are the application's output, as `wsgi.run_app` calls them.
@@ -73,7 +75,7 @@ TRANSITIONS: Mapping[State, frozenset[State]] = MappingProxyType({
     PROXY: frozenset({IDLE, CLOSED}),
     # BUSY: the first read held a whole request. CLOSING: it held a bad one (answered,
     # then closed). CLOSED: the peer closed, the keep-alive deadline passed, or a drain
-    # closed it. HANDED_BACK: a drain gave it away.
+    # closed it. HANDED_BACK: a drain gave it away, or it was parked.
     IDLE: frozenset({READING, BUSY, CLOSING, CLOSED, HANDED_BACK}),
     READING: frozenset({BUSY, CLOSING, CLOSED, HANDED_BACK}),
     # IDLE or READING: keep-alive (READING: the next request is partly here already).
@@ -115,7 +117,7 @@ class ClientConnection:
                  "deadline", "timer", "request", "body", "body_len", "spool", "events",
                  "outcome", "continue_input", "body_error", "on_close", "listener", "proxy_buf",
                  "write_timeout_s", "busy_since", "request_started", "sole_copy", "on_deadline",
-                 "host_gate")
+                 "host_gate", "on_park", "idle_since", "on_started")
 
     def __init__(self, sock, peer, builder, proto, write_timeout_s: float, state: State,
                  on_deadline) -> None:
@@ -146,6 +148,9 @@ class ClientConnection:
         self.sole_copy = False      # True: closing our fd closes the socket (no other process has it)
         self.on_deadline = on_deadline  # the server's on_deadline(conn), see deadline_passed
         self.host_gate = None       # on a listener routed by Host: checks each request's (hostcheck)
+        self.on_park = None         # on_park(sock, keepalive_left_s): who takes it when idle (a balancer)
+        self.idle_since = 0.0       # when it last went IDLE (read only with on_park set)
+        self.on_started = None      # told once that its first request started (see add_connection)
 
     def move(self, new: State) -> None:
         """Change state, if the table allows it; raise `IllegalTransition` otherwise."""

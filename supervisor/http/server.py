@@ -46,8 +46,19 @@ channels, signals and heartbeat. Promises:
   checked against the listener's routing, not just the one the balancer routed the
   connection by (see :mod:`supervisor.http.hostcheck`): one for another app, or for
   none, is answered ``421 Misdirected Request`` with ``Connection: close``, and the
-  connection is closed; the app never sees it. (A later change may hand such a
-  connection back to the balancer instead.)
+  connection is closed; the app never sees it. A connection that was parked (below)
+  never gets there: the balancer reads the Host of its next request and passes it to
+  that app, so the 421 is left for a connection that stayed here between requests.
+* **Parking**: a connection given with ``add_connection(on_park=...)`` (a balancer's)
+  that sits IDLE, nothing unparsed and nothing to write, for ``park_after_s`` is given
+  to ``on_park(sock, keepalive_left_s)`` (HANDED_BACK), so the balancer can pass its
+  next request to whichever worker is free. One that is busy again within that time
+  (a hot connection) stays, and costs nothing for it: going IDLE notes the time and
+  moves the connection to the end of an insertion-ordered dict (no timer per request);
+  one server timer, armed only while some connection is noted idle, parks the oldest
+  ones when it fires. A connection is parked only if it was IDLE when the loop last
+  polled, with its socket not readable, so its next request's bytes were not already
+  waiting for us. 0 turns parking off.
 * The access log gets what its format names: a request's response headers and environ
   are kept only when ``access_format`` (the compiled format) says it needs them.
 * Methods other than ``stop`` must be called from the loop's thread (from a loop
@@ -63,7 +74,7 @@ import select
 import socket
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 from supervisor.http import protocol as http11
@@ -81,6 +92,7 @@ from supervisor.http.connection import (
     ClientConnection,
     wait_fd,
 )
+from supervisor.http.forwarded import DEFAULT_SECURE_SCHEME_HEADERS
 from supervisor.http.hostcheck import HostGate
 from supervisor.http.pool import Pool
 from supervisor.http.wsgi import (
@@ -118,7 +130,10 @@ class ServerSettings:
     limit_request_field_size: int = 8190
     max_body_size: int | None = None
     forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
+    forwarded_header: str = "x-forwarded-for"
+    secure_scheme_headers: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_SECURE_SCHEME_HEADERS))
     write_timeout_s: float = 30.0   # a client that stops reading our response is cut off
+    park_after_s: float = 0.0       # a balancer's connection idle this long is parked there (0: never)
 
 
 def _tcp_option(listener: socket.socket, option: int) -> int | None:
@@ -176,6 +191,12 @@ class Server:
         self._header_timeout_s = settings.header_timeout_s
         self._keepalive_s = settings.keepalive_s
         self._write_timeout_s = settings.write_timeout_s
+        self._park_after_s = settings.park_after_s
+        # Parking (see the promises): connections noted idle, oldest first, and the one
+        # timer that parks them; what to tell when a pool thread frees.
+        self._idle: dict[int, ClientConnection] = {}
+        self._park_timer = None
+        self._free_watchers: list[Callable[[], None]] = []
         self.error_log = error_log
         self.access_log = access_log
         # What the access format shows beyond the status line and sizes (see accesslog).
@@ -235,11 +256,23 @@ class Server:
 
     def add_connection(self, sock: socket.socket, peer, listener_name: str = "",
                        initial_bytes: bytes = b"", on_close: Callable[[], None] | None = None,
-                       proxy_protocol: bool = False) -> None:
+                       proxy_protocol: bool = False,
+                       on_park: Callable[[socket.socket, float], None] | None = None,
+                       on_started: Callable[[], None] | None = None) -> None:
+        """Serve a connection another process accepted. What it sent so far is read at
+        once (it usually came with it). ``on_park``: see the promises. ``on_started`` is
+        called once, when the connection stops counting as a request about to run: its
+        first request holds a pool thread (pooled) or ran (inline), or that first read
+        left a request partly here (a slow client holds no thread), or found nothing and
+        the connection cannot be parked; else (nothing yet, parkable) when a request
+        comes. (A connection that leaves the server first tells ``on_close`` only.)"""
         builder = self._builders.get(listener_name) or self._builder_for(sock, listener_name)
         conn = self._new_conn(sock, peer, builder, proxy_protocol)
         conn.on_close = on_close
         conn.listener = listener_name
+        if on_park is not None and self._park_after_s > 0:
+            conn.on_park = on_park
+        conn.on_started = on_started
         if self._host_tables:
             table = self._host_tables.get(listener_name)
             if table is not None:
@@ -250,7 +283,18 @@ class Server:
             conn.request_started = self._loop.now
             conn.proto.receive_data(initial_bytes)
             self._process(conn)
+        elif not proxy_protocol:
+            self._on_readable(conn)
         self._arm_connect_deadline(conn)
+        state = conn.state
+        if conn.on_started is not None and (state is READING or (state is IDLE and conn.on_park is None)):
+            self._started(conn)
+        if conn.on_park is not None and state is IDLE:
+            self._note_idle(conn, self._loop.now)
+
+    def watch_free(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the loop's thread) each time a pool thread frees."""
+        self._free_watchers.append(callback)
 
     def set_host_tables(self, host_tables: Mapping) -> None:
         """New routing for the listeners shared by Host (a reload changed it without
@@ -295,7 +339,9 @@ class Server:
             host, port = "localhost", "0"
         builder = EnvironBuilder(server_name=host, server_port=port,
                                  multithread=self.settings.threads > 1,
-                                 forwarded_allow_ips=self.settings.forwarded_allow_ips)
+                                 forwarded_allow_ips=self.settings.forwarded_allow_ips,
+                                 forwarded_header=self.settings.forwarded_header,
+                                 secure_scheme_headers=self.settings.secure_scheme_headers)
         if name:
             self._builders[name] = builder
         return builder
@@ -430,6 +476,8 @@ class Server:
             conn.timer = None
             timer.cancel()
         conn.deadline = 0.0
+        if conn.on_park is not None and self._idle.get(conn.fd) is conn:
+            del self._idle[conn.fd]   # (its fd number may soon be another connection's)
         if conn.on_close is not None:
             conn.on_close()
 
@@ -483,6 +531,10 @@ class Server:
         if pooled:
             self._pool.shutdown()
         self._set_listening(False)
+        if self._park_timer is not None:
+            self._park_timer.cancel()
+            self._park_timer = None
+        self._idle.clear()
 
     # ---------------------------------------------------------------- reading
 
@@ -688,7 +740,10 @@ class Server:
             self._handle(conn, continue_mode)
             # The clock read again: the app may have taken long, and the deadlines set
             # next count from the end of its response.
-            return self._finish(conn, self._clock())
+            more = self._finish(conn, self._clock())
+            if conn.on_started is not None:
+                self._started(conn)
+            return more
         # The connection leaves the loop while a thread owns it.
         self._loop.unregister(conn.fd)
         conn.events = 0
@@ -696,7 +751,14 @@ class Server:
         pool.submit((conn, continue_mode))
         if pool.busy >= pool.size:
             self._set_listening(False)   # don't accept what no thread can serve
+        if conn.on_started is not None:
+            self._started(conn)
         return False
+
+    @staticmethod
+    def _started(conn: ClientConnection) -> None:
+        started, conn.on_started = conn.on_started, None
+        started()
 
     def _run_pooled(self, item) -> None:
         """On a pool thread."""
@@ -717,6 +779,8 @@ class Server:
             self._process(conn)
         if not self._listening:
             self._set_listening(True)   # (not while stopping: _set_listening checks)
+        for watcher in self._free_watchers:
+            watcher()
 
     def _handle(self, conn: ClientConnection, continue_mode: bool) -> None:
         """Run the app for conn.request (in the loop thread or a pool thread), as far
@@ -854,6 +918,8 @@ class Server:
         timer = conn.timer
         if timer is None or deadline < timer.when:
             self._set_deadline(conn, deadline)
+        if conn.on_park is not None:
+            self._note_idle(conn, now)
         return False
 
     def _resume(self, conn: ClientConnection) -> None:
@@ -906,7 +972,59 @@ class Server:
             return True
         conn.move(IDLE)
         self._set_deadline(conn, now + self._keepalive_s)
+        if conn.on_park is not None:
+            self._note_idle(conn, now)
         return False
+
+    # ---------------------------------------------------------------- parking
+
+    def _note_idle(self, conn: ClientConnection, now: float) -> None:
+        """``conn`` went IDLE at ``now``: to the end of the idle dict (its order is the
+        order of these times), and the park timer armed if it is not."""
+        conn.idle_since = now
+        idle = self._idle
+        fd = conn.fd
+        if fd in idle:
+            del idle[fd]
+        idle[fd] = conn
+        if self._park_timer is None:
+            self._park_timer = self._loop.call_at(now + self._park_after_s, self._park_idle)
+
+    def _park_idle(self) -> None:
+        """The park timer: park every connection IDLE since before the last poll by
+        ``park_after_s``; entries of connections busy again (noted anew when idle) or
+        gone are dropped; the timer is armed again for the oldest left."""
+        self._park_timer = None
+        idle = self._idle
+        if self._stopping:
+            idle.clear()   # a drain hands idle connections back (or closes them) itself
+            return
+        limit = self._loop.now - self._park_after_s
+        conns = self._conns
+        while idle:
+            fd, conn = next(iter(idle.items()))
+            if conn.state is not IDLE or conns.get(fd) is not conn:
+                del idle[fd]
+                continue
+            if conn.idle_since > limit:
+                self._park_timer = self._loop.call_at(conn.idle_since + self._park_after_s, self._park_idle)
+                return
+            del idle[fd]
+            if conn.events == READ and not conn.outbuf and not conn.proto.has_unparsed and conn.proto.idle:
+                self._park(conn)
+
+    def _park(self, conn: ClientConnection) -> None:
+        on_park = conn.on_park
+        left_s = max(0.0, conn.deadline - self._loop.now)
+        conn.move(HANDED_BACK)
+        conn.on_close = None   # the hand-back itself tells the balancer it ended here
+        self._forget(conn, closing=False)
+        conn.proto.close()
+        try:
+            on_park(conn.sock, left_s)
+        except Exception:  # noqa: BLE001 - a failed park must not stop the serving loop
+            self.error_log.exception("could not park a connection")
+            conn.sock.close()
 
     def _log_access(self, conn: ClientConnection, request, status: str, sent: int,
                     outcome: Outcome | None) -> None:

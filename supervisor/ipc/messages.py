@@ -43,6 +43,8 @@ Wire form: byte 0 is the fd count; byte 1 says which of two forms follows.
                             Other flags are an error.
     REPORT       code 5     busy u32, acked count u16, closed count u16;
                             then their u64 ids, the acked first   10 + 8 per id bytes
+                 code 6     the same with threads u32 after busy (a report that says
+                            how many threads the worker has)      14 + 8 per id bytes
 
   Codes 2 and 3 belonged to ACK and CLOSED, one message per connection each, which
   REPORT replaced; they are not reused.
@@ -71,7 +73,7 @@ MAX_MESSAGE_BYTES = 64 * 1024
 # A boot failure's traceback is cut to its last TRACEBACK_MAX characters: JSON may
 # escape each as 12 bytes (a surrogate pair), and it must still fit one message.
 TRACEBACK_MAX = 5000
-_REPORT_HEAD_SIZE = 10
+_REPORT_HEAD_SIZE = 14   # the larger of REPORT's two layouts
 # The most connection ids one REPORT carries; a sender with more sends several.
 REPORT_MAX_IDS = (MAX_MESSAGE_BYTES - _REPORT_HEAD_SIZE) // 8
 # The most refused ids one REPORT carries: they travel as JSON text (up to 21 bytes each).
@@ -248,6 +250,16 @@ class Detach(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Relink(Message):
+    """Master -> worker: balancer `index` (of `[master] balancers`) was replaced; the fd
+    is the worker's end of a fresh channel to the new one, which knows nothing of what
+    the old one gave (so nothing that was in flight to the old one can reach it)."""
+    KIND = "relink"
+    FDS = 1
+    index: int = _field(fields.integer(0, 63))
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream(Message):
     """Where to send hand-backs once a new master took over (the fd: a channel to its
     balancer)."""
@@ -309,18 +321,22 @@ class Conn(Message):
 
 @dataclass(frozen=True, slots=True)
 class Report(Message):
-    """Worker -> balancer: busy threads; `acked`, the ids of connections the worker now
+    """Worker -> balancer: busy threads (counting the connections it acknowledges here,
+    which it has not served yet) and `threads`, how many it has (0: not said);
+    `acked`, the ids of connections the worker now
     owns (the balancer closes its copies); `closed`, the ids of those that ended;
     `refused`, the ids of connections whose fd never reached the worker (it was at its
     fd limit: the CONN arrived truncated), which the balancer passes on elsewhere. Sent
-    per batch of connections received and per serving-loop iteration, never per
-    connection; at most REPORT_MAX_IDS ids in all (REFUSED_MAX refused: a report with
+    per batch of connections received, per serving-loop iteration in which some ended,
+    and when a thread frees while the balancer was last told none was; never per
+    connection. At most REPORT_MAX_IDS ids in all (REFUSED_MAX refused: a report with
     any travels in the text form, which is rare and so may be slow)."""
     KIND = "report"
     busy: int = _field(fields.unsigned(32))
     acked: tuple[int, ...] = _field(fields.array(fields.unsigned(64), REPORT_MAX_IDS))
     closed: tuple[int, ...] = _field(fields.array(fields.unsigned(64), REPORT_MAX_IDS))
     refused: tuple[int, ...] = _field(fields.array(fields.unsigned(64), REFUSED_MAX), ())
+    threads: int = _field(fields.unsigned(32), 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +344,11 @@ class HandBack(Message):
     """Worker -> balancer: a retiring worker's idle keep-alive connection (the fd), with
     the bytes it read but did not parse, for another worker of the same app. Between
     balancers (after an upgrade) `app` names that app; from a worker it is left out.
+    `keepalive_s` is set when a worker that goes on serving parks the connection (it sat
+    idle past the app's `park_after`): the balancer watches it, passes it on when the
+    next request's bytes arrive, and closes it if none come within that many seconds
+    (what was left of its keep-alive timeout). Left out otherwise, so the previous
+    release's balancers read this kind as they always did.
     A balancer trusts a worker's HANDBACK for little more than `data`: the fd must be
     one it gave that worker (then the peer and listener are those it recorded) or a
     connection the worker accepted itself on a `share` or `reuseport` listener (then
@@ -338,10 +359,11 @@ class HandBack(Message):
     listener: str = _field(NAME)
     data: bytes = _field(fields.base64_bytes, dump=_base64_text)
     app: str = _field(NAME, "")
+    keepalive_s: float | None = _field(fields.duration_or_none, None)
 
 
 CLASSES = (Ready, BootFailed, Heartbeat, Reopen, Stop, Changed, Routes, Metrics, Drain, Attach, Detach,
-           Upstream, Takeover, Sockets, Taken, Released, Conn, Report, HandBack)
+           Upstream, Takeover, Sockets, Taken, Released, Conn, Report, HandBack, Relink)
 KINDS = frozenset(cls.KIND for cls in CLASSES)
 
 # Per class, its fields in wire order: (name, check, dump, default or MISSING).
@@ -458,14 +480,15 @@ def _decode_text(data: bytes) -> Message:
 # generated __init__ and its object.__setattr__ per field (a frozen class's way in),
 # about a third of the cost, paid on every message received.
 
-_CONN_CODE, _HEARTBEAT_CODE, _REPORT_CODE = 1, 4, 5
+_CONN_CODE, _HEARTBEAT_CODE, _REPORT_CODE, _REPORT_THREADS_CODE = 1, 4, 5, 6
 
 _HEARTBEAT = struct.Struct("<BBQIId")      # fd count, code, requests, connections, busy, oldest_s
 _CONN_HEAD = struct.Struct("<BBQHBBB")     # fd count, code, id, port, flags, host len, listener len
 _CONN_PROXY, _CONN_DATA = 1, 2
 assert _CONN_HEAD.size == 15
 _REPORT_HEAD = struct.Struct("<BBIHH")     # fd count, code, busy, acked count, closed count
-assert _REPORT_HEAD.size == _REPORT_HEAD_SIZE
+_REPORT_THREADS_HEAD = struct.Struct("<BBIIHH")   # fd count, code, busy, threads, acked count, closed count
+assert _REPORT_THREADS_HEAD.size == _REPORT_HEAD_SIZE
 _NAN, _INF = float("nan"), float("inf")    # a heartbeat's oldest_s of None is NaN
 _a2b_base64, _b2a_base64 = binascii.a2b_base64, binascii.b2a_base64
 _new_object = object.__new__
@@ -478,7 +501,7 @@ def _setters(cls: type, *names: str):
 _set_heartbeat = _setters(Heartbeat, "requests", "connections", "busy", "oldest_s")
 _set_conn_id, _set_conn_peer, _set_conn_listener, _set_conn_data, _set_conn_proxy = _setters(
     Conn, "id", "peer", "listener", "data", "proxy")
-_set_report = _setters(Report, "busy", "acked", "closed", "refused")
+_set_report = _setters(Report, "busy", "acked", "closed", "refused", "threads")
 _unpack_conn_head = _CONN_HEAD.unpack_from
 
 
@@ -585,31 +608,42 @@ def _encode_report(message: Report) -> bytes:
     if count > REPORT_MAX_IDS:
         raise ValueError(f"cannot send this report message: {count} ids, at most {REPORT_MAX_IDS}")
     try:
-        return (_REPORT_HEAD.pack(0, _REPORT_CODE, message.busy, len(acked), len(closed))
-                + struct.pack(f"<{count}Q", *acked, *closed))
+        if message.threads:
+            head = _REPORT_THREADS_HEAD.pack(0, _REPORT_THREADS_CODE, message.busy, message.threads,
+                                             len(acked), len(closed))
+        else:
+            head = _REPORT_HEAD.pack(0, _REPORT_CODE, message.busy, len(acked), len(closed))
+        return head + struct.pack(f"<{count}Q", *acked, *closed)
     except struct.error as exc:
         raise ValueError(f"cannot send this report message: {exc}") from None
 
 
 def _decode_report(data: bytes) -> Report:
     try:
-        fd_count, _, busy, acked_count, closed_count = _REPORT_HEAD.unpack_from(data)
+        if data[1] == _REPORT_THREADS_CODE:
+            head = _REPORT_THREADS_HEAD
+            fd_count, _, busy, threads, acked_count, closed_count = head.unpack_from(data)
+        else:
+            head, threads = _REPORT_HEAD, 0
+            fd_count, _, busy, acked_count, closed_count = head.unpack_from(data)
     except struct.error:
         raise MessageError(f"report message of {len(data)} bytes is shorter than its header") from None
     if fd_count:
         raise MessageError(f"report message announces {fd_count} fds; it carries none")
     count = acked_count + closed_count
-    if count > REPORT_MAX_IDS or len(data) != _REPORT_HEAD_SIZE + 8 * count:
+    if count > REPORT_MAX_IDS or len(data) != head.size + 8 * count:
         raise MessageError(f"report message of {len(data)} bytes does not carry {count} ids")
-    ids = struct.unpack_from(f"<{count}Q", data, _REPORT_HEAD_SIZE)
+    ids = struct.unpack_from(f"<{count}Q", data, head.size)
     message = _new_object(Report)
-    set_busy, set_acked, set_closed, set_refused = _set_report
+    set_busy, set_acked, set_closed, set_refused, set_threads = _set_report
     set_busy(message, busy)
     set_acked(message, ids[:acked_count])
     set_closed(message, ids[acked_count:])
     set_refused(message, ())
+    set_threads(message, threads)
     return message
 
 
 _BINARY_ENCODERS = {Conn: _encode_conn, Heartbeat: _encode_heartbeat, Report: _encode_report}
-_BINARY_DECODERS = {_CONN_CODE: _decode_conn, _HEARTBEAT_CODE: _decode_heartbeat, _REPORT_CODE: _decode_report}
+_BINARY_DECODERS = {_CONN_CODE: _decode_conn, _HEARTBEAT_CODE: _decode_heartbeat, _REPORT_CODE: _decode_report,
+                    _REPORT_THREADS_CODE: _decode_report}

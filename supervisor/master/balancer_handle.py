@@ -11,6 +11,14 @@ The balancer sends HEARTBEAT from its loop (`on_alive`), so the supervision core
 replace one that is stopped or stuck. Who it runs as is decided once, at its first
 start (`privileges.balancer_identity`), and kept for every restart: `balancer_user`
 waits for an upgrade like the other settings of the balancer's process.
+
+With `[master] balancers = N` there are N of them (`Balancers`, one `BalancerHandle`
+each, known to the supervision core by `supervision.balancer_name(index)`). All get
+the same listening sockets, each its own end of every worker's balancer channels (a
+worker has one channel per balancer), and each is started, watched and replaced on its
+own. Only balancer 0 holds the health socket: the others send it their figures (a
+METRICS message with each heartbeat), which the master adds to the figures it pushes to
+balancer 0, so /metrics counts every balancer's connections, at most a heartbeat late.
 """
 from __future__ import annotations
 
@@ -30,19 +38,31 @@ from supervisor.system import privileges
 from supervisor.system.log import Logs
 from supervisor.system.loop import Loop
 
-NAME = "balancer"
-
 
 class BalancerHandle:
+    """One balancer process (`index` of the master's `count`), restarted as often as the
+    core says; `identity` is set by `Balancers` before the first start."""
+
     def __init__(self, loop: Loop, logs: Logs, on_exit: Callable[[str, int | None], None],
-                 on_alive: Callable[[], None] = lambda: None):
+                 on_alive: Callable[[], None] = lambda: None, index: int = 0, count: int = 1,
+                 on_figures: Callable[[messages.Metrics], None] = lambda figures: None):
         self.loop = loop
         self.logs = logs
         self.log = logs.error
         self.on_exit = on_exit      # (name, wait status) once it is reaped
         self.on_alive = on_alive    # a heartbeat arrived from the running balancer
+        self.on_figures = on_figures   # its own figures for /metrics (balancers but the first)
+        self.index = index
+        self.count = count
+        self.name = sv.balancer_name(index)
         self.process: Sidecar | None = None
         self.identity: privileges.Identity | None = None
+        self.accepted = 0   # connections the running one accepted, as of its last heartbeat
+        self.starts = 0     # how many were forked: after the first, each replaces a dead one
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
 
     @property
     def running(self) -> bool:
@@ -50,23 +70,26 @@ class BalancerHandle:
 
     def start(self, config: Config, listening: dict[str, socket.socket], links: dict[int, tuple[str, socket.socket]],
               health: socket.socket | None, clock_now: float) -> None:
-        """Fork the balancer with `links` (worker pid -> (app, the balancer's channel end))."""
-        if self.identity is None:
-            self.identity, why = privileges.balancer_identity(config.master.balancer_user, config.path or "",
-                                                              os.geteuid() == 0)
-            self.log.info("the balancer runs as %s (%s)", self.identity.name, why)
+        """Fork the balancer with `links` (worker pid -> (app, this balancer's channel
+        end)); `health` only for balancer 0."""
         identity = self.identity
         keep = [*(s.fileno() for s in listening.values()), *(s.fileno() for _, s in links.values()), *self.logs.fds]
         if health is not None:
             keep.append(health.fileno())
         payload, master_pid = balancer_process.routing_payload(config), os.getpid()
+        index, count = self.index, self.count
+        self.accepted = 0
+        self.starts += 1
         self.process = Sidecar.start(
-            NAME, lambda end: balancer_process.main(payload, identity, listening, end, links, self.logs,
-                                                    master_pid, health, sv.BALANCER_HEARTBEAT_S), keep, clock_now)
+            self.name, lambda end: balancer_process.main(payload, identity, listening, end, links, self.logs,
+                                                         master_pid, health, sv.BALANCER_HEARTBEAT_S,
+                                                         index=index, figures_to_master=index > 0),
+            keep, clock_now)
         process = self.process
         self.loop.register(process.pidfd, lambda: self._reap(process))
         self.loop.register(process.channel, lambda: self._on_message(process))
-        self.log.info("balancer (pid %d) started as %s", process.pid, identity.name)
+        self.log.info("%s (pid %d) started as %s%s", self.name, process.pid, identity.name,
+                      f" ({index + 1} of {count})" if count > 1 else "")
 
     def _on_message(self, process: Sidecar) -> None:
         while True:
@@ -84,7 +107,11 @@ class BalancerHandle:
                 os.close(fd)
             if type(message) is messages.Heartbeat:
                 if process is self.process:
+                    self.accepted = message.requests   # the balancer's count of accepted connections
                     self.on_alive()
+            elif type(message) is messages.Metrics and self.index > 0:
+                if process is self.process:
+                    self.on_figures(message)
             else:
                 self.log.warning("the balancer sent an unexpected %s message", message.KIND)
 
@@ -95,7 +122,7 @@ class BalancerHandle:
         status = process.reap()
         if process is self.process:
             self.process = None
-        self.on_exit(NAME, status)
+        self.on_exit(self.name, status)
 
     def send(self, message: messages.Message, fds: list[int] = ()) -> bool:
         if self.process is None:
@@ -104,7 +131,7 @@ class BalancerHandle:
             channel.send(self.process.channel, message, fds)
             return True
         except OSError as exc:
-            self.log.warning("could not send %s to the balancer: %s", message.KIND, exc)
+            self.log.warning("could not send %s to %s: %s", message.KIND, self.name, exc)
             return False
 
     def routes(self, config: Config, opened: dict[str, socket.socket]) -> None:
@@ -113,7 +140,7 @@ class BalancerHandle:
             return   # a restarted balancer is forked with the current routes
         message = messages.Routes(routes=balancer_process.routing_payload(config), open=tuple(opened))
         if not self.send(message, [sock.fileno() for sock in opened.values()]):
-            self.log.warning("restarting the balancer, which missed a routing change")
+            self.log.warning("restarting %s, which missed a routing change", self.name)
             self.signal(signal.SIGKILL)
 
     def attach(self, pid: int, app: str, end: socket.socket) -> None:
@@ -136,3 +163,97 @@ class BalancerHandle:
                     self.loop.unregister(fd)
             self.process.kill_now()
             self.process = None
+
+
+class Balancers:
+    """The master's `count` balancers, by index and by sidecar name. A worker's balancer
+    channel ends come as a tuple in index order (`ends[i]` is balancer i's)."""
+
+    def __init__(self, loop: Loop, logs: Logs, count: int, on_exit: Callable[[str, int | None], None],
+                 on_alive: Callable[[str], None]):
+        self.log = logs.error
+        self.count = count
+        self.identity: privileges.Identity | None = None
+        # The latest figures of each balancer but the first, for the first one's /metrics.
+        self.figures: dict[int, messages.Metrics] = {}
+        self.handles = [
+            BalancerHandle(loop, logs, self._exited(on_exit, index), on_alive=self._alive(on_alive, index),
+                           index=index, count=count, on_figures=self._figures(index))
+            for index in range(count)]
+        self.by_name = {handle.name: handle for handle in self.handles}
+
+    def _exited(self, on_exit, index: int):
+        def exited(name: str, status: int | None) -> None:
+            self.figures.pop(index, None)   # a new one counts afresh
+            on_exit(name, status)
+        return exited
+
+    def _alive(self, on_alive, index: int):
+        return lambda: on_alive(self.handles[index].name)
+
+    def _figures(self, index: int):
+        def figures(message: messages.Metrics) -> None:
+            self.figures[index] = message
+        return figures
+
+    @property
+    def first(self) -> BalancerHandle:
+        return self.handles[0]
+
+    @property
+    def running(self) -> bool:
+        return any(handle.running for handle in self.handles)
+
+    def start(self, name: str, config: Config, listening: dict[str, socket.socket],
+              links: dict[int, tuple[str, tuple[socket.socket, ...]]], health: socket.socket | None,
+              clock_now: float) -> None:
+        """Fork balancer `name` with its end of every link in `links` (worker pid ->
+        (app, ends by balancer index)); the health socket goes to balancer 0 only."""
+        if self.identity is None:
+            self.identity, why = privileges.balancer_identity(config.master.balancer_user, config.path or "",
+                                                              os.geteuid() == 0)
+            self.log.info("the balancer runs as %s (%s)", self.identity.name, why)
+        handle = self.by_name[name]
+        handle.identity = self.identity
+        own = {pid: (app, ends[handle.index]) for pid, (app, ends) in links.items()}
+        handle.start(config, listening, own, health if handle.index == 0 else None, clock_now)
+
+    def routes(self, config: Config, opened: dict[str, socket.socket]) -> None:
+        for handle in self.handles:
+            handle.routes(config, opened)
+
+    def attach(self, pid: int, app: str, ends: tuple[socket.socket, ...]) -> None:
+        for handle, end in zip(self.handles, ends):
+            handle.attach(pid, app, end)
+
+    def detach(self, pid: int) -> None:
+        for handle in self.handles:
+            handle.detach(pid)
+
+    def send_all(self, message: messages.Message, fds: list[int] = ()) -> None:
+        for handle in self.handles:
+            handle.send(message, fds)
+
+    def others_figures(self) -> messages.Metrics:
+        """The sum of the figures the balancers but the first reported last."""
+        apps: dict[str, dict[str, float]] = {}
+        overall: dict[str, float] = {}
+        for figures in self.figures.values():
+            for app, values in figures.apps.items():
+                _add(apps.setdefault(app, {}), values)
+            _add(overall, figures.overall)
+        return messages.Metrics(apps=apps, overall=overall)
+
+    def signal(self, name: str, signum: int) -> None:
+        handle = self.by_name.get(name)
+        if handle is not None:
+            handle.signal(signum)
+
+    def kill_now(self) -> None:
+        for handle in self.handles:
+            handle.kill_now()
+
+
+def _add(into: dict[str, float], values) -> None:
+    for name, value in values.items():
+        into[name] = into.get(name, 0) + value

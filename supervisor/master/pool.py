@@ -4,17 +4,18 @@
 and turns what it hears back into supervision events: a channel message becomes
 `Ready`, `BootFailed` or `Heartbeat`, a pidfd that turns readable becomes `Exited`.
 It knows a worker by the core's key; the pid is only for the kernel and the logs.
-Every fd it opens for a worker (channel, pidfd, the balancer's end of the worker's
-balancer channel, the read ends of its log pipes) is closed when the worker is reaped,
-or at `close()`. A worker is a fork that execs a fresh interpreter (`worker.entry`);
-its log lines come through its pipes and the `LogSink`, tagged with its app and pid.
+Every fd it opens for a worker (channel, pidfd, the balancers' ends of the worker's
+balancer channels, one per balancer, the read ends of its log pipes) is closed when
+the worker is reaped, or at `close()`. A worker is a fork that execs a fresh
+interpreter (`worker.entry`); its log lines come through its pipes and the `LogSink`,
+tagged with its app and pid.
 """
 from __future__ import annotations
 
 import os
 import signal
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from supervisor.ipc import channel, messages
@@ -38,9 +39,13 @@ class Child:
     pid: int
     pidfd: int
     channel: socket.socket
-    balancer_end: socket.socket   # kept, so a restarted balancer gets it again
+    balancer_ends: tuple[socket.socket, ...]   # by balancer index; kept, so a restarted one gets its own again
     pipes: Pipes                  # its log pipes' read ends
     max_rss_mb: int = 0
+    # Ends of channels to balancers that were replaced (`relink`): kept until the worker
+    # closes its own (it would read our close as its balancer dropping it), and read
+    # meanwhile: what it sent the dead balancer is closed, not left hanging.
+    retired_ends: list[socket.socket] = field(default_factory=list)
 
 
 class WorkerPool:
@@ -55,11 +60,12 @@ class WorkerPool:
         self.sink = LogSink(loop, logs, clock=lambda: loop.now)
 
     def spawn(self, key: int, spec: worker_process.WorkerSpec, master_end: socket.socket,
-              balancer_end: socket.socket) -> int:
+              balancer_ends: tuple[socket.socket, ...]) -> int:
         """Start the worker `spec` describes (its `log_fds` are set here). The master
-        keeps `master_end` (the other end of `spec.channel`) and `balancer_end` (of
-        `spec.balancer`); the child's ends are closed here whatever happens. Raises
-        OSError when the pipes or the fork fail, having closed the master's ends too."""
+        keeps `master_end` (the other end of `spec.channel`) and `balancer_ends` (of
+        `spec.balancers`, in the same order); the child's ends are closed here whatever
+        happens. Raises OSError when the pipes or the fork fail, having closed the
+        master's ends too."""
         pipes = None
         try:
             pipes = self.sink.open()
@@ -67,16 +73,16 @@ class WorkerPool:
             pid = spawn.fork(lambda: worker_entry.exec_worker(spec), spec.owned_fds())
         except OSError:
             master_end.close()
-            balancer_end.close()
+            _close_all(balancer_ends)
             if pipes is not None:
                 self.sink.discard(pipes)
             raise
         finally:
             spec.channel.close()
-            spec.balancer.close()
+            _close_all(spec.balancers)
         self.sink.follow(spec.app.name, pid, pipes)
         master_end.setblocking(False)
-        child = Child(key, spec.app.name, pid, os.pidfd_open(pid), master_end, balancer_end, pipes,
+        child = Child(key, spec.app.name, pid, os.pidfd_open(pid), master_end, tuple(balancer_ends), pipes,
                       spec.app.max_rss)
         self.children[key] = child
         self.loop.register(child.pidfd, lambda: self._reap(child))
@@ -93,6 +99,50 @@ class WorkerPool:
             channel.send(child.channel, messages.Stop(graceful=True, handback=handback))
         except OSError:
             self.kill(key, sv.SIGTERM)   # its channel is gone or full: the signal says the same
+
+    def relink(self, index: int) -> None:
+        """Balancer `index` is being replaced: give every worker a fresh channel to it
+        (RELINK, with the worker's end), so that nothing the workers sent the dead one
+        (hand-backs, parks, reports about its connections) reaches its successor, which
+        would take it for a lie and drop the worker. A worker that cannot be told keeps
+        its old channel."""
+        for child in self.children.values():
+            if child.channel.fileno() < 0:
+                continue
+            ours, theirs = channel.pair()
+            try:
+                channel.send(child.channel, messages.Relink(index=index), [theirs.fileno()])
+            except OSError as exc:
+                ours.close()
+                self.log.warning("could not give worker %d a channel to the new balancer: %s", child.pid, exc)
+                continue
+            finally:
+                theirs.close()
+            ends = list(child.balancer_ends)
+            retired = ends[index]
+            ends[index] = ours
+            child.balancer_ends = tuple(ends)
+            retired.setblocking(False)
+            child.retired_ends.append(retired)
+            self.loop.register(retired, lambda child=child, retired=retired: self._drain_retired(child, retired))
+
+    def _drain_retired(self, child: Child, end: socket.socket) -> None:
+        """Discard what a worker sent a balancer that died (closing the connections it
+        handed back or parked there); forget the channel once the worker closed it."""
+        while True:
+            try:
+                _, fds = channel.receive(end)
+            except BlockingIOError:
+                return
+            except (ChannelClosed, ConnectionError):
+                self.loop.unregister(end)
+                end.close()
+                child.retired_ends.remove(end)
+                return
+            except MessageError:
+                continue   # its fds are closed already
+            for fd in fds:
+                os.close(fd)
 
     def kill(self, key: int, signal_name: str) -> None:
         child = self.children.get(key)
@@ -151,10 +201,18 @@ class WorkerPool:
         while child.channel.fileno() >= 0 and self._on_channel(child):
             pass
         self._close_channel(child)
-        child.balancer_end.close()
+        self._close_ends(child)
         self.sink.finish(child.pipes)   # its last lines (a traceback, faulthandler's stacks)
         del self.children[child.key]
         self.on_event(sv.Exited(child.key, describe_status(status)))
+
+    def _close_ends(self, child: Child) -> None:
+        _close_all(child.balancer_ends)
+        for end in child.retired_ends:
+            if self.loop.registered(end):
+                self.loop.unregister(end)
+            end.close()
+        child.retired_ends.clear()
 
     def _close_channel(self, child: Child) -> None:
         if child.channel.fileno() >= 0:
@@ -170,9 +228,14 @@ class WorkerPool:
                 self.loop.unregister(child.pidfd)
             os.close(child.pidfd)
             self._close_channel(child)
-            child.balancer_end.close()
+            self._close_ends(child)
             self.sink.finish(child.pipes)
         self.children.clear()
+
+
+def _close_all(socks) -> None:
+    for sock in socks:
+        sock.close()
 
 
 def describe_status(status: int | None) -> str:

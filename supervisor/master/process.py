@@ -9,7 +9,8 @@ feeds it commands and events and carries out the actions it answers with, throug
 small objects that own their state:
 
 * `WorkerPool` forks workers and turns their channels and pidfds into events;
-* `BalancerHandle` and `WatcherHandle` start and talk to the two helper processes;
+* `Balancers` (a `BalancerHandle` per balancer of `[master] balancers`) and
+  `WatcherHandle` start and talk to the helper processes;
 * `Sockets` holds every listening socket by name;
 * `Predecessor` / `Successors` are the two sides of a master upgrade;
 * `ControlServer` answers `baton ctl`.
@@ -47,19 +48,22 @@ from supervisor.ipc import channel, messages
 from supervisor.master import commands
 from supervisor.master import status as status_mod
 from supervisor.master import supervision as sv
-from supervisor.master.balancer_handle import BalancerHandle
+from supervisor.master.balancer_handle import Balancers
 from supervisor.master.control import ControlError, ControlServer
 from supervisor.master.lifecycle import State
 from supervisor.master.pool import WorkerPool, describe_status
 from supervisor.master.sockets import Sockets
 from supervisor.master.upgrade import Predecessor, Successors
 from supervisor.master.watcher_handle import WatcherHandle
+from supervisor.master.watcher_handle import needed as watcher_needed
 from supervisor.system import activation, limits, privileges, sdnotify
 from supervisor.system import listeners as listeners_mod
 from supervisor.system.listeners import ListenerError
 from supervisor.system.log import Logs
 from supervisor.system.loop import Loop, Timer
 from supervisor.system.privileges import PrivilegeError
+from supervisor.system.words import count as counted
+from supervisor.worker import access as worker_access
 from supervisor.worker import process as worker_process
 
 METRICS_PUSH_S = 1.0
@@ -80,13 +84,14 @@ class Master:
         self.loop = Loop(clock)
         self.core = sv.Supervisor(core_settings(config.master), clock)
         self.pool = WorkerPool(self.loop, logs, self._on_event)
-        self.balancer = BalancerHandle(self.loop, logs, self._on_sidecar_exit,
-                                       on_alive=lambda: self._on_event(sv.SidecarHeartbeat("balancer")))
+        # How many there are is fixed for this master's life (a change waits for an upgrade).
+        self.balancers = Balancers(self.loop, logs, config.master.balancers, self._on_sidecar_exit,
+                                   on_alive=lambda name: self._on_event(sv.SidecarHeartbeat(name)))
         self.watcher = WatcherHandle(self.loop, logs, self._on_changed, self._on_sidecar_exit,
-                                     balancer_identity=lambda: self.balancer.identity)
+                                     balancer_identity=lambda: self.balancers.identity)
         self.sockets = Sockets({})
         self.notifier = sdnotify.Notifier(None)   # replaced in run() from NOTIFY_SOCKET
-        self.successors = Successors(self.loop, self.log, self.sockets, self.balancer, self.notifier,
+        self.successors = Successors(self.loop, self.log, self.sockets, self.balancers, self.notifier,
                                      self._on_taken_over)
         self.predecessor = Predecessor(self.loop, self.log, takeover, self._on_released) if takeover else None
         self.control: ControlServer | None = None
@@ -97,10 +102,12 @@ class Master:
         self.started_master = config.master   # the values in force of settings that wait for an upgrade
         self._core_timer: Timer | None = None
         self._commands = commands.Commands(self)
+        self._stop_began: tuple[float, str] | None = None   # when the stop began, and what kind
 
     # -- running -------------------------------------------------------------------
 
     def run(self) -> int:
+        stopped = False
         limits.raise_fd_limit(self.log)   # before any fork: every child inherits it
         self.notifier.address = sdnotify.Notifier.from_environ().address
         self.sockets.inherited = activation.inherited()
@@ -119,20 +126,38 @@ class Master:
                 self.log.info("health and metrics on %s/healthz and /metrics",
                               listeners_mod.describe(self.sockets.health))
             setproctitle.setproctitle(f"baton: master [{self.config.path or 'serve'}]")
-            for name, sock in self.sockets.listening.items():
-                self.log.info("listening on %s (%s)", listeners_mod.describe(sock), name)
-            self._start_sidecar("balancer")
+            self._log_listening(self.config, tuple(self.config.listeners), self.sockets.listening)
+            for handle in self.balancers.handles:
+                self._start_sidecar(handle.name)
             self._start_sidecar("watcher")
             for app in self.config.apps.values():
                 self._execute(self.core.add_app(app, self._identity(app)))
             self.loop.every(METRICS_PUSH_S, self._push_metrics)
             self.loop.before_wait(self._arm_core_timer)
             self.loop.after_events(self._notify_if_ready)
-            while not (self.core.stopping and self.core.idle() and not self.balancer.running):
+            while not (self.core.stopping and self.core.idle() and not self.balancers.running):
                 self.loop.run_once()
+            stopped = True
             return self.exit_status
         finally:
             self._cleanup()
+            if stopped:
+                self._log_stopped()
+
+    def _note_stop(self, kind: str) -> None:
+        if self._stop_began is None:
+            self._stop_began = (self.clock(), kind)
+
+    def _log_stopped(self) -> None:
+        """The master's last line: that it stopped, and how long stopping took."""
+        began, kind = self._stop_began or (self.clock(), "drain")
+        took_s = self.clock() - began
+        if kind == "drain":
+            self.log.info("master stopped after a %.1f s drain", took_s)
+        elif kind == "handover":
+            self.log.info("master stopped after a %.1f s drain into the new master", took_s)
+        else:
+            self.log.info("master stopped after a quick stop of %.1f s", took_s)
 
     def _arm_core_timer(self) -> None:
         """One loop timer at the core's nearest deadline, moved when that changes."""
@@ -160,7 +185,7 @@ class Master:
             return
         self.pending_ready = None
         if self.predecessor is not None:
-            self.predecessor.taken(self.balancer)
+            self.predecessor.taken(self.balancers.first)
             return   # READY=1 once the old master let go, with our pid as MAINPID
         self.notifier.ready(status="serving: " + ", ".join(
             f"{name} gen {app.current.number} x{app.target}" for name, app in self.core.apps.items()))
@@ -176,7 +201,8 @@ class Master:
             return   # an earlier action of the same batch made it moot
         generation, app = action.generation, action.generation.config
         master_end, child_end = channel.pair()
-        balancer_end, worker_balancer_end = channel.pair()
+        pairs = [channel.pair() for _ in self.balancers.handles]   # (the balancer's end, the worker's)
+        balancer_ends, worker_balancer_ends = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
         try:
             listeners = self.sockets.for_worker(self.config, app, action.index)
             spec = worker_process.WorkerSpec(
@@ -184,21 +210,22 @@ class Master:
                 graceful_timeout_s=app.graceful_timeout if app.graceful_timeout is not None
                 else self.config.master.graceful_timeout,
                 master_pid=os.getpid(), heartbeat_s=sv.heartbeat_interval_s(app),
-                channel=child_end, listeners=listeners, balancer=worker_balancer_end,
+                channel=child_end, listeners=listeners, balancers=worker_balancer_ends,
                 log_level=logging.getLevelName(self.log.getEffectiveLevel()).lower(),
                 log_format=self.logs.log_format, access_log_format=self.logs.access_log_format,
                 proxy_listeners=frozenset(name for name in app.listeners
                                           if self.config.listeners[name].proxy_protocol),
                 proxy_allow_ips={name: self.config.listeners[name].proxy_allow_ips for name in app.listeners
                                  if self.config.listeners[name].proxy_protocol},
-                host_routes=hostcheck.routes_for(routing_payload(self.config), app.name))
+                host_routes=hostcheck.routes_for(routing_payload(self.config), app.name),
+                config_source=worker_access.app_source(self.config, app.name))
         except (ListenerError, OSError) as exc:
-            for end in (master_end, child_end, balancer_end, worker_balancer_end):
+            for end in (master_end, child_end, *balancer_ends, *worker_balancer_ends):
                 end.close()
             self._on_event(sv.SpawnFailed(action.key, str(exc)))
             return
         try:
-            pid = self.pool.spawn(action.key, spec, master_end, balancer_end)
+            pid = self.pool.spawn(action.key, spec, master_end, balancer_ends)
         except OSError as exc:
             self._on_event(sv.SpawnFailed(action.key, str(exc)))
             return
@@ -213,12 +240,12 @@ class Master:
     def _do_attach(self, action: sv.Attach) -> None:
         child = self.pool.children.get(action.key)
         if child is not None:
-            self.balancer.attach(child.pid, child.app, child.balancer_end)
+            self.balancers.attach(child.pid, child.app, child.balancer_ends)
 
     def _do_detach(self, action: sv.Detach) -> None:
         child = self.pool.children.get(action.key)
         if child is not None:
-            self.balancer.detach(child.pid)
+            self.balancers.detach(child.pid)
 
     def _do_release_slot(self, action: sv.ReleaseSlot) -> None:
         self.sockets.release_slot(action.app, action.index)
@@ -227,13 +254,18 @@ class Master:
         self._start_sidecar(action.name)
 
     def _do_signal_sidecar(self, action: sv.SignalSidecar) -> None:
-        handle = self.balancer if action.name == "balancer" else self.watcher
-        handle.signal(signal.Signals[action.signal])
+        if sv.is_balancer(action.name):
+            self.balancers.signal(action.name, signal.Signals[action.signal])
+        else:
+            self.watcher.signal(signal.Signals[action.signal])
 
     def _do_drain_balancer(self, action: sv.DrainBalancer) -> None:
-        if not self.balancer.drain():
-            self.balancer.signal(signal.SIGTERM)
-        else:
+        handle = self.balancers.by_name.get(action.name)
+        if handle is None:
+            return
+        if not handle.drain():
+            handle.signal(signal.SIGTERM)
+        elif handle.index == 0:
             self._push_metrics()
 
     def _do_log(self, action: sv.Log) -> None:
@@ -256,23 +288,27 @@ class Master:
     # -- sidecars --------------------------------------------------------------------
 
     def _start_sidecar(self, name: str) -> None:
-        if name == "balancer":
-            self.balancer.start(self.config, self.sockets.balanced(self.config), self._balancer_links(),
-                                self.sockets.health, self.clock())
+        if sv.is_balancer(name):
+            handle = self.balancers.by_name[name]
+            if handle.starts:   # a replacement: on fresh channels (see WorkerPool.relink)
+                self.pool.relink(handle.index)
+            self.balancers.start(name, self.config, self.sockets.balanced(self.config), self._balancer_links(),
+                                 self.sockets.health, self.clock())
         else:
-            if self.config.path is None:
+            if not watcher_needed(self.config):
                 return
             self.watcher.start(self.config, self.clock())
         self._on_event(sv.SidecarStarted(name))
 
-    def _balancer_links(self) -> dict[int, tuple[str, socket.socket]]:
-        """The serving workers of every current generation: what a new balancer routes to."""
+    def _balancer_links(self) -> dict[int, tuple[str, tuple[socket.socket, ...]]]:
+        """The serving workers of every current generation: what a new balancer routes to
+        (each worker's balancer channel ends, by balancer index)."""
         links = {}
         for key, child in self.pool.children.items():
             record, app = self.core.record_of(key), self.core.apps.get(child.app)
             if (record is not None and app is not None and record.state is State.READY
                     and record.generation == app.current.number):
-                links[child.pid] = (child.app, child.balancer_end)
+                links[child.pid] = (child.app, child.balancer_ends)
         return links
 
     def _on_sidecar_exit(self, name: str, status: int | None) -> None:
@@ -289,15 +325,20 @@ class Master:
             self.log.exception("internal error handling a change on disk (%s)", ", ".join(topics))
 
     def _push_metrics(self) -> None:
-        """The master's figures for the balancer's /metrics (it adds its own)."""
-        if not self.balancer.running:
+        """The master's figures for the first balancer's /metrics, with the other
+        balancers' own (it adds its own)."""
+        first = self.balancers.first
+        if not first.running:
             return
-        apps = {}
+        others = self.balancers.others_figures()
+        apps = {name: dict(figures) for name, figures in others.apps.items()}
         for name, app in self.core.apps.items():
             serving = self.core.serving(name)
-            apps[name] = {"baton_requests_total": sum(w.load.requests for w in serving) + app.retired_requests,
-                          "baton_workers": len(serving), "baton_worker_restarts_total": app.restarts}
-        self.balancer.send(messages.Metrics(apps=apps, overall={"baton_reloads_total": self.counters["reloads"]}))
+            apps.setdefault(name, {}).update(
+                {"baton_requests_total": sum(w.load.requests for w in serving) + app.retired_requests,
+                 "baton_workers": len(serving), "baton_worker_restarts_total": app.restarts})
+        first.send(messages.Metrics(apps=apps, overall={**others.overall,
+                                                        "baton_reloads_total": self.counters["reloads"]}))
 
     # -- signals and commands ------------------------------------------------------
 
@@ -331,7 +372,7 @@ class Master:
 
     def scale(self, name: str, workers: int) -> None:
         self._execute(self.core.rescale(name, workers))
-        self.log.info("scaled app %s to %d workers", name, workers)
+        self.log.info("scaled app %r to %s", name, counted(workers, "worker"))
 
     def scale_all(self, delta: int) -> None:
         for name, app in self.core.apps.items():
@@ -349,14 +390,15 @@ class Master:
         message = messages.Reopen(numbers=tuple(number for number, _ in pairs))
         new_fds = [fd for _, fd in pairs]
         try:
-            self.balancer.send(message, new_fds)
+            self.balancers.send_all(message, new_fds)
         finally:
             self.logs.release(pairs)
-        self.log.info("reopened %d log files", len(pairs))
+        self.log.info("reopened %s", counted(len(pairs), "log file"))
 
     def stop(self, now: bool = False) -> None:
         if not self.core.stopping:
             self.notifier.stopping(status="stopping now" if now else "stopping: draining workers")
+        self._note_stop("quick" if now else "drain")
         self.successors.accepting = False
         self._execute(self.core.stop(graceful=not now))
 
@@ -371,6 +413,7 @@ class Master:
         """A new master took over: let go of the control socket and drain into it."""
         if self.control is not None:
             self._close_control()
+        self._note_stop("handover")
         self.successors.accepting = False
         self._execute(self.core.stop(graceful=True, handback=True))
 
@@ -430,9 +473,9 @@ class Master:
         old, self.config = self.config, new
         waiting = self._apply_master_settings(old.master, new.master)
         self.sockets.commit(plan.listeners_close, opened)
-        for name, sock in opened.items():
-            self.log.info("listening on %s (%s)", listeners_mod.describe(sock), name)
-        self.balancer.routes(new, self.sockets.balanced(new, opened))
+        self._log_listening(new, plan.listeners_open, opened)
+        self._apply_socket_files(new, plan)
+        self.balancers.routes(new, self.sockets.balanced(new, opened))
         if plan.routing_changed:
             self._send_worker_routes(new)
         for name in plan.apps_stop:
@@ -524,16 +567,39 @@ class Master:
 
     # -- helpers ---------------------------------------------------------------------
 
+    def _apply_socket_files(self, config: Config, plan: plan_mod.Plan) -> None:
+        """A kept UNIX listener whose file permissions changed gets them on its live file."""
+        for name in plan.listeners_keep:
+            changed = set(plan.reasons.get(f"listener {name}", ())) & {"socket_mode", "socket_owner", "socket_group"}
+            if not changed:
+                continue
+            listener = config.listeners[name]
+            try:
+                permissions = listeners_mod.apply_permissions(listener)
+            except ListenerError as exc:
+                self.log.error("reload: could not change the socket file of listener %s: %s", name, exc)
+                continue
+            self.log.info("reload: socket of listener %s now %s (%s)", name,
+                          listeners_mod.describe_file(listener.bind.path), permissions.why)
+
+    def _log_listening(self, config: Config, names: tuple[str, ...], sockets: dict[str, socket.socket]) -> None:
+        """One "listening on" line for each of `names` that is open, reuseport ones too."""
+        for name in names:
+            listener = config.listeners.get(name)
+            if listener is not None and (name in sockets or listener.mode == "reuseport"):
+                self.log.info("listening on %s", listeners_mod.listening_line(listener, sockets.get(name)))
+
     def _identity(self, app: AppConfig, announce: bool = True) -> privileges.Identity:
         running_as_root = os.geteuid() == 0
         user = effective_user(app, running_as_root)
-        if announce and running_as_root and app.user is None:
-            self.log.info("app %s names no user; its workers run as %s", app.name, user)
-        return privileges.resolve(user, app.group)
+        identity = privileges.resolve(user, app.group)
+        if announce:
+            self.log.info("%s", worker_access.user_line(app, identity.name, running_as_root))
+        return identity
 
     def _cleanup(self) -> None:
         self.pool.close()
-        self.balancer.kill_now()
+        self.balancers.kill_now()
         self.watcher.kill_now()
         self.sockets.close(self.config)
         if self.control is not None:

@@ -33,7 +33,8 @@ def queue_depth(sock: socket.socket) -> int | None:
 
 def report(master) -> dict:
     """What `baton ctl status` shows: the master, every app with its workers (from the
-    supervision core's records), every listener."""
+    supervision core's records), every listener, every balancer (pid None while one is
+    being replaced)."""
     now = master.clock()
     apps = []
     for name, app in master.core.apps.items():
@@ -56,6 +57,13 @@ def report(master) -> dict:
         listeners.append({"name": name, "address": str(listener.bind), "mode": listener.mode,
                           "queue": queue_depth(sock) if sock is not None else None,
                           "url": listeners_mod.describe(sock) if sock is not None else None})
+    balancers = []
+    for handle in master.balancers.handles:
+        record = master.core.sidecars.get(handle.name)
+        running = handle.pid is not None and record is not None and record.running
+        balancers.append({"index": handle.index, "name": handle.name, "pid": handle.pid,
+                          "accepted": handle.accepted if running else None,
+                          "uptime_s": round(now - record.started_at, 1) if running else None})
     return {
         "ok": True,
         "master": {"pid": os.getpid(), "config": master.config.path, "uptime_s": round(now - master.started_at, 1),
@@ -63,4 +71,5 @@ def report(master) -> dict:
                    "generation_switches": master.core.counters["generation_switches"]},
         "apps": apps,
         "listeners": listeners,
+        "balancers": balancers,
     }

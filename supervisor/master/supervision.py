@@ -18,6 +18,9 @@ Promises:
   `next_deadline()` and by `tick()`, so the two can never disagree.
 * Workers are known by a key the supervisor assigns in its `Spawn` action; the
   executor maps keys to processes. Events about unknown keys are ignored.
+* Sidecars are known by name, and each balancer of `[master] balancers` has its own
+  (`balancer_name`): its heartbeat, silence, exit and restart concern that one alone,
+  so a stuck or crashed balancer is replaced while the others keep their processes.
 """
 from __future__ import annotations
 
@@ -42,6 +45,16 @@ BALANCER_HEARTBEAT_S = 1.0                       # how often the balancer's loop
 BALANCER_SILENT_S = 4 * BALANCER_HEARTBEAT_S     # silent this long: stopped (SIGSTOP) or stuck
 
 SIGKILL, SIGTERM, SIGQUIT, SIGABRT, SIGCONT = "SIGKILL", "SIGTERM", "SIGQUIT", "SIGABRT", "SIGCONT"
+
+
+def balancer_name(index: int) -> str:
+    """The sidecar name of balancer `index` (of `[master] balancers`): "balancer" for the
+    first, so a master with one balancer logs as it always did, "balancer#N" after it."""
+    return "balancer" if index == 0 else f"balancer#{index}"
+
+
+def is_balancer(name: str) -> bool:
+    return name == "balancer" or name.startswith("balancer#")
 
 
 # -- actions -------------------------------------------------------------------------
@@ -107,7 +120,8 @@ class SignalSidecar:
 
 @dataclass(frozen=True)
 class DrainBalancer:
-    """Tell the balancer a graceful stop began: accept no more, /healthz says 503."""
+    """Tell a balancer a graceful stop began: accept no more, /healthz says 503."""
+    name: str = "balancer"
 
 
 @dataclass(frozen=True)
@@ -181,7 +195,7 @@ class Exited:
 
 @dataclass(frozen=True)
 class SidecarStarted:
-    name: str         # "balancer" or "watcher"
+    name: str         # "watcher", or a balancer's (`balancer_name`): each is tracked on its own
 
 
 @dataclass(frozen=True)
@@ -372,14 +386,15 @@ class Supervisor:
             sidecar.restart_at = None
         if graceful:
             if first:
-                balancer = self.sidecars.get("balancer")
-                if balancer is not None and balancer.running:
-                    # It stays up through the drain (503 on /healthz, passing hand-backs on)
-                    # and leaves by itself once the workers are gone.
-                    self._emit(DrainBalancer())
-                    balancer.kill_at = now + self.settings.graceful_timeout_s + QUICK_STOP_GRACE_S
                 for sidecar in self.sidecars.values():
-                    if sidecar.name != "balancer" and sidecar.running:
+                    if not sidecar.running:
+                        continue
+                    if is_balancer(sidecar.name):
+                        # It stays up through the drain (503 on /healthz, passing hand-backs
+                        # on) and leaves by itself once the workers are gone.
+                        self._emit(DrainBalancer(sidecar.name))
+                        sidecar.kill_at = now + self.settings.graceful_timeout_s + QUICK_STOP_GRACE_S
+                    else:
                         self._emit(SignalSidecar(sidecar.name, SIGTERM))
             for worker in list(self.workers.values()):
                 self._retire(worker, handback=handback)
@@ -473,7 +488,7 @@ class Supervisor:
             return
         config = app.current.config
         if config.max_requests and load.requests >= config.max_requests + worker.jitter:
-            self._recycle(app, worker, f"served {load.requests} requests")
+            self._recycle(app, worker, f"served {_count(load.requests, 'request')}")
         elif config.max_rss and event.rss_kb is not None and event.rss_kb > config.max_rss * 1024:
             self._recycle(app, worker, f"resident memory {event.rss_kb // 1024} MB > {config.max_rss} MB")
 
@@ -580,7 +595,7 @@ class Supervisor:
         return min(due, default=None)
 
     def _silent_s(self, sidecar: SidecarRecord) -> float | None:
-        return self.settings.balancer_silent_s if sidecar.name == "balancer" else None
+        return self.settings.balancer_silent_s if is_balancer(sidecar.name) else None
 
     def _due_sidecar_silent(self, sidecar: SidecarRecord, now: float) -> None:
         """A sidecar's loop went silent: it is stopped (SIGSTOP) or stuck. Woken so that

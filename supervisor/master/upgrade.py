@@ -6,6 +6,11 @@ for the idle connections its workers hand back), and hear RELEASED. `Successors`
 the running master's side: start a new master (SIGUSR2, `baton ctl upgrade`) or
 accept one on the takeover socket, hand it every socket, and let go once it says
 TAKEN. A new master that dies, or goes away before TAKEN, leaves this one serving.
+
+With several balancers on either side, TAKEN still carries one channel (its bytes
+cross releases): to the new master's balancer 0. Every old balancer gets it as its
+UPSTREAM (a SEQPACKET record is one message, so they can share it), and the new
+balancer 0 passes what they hand over to the new workers like any connection.
 """
 from __future__ import annotations
 
@@ -19,12 +24,13 @@ from typing import Callable
 from supervisor.ipc import channel, handoff, messages
 from supervisor.ipc.channel import ChannelClosed
 from supervisor.ipc.messages import MessageError
-from supervisor.master.balancer_handle import BalancerHandle
+from supervisor.master.balancer_handle import BalancerHandle, Balancers
 from supervisor.master.pool import describe_status
 from supervisor.master.sockets import Sockets
 from supervisor.system import spawn, users
 from supervisor.system.loop import Loop
 from supervisor.system.sdnotify import Notifier
+from supervisor.system.words import count as counted
 
 TAKEOVER_SUFFIX = ".takeover"
 
@@ -43,7 +49,7 @@ class Predecessor:
         self.sock = handoff.connect(self.spec)
         listening, reuseport, health = handoff.receive_sockets(self.sock, timeout_s)
         sockets.adopt(config, listening, reuseport, health)
-        self.log.info("took %d sockets over from the running master", len(listening) + len(reuseport))
+        self.log.info("took %s over from the running master", counted(len(listening) + len(reuseport), "socket"))
 
     def taken(self, balancer: BalancerHandle) -> None:
         """Every app is READY: give the old master a channel to our balancer, for the
@@ -93,12 +99,12 @@ class _Successor:
 class Successors:
     """The running master's side: at most one new master at a time."""
 
-    def __init__(self, loop: Loop, log, sockets: Sockets, balancer: BalancerHandle, notifier: Notifier,
+    def __init__(self, loop: Loop, log, sockets: Sockets, balancers: Balancers, notifier: Notifier,
                  on_taken: Callable[[int | None], None]):
         self.loop = loop
         self.log = log
         self.sockets = sockets
-        self.balancer = balancer
+        self.balancers = balancers
         self.notifier = notifier
         self.on_taken = on_taken          # (the new master's pid): let go of the control socket, drain
         self.current: _Successor | None = None
@@ -160,7 +166,7 @@ class Successors:
     def _release_to(self, successor: _Successor, upstream_fd: int) -> None:
         successor.taken = True
         try:
-            self.balancer.send(messages.Upstream(), [upstream_fd])
+            self.balancers.send_all(messages.Upstream(), [upstream_fd])
         finally:
             os.close(upstream_fd)
         self.close_listener()

@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import traceback
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,7 @@ from supervisor.ipc.messages import (
     Message,
     MessageError,
     Ready,
+    Relink,
     Report,
     Routes,
     Stop,
@@ -43,7 +45,7 @@ from supervisor.ipc.messages import (
 from supervisor.system import privileges, spawn
 from supervisor.system.log import Logs
 from supervisor.system.loop import Loop
-from supervisor.worker import appload
+from supervisor.worker import access, appload
 
 if TYPE_CHECKING:
     from supervisor.config.model import AppConfig
@@ -73,20 +75,22 @@ class WorkerSpec:
     log_level: str = "info"
     log_format: str = "text"
     access_log_format: str | None = None
-    balancer: socket.socket | None = None   # connections arrive here in `balance` mode
+    # Connections arrive on these in `balance` mode: one channel per balancer of
+    # `[master] balancers`, by balancer index.
+    balancers: tuple[socket.socket, ...] = ()
     proxy_listeners: frozenset[str] = frozenset()  # listeners whose streams open with a PROXY header
     proxy_allow_ips: dict[str, tuple[str, ...]] = field(default_factory=dict)  # theirs, by name
     # The routing of the balance listeners it shares with other apps by Host, which it
     # checks every request against (hostcheck.routes_for: plain data, as ROUTES has it).
     host_routes: dict = field(default_factory=dict)
     log_fds: tuple[int, int] = (-1, -1)     # write ends of the error and access pipes (-1: no access log)
+    config_source: str | None = None        # the file whose [apps.NAME] defines the app, for messages
     logs: Logs | None = None                # the worker's loggers, built in the worker
 
     def owned_fds(self) -> list[int]:
         fds = [self.channel.fileno(), *(s.fileno() for s in self.listeners.values()),
                *(fd for fd in self.log_fds if fd >= 0)]
-        if self.balancer is not None:
-            fds.append(self.balancer.fileno())
+        fds.extend(sock.fileno() for sock in self.balancers)
         return fds
 
 
@@ -98,8 +102,10 @@ def main(spec: WorkerSpec) -> int:
     log = spec.logs.error
     try:
         app = _boot(spec)
-    except BaseException:
-        text = traceback.format_exc()
+    except BaseException as exc:
+        # A permission is the usual cause under a root master (nobody cannot read a
+        # project in /root): the traceback alone names a symptom, the hint the cure.
+        text = traceback.format_exc() + access.boot_hint(spec, exc)
         log.error("worker %s#%d failed to boot:\n%s", spec.app.name, spec.index, text.rstrip())
         try:
             channel.send(spec.channel, BootFailed(traceback=text[-TRACEBACK_MAX:]))
@@ -154,7 +160,10 @@ class Worker:
             limit_request_field_size=spec.app.limit_request_field_size,
             max_body_size=spec.app.max_body_size,
             forwarded_allow_ips=spec.app.forwarded_allow_ips,
+            forwarded_header=spec.app.forwarded_header,
+            secure_scheme_headers=spec.app.secure_scheme_headers,
             write_timeout_s=spec.app.write_timeout,
+            park_after_s=spec.app.park_after,
         )
         self.server = Server(app, list(spec.listeners.values()), settings,
                              spec.logs.error, spec.logs.access, listener_names=list(spec.listeners),
@@ -163,29 +172,69 @@ class Worker:
                              loop=self.loop, access_format=spec.logs.access_line,
                              proxy_allow_ips=spec.proxy_allow_ips, app_name=spec.app.name,
                              host_tables=hostcheck.host_tables(spec.host_routes, spec.app.name))
-        self.link = None
-        if spec.balancer is not None:
-            self.link = BalancerLink(spec.balancer, self.server, spec.logs.error, self.loop)
+        # One link per balancer; a connection is handed back to the one that gave it
+        # (only that one holds its record: any other would take the hand-back for a lie
+        # and drop our link), one we accepted ourselves to the first.
+        self.origins: weakref.WeakKeyDictionary[socket.socket, BalancerLink] = weakref.WeakKeyDictionary()
+        self.links = [self._new_link(sock) for sock in spec.balancers]
+        self.link = self.links[0] if self.links else None
+
+    def _new_link(self, sock: socket.socket) -> BalancerLink:
+        server = _FromLink(self.server, self.origins)
+        server.link = link = BalancerLink(sock, server, self.spec.logs.error, self.loop)
+        return link
 
     def serve(self) -> int:
         loop = self.loop
         for signum in self._SIGNALS:
             loop.on_signal(signum, self._on_signal)
         loop.register(self.spec.channel, self._on_channel)
-        if self.link is not None:
-            loop.register(self.spec.balancer, self.link.on_readable)
+        for link in self.links:
+            loop.register(link.sock, link.on_readable)
         channel.send(self.spec.channel, Ready(pid=os.getpid()))
         self.spec.channel.setblocking(False)  # a busy master must never stall the serving loop
         loop.every(self.spec.heartbeat_s, self._heartbeat)
-        if self.link is not None:
-            loop.after_events(self.link.report)
+        loop.after_events(self._report)
         try:
             self.server.run()
         finally:
-            if self.link is not None:
-                self.link.report()  # connections the shutdown closed
+            self._report()  # connections the shutdown closed
             loop.close()
         return 0
+
+    def _report(self) -> None:
+        for link in self.links:
+            link.report()
+
+    def _relink(self, index: int, fd: int) -> None:
+        """Balancer `index` was replaced: talk to the new one over the fresh channel `fd`
+        (the master keeps the old channel's other end, so it never reads as closed).
+        Connections the old one gave stay ours; a hand-back or park of one goes to the
+        old link, whose channel is closed, so it is closed instead: the new balancer
+        holds no record of it and would take it for a lie."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            os.close(fd)
+            self.spec.logs.error.error("bad channel from master for balancer %d: %s", index, exc)
+            return
+        if not 0 <= index < len(self.links) or sock.type != socket.SOCK_SEQPACKET:
+            sock.close()
+            self.spec.logs.error.error("bad channel from master for balancer %d", index)
+            return
+        old = self.links[index]
+        # Connections the old one sent before it died are ours (it held them until our
+        # acknowledgement, which it never reads): take them before the channel goes.
+        while self.loop.registered(old.sock) and select.select([old.sock], [], [], 0)[0]:
+            old.on_readable()
+        if old.sock.fileno() >= 0:
+            if self.loop.registered(old.sock):
+                self.loop.unregister(old.sock)
+            old.sock.close()
+        self.links[index] = link = self._new_link(sock)
+        self.loop.register(sock, link.on_readable)
+        if index == 0:
+            self.link = link
 
     def _heartbeat(self) -> None:
         """Sent from the serving loop itself, so a loop stuck in an app call goes silent."""
@@ -220,6 +269,9 @@ class Worker:
         except MessageError as exc:
             self.spec.logs.error.error("bad message from master: %s", exc)
             return
+        if type(message) is Relink:   # with its one fd
+            self._relink(message.index, fds[0])
+            return
         for fd in fds:
             os.close(fd)
         if type(message) is Routes:   # a reload changed the routing without restarting us
@@ -230,12 +282,37 @@ class Worker:
             return
         if type(message) is Stop:
             if message.graceful and message.handback and self.link is not None:
-                self.server.hand_back_with(self.link.hand_back)
+                self.server.hand_back_with(self._hand_back)
             self.server.stop(graceful=message.graceful)
+
+    def _hand_back(self, sock: socket.socket, unparsed: bytes, peer, listener: str) -> None:
+        try:
+            link = self.origins.pop(sock, self.link)
+        except TypeError:   # a raw socket the server accepted itself (share, reuseport): no balancer's
+            link = self.link
+        link.hand_back(sock, unparsed, peer, listener)
+
+
+class _FromLink:
+    """The server as one BalancerLink sees it: each connection it adds is noted as that
+    link's (`origins`), for the hand-back; everything else is the server's."""
+
+    def __init__(self, server: Server, origins: weakref.WeakKeyDictionary):
+        self._server = server
+        self._origins = origins
+        self.link: BalancerLink | None = None
+
+    def add_connection(self, sock: socket.socket, *args, **kwargs) -> None:
+        self._origins[sock] = self.link
+        self._server.add_connection(sock, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._server, name)
 
 
 class BalancerLink:
-    """The worker's end of its channel to the balancer: connections in, load out.
+    """The worker's end of its channel to one balancer: connections in, load out. (With
+    several balancers a worker has one link each; a link knows only its own.)
 
     What the balancer must hear (which connections we took, so it can drop its copies;
     which ended, so its counts stay right) goes out in REPORT messages that gather many
@@ -244,6 +321,22 @@ class BalancerLink:
     ended are reported once per loop iteration, after its events (`report` is the
     loop's after-events callback). So the balancer hears of a close up to one loop
     iteration late, and counts a worker busy with a long inline call a little high.
+
+    Busy threads, as the balancer must count them to send a connection only to a worker
+    that can serve it now: every REPORT says how many threads we have and how many are
+    busy, the connections it acknowledges among them (they are claimed: each may be a
+    request about to run). Each is read at once after the acknowledgement, and stays
+    claimed until its first request ran (inline) or holds a pool thread, or that read
+    left a request partly here (a slow client holds no thread), or it closes or is
+    parked (a silent one is, after `park_after`; with parking off it is not claimed
+    past that first read). A REPORT goes out the moment we are free again while the
+    last one said we
+    were not (claims released, a pool thread done), and only then: a worker the
+    balancer already believes free says nothing, so a request on a connection that
+    stayed here (a hot keep-alive one) costs no message. Such a request is the one the
+    balancer does not see; a connection idle past `park_after` is parked (handed back
+    without retiring, `keepalive_s` set), so its next request comes through the
+    balancer, which counts it.
 
     A CONN whose fd did not reach us (we are at our fd limit) is reported `refused`, so
     the balancer passes it to another worker. The balancer shutting our channel down
@@ -259,7 +352,15 @@ class BalancerLink:
         self.acked: list[int] = []    # taken since the last report
         self.closed: list[int] = []   # ended since the last report
         self.refused: list[int] = []  # arrived without their fd since the last report
+        self.threads = max(1, server.settings.threads)
+        self.claimed: set[int] = set()   # acknowledged, their first request not started
+        self.told_busy = 0               # what the last report said
         sock.setblocking(False)
+        server.watch_free(self._maybe_free)
+        try:   # how many threads we have, before the first connection (the balancer counts one till then)
+            channel.send(sock, Report(busy=0, acked=(), closed=(), threads=self.threads))
+        except OSError:
+            pass   # the acknowledging reports say it too
 
     def on_readable(self) -> None:
         taken = self._receive_connections()
@@ -267,6 +368,7 @@ class BalancerLink:
             # Acknowledge before reading a byte of them (a handed-back connection may
             # even be served at once): from here on they are ours, and the balancer may
             # drop its copies.
+            self.claimed.update(message.id for message, _ in taken)
             self.report()
         for message, fd in taken:
             self._serve(message, fd)
@@ -302,29 +404,70 @@ class BalancerLink:
         return taken
 
     def _serve(self, conn: Conn, fd: int) -> None:
-        conn_id = conn.id
-        self.server.add_connection(socket.socket(fileno=fd), conn.peer, conn.listener,
+        conn_id, peer, listener = conn.id, conn.peer, conn.listener
+        self.server.add_connection(socket.socket(fileno=fd), peer, listener,
                                    initial_bytes=conn.data,
-                                   on_close=lambda: self.closed.append(conn_id),
-                                   proxy_protocol=conn.proxy)
+                                   on_close=lambda: self._ended(conn_id),
+                                   proxy_protocol=conn.proxy,
+                                   on_park=lambda sock, left_s: self._park(conn_id, sock, peer, listener, left_s),
+                                   on_started=lambda: self._unclaim(conn_id))
 
-    def report(self) -> None:
+    def _ended(self, conn_id: int) -> None:
+        self.closed.append(conn_id)
+        self._unclaim(conn_id)
+
+    def _unclaim(self, conn_id: int) -> None:
+        claimed = self.claimed
+        if conn_id in claimed:
+            claimed.discard(conn_id)
+            self._maybe_free()
+
+    def _maybe_free(self) -> None:
+        """Say we are free, if the balancer was last told we were not (see the class)."""
+        if self.told_busy >= self.threads and self.server.busy_threads + len(self.claimed) < self.threads:
+            self.report(always=True)
+
+    def report(self, always: bool = False) -> None:
         """Tell the balancer what it has not heard yet (nothing is sent if nothing
-        happened). Called after every loop iteration and before the worker exits."""
+        happened, unless `always`: our busy count is the news). Called after every loop
+        iteration and before the worker exits."""
+        sent = False
         while self.acked or self.closed:
             acked = _take_first(self.acked, REPORT_MAX_IDS)
             closed = _take_first(self.closed, REPORT_MAX_IDS - len(acked))
             # A lost report would leave the balancer holding copies of connections we
             # own (and re-sending them if we exit), or skew its counts.
-            if not self._send_patiently(Report(busy=self.server.busy_threads, acked=acked, closed=closed)):
+            if not self._send_report(acked, closed):
                 self.log.warning("the balancer is not reading; lost the news of %d taken and %d ended"
                                  " connections", len(acked), len(closed))
+            sent = True
         while self.refused:
             refused = _take_first(self.refused, REFUSED_MAX)
-            if not self._send_patiently(Report(busy=self.server.busy_threads, acked=(), closed=(),
-                                               refused=refused)):
+            if not self._send_report((), (), refused):
                 self.log.warning("the balancer is not reading; lost the news of %d refused connections",
                                  len(refused))
+            sent = True
+        if always and not sent:
+            self._send_report((), ())
+
+    def _send_report(self, acked, closed, refused=()) -> bool:
+        busy = self.server.busy_threads + len(self.claimed)
+        self.told_busy = busy
+        return self._send_patiently(Report(busy=busy, acked=acked, closed=closed, refused=refused,
+                                           threads=self.threads))
+
+    def _park(self, conn_id: int, sock: socket.socket, peer, listener: str, left_s: float) -> None:
+        """The server parks an idle connection we were given: back to the balancer,
+        which passes its next request to a free worker (we go on serving)."""
+        message = HandBack(peer=tuple(peer[:2]) if isinstance(peer, tuple) else ("", 0), listener=listener,
+                           data=b"", keepalive_s=left_s)
+        try:
+            if not self._send_patiently(message, [sock.fileno()]):
+                self.log.warning("could not park a connection; closing it")
+                self.closed.append(conn_id)   # no hand-back said it ended here
+        finally:
+            sock.close()  # the balancer holds its own copy now (or the client sees a close)
+        self._unclaim(conn_id)
 
     def hand_back(self, sock: socket.socket, unparsed: bytes, peer, listener: str) -> None:
         """Give an idle keep-alive connection, and what we read of it, to the balancer."""

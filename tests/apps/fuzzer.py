@@ -210,7 +210,7 @@ def send_all(channel: socket.socket, seed: int, count: int, tally: int = -1, lea
 def _channel(to: str) -> socket.socket:
     from supervisor.worker.process import WorkerSpec
     spec = next(obj for obj in gc.get_objects() if type(obj) is WorkerSpec)
-    return spec.channel if to == "master" else spec.balancer
+    return spec.channel if to == "master" else spec.balancers[0]
 
 
 def app(environ, start_response):

@@ -45,9 +45,11 @@ def open_fds() -> int:
 
 
 class Harness:
-    """A Balancer with one TCP listener, the master's channel end, and workers' ends."""
+    """A Balancer with one TCP listener, the master's channel end, and workers' ends.
+    Each worker has first reported `threads` threads (None: it has not reported, so the
+    balancer counts one)."""
 
-    def __init__(self, workers=(1,), health=False, **routes):
+    def __init__(self, workers=(1,), health=False, threads=64, **routes):
         self.clock = FakeClock()
         self.listener = listening()
         self.port = self.listener.getsockname()[1]
@@ -66,6 +68,10 @@ class Harness:
                                  clock=self.clock, health_socket=self.health)
         self.balancer_end = balancer_end
         self.clients = []
+        if threads is not None:
+            for end in self.workers.values():
+                channel.send(end, Report(busy=0, acked=(), closed=(), threads=threads))
+            self.turn()
 
     def turn(self, max_wait_s=0.5):
         self.balancer.loop.run_once(max_wait_s=max_wait_s)

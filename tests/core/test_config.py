@@ -13,6 +13,7 @@ from supervisor.config.model import (
     COMMAND_LINE,
     AppConfig,
     ConfigError,
+    auto_balancers,
     control_socket_path,
     effective_user,
 )
@@ -78,6 +79,14 @@ ONE_PROBLEM = [
      "master.access_log", ['expected a file path or "-"', "found integer 3"]),
     ("pidfile dash", document(master='pidfile = "-"'),
      "master.pidfile", ["expected a file path", "found string '-'"]),
+    ("balancers zero", document(master="balancers = 0"),
+     "master.balancers", ['expected an integer from 1 to 64 or "auto"', "found integer 0"]),
+    ("balancers past the bound", document(master="balancers = 65"),
+     "master.balancers", ['expected an integer from 1 to 64 or "auto"', "found integer 65"]),
+    ("balancers word", document(master='balancers = "many"'),
+     "master.balancers", ['expected an integer from 1 to 64 or "auto"', "found string 'many'"]),
+    ("balancers boolean", document(master="balancers = true"),
+     "master.balancers", ['expected an integer from 1 to 64 or "auto"']),
     ("master not a table", document(extra="").replace("[master]\n", "master = 1\n"),
      "master", ["expected a table", "found integer 1"]),
 
@@ -183,7 +192,15 @@ ONE_PROBLEM = [
     ("header_timeout zero", document(app="header_timeout = 0.0"),
      "apps.blog.header_timeout", ["expected a number of seconds > 0 and at most 86400", "found float 0.0"]),
     ("forwarded_allow_ips name", document(app='forwarded_allow_ips = ["127.0.0.1", "localhost"]'),
-     "apps.blog.forwarded_allow_ips[1]", ["expected an IPv4 or IPv6 address", "found string 'localhost'"]),
+     "apps.blog.forwarded_allow_ips[1]", ["expected an IP address, a network in CIDR form", "found string 'localhost'"]),
+    ("forwarded_allow_ips host bits", document(app='forwarded_allow_ips = ["10.0.0.1/8"]'),
+     "apps.blog.forwarded_allow_ips[0]", ["expected an IP address, a network in CIDR form", "found string '10.0.0.1/8'"]),
+    ("forwarded_header unknown", document(app='forwarded_header = "X-Real-IP"'),
+     "apps.blog.forwarded_header", ["expected 'X-Forwarded-For' or 'Forwarded'", "found string 'X-Real-IP'"]),
+    ("secure_scheme_headers name", document(app='secure_scheme_headers = { "X_Proto" = "https" }'),
+     "apps.blog.secure_scheme_headers.X_Proto", ["expected a header name"]),
+    ("secure_scheme_headers value", document(app='secure_scheme_headers = { "X-Proto" = 1 }'),
+     "apps.blog.secure_scheme_headers.X-Proto", ["expected the header's value meaning https", "found integer 1"]),
     ("proxy_allow_ips host bits", document(listener='proxy_protocol = true\nproxy_allow_ips = ["10.0.0.1/8"]'),
      "listeners.web.proxy_allow_ips[0]", ["expected an IP address, a network in CIDR form", "found string '10.0.0.1/8'"]),
     ("proxy_allow_ips name", document(listener='proxy_allow_ips = ["127.0.0.1", "lb.internal"]'),
@@ -497,7 +514,9 @@ limit_request_fields = 50
 limit_request_field_size = 1024
 max_body_size = 1_000_000
 header_timeout = 3
-forwarded_allow_ips = ["10.0.0.1", "::ffff:10.0.0.2", "0:0::1"]
+forwarded_allow_ips = ["10.0.0.1", "::ffff:10.0.0.2", "0:0::1", "10.1.0.0/16", "*"]
+forwarded_header = "Forwarded"
+secure_scheme_headers = {{ "X-Scheme" = "https" }}
 
 [apps."shop.v2"]
 module = "shop:app"
@@ -534,7 +553,8 @@ umask = 0o022
     assert (blog.keepalive, blog.graceful_timeout, blog.header_timeout) == (2.0, 7.5, 3.0)
     assert (blog.limit_request_line, blog.limit_request_fields, blog.limit_request_field_size) == (4094, 50, 1024)
     assert blog.max_body_size == 1_000_000
-    assert blog.forwarded_allow_ips == ("10.0.0.1", "::ffff:a00:2", "::1")
+    assert blog.forwarded_allow_ips == ("10.0.0.1", "::ffff:a00:2", "::1", "10.1.0.0/16", "*")
+    assert (blog.forwarded_header, dict(blog.secure_scheme_headers)) == ("forwarded", {"X-Scheme": "https"})
     assert config.apps["shop.v2"].umask == 0o022
     assert config.apps["shop.v2"].pythonpath == ()
 
@@ -897,3 +917,19 @@ def test_proxy_allow_ips_default_and_forms(tmp_path):
     text = document(listener='proxy_protocol = true\nproxy_allow_ips = ["10.0.0.0/8", "fd00::/8", "192.0.2.7", "*"]')
     config = load(write(tmp_path, text))
     assert config.listeners["web"].proxy_allow_ips == ("10.0.0.0/8", "fd00::/8", "192.0.2.7", "*")
+
+
+# -- [master] balancers ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("cores, balancers", [(1, 1), (3, 1), (4, 1), (7, 1), (8, 2), (16, 4), (64, 16),
+                                              (256, 64), (1024, 64)])
+def test_auto_balancers_is_one_per_four_cores_within_the_bounds(cores, balancers):
+    assert auto_balancers(cores) == balancers
+
+
+@pytest.mark.parametrize("line, expected", [("", 1), ("balancers = 1", 1), ("balancers = 2", 2),
+                                            ("balancers = 64", 64),
+                                            ('balancers = "auto"', auto_balancers(os.cpu_count() or 1))])
+def test_balancers(tmp_path, line, expected):
+    assert load(write(tmp_path, document(master=line))).master.balancers == expected

@@ -5,9 +5,11 @@ answer with, written as "send c1 to 1" (pass connection c1 to worker 1), "refuse
 overflow_503", "taken c1" (a REPORT acknowledged c1: the shell closes its copy).
 An empty list: nothing to do (a connection that could not go waits in the queue).
 
-Events: `apps a=POLICY ...` (the routed apps), `attach KEY APP`, `detach KEY`,
+Events: `apps a=POLICY ...` (the routed apps), `attach KEY APP [threads=N]` (with a
+first report saying N threads; without, the core takes it to have one), `detach KEY`,
 `gone KEY`, `dispatch NAME [APP] [client=ADDRESS]` (APP defaults to "a"), `fail NAME`
-(the last send of NAME failed), `report KEY [acked=N,M] [closed=COUNT] [busy=COUNT]`,
+(the last send of NAME failed), `report KEY [acked=N,M] [closed=COUNT] [busy=COUNT]
+[threads=N]`,
 `next` (the next queued connection some worker may take), `time SECONDS` (the clock
 moves to it), `expire`, `drain`. A step `("state", {...})` checks the core's figures.
 """
@@ -65,7 +67,9 @@ class Driver:
         if verb == "apps":
             return self.render(core.set_apps(options))
         if verb == "attach":
-            core.attach(int(args[0]), args[1])
+            worker = core.attach(int(args[0]), args[1])
+            if "threads" in options:
+                core.report(worker, (), (), 0, int(options["threads"]))
             return []
         if verb == "detach":
             core.detach(core.worker(int(args[0])))
@@ -82,7 +86,8 @@ class Driver:
             worker = core.worker(int(args[0]))
             acked = tuple(self.sends[name].conn_id for name in options.get("acked", "").split(",") if name)
             closed = tuple(range(int(options.get("closed", 0))))
-            taken = core.report(worker, acked, closed, int(options.get("busy", 0)))
+            taken = core.report(worker, acked, closed, int(options.get("busy", 0)),
+                                int(options.get("threads", 0)) or None)
             return [f"taken {conn.name}" for conn in taken]
         if verb == "next":
             return self.render(core.next_queued())
@@ -126,6 +131,8 @@ class Driver:
                for field in ("handoffs", "queue_wait_s", "connections", "queue_depth")},
             **{f"load.{key}": (worker.connections, worker.busy) for key in (1, 2, 3, -1)
                if (worker := core.worker(key)) is not None},
+            **{f"free.{key}": worker.free for key in (1, 2, 3)
+               if (worker := core.worker(key)) is not None},
         }
 
 
@@ -142,20 +149,20 @@ def run(driver: Driver, steps):
 SCENARIOS = {
     # -- the policies, applied among the accepting workers only --------------------
     "least-connections spreads a burst, then follows the reports": [
-        ("attach 1 a", []), ("attach 2 a", []), ("attach 3 a", []),
+        ("attach 1 a threads=9", []), ("attach 2 a threads=9", []), ("attach 3 a threads=9", []),
         ("dispatch c1", ["send c1 to 1"]),
-        ("dispatch c2", ["send c2 to 3"]),       # ties are taken in turn
-        ("dispatch c3", ["send c3 to 2"]),
+        ("dispatch c2", ["send c2 to 2"]),       # ties are taken in turn, by key
+        ("dispatch c3", ["send c3 to 3"]),
         ("report 1 acked=c1 closed=1", ["taken c1"]),
         ("dispatch c4", ["send c4 to 1"]),       # the only one with no connection
-        ("report 3 acked=c2 busy=1", ["taken c2"]),
+        ("report 3 acked=c3 busy=1", ["taken c3"]),
         ("state", {"load.1": (1, 0), "load.2": (1, 0), "load.3": (1, 1)}),
-        ("dispatch c5", ["send c5 to 1"]),       # one connection each: the busy one is left out
-        ("dispatch c6", ["send c6 to 2"]),
+        ("dispatch c5", ["send c5 to 2"]),       # one connection each: the busy one is left out
+        ("dispatch c6", ["send c6 to 1"]),
     ],
     "round-robin takes the accepting workers in turn": [
         ("apps a=round-robin", []),
-        ("attach 1 a", []), ("attach 2 a", []), ("attach 3 a", []),
+        ("attach 1 a threads=9", []), ("attach 2 a threads=9", []), ("attach 3 a threads=9", []),
         ("dispatch c1", ["send c1 to 1"]),
         ("dispatch c2", ["send c2 to 2"]),
         ("detach 3", []),
@@ -164,7 +171,7 @@ SCENARIOS = {
     ],
     "ip-hash keeps a client on its worker, and moves it only when that one stops": [
         ("apps a=ip-hash", []),
-        ("attach 1 a", []), ("attach 2 a", []), ("attach 3 a", []),
+        ("attach 1 a threads=9", []), ("attach 2 a threads=9", []), ("attach 3 a threads=9", []),
         ("dispatch c1 client=192.0.2.7", ["send c1 to 3"]),
         ("dispatch c2 client=192.0.2.7", ["send c2 to 3"]),
         ("dispatch c3 client=192.0.2.8", ["send c3 to 1"]),
@@ -174,7 +181,7 @@ SCENARIOS = {
     ],
     "the policy is kept across routes that keep its name, replaced when it changes": [
         ("apps a=round-robin", []),
-        ("attach 1 a", []), ("attach 2 a", []),
+        ("attach 1 a threads=9", []), ("attach 2 a threads=9", []),
         ("dispatch c1", ["send c1 to 1"]),
         ("apps a=round-robin b=ip-hash", []),
         ("dispatch c2", ["send c2 to 2"]),       # the rotation went on
@@ -182,9 +189,92 @@ SCENARIOS = {
         ("dispatch c3", ["send c3 to 1"]),       # a fresh policy: by load (both hold one)
     ],
 
+    # -- only a worker that can serve now gets a connection ---------------------------
+    "a connection goes only to a free worker, else waits for the first that says it is free": [
+        ("attach 1 a", []), ("attach 2 a", []),  # one thread each, until they say
+        ("dispatch c1", ["send c1 to 1"]),
+        ("dispatch c2", ["send c2 to 2"]),       # 1 counts busy from the send on
+        ("dispatch c3", []),
+        ("state", {"queued": 1, "free.1": False, "free.2": False}),
+        ("report 1 acked=c1 busy=1", ["taken c1"]),   # acknowledged, not served yet: busy
+        ("next", []),
+        ("report 2 acked=c2 busy=1", ["taken c2"]),
+        ("next", []),
+        ("report 2 busy=0", []),                 # its request finished: free
+        ("next", ["send c3 to 2"]),
+        ("next", []),
+        ("state", {"queued": 0, "free.1": False, "free.2": False}),
+    ],
+    "two connections in the same instant never go to one free thread": [
+        ("attach 1 a threads=2", []),
+        ("dispatch c1", ["send c1 to 1"]),
+        ("dispatch c2", ["send c2 to 1"]),
+        ("dispatch c3", []),
+        ("report 1 acked=c1,c2 busy=2", ["taken c1", "taken c2"]),
+        ("next", []),
+        ("report 1 busy=1", []),
+        ("next", ["send c3 to 1"]),
+    ],
+    "a worker's thread count is its reports' word, one until the first": [
+        ("attach 1 a", []),
+        ("dispatch c1", ["send c1 to 1"]),
+        ("dispatch c2", []),
+        ("report 1 acked=c1 busy=1 threads=4", ["taken c1"]),
+        ("next", ["send c2 to 1"]),
+        ("dispatch c3", ["send c3 to 1"]),
+        ("dispatch c4", ["send c4 to 1"]),       # 1 busy and 3 sent: its 4 threads
+        ("dispatch c5", []),
+        ("state", {"free.1": False, "queued": 1}),
+    ],
+    "least-connections chooses among the free workers only": [
+        ("attach 1 a", []), ("attach 2 a", []),
+        ("dispatch c1", ["send c1 to 1"]),
+        ("report 1 acked=c1 busy=1", ["taken c1"]),
+        ("dispatch c2", ["send c2 to 2"]),
+        ("report 2 acked=c2 busy=0", ["taken c2"]),   # a keep-alive connection, idle
+        ("dispatch c3", ["send c3 to 2"]),       # as loaded as 1 by connections, but free
+    ],
+    "round-robin skips a busy worker's turn": [
+        ("apps a=round-robin", []),
+        ("attach 1 a", []), ("attach 2 a", []), ("attach 3 a", []),
+        ("dispatch c1", ["send c1 to 1"]),
+        ("dispatch c2", ["send c2 to 2"]),
+        ("report 1 acked=c1 busy=0", ["taken c1"]),
+        ("dispatch c3", ["send c3 to 3"]),
+        ("dispatch c4", ["send c4 to 1"]),       # 2 is still busy with c2
+    ],
+    "ip-hash waits for its own worker, and holds up no other worker's connections": [
+        ("apps a=ip-hash", []),
+        ("attach 1 a", []), ("attach 2 a", []), ("attach 3 a", []),
+        ("dispatch c1 client=192.0.2.7", ["send c1 to 3"]),
+        ("dispatch c2 client=192.0.2.7", []),    # its worker is busy: it waits for it
+        ("dispatch c3 client=192.0.2.8", ["send c3 to 1"]),
+        ("dispatch c4 client=192.0.2.8", []),
+        ("report 1 acked=c3 busy=0", ["taken c3"]),
+        ("next", ["send c4 to 1"]),              # c2 is older, but its worker is still busy
+        ("next", []),
+        ("report 3 acked=c1 busy=0", ["taken c1"]),
+        ("next", ["send c2 to 3"]),
+        ("state", {"queued": 0}),
+    ],
+    "a failed send of a queued ip-hash connection goes back in deadline order": [
+        ("apps a=ip-hash", []),
+        ("attach 1 a", []), ("attach 2 a", []), ("attach 3 a", []),
+        ("dispatch c1 client=192.0.2.7", ["send c1 to 3"]),
+        ("dispatch c2 client=192.0.2.7", []),
+        ("time 1", []), ("dispatch c3 client=192.0.2.8", ["send c3 to 1"]),
+        ("dispatch c4 client=192.0.2.8", []),
+        ("report 1 acked=c3 busy=0", ["taken c3"]),
+        ("next", ["send c4 to 1"]),
+        ("fail c4", []),
+        ("state", {"queued": 2, "next_deadline": 30.0}),
+        ("time 30", []), ("expire", ["refuse c2 queue_timeout_503"]),
+        ("time 31", []), ("expire", ["refuse c4 queue_timeout_503"]),
+    ],
+
     # -- who gets nothing ---------------------------------------------------------
     "a detached worker gets nothing more, but its reports still count": [
-        ("attach 1 a", []), ("attach 2 a", []),
+        ("attach 1 a threads=9", []), ("attach 2 a threads=9", []),
         ("dispatch c1", ["send c1 to 1"]),
         ("detach 1", []),
         ("dispatch c2", ["send c2 to 2"]),
@@ -253,7 +343,7 @@ SCENARIOS = {
     "queued connections leave oldest first once a worker attaches, counting their wait": [
         ("time 10", []), ("dispatch c1", []),
         ("time 12", []), ("dispatch c2", []),
-        ("time 15", []), ("attach 1 a", []),
+        ("time 15", []), ("attach 1 a threads=2", []),
         ("next", ["send c1 to 1"]),
         ("next", ["send c2 to 1"]),
         ("next", []),
@@ -281,22 +371,22 @@ SCENARIOS = {
 
     # -- workers that go away -----------------------------------------------------------
     "a dead worker's unacknowledged connections are dispatched again": [
-        ("attach 1 a", []),
+        ("attach 1 a threads=9", []),
         ("dispatch c1", ["send c1 to 1"]),
         ("dispatch c2", ["send c2 to 1"]),
         ("dispatch c3", ["send c3 to 1"]),
         ("report 1 acked=c1", ["taken c1"]),
-        ("attach 2 a", []),
+        ("attach 2 a threads=9", []),
         ("gone 1", ["send c2 to 2", "send c3 to 2"]),
         ("state", {"redispatched": 2, "a.connections": 2}),
     ],
     "a dead worker's connections wait when no worker is left, then go out in order": [
-        ("attach 1 a", []),
+        ("attach 1 a threads=2", []),
         ("dispatch c1", ["send c1 to 1"]),
         ("dispatch c2", ["send c2 to 1"]),
         ("gone 1", []),
         ("state", {"queued": 2}),
-        ("attach 2 a", []),
+        ("attach 2 a threads=2", []),
         ("next", ["send c1 to 2"]),
         ("next", ["send c2 to 2"]),
     ],
@@ -341,7 +431,7 @@ def test_random_two_draws_among_the_accepting_workers_only():
     driver = Driver(rng=random.Random(7))
     driver.core.set_apps({"a": "random-two"})
     for key in (1, 2, 3):
-        driver.step(f"attach {key} a")
+        driver.step(f"attach {key} a threads=99")
     driver.step("detach 2")
     reference, pool = RandomTwo(random.Random(7)), [driver.core.worker(1), driver.core.worker(3)]
     expected = []
@@ -354,7 +444,7 @@ def test_random_two_draws_among_the_accepting_workers_only():
 
 def test_an_unknown_policy_changes_nothing():
     driver = Driver()
-    driver.step("attach 1 a")
+    driver.step("attach 1 a threads=9")
     driver.step("dispatch c1")
     with pytest.raises(ValueError, match="unknown balancing policy"):
         driver.core.set_apps({"a": "least-connections", "b": "fastest"})

@@ -26,6 +26,7 @@ from supervisor.ipc.messages import (
     Metrics,
     Ready,
     Released,
+    Relink,
     Reopen,
     Report,
     Routes,
@@ -67,6 +68,7 @@ WIRE = [
     (Attach(key=-1, app=""), b'\1attach\0{"key":-1,"app":""}'),
     (Detach(key=12), b'\0detach\0{"key":12}'),
     (Upstream(), b"\1upstream\0{}"),
+    (Relink(index=1), b'\1relink\0{"index":1}'),
     (Takeover(pid=1), b'\0takeover\0{"pid":1}'),
     (Sockets(names=("listener:web", "reuseport:r:a:0", "health")),
      b'\3sockets\0{"names":["listener:web","reuseport:r:a:0","health"]}'),
@@ -80,12 +82,14 @@ WIRE = [
     (HandBack(peer=("10.0.0.1", 4), listener="web", data=b"x"), b'\1handback\0{"peer":["10.0.0.1",4],"listener":"web","data":"eA=="}'),
     (HandBack(peer=("10.0.0.1", 4), listener="web", data=b"x", app="a"),
      b'\1handback\0{"peer":["10.0.0.1",4],"listener":"web","data":"eA==","app":"a"}'),
+    (HandBack(peer=("10.0.0.1", 4), listener="web", data=b"", keepalive_s=4.5),   # parked
+     b'\1handback\0{"peer":["10.0.0.1",4],"listener":"web","data":"","keepalive_s":4.5}'),
 ]
 
 
 def test_the_cases_cover_every_kind():
     assert {type(message) for message, _ in WIRE} == set(CLASSES)
-    assert {cls.KIND for cls in CLASSES} == KINDS and len(KINDS) == 19
+    assert {cls.KIND for cls in CLASSES} == KINDS and len(KINDS) == 20
 
 
 @pytest.mark.parametrize("message,data", WIRE)
@@ -117,6 +121,10 @@ BINARY = [
     (Report(busy=2, acked=(1, 2), closed=(3,)), 10 + 3 * 8),
     (Report(busy=2**32 - 1, acked=(), closed=(2**64 - 1, 0)), 10 + 2 * 8),
     (Report(busy=1, acked=tuple(range(100)), closed=tuple(range(REPORT_MAX_IDS - 100))), 10 + REPORT_MAX_IDS * 8),
+    (Report(busy=1, acked=(5,), closed=(), threads=4), 14 + 8),   # says its threads: code 6
+    (Report(busy=0, acked=(), closed=(), threads=2**32 - 1), 14),
+    (Report(busy=1, acked=tuple(range(100)), closed=tuple(range(REPORT_MAX_IDS - 100)), threads=1),
+     14 + REPORT_MAX_IDS * 8),
     (Heartbeat(requests=0, connections=0, busy=0, oldest_s=0.0), 26),
     (Heartbeat(requests=2**64 - 1, connections=2**32 - 1, busy=2**32 - 1, oldest_s=1e9), 26),
 ]
@@ -166,7 +174,7 @@ def test_encode_conn_is_encode_without_the_message(args, message):
 def test_a_decoded_message_is_a_frozen_slotted_instance_of_its_class():
     message = messages.decode(messages.encode(Report(busy=1, acked=(4,), closed=())))
     assert type(message) is Report and message.acked == (4,) and message.closed == ()
-    assert repr(message) == "Report(busy=1, acked=(4,), closed=(), refused=())"
+    assert repr(message) == "Report(busy=1, acked=(4,), closed=(), refused=(), threads=0)"
     with pytest.raises(dataclasses.FrozenInstanceError):
         message.busy = 2
     for sample, _ in WIRE:
@@ -343,6 +351,9 @@ HOSTILE = [
     b"\0\5" + struct.pack("<IHH", 0, 1, 0) + bytes(4),                           # half an id
     b"\0\5" + struct.pack("<IHH", 0, REPORT_MAX_IDS, 1) + bytes(8 * (REPORT_MAX_IDS + 1)),  # too many ids
     b"\1\5" + struct.pack("<IHH", 0, 0, 0),                                       # a report with an fd
+    b"\0\6" + struct.pack("<IHH", 0, 0, 0),                                       # threads missing
+    b"\0\6" + struct.pack("<IIHH", 0, 1, 1, 0),                                   # an id announced, none sent
+    b"\1\6" + struct.pack("<IIHH", 0, 1, 0, 0),
     messages.encode(Heartbeat(1, 1, 1, 1.0)) + b"x",
     b"\1\4" + struct.pack("<QIId", 1, 1, 1, 1.0),                                 # a heartbeat with an fd
     b"\0\4" + struct.pack("<QIId", 1, 1, 1, math.inf),                            # not a duration
@@ -354,7 +365,7 @@ HOSTILE = [
     b"\0\0" + bytes(12),                                                          # kind code 0
     b"\0\2" + bytes(12),                                                          # retired: ACK, CLOSED
     b"\0\3" + bytes(12),
-    b"\0\6" + bytes(12),                                                          # unassigned kind codes
+    b"\0\7" + bytes(12),                                                          # unassigned kind codes
     b"\0\x1f" + bytes(24),
     b"\1\1" + struct.pack("<QHBBB", 7, 80, 4, 0, 0),                              # unknown CONN flag
     b"\1\1" + struct.pack("<QHBBB", 7, 80, 0x80, 0, 0),

@@ -41,7 +41,7 @@ def test_every_field_but_logs_arrives_as_plain_data(spec):
         assert got.proxy_listeners == ("a", "b") and got.log_fds == (5, -1)
         assert got.channel.fileno() == spec.channel.fileno()
         assert got.listeners["web"].fileno() == spec.listeners["web"].fileno()
-        assert got.balancer is None and got.logs is None
+        assert got.balancers == () and got.logs is None
     finally:
         for sock in (got.channel, *got.listeners.values()):
             sock.detach()   # the same fds as the fixture's: closed once, there

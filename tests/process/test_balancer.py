@@ -170,7 +170,9 @@ def test_least_connections_routes_around_a_worker_busy_with_a_slow_request(baton
 
 def test_batched_reports_release_every_copy_and_count_every_connection(baton, port):
     health = free_port()
-    master = baton(master_config(port, health=f'"127.0.0.1:{health}"') + app_block("alpha", workers=2))
+    # Not parked: the idle connections stay at their workers, to be counted there.
+    master = baton(master_config(port, health=f'"127.0.0.1:{health}"')
+                   + app_block("alpha", workers=2, extra="park_after = 0"))
     master.wait_workers(2)
     balancer = master.balancer()
     wait_for(lambda: connections(health, "alpha") == 0, message="/metrics to count alpha's connections")

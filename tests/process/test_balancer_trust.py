@@ -259,7 +259,9 @@ def test_a_flood_of_silent_connections_at_the_fd_limit_is_shed_and_recovered_fro
 
 @pytest.mark.timeout(60)
 def test_connections_sent_to_a_worker_out_of_fds_go_to_another_and_leak_nothing(limited, port):
-    master = limited(two_apps(port, a_module="intruder", extra_a='balance = "round-robin"'))
+    # Not parked: parking would hand the exhausted worker's idle connections back (and
+    # so give it fds again), and hold the others in the balancer.
+    master = limited(two_apps(port, a_module="intruder", extra_a='balance = "round-robin"\npark_after = 0'))
     master.wait_workers(3)
     balancer = master.balancer()
     wait_for(lambda: answers_for(port, "a.test"), message="app a answering")
@@ -277,7 +279,7 @@ def test_connections_sent_to_a_worker_out_of_fds_go_to_another_and_leak_nothing(
         assert {status for status, _ in bodies} == {200}
         assert all(body.startswith(b"pid=") and not body.startswith(exhausted + b" ") for _, body in bodies), (exhausted, bodies)
         master.wait_log("could not take a connection from the balancer")
-        master.wait_log("could not take 1 connections (out of fds); passing them on")
+        master.wait_log("could not take 1 connection (out of fds); passing them on")
         assert alive(int(exhausted.split(b"=")[1]))
         settle(balancer, baseline, "balancer")
     finally:

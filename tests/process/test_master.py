@@ -78,7 +78,7 @@ def test_app_without_user_runs_as_nobody_and_the_log_says_so(baton, port):
     master = baton(config(port))
     (pid,) = master.wait_workers(1)
     assert int(proc_status(pid)["Uid"].split()[0]) == pwd.getpwnam("nobody").pw_uid
-    assert "app probe names no user; its workers run as nobody" in master.log()
+    assert "app 'probe' names no user; its workers run as nobody" in master.log()
 
 
 def test_process_titles_tell_master_and_workers_apart(baton, port):

@@ -1,6 +1,7 @@
 """The worker's end of its balancer channel: what it acknowledges and reports, and when."""
 import logging
 import socket
+from types import SimpleNamespace
 
 import pytest
 from conftest import REPO, answers, http_request, wait_for
@@ -14,22 +15,29 @@ from supervisor.worker.process import BalancerLink
 class RecordingServer:
     """Stands in for the worker's http.server.Server: notes which acknowledgements the
     balancer had received by the time each connection was added, and keeps its close
-    callback."""
+    callback. One of its two threads is busy."""
 
     def __init__(self, balancer_end: socket.socket):
         self.balancer_end = balancer_end
+        self.settings = SimpleNamespace(threads=2)
         self.busy_threads = 1
         self.acked_before_added: dict[int, bool] = {}
         self.on_close: dict[int, object] = {}
         self.heard: list[Message] = []
+        self.free_watchers = []
+
+    def watch_free(self, callback):
+        self.free_watchers.append(callback)
 
     def add_connection(self, sock, peer, listener_name="", initial_bytes=b"", on_close=None,
-                       proxy_protocol=False):
+                       proxy_protocol=False, on_park=None, on_started=None):
         self.heard.extend(drain(self.balancer_end))
         conn_id = int(sock.recv(16))  # the test wrote each connection's id into it
         self.acked_before_added[conn_id] = any(conn_id in m.acked for m in self.heard)
         self.on_close[conn_id] = on_close
         sock.close()
+        if on_started is not None:
+            on_started()   # as if its request ran inline
 
     def stop(self, graceful):
         self.stopped = graceful
@@ -86,23 +94,45 @@ def three_taken(pair, loop):
 def test_connections_are_acknowledged_in_one_report_before_any_is_served(three_taken):
     _, server, _ = three_taken
     assert server.acked_before_added == {1: True, 2: True, 3: True}
-    assert server.heard == [Report(busy=1, acked=(1, 2, 3), closed=())]
+    # First its thread count; then the three, acknowledged as busy (claimed) with the one
+    # busy thread: they are not served yet.
+    assert server.heard == [Report(busy=0, acked=(), closed=(), threads=2),
+                            Report(busy=4, acked=(1, 2, 3), closed=(), threads=2)]
 
 
 def test_closes_wait_for_the_end_of_the_loop_iteration_and_go_together(three_taken):
     link, server, balancer_end = three_taken
+    # Served, the three are no longer claimed: a thread is free again, and said so once.
+    assert drain(balancer_end) == [Report(busy=1, acked=(), closed=(), threads=2)]
     server.on_close[3]()
     server.on_close[1]()
     assert drain(balancer_end) == []
     link.report()  # what the loop's after-events step calls
-    assert drain(balancer_end) == [Report(busy=1, acked=(), closed=(3, 1))]
+    assert drain(balancer_end) == [Report(busy=1, acked=(), closed=(3, 1), threads=2)]
     link.report()
     assert drain(balancer_end) == []  # nothing new, nothing sent
+
+
+def test_a_freed_thread_is_reported_only_when_the_balancer_was_told_none_was_free(three_taken):
+    link, server, balancer_end = three_taken
+    drain(balancer_end)
+    server.busy_threads = 0
+    for watcher in server.free_watchers:   # a pool thread finished
+        watcher()
+    assert drain(balancer_end) == []       # it was told we had one free already
+    server.busy_threads = 2
+    link.report(always=True)               # (a report that said both were busy)
+    drain(balancer_end)
+    server.busy_threads = 1
+    for watcher in server.free_watchers:
+        watcher()
+    assert drain(balancer_end) == [Report(busy=1, acked=(), closed=(), threads=2)]
 
 
 def test_more_ids_than_one_report_holds_go_in_several(pair, loop):
     worker_end, balancer_end = pair
     link = BalancerLink(worker_end, RecordingServer(balancer_end), logging.getLogger("test"), loop)
+    drain(balancer_end)   # its thread count
     link.acked.extend(range(5))
     link.closed.extend(range(100, 100 + REPORT_MAX_IDS))
     link.report()
@@ -117,6 +147,7 @@ def test_a_connection_sent_without_its_fd_is_neither_served_nor_acknowledged(pai
     worker_end, balancer_end = pair
     server = RecordingServer(balancer_end)
     link = BalancerLink(worker_end, server, logging.getLogger("test"), loop)
+    drain(balancer_end)   # its thread count
     balancer_end.send(messages.encode_conn(9, ("192.0.2.1", 1), "web"))  # announces an fd it lacks
     link.on_readable()
     assert server.acked_before_added == {} and drain(balancer_end) == []
