@@ -176,9 +176,10 @@ class Baton:
                  message=lambda: f"{text!r} x{count} in log:\n{self.log()}")
 
     def workers(self) -> list[int]:
-        """The master's worker processes (its children, less the balancer and the watcher)."""
+        """The master's worker processes (its children, less the balancer, the watcher
+        and preloaded apps' templates)."""
         return [pid for pid in children_of(self.pid)
-                if not _title_starts(pid, "baton: balancer", "baton: watcher", "baton: master")]
+                if not _title_starts(pid, "baton: balancer", "baton: watcher", "baton: master", "baton: template")]
 
     def balancer(self) -> int:
         return wait_for(lambda: next((pid for pid in children_of(self.pid) if _is_balancer(pid)), None),

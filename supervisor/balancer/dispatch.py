@@ -33,6 +33,15 @@ Promises:
    is free again. A worker's thread count is its reports' word; until its first
    report it is taken to have one. Policies choose among the free workers, except
    ip-hash, whose connection waits for the client's own worker when that one is busy.
+2b. **When no worker is free, one may take a connection ahead** (`prefetch`, one by
+   default): a worker whose busy and unacknowledged count is below its threads plus
+   `prefetch`, and that made progress (a REPORT saying fewer busy than the one before,
+   or closing connections) within the last `prefetch_window_s`, gets it; of several,
+   the one that progressed last. A saturated worker then finds its next connection in
+   its channel when a request ends, instead of idling through a round trip; a worker
+   stuck in a slow request soon stops progressing and gets none, so a connection never
+   waits behind a slow request while another worker would free up sooner. Promise 2a
+   is kept first: a spare slot is used only when no worker is free (ip-hash: never).
 3. **The queue is bounded, and first in first out per app** (per worker for ip-hash,
    whose connections wait for their own). A connection no free worker could take
    waits; when `queue_limit` connections already wait (all apps together),
@@ -47,7 +56,9 @@ Promises:
    goes back to the front, that app's queue rests until its next such event (no busy
    loop on a full channel).
 5. **No connection is lost with a worker.** When a worker goes away, every connection
-   it had not acknowledged is dispatched again, as if just accepted. One a worker
+   it had not acknowledged and never read is dispatched again, as if just accepted
+   (the shell says which it never read; a worker acknowledges lazily, so one it read
+   may be unacknowledged, and that one went with it). One a worker
    refused (its fd never reached it: it was out of fds) goes at once to another
    accepting worker of its app; when there is none, or it was refused as many times as
    its app has accepting workers, it is refused with `WORKER_REFUSED` (never queued,
@@ -67,9 +78,11 @@ from dataclasses import dataclass
 
 from supervisor.balancer import policies
 from supervisor.balancer.policies import WorkerLoad
+from supervisor.ipc.messages import PREFETCH
 
 QUEUE_LIMIT = 1024
 QUEUE_TIMEOUT_S = 30.0
+PREFETCH_WINDOW_S = 0.005   # a worker silent longer may be stuck in a slow request
 
 # Why a connection is refused; the two 503s are also the counters' names.
 OVERFLOW = "overflow_503"
@@ -106,6 +119,7 @@ class Worker(WorkerLoad):
         self.threads = 1   # until its first report says
         self.accepting = key >= 0
         self.unacked: dict[int, Connection] = {}
+        self.progressed_at = float("-inf")   # its last REPORT that showed a request done (2b)
 
     def refresh(self) -> None:
         """Recompute `free` after its busy count, threads or unacknowledged ones moved."""
@@ -178,10 +192,15 @@ class Dispatcher:
     """The dispatch-and-queue core; see the module's promises."""
 
     def __init__(self, clock: Callable[[], float], queue_limit: int = QUEUE_LIMIT,
-                 queue_timeout_s: float = QUEUE_TIMEOUT_S, rng: random.Random | None = None) -> None:
+                 queue_timeout_s: float = QUEUE_TIMEOUT_S, rng: random.Random | None = None,
+                 prefetch: int = PREFETCH, prefetch_window_s: float = PREFETCH_WINDOW_S) -> None:
         if queue_limit < 1:
             raise ValueError(f"queue_limit must be at least 1, not {queue_limit}")
+        if not 0 <= prefetch <= PREFETCH:
+            raise ValueError(f"prefetch must be 0 to {PREFETCH} (what workers report for), not {prefetch}")
         self.clock = clock
+        self.prefetch = prefetch
+        self.prefetch_window_s = prefetch_window_s
         self.queue_limit = queue_limit
         self.queue_timeout_s = queue_timeout_s
         self._rng = rng
@@ -241,6 +260,7 @@ class Dispatcher:
         if key in self._workers:
             raise KeyError(f"worker {key} is attached already")
         worker = self._workers[key] = Worker(key, app)
+        worker.progressed_at = self.clock()   # a new worker is as good as one just done
         if worker.accepting:
             state = self._app(app)
             state.accepting.append(worker)
@@ -268,11 +288,14 @@ class Dispatcher:
         taken = [conn for conn_id in acked if (conn := unacked.pop(conn_id, None)) is not None]
         if closed:
             worker.connections = max(0, worker.connections - len(closed))
+        if closed or busy < worker.busy:
+            worker.progressed_at = self.clock()
         worker.busy = busy
         if threads:
             worker.threads = threads
-        worker.free = busy + len(unacked) < worker.threads   # refresh(), inlined: once per report
-        if self.queued and worker.accepting and worker.free:
+        load = busy + len(unacked)
+        worker.free = load < worker.threads   # refresh(), inlined: once per report
+        if self.queued and worker.accepting and load < worker.threads + self.prefetch:
             self._ready.add(worker.app)
         return taken
 
@@ -305,21 +328,26 @@ class Dispatcher:
                 decisions.append(Refuse(conn, WORKER_REFUSED))
         return decisions
 
-    def gone(self, worker: Worker) -> list[Decision]:
-        """The worker's channel closed: its unacknowledged connections go elsewhere."""
+    def gone(self, worker: Worker, unread: set[int] | None = None) -> tuple[list[Decision], list[Connection]]:
+        """The worker went away: of its unacknowledged connections, those it never read
+        (`unread`, by id; None: all of them) go elsewhere; the others it took, and they
+        went with it (returned second: the shell closes its copies)."""
         if self._workers.get(worker.key) is not worker:
-            return []
+            return [], []
         self.detach(worker)
         del self._workers[worker.key]
-        decisions = []
-        for conn in worker.unacked.values():
+        decisions, lost = [], []
+        for conn_id, conn in worker.unacked.items():
+            if unread is not None and conn_id not in unread:
+                lost.append(conn)
+                continue
             self.redispatched += 1
             conn.queued_at = 0.0   # it enters anew: its earlier wait was counted when sent
             decision = self.dispatch(conn)
             if decision is not None:
                 decisions.append(decision)
         worker.unacked.clear()
-        return decisions
+        return decisions, lost
 
     # -- connections -----------------------------------------------------------
 
@@ -330,8 +358,11 @@ class Dispatcher:
         app = self._apps.get(conn.app)
         if app is None or app.policy is None:
             return Refuse(conn, APP_GONE)
-        worker = app.policy.pick(app.accepting, conn.client)
-        if worker is not None and worker.free:
+        policy = app.policy
+        worker = policy.pick(app.accepting, conn.client)
+        if worker is None and self.prefetch and not policy.AFFINE:
+            worker = self._ahead(app)
+        if worker is not None and (worker.free or not policy.AFFINE):
             conn_id = next(self._ids)
             unacked = worker.unacked
             unacked[conn_id] = conn
@@ -384,7 +415,9 @@ class Dispatcher:
             policy, waiting = app.policy, app.waiting
             if not policy.AFFINE:
                 worker = policy.pick(app.accepting, None)   # (the client matters to ip-hash only)
-                if worker is None:   # none is free: rest until one says it is
+                if worker is None and self.prefetch:
+                    worker = self._ahead(app)
+                if worker is None:   # none can take it: rest until one says it can
                     ready.discard(name)
                     continue
                 conn = waiting.popleft()
@@ -399,6 +432,17 @@ class Dispatcher:
             self.queued -= 1
             return self._send(conn, worker, app, True, frozenset())
         return None
+
+    def _ahead(self, app: _App) -> Worker | None:
+        """No worker is free: the one that may take a connection ahead (promise 2b)."""
+        since = self.clock() - self.prefetch_window_s
+        best = None
+        for worker in app.accepting:
+            if (worker.progressed_at >= since
+                    and worker.busy + len(worker.unacked) < worker.threads + self.prefetch
+                    and (best is None or worker.progressed_at > best.progressed_at)):
+                best = worker
+        return best
 
     @staticmethod
     def _first_placeable(app: _App) -> tuple[int, Worker] | None:
@@ -470,6 +514,20 @@ class Dispatcher:
         """Draining, every worker gone (peer balancers aside) and nothing queued: every
         connection a worker handed back was passed on."""
         return self.draining and not self.queued and not any(key >= 0 for key in self._workers)
+
+    def take_waiting(self, movable: Callable[[Connection], bool]) -> list[Connection]:
+        """The queued connections `movable` accepts, out of the queue (oldest first per
+        app; the others keep their places): a new master's balancer serves them, after
+        an upgrade."""
+        taken = []
+        for app in self._apps.values():
+            if app.waiting:
+                staying = deque()
+                for conn in app.waiting:
+                    (taken if movable(conn) else staying).append(conn)
+                app.waiting = staying
+        self.queued -= len(taken)
+        return taken
 
     def held(self) -> list[Connection]:
         """Every connection the core holds: queued, or sent and not acknowledged."""

@@ -5,10 +5,12 @@ of at most `health.MAX_HEAD` bytes, answers it whole with `health.answer` and cl
 What the answer says (the draining flag, the metrics text) comes from the callables it
 is given, asked only when a complete head wants it.
 
-Promises: a client gets HEAD_TIMEOUT_S from its accept to send its head, then it is
-closed without an answer; no client can make the balancer block (the answer is small
-and goes in one send, which a client not reading loses); at most ACCEPT_BATCH clients
-are accepted per wakeup, so health checks cannot starve the connections being balanced.
+Promises: a client gets HEAD_TIMEOUT_S from its accept to send its head and take its
+answer, then it is closed (with as much of the answer as it took); no client can make
+the balancer block (what the socket does not take at once goes out as the client
+reads, never in a blocking send: a /metrics answer for many apps outgrows a socket
+buffer); at most ACCEPT_BATCH clients are accepted per wakeup, so health checks cannot
+starve the connections being balanced.
 """
 from __future__ import annotations
 
@@ -16,19 +18,20 @@ import socket
 from collections.abc import Callable
 
 from supervisor.balancer import health
-from supervisor.system.loop import Loop, Timer
+from supervisor.system.loop import WRITE, Loop, Timer
 
 ACCEPT_BATCH = 16
 HEAD_TIMEOUT_S = 10.0
 
 
 class _Client:
-    __slots__ = ("sock", "head", "timer")
+    __slots__ = ("sock", "head", "timer", "out")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.head = bytearray()
         self.timer: Timer | None = None
+        self.out = b""   # the part of the answer the socket has not taken yet
 
 
 class HealthServer:
@@ -73,11 +76,20 @@ class HealthServer:
         response = health.answer(bytes(client.head), draining=self.draining(), metrics=self.metrics)
         if response is None:
             return
+        client.out = response
+        self.loop.modify(client.sock, WRITE, lambda: self._writable(client))
+        self._writable(client)
+
+    def _writable(self, client: _Client) -> None:
         try:
-            client.sock.send(response)
+            sent = client.sock.send(client.out)
+        except BlockingIOError:
+            return
         except OSError:
-            pass
-        self._close(client)
+            sent = len(client.out)
+        client.out = client.out[sent:]
+        if not client.out:
+            self._close(client)
 
     def _close(self, client: _Client) -> None:
         if self.clients.pop(client.sock.fileno(), None) is None:

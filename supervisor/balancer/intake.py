@@ -6,7 +6,10 @@ header) peeks at the first bytes (MSG_PEEK, never consuming them: the worker rea
 them all) for the request head's Host or the TLS ClientHello's SNI, and answers what
 it cannot route itself: 400 for a head it cannot read, 421 for a host no app serves,
 408 for a client that said too little within PEEK_TIMEOUT_S. A PROXY header that is not
-one is closed without a word (the peer is a proxy, not a client).
+one is closed without a word (the peer is a proxy, not a client), and so is a TLS
+ClientHello that cannot be routed (plain HTTP would be garbage to it). A TLS connection
+goes to its app's worker still encrypted: the worker holds the key and does the
+handshake, the balancer never does.
 
 Promises:
 
@@ -187,9 +190,13 @@ class Intake:
         proxy = name in self.proxy_listeners
         direct_app = route.only_app if not proxy else None  # nothing to peek at before dispatching
         dispatch = self.dispatch
+        # socket.accept() without its per-call enum conversions of family and type.
+        raw_accept, family, kind = listening._accept, int(listening.family), int(listening.type)
+        make_socket = socket.socket
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, peer = listening.accept()
+                fd, peer = raw_accept()
+                sock = make_socket(family, kind, 0, fd)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -293,18 +300,19 @@ class Intake:
             return False
         if not data:
             return True
-        peek = routing.peek_sni(data) if routing.looks_like_tls(data) else routing.peek_host(data, PEEK_BYTES)
+        tls = routing.looks_like_tls(data)
+        peek = routing.peek_sni(data) if tls else routing.peek_host(data, PEEK_BYTES)
         if peek.status == "need_more":
             if len(data) >= PEEK_BYTES:
-                self._refuse(pending, BAD_REQUEST)
+                self._refuse(pending, BAD_REQUEST, tls)
                 return False
             return True
         if peek.status == "invalid":
-            self._refuse(pending, BAD_REQUEST)
+            self._refuse(pending, BAD_REQUEST, tls)
             return False
         app = route.hosts.match(peek.host)
         if app is None:
-            self._refuse(pending, MISDIRECTED)
+            self._refuse(pending, MISDIRECTED, tls)
             return False
         self._stop_peeking(pending)
         pending.app = app
@@ -369,14 +377,15 @@ class Intake:
             pending.app = None
             self._start_peeking(pending)
 
-    def _refuse(self, pending: Pending, response: bytes) -> None:
-        """Answer (when there is an answer: PROXY garbage gets none) and close."""
+    def _refuse(self, pending: Pending, response: bytes, tls: bool = False) -> None:
+        """Answer (when there is an answer: PROXY garbage gets none, nor does a TLS
+        client, which would take plain HTTP for garbage) and close."""
         self._stop_peeking(pending)
         if response:
             self.refused_host += 1
         else:
             self.refused_proxy += 1
-        answer_and_close(pending.sock, response)
+        answer_and_close(pending.sock, b"" if tls else response)
 
 
 def answer_and_close(sock: socket.socket, response: bytes) -> None:

@@ -12,8 +12,14 @@ A worker runs app code, which can write anything on its channel; so a link belie
 a worker only about the connections the balancer gave it. Promises:
 
 * The balancer's copy of a connection is closed when the worker's REPORT acknowledges
-  it, never before: a worker that dies first has its connections dispatched again,
-  and one it refused (its fd never reached it) goes to another worker or gets a 503.
+  it, never before; one it refused (its fd never reached it) goes to another worker or
+  gets a 503. A worker acknowledges in the REPORT it sends at the end of its loop
+  iteration, not one per connection, so it may have read, even served, a connection it
+  has not acknowledged yet. So when a worker exits (its pidfd, from the master's
+  RECLAIM, says so), what it never read is read back from a copy of its own channel
+  end (the CONNs still queued there): exactly those connections go to another worker;
+  the others it took, and went with it. A link without RECLAIM (a moment after its
+  ATTACH) falls back to the channel's end, and passes on every unacknowledged one.
 * **A worker hands back only what it was given, to its own app.** Each connection sent
   is recorded (its socket's (st_dev, st_ino), the same file on both sides of
   SCM_RIGHTS, with its peer, listener and PROXY origin) until the worker reports it
@@ -57,7 +63,7 @@ from supervisor.balancer.dispatch import Decision, Dispatcher, Send, Worker
 from supervisor.balancer.intake import Intake, Pending
 from supervisor.ipc import channel
 from supervisor.ipc.channel import ChannelClosed, Truncated
-from supervisor.ipc.messages import HandBack, MessageError, Report, encode_conn
+from supervisor.ipc.messages import Conn, HandBack, MessageError, Report, encode_conn
 from supervisor.system.loop import Loop
 from supervisor.system.words import count as counted
 
@@ -70,7 +76,7 @@ class WorkerLink:
     and the connections sent to it that it still holds (`owned`: conn id -> Pending,
     indexed by socket identity in `by_ident` once it first hands one back)."""
 
-    __slots__ = ("key", "app", "sock", "worker", "owned", "by_ident")
+    __slots__ = ("key", "app", "sock", "worker", "owned", "by_ident", "worker_end", "pidfd")
 
     def __init__(self, key: int, app: str, sock: socket.socket, worker: Worker) -> None:
         self.key = key
@@ -79,6 +85,8 @@ class WorkerLink:
         self.worker = worker
         self.owned: dict[int, Pending] = {}
         self.by_ident: dict[tuple[int, int], int] | None = None
+        self.worker_end: socket.socket | None = None   # a copy of the worker's end (RECLAIM)
+        self.pidfd = -1                                # the worker's, readable once it exited
 
 
 class Links:
@@ -106,6 +114,27 @@ class Links:
         link = self.by_key[key] = WorkerLink(key, app, sock, worker)
         self.loop.register(sock, lambda: self._readable(link))
 
+    def reclaim(self, key: int, worker_end: socket.socket, pidfd: int) -> None:
+        """The worker's own channel end (a copy) and its pidfd: from now on its exit, not
+        the channel's end, is when its unread connections are read back (see the
+        module's promises). Both are closed if the link has them already, or is gone."""
+        link = self.by_key.get(key)
+        if link is None or link.worker_end is not None:
+            worker_end.close()
+            os.close(pidfd)
+            return
+        worker_end.setblocking(False)
+        link.worker_end, link.pidfd = worker_end, pidfd
+        self.loop.register(pidfd, lambda: self._exited(link))
+
+    def _exited(self, link: WorkerLink) -> None:
+        """The worker exited: first what it sent before (its last REPORT, hand-backs),
+        then what it never read."""
+        if self.by_key.get(link.key) is not link:
+            return
+        self._readable(link, limit=None)
+        self._gone(link)
+
     def detach(self, key: int) -> None:
         """The worker retires: send it no more connections (it still reports)."""
         link = self.by_key.get(key)
@@ -121,6 +150,31 @@ class Links:
             for pending in self.intake.unpark_all():
                 self._pass_on(pending.sock.detach(), pending.peer, pending.listener, pending.data, pending.app,
                               pending.client, as_handback=False)
+
+    def pass_upstream(self, pendings: list[Pending]) -> list[Pending]:
+        """Give queued connections to the new master's balancer (after an upgrade our
+        workers only drain); those it could not take are returned. (Not one whose PROXY
+        header no worker has read yet: a hand-back's stream has none; see `movable`.)"""
+        kept = []
+        for pending in pendings:
+            if self.upstream is None:
+                kept.append(pending)
+                continue
+            try:
+                channel.send(self.upstream, HandBack(_presented_peer(pending), pending.listener, pending.data,
+                                                     pending.app), [pending.sock.fileno()])
+            except (OSError, ValueError) as exc:
+                self.log.warning("could not pass a connection to the new master: %s", exc)
+                kept.append(pending)
+                continue
+            pending.sock.close()
+            self.handed_back += 1
+        return kept
+
+    @staticmethod
+    def movable(pending: Pending) -> bool:
+        """Whether `pass_upstream` may take it."""
+        return not pending.proxy
 
     def send_conn(self, send: Send) -> bool:
         """Pass the connection to the worker; False if its channel is full or broken."""
@@ -142,9 +196,10 @@ class Links:
             link.by_ident[ident] = send.conn_id
         return True
 
-    def _readable(self, link: WorkerLink) -> None:
+    def _readable(self, link: WorkerLink, limit: int | None = READS_PER_WAKEUP) -> None:
+        """Read the worker's messages, `limit` of them at most (None: all there are)."""
         sock, worker, core = link.sock, link.worker, self.core
-        for _ in range(READS_PER_WAKEUP):
+        for _ in range(limit) if limit is not None else iter(int, 1):
             try:
                 message, fds = channel.receive(sock)
             except BlockingIOError:
@@ -303,16 +358,28 @@ class Links:
         self._gone(link)
 
     def _gone(self, link: WorkerLink) -> None:
-        """The channel ended (or we end it: a zero-length record reads as its end, and
-        only app code sends one). Shut down, so a worker still there hears it too."""
+        """The worker exited, or the channel ended (or we end it: a zero-length record
+        reads as its end, and only app code sends one). Shut down, so a worker still
+        there hears it too; what it never read goes elsewhere."""
+        if self.by_key.get(link.key) is not link:
+            return   # its exit and its channel's end, in one wakeup
+        del self.by_key[link.key]
+        unread = None
+        if link.worker_end is not None:   # before the shutdown below
+            unread = _read_back(link.worker_end)
+            link.worker_end.close()
+            self.loop.unregister(link.pidfd)
+            os.close(link.pidfd)
         self.loop.unregister(link.sock)
         try:
             link.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         link.sock.close()
-        del self.by_key[link.key]
-        for decision in self.core.gone(link.worker):
+        decisions, lost = self.core.gone(link.worker, unread)
+        for conn in lost:
+            conn.sock.close()   # the worker took it, and it went with the worker
+        for decision in decisions:
             self.perform(decision)
 
     def close(self) -> None:
@@ -320,10 +387,35 @@ class Links:
         for link in self.by_key.values():
             self.loop.unregister(link.sock)
             link.sock.close()
+            if link.worker_end is not None:
+                link.worker_end.close()
+                self.loop.unregister(link.pidfd)
+                os.close(link.pidfd)
         self.by_key.clear()
         if self.upstream is not None:
             self.upstream.close()
             self.upstream = None
+
+
+def _read_back(worker_end: socket.socket) -> set[int]:
+    """The ids of the CONNs still queued at a worker's end: those it never read. Their
+    fds are closed (we hold a copy of each until acknowledged)."""
+    unread: set[int] = set()
+    while True:
+        try:
+            message, fds = channel.receive(worker_end)
+        except Truncated as exc:   # we are out of fds: our copy still serves
+            if type(exc.message) is Conn:
+                unread.add(exc.message.id)
+            continue
+        except MessageError:
+            continue
+        except (BlockingIOError, ChannelClosed, OSError):
+            return unread
+        for fd in fds:
+            os.close(fd)
+        if type(message) is Conn:
+            unread.add(message.id)
 
 
 def _presented_peer(pending: Pending) -> tuple[str, int]:

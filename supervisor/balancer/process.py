@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import platform
 import socket
 import time
 
 import setproctitle
 
+from supervisor import __version__
 from supervisor.balancer import health
 from supervisor.balancer.dispatch import APP_GONE, Decision, Dispatcher, Refuse, Send
 from supervisor.balancer.healthserver import HealthServer
@@ -49,6 +51,7 @@ from supervisor.ipc.messages import (
     Heartbeat,
     MessageError,
     Metrics,
+    Reclaim,
     Reopen,
     Routes,
     Upstream,
@@ -59,6 +62,9 @@ from supervisor.system.loop import Loop, Timer
 
 UNAVAILABLE = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\n"
                b"Content-Length: 20\r\nConnection: close\r\n\r\nNo worker is free.\n\n")
+
+
+BUILD = {"version": __version__, "python": platform.python_version()}   # baton_build_info's labels
 
 
 class Malformed(Exception):
@@ -83,7 +89,7 @@ class Balancer:
     fake one and call `loop.run_once`."""
 
     def __init__(self, payload: dict, listeners: dict[str, socket.socket], master: socket.socket,
-                 links: dict[int, tuple[str, socket.socket]], logs: Logs, clock=time.monotonic,
+                 links: dict[int, tuple], logs: Logs, clock=time.monotonic,
                  health_socket: socket.socket | None = None, heartbeat_s: float | None = None,
                  figures_to_master: bool = False):
         self.log = logs.error
@@ -95,6 +101,7 @@ class Balancer:
         self.links = Links(loop, self.core, self._perform, self.log, self.intake)
         self.master = master
         self.master_figures = Metrics(apps={}, overall={})
+        self._figure_parts: list[Metrics] = []   # of the master's figures, until the last part
         self._queue_timer: Timer | None = None
         self.health = (HealthServer(loop, health_socket, lambda: self.core.draining, self.metrics_text)
                        if health_socket is not None else None)
@@ -102,6 +109,7 @@ class Balancer:
         # Malformed has taken none, and `_on_master` closes them.
         self._from_master = {
             Attach: self._on_attach,
+            Reclaim: self._on_reclaim,
             Detach: self._on_detach,
             Routes: self._on_routes,
             Metrics: self._on_metrics,
@@ -113,8 +121,10 @@ class Balancer:
         loop.register(master, self._on_master)
         loop.after_events(self._after_events)
         self._adopt_routes(payload, listeners)
-        for key, (app, sock) in links.items():
+        for key, (app, sock, *reclaim) in links.items():   # (worker end copy, pidfd) when given
             self.links.attach(key, app, sock)
+            if reclaim and reclaim[0] is not None:
+                self.links.reclaim(key, _channel_end(reclaim[0].detach()), reclaim[1])
         if heartbeat_s is not None:
             # From the loop, not a thread: a stopped or stuck loop goes silent, and the
             # master replaces this process.
@@ -158,6 +168,11 @@ class Balancer:
 
     def _after_events(self) -> None:
         core = self.core
+        if core.queued and self.links.upstream is not None:
+            # After an upgrade: what waits here is the new master's to serve; our
+            # workers only drain (parked connections went there already).
+            for pending in self.links.pass_upstream(core.take_waiting(self.links.movable)):
+                self._dispatch(pending)   # (rare: the new master's balancer is gone)
         if core.queued:
             # Before accepting: connections that waited go first.
             while (send := core.next_queued()) is not None:
@@ -216,6 +231,11 @@ class Balancer:
             raise Malformed(f"worker {message.key} is attached already")
         self.links.attach(message.key, message.app, _channel_end(fds[0]))
 
+    def _on_reclaim(self, message: Reclaim, fds: list[int]) -> None:
+        if self.core.worker(message.key) is None:
+            raise Malformed(f"worker {message.key} is not attached")
+        self.links.reclaim(message.key, _channel_end(fds[0]), fds[1])
+
     def _on_detach(self, message: Detach, fds: list[int]) -> None:
         self.links.detach(message.key)   # a worker that never attached: nothing to do
 
@@ -240,7 +260,17 @@ class Balancer:
             self._refuse(refusal)
 
     def _on_metrics(self, message: Metrics, fds: list[int]) -> None:
-        self.master_figures = message
+        self._figure_parts.append(message)
+        if message.more:
+            return
+        parts, self._figure_parts = self._figure_parts, []
+        if len(parts) == 1:
+            self.master_figures = message
+            return
+        apps = {}
+        for part in parts:
+            apps.update(part.apps)
+        self.master_figures = Metrics(apps=apps, overall=message.overall)
 
     def _on_drain(self, message: Drain, fds: list[int]) -> None:
         """A graceful stop began: accept no more (queued connections still go out)."""
@@ -263,7 +293,9 @@ class Balancer:
         per_app: dict[str, dict[str, float]] = {}
         for app, figures in self.core.figures().items():
             per_app[app] = {"baton_handoffs_total": figures.handoffs,
-                            "baton_queue_wait_seconds_total": figures.queue_wait_s,
+                            # Every connection handed off waited (most of them 0 s).
+                            "baton_queue_wait_seconds_sum": figures.queue_wait_s,
+                            "baton_queue_wait_seconds_count": figures.handoffs,
                             "baton_connections": figures.connections,
                             "baton_queue_depth": figures.queue_depth}
         for app, count in self.links.handbacks.items():
@@ -289,7 +321,7 @@ class Balancer:
                 entry[name] = entry.get(name, 0) + value
         for name, value in own_overall.items():
             overall[name] = overall.get(name, 0) + value
-        return health.render(per_app, overall)
+        return health.render(per_app, overall, build=BUILD)
 
 
 def _channel_end(fd: int) -> socket.socket:
@@ -318,7 +350,7 @@ def _socket(fd: int, what: str) -> socket.socket:
 
 
 def main(payload: dict, identity: privileges.Identity, listeners: dict[str, socket.socket],
-         master: socket.socket, links: dict[int, tuple[str, socket.socket]], logs: Logs,
+         master: socket.socket, links: dict[int, tuple], logs: Logs,
          master_pid: int, health_socket: socket.socket | None = None, heartbeat_s: float | None = None,
          index: int = 0, figures_to_master: bool = False) -> int:
     """Balancer `index` of the master's (its title says which, after the first);

@@ -33,7 +33,7 @@ RELOAD_HELP = ("re-read the config file and restart every app as a new generatio
                "finish their requests and hand over their idle connections. A config that does not "
                "validate changes nothing (the errors are printed). Saving the config file reloads too, "
                "but restarts only the apps whose settings changed. `baton serve` has no config file: "
-               "use `baton ctl restart app` there.")
+               "there it (and SIGHUP) restarts the app, its code imported afresh.")
 
 
 def _global_flags(top: bool) -> argparse.ArgumentParser:
@@ -162,11 +162,19 @@ def format_status(response: dict) -> str:
     lines += ["", *_table(("APP", "GEN", "WORKERS", "USER"), [
         (app.get("name"), app.get("generation"), f"{len(app.get('workers') or [])}/{_cell(app.get('target'))}",
          app.get("user")) for app in apps])]
-    workers = [(app.get("name"), worker) for app in apps for worker in (app.get("workers") or [])]
+    # A preloaded app's template (# "T") is listed before the workers it forks.
+    workers = [(app.get("name"), {**template, "index": "T"}) for app in apps for template in (app.get("templates") or [])]
+    workers += [(app.get("name"), worker) for app in apps for worker in (app.get("workers") or [])]
     if workers:
-        lines += ["", *_table(("APP", "PID", "#", "GEN", "STATE", "REQUESTS", "CONNS", "BUSY", "RSS", "UP"), [
+        # PSS (a share of each shared page) and private dirty memory, when the master could read them.
+        shares = any(w.get("pss_kb") is not None for _, w in workers)
+        headers = ("APP", "PID", "#", "GEN", "STATE", "REQUESTS", "CONNS", "BUSY", "RSS",
+                   *(("PSS", "PRIVATE") if shares else ()), "UP")
+        lines += ["", *_table(headers, [
             (name, w.get("pid"), w.get("index"), w.get("generation"), w.get("state"), w.get("requests"),
-             w.get("connections"), w.get("busy"), _size_kb(w.get("rss_kb")), _duration(w.get("uptime_s")))
+             w.get("connections"), w.get("busy"), _size_kb(w.get("rss_kb")),
+             *((_size_kb(w.get("pss_kb")), _size_kb(w.get("private_dirty_kb"))) if shares else ()),
+             _duration(w.get("uptime_s")))
             for name, w in workers])]
     listeners = response.get("listeners") or []
     lines += ["", *_table(("LISTENER", "ADDRESS", "MODE", "QUEUE"), [

@@ -92,6 +92,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(("--reload",), "bool", f"restart the app (no downtime) when a {RELOAD_GLOB} file under its "
            "directory changes"),
     Option(("--reload-extra-file",), "list", "restart the app when this file changes too; repeatable", "FILE"),
+    Option(("--preload",), "bool", "import the app once, in a template process per generation that forks "
+           "the workers (they share its memory; a reload imports afresh)"),
     Option(("-p", "--pid"), "str", "write the master's pid to FILE", "FILE"),
     Option(("--access-logfile", "--access-log"), "str", "access log: a path or '-' for stdout (default: off)",
            "FILE"),
@@ -112,13 +114,17 @@ OPTIONS: tuple[Option, ...] = (
     Option(("--limit-request-fields",), "int", "most header fields (default 100)", "N"),
     Option(("--limit-request-field-size", "--limit-request-field_size"), "int",
            "longest header field, bytes (default 8190)", "BYTES", gunicorn="--limit-request-field_size"),
+    Option(("--certfile",), "str", "serve HTTPS: the PEM certificate (then its chain); needs --keyfile", "FILE"),
+    Option(("--keyfile",), "str", "the certificate's PEM private key (may be readable by root only)", "FILE"),
+    Option(("--ca-certs",), "str", "require a client certificate signed by these PEM CAs (mutual TLS)", "FILE"),
     Option(("--control-socket",), "str", "where `baton ctl` reaches this master (default: printed at start, "
            "serve-PORT.ctl in /run/baton as root, else in $XDG_RUNTIME_DIR/baton)", "PATH"),
 )
 _BY_KEY = {option.key: option for option in OPTIONS}
 
 # Gunicorn flags Baton does not take, and what to use instead (one line each).
-_TLS = "TLS: not yet; terminate TLS in front of Baton (nginx, HAProxy) and add --proxy-protocol for client addresses"
+_TLS = ("no equivalent: Baton's TLS takes --certfile, --keyfile and --ca-certs, with OpenSSL's default ciphers "
+        "and TLS 1.2 at least (tls_min_version in a `baton run` config)")
 _STDIO = "not needed: a worker's stdout and stderr always reach the error log, tagged with app and pid"
 _SYSLOG = "no syslog: Baton logs to stderr or --error-logfile; under systemd the journal takes it"
 _LOGCONF = "no logging config: Baton writes text lines, or JSON with [master] log_format in a `baton run` config"
@@ -130,10 +136,9 @@ GUNICORN_ONLY: dict[str, str] = {
     "--worker-class": "Baton has one worker kind: a process with threads; use --threads N (and -w N)",
     "--worker-connections": "no equivalent: workers are threaded, not async; --threads N sets how many "
                             "requests one worker serves at once",
-    "--preload": "not yet: each worker imports the app in its own fresh interpreter",
     "-D": "Baton stays in the foreground: run it under systemd instead (etc/baton.service)",
     "--daemon": "Baton stays in the foreground: run it under systemd instead (etc/baton.service)",
-    "--certfile": _TLS, "--keyfile": _TLS, "--ca-certs": _TLS, "--ssl-version": _TLS, "--cert-reqs": _TLS,
+    "--ssl-version": _TLS, "--cert-reqs": _TLS,
     "--ciphers": _TLS, "--do-handshake-on-connect": _TLS, "--suppress-ragged-eofs": _TLS,
     "--capture-output": _STDIO, "-R": _STDIO, "--enable-stdio-inheritance": _STDIO,
     "--statsd-host": _STATSD, "--statsd-prefix": _STATSD, "--dogstatsd-tags": _STATSD,
@@ -355,12 +360,14 @@ def mapping(settings: dict, cwd: str) -> dict:
     _copy(settings, listener, mode="mode", backlog="backlog", proxy_protocol="proxy_protocol")
     if "proxy_allow_from" in settings:
         listener["proxy_allow_ips"] = _csv(settings["proxy_allow_from"])
+    if "certfile" in settings or "keyfile" in settings:
+        listener["tls"] = True
     chdir = settings.get("chdir") or cwd
     app: dict = {"module": app_spec(settings["module"]), "listeners": [f"bind{i}" for i in range(len(binds))],
                  "chdir": chdir}
     _copy(settings, app, workers="workers", threads="threads", user="user", group="group", umask="umask",
           timeout="timeout", keepalive="keep_alive", max_requests="max_requests",
-          max_requests_jitter="max_requests_jitter", limit_request_line="limit_request_line",
+          max_requests_jitter="max_requests_jitter", preload="preload", limit_request_line="limit_request_line",
           limit_request_fields="limit_request_fields", limit_request_field_size="limit_request_field_size")
     if "env" in settings:
         app["env"] = env_entries(settings["env"])
@@ -368,6 +375,7 @@ def mapping(settings: dict, cwd: str) -> dict:
         app["forwarded_allow_ips"] = _csv(settings["forwarded_allow_ips"])
     if "pythonpath" in settings:
         app["pythonpath"] = _csv(settings["pythonpath"])
+    _copy(settings, app, certificate="certfile", private_key="keyfile", client_ca="ca_certs")
     reload_on = ([RELOAD_GLOB] if settings.get("reload") else []) + list(settings.get("reload_extra_file") or [])
     if reload_on:
         app["reload_on"] = reload_on
@@ -397,6 +405,8 @@ _KEY_FLAGS = {
     "proxy_allow_ips": "proxy_allow_from",
     f"apps.{APP_NAME}.keepalive": "keep_alive", f"apps.{APP_NAME}.env": "env",
     f"apps.{APP_NAME}.reload_on": "reload_extra_file",
+    f"apps.{APP_NAME}.certificate": "certfile", f"apps.{APP_NAME}.private_key": "keyfile",
+    f"apps.{APP_NAME}.client_ca": "ca_certs",
 }
 _PROBLEM = re.compile(re.escape(COMMAND_LINE) + r": (?P<key>[^:\s]+): (?P<message>.*)", re.S)
 

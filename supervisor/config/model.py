@@ -27,6 +27,8 @@ class ListenerConfig:
     socket_owner: str | None = None   # a user name or uid, as written
     socket_group: str | None = None   # a group name or gid, as written
     socket_dir_mode: int | None = None   # create the socket's missing directory with this mode
+    tls: bool = False                 # its apps' workers terminate TLS (each with its own certificate)
+    redirect_https: int | None = None  # a plain listener answering 308 to https:// on this port (None: off)
 
 
 @dataclass(frozen=True)
@@ -45,12 +47,16 @@ class AppConfig:
     keepalive: float = 5.0            # seconds a keep-alive connection may sit idle
     # Seconds a `balance` connection may sit idle at its worker before it is parked in
     # the balancer (which passes its next request to a free worker); 0: never.
-    park_after: float = 0.0          # off by default until a master upgrade loses no parked connection
+    park_after: float = 0.002        # idle this long, a `balance` connection goes back to the balancer
     graceful_timeout: float | None = None  # None: the master's
     limit_request_line: int = 8190
     limit_request_fields: int = 100
     limit_request_field_size: int = 8190
-    max_body_size: int | None = None
+    # Bytes a request body may have (413 past it, read or announced); 0: no limit.
+    max_body_size: int = 100 << 20
+    # Bodies up to this many bytes are read by the worker's loop before the app runs
+    # (a slow client then holds no thread); larger ones are streamed to wsgi.input.
+    buffer_body: int = 65536
     header_timeout: float = 10.0
     write_timeout: float = 30.0       # seconds a client may take no byte of its response before it is closed
     # Direct peers whose proxy headers are believed (addresses, CIDR networks, "*").
@@ -67,6 +73,21 @@ class AppConfig:
     max_requests_jitter: int = 0      # plus a random 0..jitter, so workers don't recycle together
     max_rss: int = 0                  # recycle a worker whose resident memory exceeds this many MB; 0: never
     reload_on: tuple[str, ...] = ()   # absolute globs: a change restarts just this app (the watcher's)
+    # One template process per generation imports the app once and forks its workers
+    # (worker.template); `preload_hook`, "pkg.mod:function", runs there after the import.
+    preload: bool = False
+    preload_hook: str | None = None
+    # Lifecycle hooks, "pkg.mod:function", called in the worker (worker.hooks); None: none.
+    post_fork: str | None = None
+    post_worker_init: str | None = None
+    worker_exit: str | None = None
+    pre_request: str | None = None
+    post_request: str | None = None
+    # TLS, for its listeners with `tls = true` (absolute paths; see config.tls).
+    certificate: str | None = None    # PEM: the certificate, then its chain
+    private_key: str | None = None    # PEM, unencrypted; may be readable by root only
+    client_ca: str | None = None      # PEM CAs a client certificate must chain to (mutual TLS)
+    tls_min_version: str = "1.2"      # "1.2" or "1.3"
 
 
 @dataclass(frozen=True)
@@ -122,7 +143,8 @@ MAX_BALANCERS = 64                       # [master] balancers: each holds a chan
 MAX_THREADS = 1024                       # per worker
 MAX_REQUESTS = 1_000_000_000             # max_requests and max_requests_jitter
 MAX_RSS_MB = 1 << 20                     # max_rss: 1 TiB
-MAX_BODY_SIZE = 1 << 40                  # max_body_size, bytes: 1 TiB (unset: no limit)
+MAX_BODY_SIZE = 1 << 40                  # max_body_size, bytes: 1 TiB (0: no limit)
+MAX_BUFFER_BODY = 64 << 20               # buffer_body, bytes: held in memory per connection
 MAX_HEAD_LINE = 65535                    # limit_request_line and limit_request_field_size, bytes
 MAX_REQUEST_FIELDS = 32768               # limit_request_fields (gunicorn's own cap)
 MAX_BACKLOG = 65535                      # a listener's backlog (the kernel clamps to somaxconn)

@@ -36,8 +36,9 @@ WORKER_HELD_MODES = ("share", "reuseport")
 # A UNIX socket file's permissions: the master applies a change to the live file
 # (chmod, chown) and no worker sees it, so it neither re-creates the socket nor restarts apps.
 SOCKET_FILE_FIELDS = ("socket_mode", "socket_owner", "socket_group", "socket_dir_mode")
-# Listener settings a worker reads itself, whatever the mode (it checks the PROXY peer).
-WORKER_READ_FIELDS = ("proxy_allow_ips",)
+# Listener settings a worker reads itself, whatever the mode (it checks the PROXY peer,
+# terminates TLS, answers the redirect to https).
+WORKER_READ_FIELDS = ("proxy_allow_ips", "tls", "redirect_https")
 
 # [master] settings a reload applies at once, and those that wait for a master upgrade
 # (`baton ctl upgrade`): the log files and their format are opened before any child

@@ -6,8 +6,9 @@ what was expected versus found. Every duration and count has an upper bound
 (`config.model`'s MAX_*) and every user a process is to become must exist, so such a
 value is refused here, not found out later by the master (a timeout epoll cannot wait
 for, a balancer that cannot start). Nothing here forks, binds or imports application
-code; it only reads the config file and asks the system whether users, groups and
-directories exist. Names follow the rules written once elsewhere: users and groups `system.users`,
+code; it only reads the config file, asks the system whether users, groups and
+directories exist, and has OpenSSL load each TLS app's certificate and key (config.tls),
+so a pair that does not match is a problem here, naming its file. Names follow the rules written once elsewhere: users and groups `system.users`,
 host names `config.hostnames`, the `module` spec `config.modulespec`.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Mapping
 from supervisor.balancer import policies as balancing
 from supervisor.balancer import routing
 from supervisor.config import hostnames, modulespec
+from supervisor.config import tls as tls_config
 from supervisor.config.binds import (
     BIND_FORMS,
     UNIX_PATH_MAX,
@@ -38,6 +40,7 @@ from supervisor.config.model import (
     MAX_BACKLOG,
     MAX_BALANCERS,
     MAX_BODY_SIZE,
+    MAX_BUFFER_BODY,
     MAX_DURATION_S,
     MAX_HEAD_LINE,
     MAX_REQUEST_FIELDS,
@@ -140,6 +143,7 @@ def from_mapping(data: dict, path: str | None, *, running_as_root: bool | None =
         # Routing is a cross-app check: judged only once every app reads correctly,
         # so one typo is not echoed as a routing conflict.
         _check_routes(owners, listeners, apps)
+        _check_tls(owners, listeners, apps)
     _check_balancer_apart(owners, master, apps, running_as_root)
     top.finish(elsewhere=_elsewhere())
     lines = [line for document in documents for line in document.problems.lines]
@@ -374,7 +378,11 @@ def _listeners(problems: Problems, data: dict, base_dir: str, listeners: dict[st
         socket_dir_mode = _octal(table, "socket_dir_mode", "0750")
         socket_owner = _identity(table, "socket_owner")
         socket_group = _identity(table, "socket_group")
+        tls = table.boolean("tls", ListenerConfig.tls)
+        redirect_https = _redirect_https(table)
         table.finish()
+        if tls and redirect_https is not None:
+            problems.add(key + ("redirect_https",), "applies to a plain listener, found one with tls = true")
         socket_keys = [k for k in ("socket_mode", "socket_owner", "socket_group", "socket_dir_mode")
                        if k in listener_data]
         if socket_keys and bind is not None and bind.kind != "unix":
@@ -392,7 +400,7 @@ def _listeners(problems: Problems, data: dict, base_dir: str, listeners: dict[st
                 name, bind, mode, backlog, proxy_protocol,
                 proxy_allow_ips=ListenerConfig.proxy_allow_ips if proxy_allow_ips is None else proxy_allow_ips,
                 socket_mode=socket_mode, socket_owner=socket_owner, socket_group=socket_group,
-                socket_dir_mode=socket_dir_mode)
+                socket_dir_mode=socket_dir_mode, tls=tls, redirect_https=redirect_https)
 
 
 def _check_bind_clash(problems: Problems, key: tuple, bind: BindAddress,
@@ -452,7 +460,8 @@ def _app(problems: Problems, name: str, data: Any, listener_names: tuple[str, ..
                                            high=MAX_REQUEST_FIELDS),
         limit_request_field_size=table.integer("limit_request_field_size", defaults.limit_request_field_size,
                                                low=64, high=MAX_HEAD_LINE),
-        max_body_size=table.integer("max_body_size", None, low=0, high=MAX_BODY_SIZE),
+        max_body_size=table.integer("max_body_size", defaults.max_body_size, low=0, high=MAX_BODY_SIZE),
+        buffer_body=table.integer("buffer_body", defaults.buffer_body, low=0, high=MAX_BUFFER_BODY),
         header_timeout=table.seconds("header_timeout", defaults.header_timeout, high=MAX_DURATION_S,
                                      positive=True),
         write_timeout=table.seconds("write_timeout", defaults.write_timeout, high=MAX_DURATION_S,
@@ -469,6 +478,13 @@ def _app(problems: Problems, name: str, data: Any, listener_names: tuple[str, ..
                                           high=MAX_REQUESTS),
         max_rss=table.integer("max_rss", defaults.max_rss, low=0, high=MAX_RSS_MB),
         reload_on=table.strings("reload_on", item=lambda text: absolute_path(chdir or base_dir, text)) or (),
+        preload=table.boolean("preload", defaults.preload),
+        preload_hook=_hook(table, "preload_hook"),
+        **{name: _hook(table, name) for name in modulespec.HOOKS},
+        certificate=table.path("certificate", base_dir),
+        private_key=table.path("private_key", base_dir),
+        client_ca=table.path("client_ca", base_dir),
+        tls_min_version=table.choice("tls_min_version", defaults.tls_min_version, tls_config.TLS_VERSIONS),
     )
     table.finish(elsewhere={"bind": "a [listeners.NAME] table that this app names in 'listeners'"})
     _check_identity(problems, key, user, group, running_as_root)
@@ -500,6 +516,31 @@ def _check_routes(owners: Mapping[tuple[str, str], Problems], listeners: Mapping
             owners["listeners", name].add(("listeners", name), f"apps sharing this listener conflict: {exc}")
 
 
+def _check_tls(owners: Mapping[tuple[str, str], Problems], listeners: Mapping[str, ListenerConfig],
+               apps: Mapping[str, AppConfig]) -> None:
+    """Each app on a `tls = true` listener names a certificate and key that load and
+    match (loaded here, as the master will read them: `baton check` and a reload find a
+    broken pair before any worker does); no other app names TLS files."""
+    for name, app in apps.items():
+        key = ("apps", name)
+        found = tls_config.consistency(app, [listeners[listener] for listener in app.listeners])
+        if not found and app.certificate is not None:
+            found = tls_config.check_files(app.certificate, app.private_key, app.client_ca)
+        for field_name, message in found:
+            owners[key].add(key + (field_name,), message)
+
+
+def _redirect_https(table: Table) -> int | None:
+    value = table.raw("redirect_https")
+    if value is MISSING:
+        return None
+    try:
+        return tls_config.redirect_port(value)
+    except ValueError as exc:
+        table.problems.expected(table.key + ("redirect_https",), str(exc), value)
+        return None
+
+
 def _check_balancer_apart(owners: Mapping[tuple[str, str], Problems], master: MasterConfig,
                           apps: Mapping[str, AppConfig], running_as_root: bool) -> None:
     """No app may run as the balancer's user: whoever shares its uid can stop or kill
@@ -522,6 +563,19 @@ def _check_balancer_apart(owners: Mapping[tuple[str, str], Problems], master: Ma
             f"expected a user other than the balancer's: this app runs as {who}, uid {entry.pw_uid}, "
             f"the uid of [master] balancer_user = {master.balancer_user!r}, and could stop or kill the "
             f"balancer; give the app another user, or leave balancer_user unset (an id no app uses)")
+
+
+def _hook(table: Table, name: str) -> str | None:
+    """A lifecycle hook: "pkg.mod:function", judged as the worker will import it."""
+    spec = table.string(name)
+    if spec is None:
+        return None
+    try:
+        modulespec.parse_hook(spec)
+    except ValueError:
+        table.problems.expected(table.key + (name,), modulespec.HOOK_FORMS, spec)
+        return None
+    return spec
 
 
 def _host_pattern(text: str) -> str:

@@ -15,6 +15,9 @@ What a state means (which direction the server waits for, which deadline runs):
 =========== ====================================================================
 PROXY       awaiting its PROXY protocol header (under ``header_timeout_s`` from the
             connect). Its client is not known yet, so it is never handed back.
+HANDSHAKE   a TLS connection's handshake (under ``header_timeout_s`` from the connect;
+            see ``http.tls``). A TLS connection is never handed back or parked: its
+            state lives in this process's OpenSSL.
 IDLE        nothing of a request is here yet: a new connection, or a keep-alive one
             between requests (under ``keepalive_s``). The bytes of one read are
             parsed before the state changes, so a request that is complete in its
@@ -27,7 +30,9 @@ WRITING     bytes of the response wait for the socket (``write_timeout_s`` from 
             last progress); then the rest of the app's response, if it has more (BUSY
             again), or the next request.
 CLOSING     the final bytes (an error answer, or a response after which the
-            connection must close) go out, then the connection closes.
+            connection must close) go out, then the connection closes; when the
+            client may still be sending (a body we did not read), it lingers first:
+            our side shut, what comes dropped, for a bounded time and size.
 CLOSED      closed by the server (final).
 HANDED_BACK detached, with its unparsed bytes, for another process (final): a retiring
             worker's idle connection, or one a serving worker parks in the balancer
@@ -62,6 +67,7 @@ class State:
 
 
 PROXY = State("PROXY")
+HANDSHAKE = State("HANDSHAKE")
 IDLE = State("IDLE")
 READING = State("READING")
 BUSY = State("BUSY")
@@ -72,7 +78,8 @@ HANDED_BACK = State("HANDED_BACK")
 
 # state -> the states it may move to
 TRANSITIONS: Mapping[State, frozenset[State]] = MappingProxyType({
-    PROXY: frozenset({IDLE, CLOSED}),
+    PROXY: frozenset({IDLE, HANDSHAKE, CLOSED}),
+    HANDSHAKE: frozenset({IDLE, CLOSED}),
     # BUSY: the first read held a whole request. CLOSING: it held a bad one (answered,
     # then closed). CLOSED: the peer closed, the keep-alive deadline passed, or a drain
     # closed it. HANDED_BACK: a drain gave it away, or it was parked.
@@ -114,10 +121,10 @@ class ClientConnection:
     """
 
     __slots__ = ("sock", "fd", "peer", "builder", "environ_base", "proto", "state", "outbuf",
-                 "deadline", "timer", "request", "body", "body_len", "spool", "events",
-                 "outcome", "continue_input", "body_error", "on_close", "listener", "proxy_buf",
+                 "deadline", "timer", "request", "body", "body_len", "linger", "events",
+                 "outcome", "body_error", "on_close", "listener", "proxy_buf",
                  "write_timeout_s", "busy_since", "request_started", "sole_copy", "on_deadline",
-                 "host_gate", "on_park", "idle_since", "on_started")
+                 "host_gate", "on_park", "idle_since", "on_started", "head_at")
 
     def __init__(self, sock, peer, builder, proto, write_timeout_s: float, state: State,
                  on_deadline) -> None:
@@ -132,15 +139,15 @@ class ClientConnection:
         self.deadline = 0.0         # when the current timeout fires (0: none; BUSY has none)
         self.timer = None           # the loop timer armed for it (due at or before `deadline`)
         self.request = None
-        self.body = []
+        self.body = []              # the pieces of a body the loop reads before the app runs
         self.body_len = 0
-        self.spool = None
+        self.linger = 0             # closing: drop up to this many bytes of the client's first (see the server's _end)
         self.events = 0             # what the loop watches it for (0: not registered)
         self.outcome = None
-        self.continue_input = None
-        self.body_error = None      # how a 100-continue body broke the protocol, as the app read it
+        self.body_error = None      # how a streamed body broke the protocol (or timed out), as the app read it
         self.busy_since = 0.0       # when a pool thread took its current request
         self.request_started = 0.0  # when the current request's first byte arrived (access log)
+        self.head_at = 0.0          # when the current request's head was complete (its duration, /metrics)
         self.on_close = None        # told when the connection leaves this server
         self.listener = ""          # the listener's name, for a hand-back
         self.proxy_buf = None       # bytes of a PROXY header still arriving (state PROXY)

@@ -163,6 +163,9 @@ _FORBIDDEN_TRAILERS = frozenset((b"content-length", b"transfer-encoding", b"host
 _SPECIAL = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection",
                       b"expect", b"content-type"))
 _NO_BODY_STATUS = frozenset((204, 304))
+# Default Connection.discard_limit: unread body a keep-alive response may leave behind.
+DISCARD_LIMIT = 65536
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "te",
                          "trailer", "upgrade", "proxy-connection"))
 _OWS = (b" ", b"\t")
@@ -352,6 +355,12 @@ class Connection:
     means more bytes are needed, ``CONNECTION_CLOSED`` that no request will follow.
     Raises :class:`RemoteProtocolError` for a bad request, after which the
     connection is dead.
+
+    A response may be framed before its request's body is all here (``body_pending``:
+    the app answers early, or echoes as it reads). It keeps the connection only if
+    what is still to come can be dropped within ``discard_limit`` bytes (a known
+    Content-Length, after any 100 Continue the client awaits); else it says
+    ``Connection: close``. Either way the rest of the body is still delivered.
     """
 
     __slots__ = ("limit_request_line", "limit_request_fields", "limit_request_field_size",
@@ -359,17 +368,23 @@ class Connection:
                  "_parser", "_events", "_raw", "_raw_len", "_error", "_dead", "_eof",
                  "_paused", "_closing", "_in_message", "_ended", "_url", "_headers",
                  "_request", "_trailers", "_body_len", "_body_end", "_skipped_body", "_mark",
+                 "discard_limit", "_continued",
                  "response_keep_alive", "_resp_chunked",
                  "_resp_no_body", "_resp_remaining", "_resp_started")
 
     def __init__(self, *, limit_request_line: int = 8190, limit_request_fields: int = 100,
                  limit_request_field_size: int = 8190, max_body_size: int | None = None,
-                 require_host: bool = True, date_cache: DateCache | None = None) -> None:
+                 require_host: bool = True, date_cache: DateCache | None = None,
+                 discard_limit: int = DISCARD_LIMIT) -> None:
         self.limit_request_line = limit_request_line
         self.limit_request_fields = limit_request_fields
         self.limit_request_field_size = limit_request_field_size
-        self.max_body_size = max_body_size
+        self.max_body_size = max_body_size   # None: no limit
         self.require_host = require_host
+        # Body bytes still to come that a keep-alive response may leave to be read and
+        # dropped after it (see _frame); past that the response closes the connection.
+        self.discard_limit = discard_limit
+        self._continued = False          # 100 Continue was sent for the current request
         self._field_cap = limit_request_field_size - 4   # name and value; ": " and CRLF
         # A head may be at most this long before it is complete (memory guard for
         # clients that trickle an endless header block).
@@ -589,7 +604,9 @@ class Connection:
             if self._error is not None:
                 err, self._error = self._error, None
                 raise err
-            if self._closing or self._dead:
+            if self._dead or (self._closing and self._request is None):
+                # (A response that closes may go out before its request's body is
+                # in: that body is still delivered.)
                 return CONNECTION_CLOSED
             if self._eof:
                 self._dead = True
@@ -781,6 +798,7 @@ class Connection:
             if method != b"CONNECT":
                 headers = [(n, v) for n, v in headers if n.lower() != b"upgrade"]
                 self._skipped_body = chunked or bool(content_length)
+        self._continued = False
         expects_continue = (expect is not None and version == "1.1"
                             and expect.lower() == b"100-continue"
                             and (chunked or bool(content_length)))
@@ -890,6 +908,19 @@ class Connection:
             return pos
         return _BodyEnd(0, True, len(data)).advance(data, pos)   # llhttp validated it
 
+    @property
+    def body_pending(self) -> bool:
+        """The current request's body has not all been received (nor the framing
+        error that stopped it passed over): the client may still be sending it."""
+        return self._request is not None
+
+    def interim_continue(self) -> bytes:
+        """The interim ``100 Continue`` response, for a request that ``expects_continue``
+        whose body is about to be read. Once it is sent the client sends its body, so a
+        keep-alive response may leave that body to be dropped (see :meth:`_frame`)."""
+        self._continued = True
+        return _CONTINUE
+
     def start_next_cycle(self) -> bool:
         """The response to the current request is complete: allow the next one.
 
@@ -945,6 +976,8 @@ class Connection:
         if self._resp_started:
             raise LocalProtocolError(500, "response already started")
         keep_alive = request.keep_alive and not app_close
+        if keep_alive and self._request is request and not self._body_droppable(request):
+            keep_alive = False
         framing = b""
         chunked = False
         if code < 200 or code in _NO_BODY_STATUS:
@@ -976,6 +1009,15 @@ class Connection:
         self._resp_remaining = None if no_body else length
         self._resp_started = True
         return framing + end if framing else end
+
+    def _body_droppable(self, request: Request) -> bool:
+        """Can what has not arrived of ``request``'s body be read and dropped after its
+        response, within ``discard_limit`` bytes? Not for a chunked body (its size is
+        unknown), nor for one whose client awaits a 100 Continue never sent (it may
+        send its body or not: only closing ends that doubt)."""
+        if request.chunked or (request.expects_continue and not self._continued):
+            return False
+        return request.content_length - self._body_len <= self.discard_limit
 
     def body(self, data: bytes) -> bytes:
         """Frame one piece of response body (may return b"")."""
@@ -1017,3 +1059,10 @@ class Connection:
     @property
     def response_chunked(self) -> bool:
         return self._resp_chunked
+
+    @property
+    def response_started(self) -> bool:
+        """Whether the current response's head was framed (and so handed to be sent);
+        interim 100 Continue lines do not count. Another thread may read it (the
+        worker's timeout answer), knowing it may turn True just after."""
+        return self._resp_started

@@ -6,9 +6,21 @@ This is the I/O shell around :mod:`supervisor.http.protocol` (HTTP/1.1 state),
 It runs on a :class:`supervisor.system.loop.Loop` that the worker shares with its
 channels, signals and heartbeat. Promises:
 
-* The loop never blocks on one client while reading: only a complete request
-  (head and whole body, spooled to a temp file past ``SPOOL_BYTES``) reaches the
-  application, so a slow client holds nothing but its own buffers.
+* The loop never blocks on one client while reading a head, nor a body of at most
+  ``buffer_body`` bytes (a chunked one: until it passes that), read before the app
+  runs, so a slow client holds nothing but its own buffers. A larger body, or one
+  after ``Expect: 100-continue``, is streamed: the app runs once the head is in, and
+  ``wsgi.input`` reads the socket as the app reads, on the thread running the app
+  (pooled, the loop does not watch that socket meanwhile); its 100 Continue goes out
+  at the first read. ``max_body_size`` is checked on the head (413 before any body
+  byte is read) and as a chunked body arrives.
+* A body the app leaves unread is not taken in: the response keeps the connection only
+  when at most ``DISCARD_BYTES`` of it are still to come (they are read and dropped as
+  the next request's bytes would be; the connection is not IDLE, so never parked or
+  handed back, until they are); otherwise it says ``Connection: close``. A connection
+  closed while its client may still be sending (that, or an error answer) lingers:
+  our side shut, what arrives dropped, for ``LINGER_S`` and ``LINGER_BYTES`` at most,
+  so that the close does not reset the response before the client read it.
 * Nor while writing: a response goes out as the socket takes it. The app's iterable
   is iterated only while the socket takes every byte; when some must wait, the
   iterable (or the ``wsgi.file_wrapper`` file, sent with non-blocking ``sendfile``
@@ -23,9 +35,9 @@ channels, signals and heartbeat. Promises:
   no thread, unlike gunicorn's gthread, whose threads write blocking; and a response
   waiting on its client is not a running app call to the hung-request timeout
   (``oldest_request_age`` counts BUSY connections only).
-  Exceptions: a request with ``Expect: 100-continue`` reads its body when the app
-  does, and an app calling ``write()`` (the legacy callable) waits for its client
-  past ``connection.OUTBUF_CAP`` unsent bytes; in ``threads == 1`` mode both block the
+  Exceptions: a streamed body is read when the app reads it, and an app calling
+  ``write()`` (the legacy callable) waits for its client past
+  ``connection.OUTBUF_CAP`` unsent bytes; in ``threads == 1`` mode both block the
   loop (bounded by the timeouts).
 * Every connection has at most one deadline (``ClientConnection.deadline``) and at
   most one loop timer armed for it: a deadline that moves later keeps the armed
@@ -38,6 +50,13 @@ channels, signals and heartbeat. Promises:
   becomes the peer. A bad header closes it without a response: that peer is no HTTP
   client. So does any byte from a direct peer (the accepted socket's, or the one a
   balancer's CONN names) that its listener's ``proxy_allow_ips`` does not list.
+* A connection of a ``tls_listeners`` listener speaks TLS through a `tls.TLSStream`
+  (after its PROXY header, if any): its handshake runs on the loop (HANDSHAKE, under
+  the connect's ``header_timeout_s``), so a slow one holds up no one; a file response
+  is read and encrypted instead of sendfile'd. It is never parked or handed back (its
+  state is in our OpenSSL): a drain answers its next request with Connection: close
+  and closes it idle at its keep-alive deadline. A ``redirect_https`` listener's
+  requests are answered 308 to https://, never by the app.
 * Every socket the server opened or was given is closed by it, except listeners
   (owned by the caller) and connections given to the ``hand_back_with`` callback.
   Every fd it registered on the loop is unregistered when ``run`` returns; the loop
@@ -72,7 +91,6 @@ import io
 import logging
 import select
 import socket
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -85,6 +103,7 @@ from supervisor.http.connection import (
     CLOSED,
     CLOSING,
     HANDED_BACK,
+    HANDSHAKE,
     IDLE,
     PROXY,
     READING,
@@ -95,6 +114,9 @@ from supervisor.http.connection import (
 from supervisor.http.forwarded import DEFAULT_SECURE_SCHEME_HEADERS
 from supervisor.http.hostcheck import HostGate
 from supervisor.http.pool import Pool
+from supervisor.http.redirect import https_location
+from supervisor.http.stats import RequestStats
+from supervisor.http.tls import TLSConnection, TLSStream, tls_environ
 from supervisor.http.wsgi import (
     BadRequestBody,
     EnvironBuilder,
@@ -108,11 +130,12 @@ from supervisor.system.loop import READ, WRITE, Loop
 
 __all__ = ["ServerSettings", "Server"]
 
-SPOOL_BYTES = 1 << 20         # request bodies larger than this go to a temp file
+DISCARD_BYTES = http11.DISCARD_LIMIT   # unread body a keep-alive response may leave, dropped after it
+LINGER_S = 2.0                # a closing connection whose client may still send: how long it is drained
+LINGER_BYTES = 1 << 20        # ... and how much of what it sends is dropped, at most
 RECV_BYTES = 65536
 ACCEPT_BATCH = 64             # connections accepted per listener per loop iteration
 PROXY_REFUSAL_LOG_S = 60.0    # PROXY headers from peers not allowed: one log line per this
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _RESUME = None                # a pool item's mode: go on with a response that waited
 
 _SocketType = socket.SocketType   # the C socket type, under socket.socket
@@ -128,7 +151,8 @@ class ServerSettings:
     limit_request_line: int = 8190
     limit_request_fields: int = 100
     limit_request_field_size: int = 8190
-    max_body_size: int | None = None
+    max_body_size: int | None = None   # None: no limit
+    buffer_body: int = 65536        # bodies up to this size are read by the loop before the app runs
     forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
     forwarded_header: str = "x-forwarded-for"
     secure_scheme_headers: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_SECURE_SCHEME_HEADERS))
@@ -177,10 +201,22 @@ class Server:
                  proxy_protocol_fds: frozenset[int] = frozenset(), *, loop: Loop,
                  access_format: Callable | None = None,
                  proxy_allow_ips: Mapping[str, Iterable[str]] | None = None,
-                 app_name: str = "", host_tables: Mapping | None = None) -> None:
+                 app_name: str = "", host_tables: Mapping | None = None,
+                 tls_context=None, tls_listeners: Iterable[str] = (),
+                 redirect_https: Mapping[str, int] | None = None) -> None:
         """``host_tables``: listener name -> `routing.HostTable`, for the listeners
-        shared with other apps by Host, on which this is the app named ``app_name``."""
+        shared with other apps by Host, on which this is the app named ``app_name``.
+        ``tls_listeners``: the listeners (by name) whose connections speak TLS, with
+        ``tls_context`` (see `http.tls`: never parked or handed back; a drain answers
+        their next request with Connection: close and closes them when idle past
+        keep-alive). ``redirect_https``: listener name -> the port every request on it
+        is sent to with a 308 to https://."""
         self.app = app
+        self._tls_context = tls_context
+        self._tls_listeners = frozenset(tls_listeners)
+        if self._tls_listeners and tls_context is None:
+            raise ValueError("TLS listeners need a TLS context")   # never serve them in the clear
+        self._redirects = dict(redirect_https or {})
         self._app_name = app_name
         self._host_tables = dict(host_tables or {})
         # Whose PROXY headers each listener believes (by name; unnamed: the default).
@@ -209,6 +245,7 @@ class Server:
         self._date = http11.DateCache()
         self._conns: dict[int, ClientConnection] = {}
         self._requests_served = 0
+        self.stats = RequestStats()   # what the worker's STATS messages say
         self._stopping = False
         self._graceful = True
         self._listening = False
@@ -224,7 +261,7 @@ class Server:
                 self._accept, sock, self._builder_for(sock), fd in proxy_protocol_fds,
                 names.get(fd, ""), _tcp_option(sock, socket.TCP_NODELAY) == 0,
                 (int(sock.family), int(sock.type), sock.proto),
-                bool(_tcp_option(sock, socket.TCP_DEFER_ACCEPT)))))
+                bool(_tcp_option(sock, socket.TCP_DEFER_ACCEPT)), names.get(fd, "") in self._tls_listeners)))
         self._wake = loop.threadsafe_waker(_wake_only)
         self._pool = None
         if settings.threads > 1:
@@ -254,6 +291,12 @@ class Server:
                 if conn.state is BUSY and conn.busy_since]
         return round(self._clock() - min(busy), 3) if busy else None
 
+    def running_connections(self) -> list[ClientConnection]:
+        """The connections whose request is running (BUSY) now. Any thread may call
+        it (the worker's timeout answer does, while the loop may be stuck in the app):
+        a snapshot, whose states may move on meanwhile."""
+        return [conn for conn in list(self._conns.values()) if conn.state is BUSY]
+
     def add_connection(self, sock: socket.socket, peer, listener_name: str = "",
                        initial_bytes: bytes = b"", on_close: Callable[[], None] | None = None,
                        proxy_protocol: bool = False,
@@ -267,10 +310,11 @@ class Server:
         the connection cannot be parked; else (nothing yet, parkable) when a request
         comes. (A connection that leaves the server first tells ``on_close`` only.)"""
         builder = self._builders.get(listener_name) or self._builder_for(sock, listener_name)
-        conn = self._new_conn(sock, peer, builder, proxy_protocol)
+        tls = listener_name in self._tls_listeners
+        conn = self._new_conn(sock, peer, builder, proxy_protocol, tls=tls)
         conn.on_close = on_close
         conn.listener = listener_name
-        if on_park is not None and self._park_after_s > 0:
+        if on_park is not None and self._park_after_s > 0 and not tls:
             conn.on_park = on_park
         conn.on_started = on_started
         if self._host_tables:
@@ -279,6 +323,9 @@ class Server:
                 conn.host_gate = HostGate(table, self._app_name)
         if initial_bytes and proxy_protocol:
             self._on_proxy_bytes(conn, initial_bytes)
+        elif tls and not proxy_protocol:
+            conn.sock.feed(initial_bytes)
+            self._on_handshake(conn)
         elif initial_bytes:
             conn.request_started = self._loop.now
             conn.proto.receive_data(initial_bytes)
@@ -287,7 +334,8 @@ class Server:
             self._on_readable(conn)
         self._arm_connect_deadline(conn)
         state = conn.state
-        if conn.on_started is not None and (state is READING or (state is IDLE and conn.on_park is None)):
+        if conn.on_started is not None and (state is READING or state is HANDSHAKE
+                                            or (state is IDLE and conn.on_park is None)):
             self._started(conn)
         if conn.on_park is not None and state is IDLE:
             self._note_idle(conn, self._loop.now)
@@ -358,8 +406,9 @@ class Server:
         self._listening = on
 
     def _new_conn(self, sock: socket.socket, peer, builder, proxy: bool = False,
-                  nodelay: bool | None = None) -> ClientConnection:
-        """``nodelay``: whether TCP_NODELAY must be set (None: find out)."""
+                  nodelay: bool | None = None, tls: bool = False) -> ClientConnection:
+        """``nodelay``: whether TCP_NODELAY must be set (None: find out). ``tls``: a
+        `TLSConnection`, whose handshake starts now (after its PROXY header, if any)."""
         s = self.settings
         sock.setblocking(False)
         if nodelay is None:
@@ -369,12 +418,19 @@ class Server:
         proto = http11.Connection(
             limit_request_line=s.limit_request_line, limit_request_fields=s.limit_request_fields,
             limit_request_field_size=s.limit_request_field_size,
-            max_body_size=s.max_body_size, date_cache=self._date)
-        conn = ClientConnection(sock, peer, builder, proto, s.write_timeout_s, PROXY if proxy else IDLE,
-                                self._on_deadline)
+            max_body_size=s.max_body_size, date_cache=self._date, discard_limit=DISCARD_BYTES)
+        if tls:
+            conn = TLSConnection(sock, peer, builder, proto, s.write_timeout_s, PROXY if proxy else HANDSHAKE,
+                                 self._on_deadline)
+        else:
+            conn = ClientConnection(sock, peer, builder, proto, s.write_timeout_s, PROXY if proxy else IDLE,
+                                    self._on_deadline)
         self._conns[conn.fd] = conn
         conn.events = READ
-        if proxy:
+        if tls and not proxy:
+            conn.sock = TLSStream(sock, self._tls_context)
+            self._loop.register(conn.fd, partial(self._on_handshake, conn))
+        elif proxy:
             # Until its header is complete the connection has a handler of its own, so
             # the HTTP read path carries no PROXY test.
             conn.proxy_buf = bytearray()
@@ -388,11 +444,11 @@ class Server:
         what it already sent armed one or finished with it. Armed after the bytes that
         came with the connection were served, so a one-request connection that brought
         its request (deferred accept, a balancer's hand-over) never needs a timer."""
-        if conn.timer is None and (conn.state is IDLE or conn.state is PROXY):
+        if conn.timer is None and (conn.state is IDLE or conn.state is PROXY or conn.state is HANDSHAKE):
             self._set_deadline(conn, self._loop.now + self._header_timeout_s)
 
     def _accept(self, lsock: socket.socket, builder, proxy: bool, name: str,
-                nodelay: bool, kind: tuple[int, int, int], read_at_once: bool) -> None:
+                nodelay: bool, kind: tuple[int, int, int], read_at_once: bool, tls: bool) -> None:
         # A bounded batch: the connections already accepted get read before more come
         # in (the listener stays readable, so the rest wait one iteration).
         loop, header_timeout_s = self._loop, self._header_timeout_s
@@ -410,13 +466,16 @@ class Server:
                 if exc.errno not in (errno.ECONNABORTED, errno.EPROTO):
                     self.error_log.warning("accept failed: %s", exc)
                 return
-            conn = self._new_conn(sock, peer, builder, proxy, nodelay)
+            conn = self._new_conn(sock, peer, builder, proxy, nodelay, tls)
             conn.listener = name
             conn.sole_copy = True   # accepted here: no other process holds the socket
             if read_at_once and not proxy:
                 # TCP_DEFER_ACCEPT: the kernel handed it over once its first bytes came,
                 # so they are read now rather than after another wait.
-                self._on_readable(conn)
+                if tls:
+                    self._on_handshake(conn)
+                else:
+                    self._on_readable(conn)
                 self._arm_connect_deadline(conn)
             else:   # _arm_connect_deadline, inlined: nothing was read, nothing armed
                 deadline = conn.deadline = loop.now + header_timeout_s
@@ -487,10 +546,47 @@ class Server:
             self._cut_short(conn, outcome)
         conn.move(CLOSED)
         self._forget(conn, closing=True)
-        if conn.spool is not None:
-            conn.spool.close()
         conn.sock.close()
         conn.proto.close()   # frees the parser now, not at the next cycle collection
+
+    def _end(self, conn: ClientConnection) -> None:
+        """A CLOSING connection sent its last bytes: close it, or, if ``conn.linger``
+        says its client may still be sending, linger first. Closing a socket with
+        unread bytes resets the connection, and the reset can destroy the response
+        before the client read it; so we stop writing (the client sees our end) and
+        drop what it sends until it closes, for at most LINGER_S and LINGER_BYTES."""
+        # A stream that cannot half-close (TLS: its close says close_notify) is closed.
+        shutdown = getattr(conn.sock, "shutdown", None) if conn.linger else None
+        if shutdown is None:
+            self._close(conn)
+            return
+        try:
+            shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        if conn.state is not CLOSING:
+            conn.move(CLOSING)   # from BUSY: a response that closes, sent whole
+        if conn.events:
+            self._loop.modify(conn.fd, READ, partial(self._on_linger, conn))
+        else:
+            self._loop.register(conn.fd, partial(self._on_linger, conn))
+        conn.events = READ
+        if conn.on_started is not None:
+            self._started(conn)   # it will run no request: a balancer need not wait for it
+        self._set_deadline(conn, self._loop.now + LINGER_S)   # CLOSING: closed when it passes
+
+    def _on_linger(self, conn: ClientConnection) -> None:
+        try:
+            data = conn.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if len(data) >= conn.linger or not data:
+            self._close(conn)
+            return
+        conn.linger -= len(data)
 
     def _drained(self) -> bool:
         """One step of a stop, between loop iterations: True when `run` may end."""
@@ -506,7 +602,8 @@ class Server:
 
     def _hand_back_idle(self) -> None:
         for conn in list(self._conns.values()):
-            if (conn.state is IDLE or conn.state is READING) and conn.proto.idle:
+            if (conn.state is IDLE or conn.state is READING) and conn.proto.idle \
+                    and conn.__class__ is not TLSConnection:   # (see _close_idle)
                 unparsed = conn.proto.unparsed_bytes()
                 conn.move(HANDED_BACK)
                 self._forget(conn, closing=False)
@@ -518,8 +615,10 @@ class Server:
                     conn.sock.close()
 
     def _close_idle(self) -> None:
+        # An idle TLS connection is left to its keep-alive deadline: its client may be
+        # sending a request right now, which is answered (with Connection: close).
         for conn in list(self._conns.values()):
-            if conn.state is IDLE:
+            if conn.state is IDLE and conn.__class__ is not TLSConnection:
                 self._close(conn)
 
     def _shutdown(self) -> None:
@@ -587,6 +686,13 @@ class Server:
             conn.environ_base = conn.builder.connection_base(conn.peer)
         rest = bytes(buf[result.consumed:])
         conn.proxy_buf = None
+        if conn.__class__ is TLSConnection:
+            conn.move(HANDSHAKE)
+            conn.sock = TLSStream(conn.sock, self._tls_context)
+            conn.sock.feed(rest)
+            self._loop.modify(conn.fd, READ, partial(self._on_handshake, conn))
+            self._on_handshake(conn)
+            return
         conn.move(IDLE)
         self._loop.modify(conn.fd, READ, partial(self._on_readable, conn))
         if rest:
@@ -620,6 +726,11 @@ class Server:
                 return
             cls = event.__class__
             if cls is _Request:
+                if self._redirects and conn.listener in self._redirects:
+                    self._redirect(conn, event)
+                    return
+                if self._stopping and conn.__class__ is TLSConnection:
+                    event.keep_alive = False   # a retiring worker's TLS connection ends after this
                 gate = conn.host_gate
                 if gate is not None:
                     misdirected = gate.misdirected(event)
@@ -629,10 +740,11 @@ class Server:
                         self._fail(conn, 421, "Misdirected Request")
                         return
                 conn.request = event
+                conn.head_at = self._loop.now
                 if event.ends_message:   # no body: the request is whole
                     if not self._dispatch(conn, False):
                         return
-                elif event.expects_continue:
+                elif not self._buffers(event):   # the app reads the body as it arrives
                     if not self._dispatch(conn, True):
                         return
             elif cls is _EndOfMessage:
@@ -643,8 +755,14 @@ class Server:
                     return
             elif cls is _Data:
                 if conn.request is None:
-                    continue          # an abandoned 100-continue body
-                self._add_body(conn, event.data)
+                    continue          # the rest of a body the app left unread: dropped
+                conn.body.append(event.data)
+                conn.body_len += len(event.data)
+                if conn.body_len > self.settings.buffer_body:
+                    # A chunked body longer than the loop buffers: the app reads the
+                    # rest of it, after what is here.
+                    if not self._dispatch(conn, True):
+                        return
             elif event is _NEED_DATA:
                 # The head must be complete header_timeout_s after its first byte; a
                 # body's timeout is about inactivity, so progress re-arms it.
@@ -660,26 +778,62 @@ class Server:
             else:   # PAUSED: a response is still going out
                 return
 
-    def _add_body(self, conn: ClientConnection, data: bytes) -> None:
-        conn.body_len += len(data)
-        if conn.spool is not None:
-            conn.spool.write(data)
-            return
-        conn.body.append(data)
-        if conn.body_len > SPOOL_BYTES:
-            spool = tempfile.TemporaryFile()
-            spool.write(b"".join(conn.body))
-            conn.body = []
-            conn.spool = spool
+    def _buffers(self, request: http11.Request) -> bool:
+        """Does the loop read ``request``'s body before the app runs? Only up to
+        ``buffer_body`` bytes (a chunked one: until it passes that), and never one
+        whose client awaits a 100 Continue, which the app's first read sends."""
+        limit = self.settings.buffer_body
+        if not limit or request.expects_continue:
+            return False
+        return request.chunked or request.content_length <= limit
 
     def _fail(self, conn: ClientConnection, status: int, reason: str) -> None:
-        """Answer a protocol error with Connection: close, then close."""
+        """Answer a protocol error with Connection: close, then close (lingering: the
+        client may be sending what we will not read, a body say)."""
         response, size = self._error_response(status, reason)
+        conn.linger = LINGER_BYTES
+        self.stats.answered(str(status), self._loop.now - conn.head_at if conn.request is not None else 0.0)
         conn.move(CLOSING)
         conn.request = None
         if self.access_log is not None:
             self._log_access(conn, None, str(status), size, None)
         self._queue_out(conn, response)
+
+    def _on_handshake(self, conn: ClientConnection) -> None:
+        """Drive ``conn``'s TLS handshake (HANDSHAKE) as far as its socket lets it;
+        once done, its environs say https (and who the client is), and it is read."""
+        try:
+            wants = conn.sock.handshake()
+        except (OSError, ValueError) as exc:   # ssl.SSLError is an OSError
+            self.error_log.debug("TLS handshake with %s failed: %s", conn.peer, exc)
+            self._close(conn)
+            return
+        if wants:
+            if conn.events != wants:
+                conn.events = wants
+                self._loop.modify(conn.fd, wants, partial(self._on_handshake, conn))
+            return
+        conn.move(IDLE)
+        conn.environ_base.update(tls_environ(conn.sock.obj))
+        conn.events = READ
+        self._loop.modify(conn.fd, READ, partial(self._on_readable, conn))
+        self._on_readable(conn)   # a request that came with the client's Finished
+
+    def _redirect(self, conn: ClientConnection, request: http11.Request) -> None:
+        """A request on a `redirect_https` listener: 308 to the same URL in https,
+        never the app; the connection closes after it."""
+        host = next((value.decode("latin-1") for name, value in request.headers if name.lower() == b"host"), None)
+        location = https_location(host, request.target.decode("latin-1"), self._redirects[conn.listener],
+                                  conn.environ_base.get("SERVER_NAME", "localhost"))
+        body = f"308 Permanent Redirect: {location}\n".encode("latin-1")
+        head = (f"HTTP/1.1 308 Permanent Redirect\r\nServer: baton\r\nDate: {self._date.get()}\r\n"
+                f"Location: {location}\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n")
+        conn.move(CLOSING)
+        conn.request = None
+        if self.access_log is not None:
+            self._log_access(conn, request, "308", len(body), None)
+        self._queue_out(conn, head.encode("latin-1") + body)
 
     def _error_response(self, status: int, reason: str) -> tuple[bytes, int]:
         """A whole error response that closes the connection, and its body's size."""
@@ -691,7 +845,7 @@ class Server:
 
     def _queue_out(self, conn: ClientConnection, data: bytes) -> None:
         """Send a CLOSING connection's last bytes: what the socket takes now, the rest
-        on writability; then close."""
+        on writability; then close (see _end)."""
         try:
             sent = conn.sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -700,7 +854,7 @@ class Server:
             self._close(conn)
             return
         if sent == len(data):
-            self._close(conn)
+            self._end(conn)
             return
         conn.outbuf += data[sent:]
         self._set_events(conn, WRITE)
@@ -721,23 +875,26 @@ class Server:
                 self._set_deadline(conn, self._loop.now + self._write_timeout_s)
                 return
         if conn.state is CLOSING:
-            self._close(conn)
+            self._end(conn)
             return
         if conn.outcome is not None:   # the app's response has more to come
             self._resume(conn)
             return
-        if self._next_request(conn, conn.proto.has_unparsed, self._loop.now):   # WRITING
+        proto = conn.proto
+        if self._next_request(conn, proto.has_unparsed or proto.body_pending, self._loop.now):   # WRITING
             self._process(conn)
 
     # ---------------------------------------------------------------- running the app
 
-    def _dispatch(self, conn: ClientConnection, continue_mode: bool) -> bool:
-        """Run the request; True when bytes of ``conn``'s next request wait to be
+    def _dispatch(self, conn: ClientConnection, stream: bool) -> bool:
+        """Run the request (``stream``: the app reads its body as it arrives, after
+        what ``conn.body`` holds); True when bytes of ``conn``'s next request wait to be
         parsed (inline mode; a loop instead of recursion keeps deep pipelines safe)."""
         conn.move(BUSY)
+        self.stats.started()
         pool = self._pool
         if pool is None:
-            self._handle(conn, continue_mode)
+            self._handle(conn, stream)
             # The clock read again: the app may have taken long, and the deadlines set
             # next count from the end of its response.
             more = self._finish(conn, self._clock())
@@ -748,7 +905,7 @@ class Server:
         self._loop.unregister(conn.fd)
         conn.events = 0
         conn.busy_since = self._loop.now
-        pool.submit((conn, continue_mode))
+        pool.submit((conn, stream))
         if pool.busy >= pool.size:
             self._set_listening(False)   # don't accept what no thread can serve
         if conn.on_started is not None:
@@ -762,13 +919,13 @@ class Server:
 
     def _run_pooled(self, item) -> None:
         """On a pool thread."""
-        conn, continue_mode = item
-        if continue_mode is _RESUME:
+        conn, stream = item
+        if stream is _RESUME:
             outcome = conn.outcome
             if outcome.stream.advance():
                 outcome.stream = None
             return
-        self._handle(conn, continue_mode)
+        self._handle(conn, stream)
 
     def _pooled_done(self, item) -> None:
         """Back on the loop's thread: the app call of a pooled request finished."""
@@ -782,19 +939,16 @@ class Server:
         for watcher in self._free_watchers:
             watcher()
 
-    def _handle(self, conn: ClientConnection, continue_mode: bool) -> None:
+    def _handle(self, conn: ClientConnection, stream: bool) -> None:
         """Run the app for conn.request (in the loop thread or a pool thread), as far
         as the socket takes its response (the rest: conn.outcome.stream)."""
         request = conn.request
         proto = conn.proto
-        if continue_mode:
-            wsgi_input = Input(self._make_pull(conn, conn.send_blocking))
-            conn.continue_input = wsgi_input
-        elif conn.spool is not None:
-            wsgi_input = conn.spool
-            wsgi_input.seek(0)
+        body = conn.body
+        if stream:
+            wsgi_input = Input(self._make_pull(conn), b"".join(body))
+            conn.body = []   # the input holds it now
         elif conn.body_len:
-            body = conn.body
             wsgi_input = io.BytesIO(body[0] if len(body) == 1 else b"".join(body))
         else:
             wsgi_input = io.BytesIO()
@@ -807,9 +961,10 @@ class Server:
             outcome.environ = environ
 
     def _answer_bad_body(self, conn: ClientConnection, outcome: Outcome) -> None:
-        """The app read a 100-continue body that broke the protocol: the client is
-        told 400, as for any bad request (unless the app answered already, having
-        caught BadRequestBody), and the connection closes."""
+        """The app read a body that broke the protocol (or passed max_body_size, or
+        stopped coming for header_timeout_s): the client is told so (400, 413, 408),
+        as for any bad request, unless the app answered already, having caught the
+        error; and the connection closes."""
         outcome.must_close = True
         if outcome.head_sent:
             return
@@ -823,20 +978,29 @@ class Server:
         except OSError:
             pass
 
-    def _make_pull(self, conn: ClientConnection, send):
-        """Body source for Expect: 100-continue: answer 100, then read as the app reads.
-        A body that breaks the protocol raises BadRequestBody in the app and is kept in
-        ``conn.body_error`` (see _answer_bad_body)."""
-        state = {"continued": False}
+    def _make_pull(self, conn: ClientConnection):
+        """The body source of a streamed ``wsgi.input``: read from the socket as the
+        app reads, on the thread running the app (the loop does not watch the socket
+        meanwhile: inline, it is the same thread; pooled, the fd is unregistered).
+
+        Its first call sends the 100 Continue a client may await. A body that breaks
+        the protocol or passes max_body_size raises BadRequestBody; one whose client
+        sends nothing for header_timeout_s raises TimeoutError; both are kept in
+        ``conn.body_error`` (see _answer_bad_body). A client that closes raises
+        ConnectionResetError. Each piece that arrives restarts the request's clock for
+        the hung-request timeout (``busy_since``): a client uploading is not a stuck app."""
         proto = conn.proto
         timeout_s = self.settings.header_timeout_s
+        clock = self._clock
+        must_continue = [conn.request.expects_continue]
 
         def pull() -> bytes:
             if conn.body_error is not None:
                 raise BadRequestBody(f"bad request body: {conn.body_error.reason}")
-            if not state["continued"]:
-                state["continued"] = True
-                send(_CONTINUE)
+            if must_continue[0]:
+                must_continue[0] = False
+                if proto.body_pending:   # (a client that sent its body anyway needs no 100)
+                    conn.send_blocking(proto.interim_continue())
             while True:
                 try:
                     event = proto.next_event()
@@ -845,12 +1009,13 @@ class Server:
                     raise BadRequestBody(f"bad request body: {exc.reason}") from None
                 if event.__class__ is http11.Data:
                     return event.data
-                if event.__class__ is http11.EndOfMessage:
-                    conn.continue_input = None   # the body was read to its end
-                    return b""
                 if event is not http11.NEED_DATA:
-                    return b""
-                wait_fd(conn.fd, select.POLLIN, timeout_s)
+                    return b""   # EndOfMessage (then PAUSED): the body's end
+                try:
+                    wait_fd(conn.fd, select.POLLIN, timeout_s)
+                except TimeoutError:
+                    conn.body_error = http11.RemoteProtocolError(408, "request body timed out")
+                    raise TimeoutError(f"no byte of the request body for {timeout_s}s") from None
                 try:
                     data = conn.sock.recv(RECV_BYTES)
                 except (BlockingIOError, InterruptedError):
@@ -858,6 +1023,7 @@ class Server:
                 proto.receive_data(data)
                 if not data:
                     raise ConnectionResetError("client closed during the request body")
+                conn.busy_since = clock()
         return pull
 
     def _finish(self, conn: ClientConnection, now: float) -> bool:
@@ -874,29 +1040,28 @@ class Server:
             return False
         request = conn.request
         self._requests_served += 1
+        self.stats.finished(outcome.status if outcome is not None else "500", now - conn.head_at)
         if self.access_log is not None and outcome is not None:
             self._log_access(conn, request, outcome.status, outcome.sent, outcome)
-        if conn.spool is not None:
-            conn.spool.close()
-            conn.spool = None
         conn.request = None
         if conn.body_len or conn.body:
             conn.body = []
             conn.body_len = 0
         conn.outcome = None
-        # An unread 100-continue body may or may not be on its way: only closing is safe.
-        unread_body = conn.continue_input is not None
-        conn.continue_input = None
-        if (outcome is None or outcome.must_close or unread_body
-                or not conn.proto.response_keep_alive):
+        proto = conn.proto
+        if outcome is None or outcome.must_close or not proto.response_keep_alive:
+            if proto.body_pending:
+                conn.linger = LINGER_BYTES   # the client may still be sending that body
             if conn.outbuf:
                 conn.move(CLOSING)
                 self._set_events(conn, WRITE)
                 self._set_deadline(conn, now + self._write_timeout_s)
             else:
-                self._close(conn)
+                self._end(conn)
             return False
-        pending = conn.proto.start_next_cycle()
+        # A body the app left unread (at most discard_limit more bytes, as the response
+        # said keep-alive) is read and dropped as the next request's bytes would be.
+        pending = proto.start_next_cycle() or proto.body_pending
         if conn.outbuf:
             conn.move(WRITING)
             self._set_events(conn, WRITE)
@@ -951,6 +1116,7 @@ class Server:
         stream.close()
         outcome.must_close = True
         self._requests_served += 1
+        self.stats.finished(outcome.status, self._loop.now - conn.head_at)
         if self.access_log is not None:
             self._log_access(conn, conn.request, outcome.status, outcome.sent, outcome)
 

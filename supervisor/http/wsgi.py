@@ -91,21 +91,27 @@ _ENVIRON_KEYS_MAX = 512
 
 class BadRequestBody(OSError):
     """What ``wsgi.input`` raises when the body it reads breaks the protocol (a bad
-    chunk, say): the client's doing, so an OSError, as for a client that went away.
-    The application's response is not sent; the server answers 400 and closes."""
+    chunk, or one past ``max_body_size``): the client's doing, so an OSError, as for a
+    client that went away. The application's response is not sent; the server answers
+    400 (413) and closes."""
 
 
 class Input:
-    """``wsgi.input`` over a body that arrives later (Expect: 100-continue).
+    """``wsgi.input`` over a body that arrives while the application reads it.
 
-    ``pull()`` returns the next piece of body, ``b""`` at its end; it is first
-    called when the application first reads, which is when the server sends the
-    interim 100 Continue.
+    ``pull()`` returns the next piece of body, ``b""`` at its end (and from then on
+    nothing more is pulled); it is first called when the application first reads past
+    ``prefix`` (the part of the body already here), which is when the server sends
+    an interim 100 Continue. Reads follow a binary file's: ``read(n)`` returns ``n``
+    bytes unless the body ends first, ``read()`` the rest, ``readline`` up to and with
+    a newline; an error of ``pull`` (an OSError: the client's doing) reaches the
+    caller, with what was read before it kept for the next read. What it holds is
+    what the application asked for, plus one piece.
     """
 
-    def __init__(self, pull: Callable[[], bytes]) -> None:
+    def __init__(self, pull: Callable[[], bytes], prefix: bytes = b"") -> None:
         self._pull = pull
-        self._buf = b""
+        self._buf = bytearray(prefix)   # read from the body, not yet by the application
         self._done = False
 
     def _fill(self) -> bool:
@@ -119,26 +125,42 @@ class Input:
         return True
 
     def read(self, size: int | None = -1) -> bytes:
+        buf = self._buf
         if size is None or size < 0:
-            while self._fill():
-                pass
-            data, self._buf = self._buf, b""
-            return data
-        while len(self._buf) < size and self._fill():
+            parts = [bytes(buf)]
+            buf.clear()
+            try:
+                while not self._done:
+                    data = self._pull()
+                    if not data:
+                        self._done = True
+                    parts.append(data)
+            except BaseException:
+                buf += b"".join(parts)
+                raise
+            return b"".join(parts)
+        while len(buf) < size and self._fill():
             pass
-        data, self._buf = self._buf[:size], self._buf[size:]
+        data = bytes(buf[:size])
+        del buf[:size]
         return data
 
     def readline(self, size: int | None = -1) -> bytes:
+        buf = self._buf
+        searched = 0
         while True:
-            end = self._buf.find(b"\n") + 1
-            if end or (size is not None and 0 <= size <= len(self._buf)) or not self._fill():
+            end = buf.find(b"\n", searched) + 1
+            if end or (size is not None and 0 <= size <= len(buf)):
+                break
+            searched = len(buf)
+            if not self._fill():
                 break
         if not end:
-            end = len(self._buf)
+            end = len(buf)
         if size is not None and 0 <= size < end:
             end = size
-        data, self._buf = self._buf[:end], self._buf[end:]
+        data = bytes(buf[:end])
+        del buf[:end]
         return data
 
     def readlines(self, hint: int | None = -1) -> list[bytes]:

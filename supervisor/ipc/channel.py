@@ -24,9 +24,11 @@ _MAX_FDS = 255
 _FD_BYTES = array.array("i").itemsize
 _ANCILLARY_BYTES = socket.CMSG_SPACE(_MAX_FDS * _FD_BYTES)
 _MAX_MESSAGE_BYTES = messages.MAX_MESSAGE_BYTES
-_SOL_SOCKET, _SCM_RIGHTS = socket.SOL_SOCKET, socket.SCM_RIGHTS
-_CMSG_CLOEXEC = socket.MSG_CMSG_CLOEXEC
-_MSG_TRUNC, _MSG_CTRUNC = socket.MSG_TRUNC, socket.MSG_CTRUNC
+# Plain ints, not the socket module's IntFlag members: `flags & member` goes through
+# enum's Python-level __and__, several µs on every message of the hot path.
+_SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
+_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_MSG_TRUNC, _MSG_CTRUNC = int(socket.MSG_TRUNC), int(socket.MSG_CTRUNC)
 _encode, _decode = messages.encode, messages.decode
 
 

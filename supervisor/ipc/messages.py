@@ -46,10 +46,15 @@ Wire form: byte 0 is the fd count; byte 1 says which of two forms follows.
                  code 6     the same with threads u32 after busy (a report that says
                             how many threads the worker has)      14 + 8 per id bytes
 
+    STATS        code 7     in_flight u32, duration_sum_s f64, then the
+                            responses and the durations, u64 each (their
+                            counts are fixed by STATUS_CLASSES and
+                            REQUEST_DURATION_BOUNDS_S)               174 bytes
+
   Codes 2 and 3 belonged to ACK and CLOSED, one message per connection each, which
   REPORT replaced; they are not reused.
 
-`encode` always takes the binary form for those three kinds, except for a CONN whose
+`encode` always takes the binary form for those four kinds, except for a CONN whose
 host or listener is longer than its length byte can say (or cannot be encoded as
 UTF-8), and a REPORT with `refused` ids (rare: a worker out of fds): they go as text.
 `decode` accepts both forms for those kinds and rejects anything else with
@@ -78,6 +83,11 @@ _REPORT_HEAD_SIZE = 14   # the larger of REPORT's two layouts
 REPORT_MAX_IDS = (MAX_MESSAGE_BYTES - _REPORT_HEAD_SIZE) // 8
 # The most refused ids one REPORT carries: they travel as JSON text (up to 21 bytes each).
 REFUSED_MAX = 1024
+# A balancer may send a worker this many connections beyond its threads when no worker
+# of the app is free (so a saturated worker finds its next connection waiting instead of
+# idling through a round trip); a worker therefore reports each time its busy count
+# drops below its threads, and below its threads plus this.
+PREFETCH = 1
 
 
 class MessageError(ValueError):
@@ -142,6 +152,45 @@ class Heartbeat(Message):
     oldest_s: float | None = _field(fields.duration_or_none)
 
 
+# A request's duration (its head complete to its response done) is counted in the
+# first bucket whose bound it does not exceed, else in the last (+Inf): STATS carries
+# one count per bucket, not cumulative ones. Statuses are counted by class, 1xx to 5xx.
+REQUEST_DURATION_BOUNDS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+def _counts(length: int) -> fields.Check:
+    """Exactly `length` unsigned 64-bit counts, as a tuple."""
+    counts = fields.array(fields.unsigned(64), length)
+
+    def check(value):
+        checked = counts(value)
+        if len(checked) != length:
+            raise FieldError(f"expected {length} counts, found {len(checked)}")
+        return checked
+    return check
+
+
+def _seconds(value):
+    if type(value) is not float and type(value) is not int:
+        raise FieldError(f"expected a finite number of seconds >= 0, found {show(value)}")
+    return float(fields.figure(value))
+
+
+@dataclass(frozen=True, slots=True)
+class Stats(Message):
+    """Worker -> master: the worker's request figures since it started (so a lost one
+    costs nothing: the next says it all): requests running now, responses by status
+    class (STATUS_CLASSES), and their durations, bucketed (REQUEST_DURATION_BOUNDS_S
+    and +Inf) and summed. Sent from the serving loop soon after the figures change (at
+    most every `worker.stats.STATS_MIN_INTERVAL_S`), and before the worker exits."""
+    KIND = "stats"
+    in_flight: int = _field(fields.unsigned(32))
+    responses: tuple[int, ...] = _field(_counts(len(STATUS_CLASSES)))
+    durations: tuple[int, ...] = _field(_counts(len(REQUEST_DURATION_BOUNDS_S) + 1))
+    duration_sum_s: float = _field(_seconds)
+
+
 @dataclass(frozen=True, slots=True)
 class Reopen(Message):
     """Master -> any child: the log files were reopened (logrotate); fds: the new files,
@@ -160,6 +209,36 @@ class Stop(Message):
     KIND = "stop"
     graceful: bool = _field(fields.boolean)
     handback: bool = _field(fields.boolean)
+
+
+# -- master <-> template (a preloaded app's, see worker.template) ---------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Spawn(Message):
+    """Master -> template: fork worker `index`. The fds, in this order: the worker's
+    channel to the master, its error pipe, its access pipe (if `access`), its channel
+    to each balancer (`balancers` of them, by index), then one listening socket per
+    name in `listeners` (share and reuseport modes). `routes` is its host routing
+    (`hostcheck.routes_for`), `log_level` the master's at the time of the fork."""
+    KIND = "spawn"
+    index: int = _field(fields.integer(1, 1 << 16))
+    listeners: tuple[str, ...] = _field(fields.array(NAME, FDS_MAX, unique=True))
+    balancers: int = _field(fields.integer(0, 64))
+    access: bool = _field(fields.boolean)
+    log_level: str = _field(NAME)
+    routes: Mapping[str, Any] = _field(lambda value: _routing_table(value) if value else {})
+
+    def fd_count(self) -> int:
+        return 2 + self.access + self.balancers + len(self.listeners)
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """A worker a template forked -> master, its first words on its own channel: its
+    pid (checked by the master: its child, of the app's user)."""
+    KIND = "hello"
+    pid: int = _field(fields.PID)
 
 
 # -- watcher -> master ----------------------------------------------------------------
@@ -211,10 +290,13 @@ class Routes(Message):
 
 @dataclass(frozen=True, slots=True)
 class Metrics(Message):
-    """The master's figures for /metrics: per app (app -> metric -> value) and overall."""
+    """The master's figures for /metrics: per app (app -> metric -> value) and overall
+    (the keys are `balancer.health`'s). Too many apps for one message travel in several:
+    each but the last says `more`, and the receiver takes the figures once all came."""
     KIND = "metrics"
     apps: Mapping[str, Mapping[str, float]] = _field(fields.table(NAME, fields.table(NAME, fields.figure)))
     overall: Mapping[str, float] = _field(fields.table(NAME, fields.figure))
+    more: bool = _field(fields.boolean, False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +322,18 @@ class Attach(Message):
     FDS = 1
     key: int = _field(_link_key)
     app: str = _field(NAME)
+
+
+@dataclass(frozen=True, slots=True)
+class Reclaim(Message):
+    """Master -> balancer, right after a worker's ATTACH: a copy of the worker's own end
+    of that channel, and a pidfd of the worker (the two fds, in that order). When the
+    pidfd says the worker exited, the balancer reads back from that end the connections
+    the worker never read and passes them on; so a worker acknowledges what it took in
+    the REPORT it sends anyway, not one the moment it reads a connection."""
+    KIND = "reclaim"
+    FDS = 2
+    key: int = _field(fields.PID)
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,8 +456,8 @@ class HandBack(Message):
     keepalive_s: float | None = _field(fields.duration_or_none, None)
 
 
-CLASSES = (Ready, BootFailed, Heartbeat, Reopen, Stop, Changed, Routes, Metrics, Drain, Attach, Detach,
-           Upstream, Takeover, Sockets, Taken, Released, Conn, Report, HandBack, Relink)
+CLASSES = (Ready, BootFailed, Heartbeat, Stats, Reopen, Stop, Changed, Routes, Metrics, Drain, Attach, Detach,
+           Upstream, Takeover, Sockets, Taken, Released, Conn, Report, HandBack, Relink, Reclaim, Spawn, Hello)
 KINDS = frozenset(cls.KIND for cls in CLASSES)
 
 # Per class, its fields in wire order: (name, check, dump, default or MISSING).
@@ -480,7 +574,7 @@ def _decode_text(data: bytes) -> Message:
 # generated __init__ and its object.__setattr__ per field (a frozen class's way in),
 # about a third of the cost, paid on every message received.
 
-_CONN_CODE, _HEARTBEAT_CODE, _REPORT_CODE, _REPORT_THREADS_CODE = 1, 4, 5, 6
+_CONN_CODE, _HEARTBEAT_CODE, _REPORT_CODE, _REPORT_THREADS_CODE, _STATS_CODE = 1, 4, 5, 6, 7
 
 _HEARTBEAT = struct.Struct("<BBQIId")      # fd count, code, requests, connections, busy, oldest_s
 _CONN_HEAD = struct.Struct("<BBQHBBB")     # fd count, code, id, port, flags, host len, listener len
@@ -644,6 +738,41 @@ def _decode_report(data: bytes) -> Report:
     return message
 
 
-_BINARY_ENCODERS = {Conn: _encode_conn, Heartbeat: _encode_heartbeat, Report: _encode_report}
+_STATS = struct.Struct(f"<BBId{len(STATUS_CLASSES) + len(REQUEST_DURATION_BOUNDS_S) + 1}Q")
+assert _STATS.size == 174
+_set_stats = _setters(Stats, "in_flight", "responses", "durations", "duration_sum_s")
+
+
+def _encode_stats(message: Stats) -> bytes:
+    responses, durations, sum_s = message.responses, message.durations, message.duration_sum_s
+    if len(responses) != len(STATUS_CLASSES) or len(durations) != len(REQUEST_DURATION_BOUNDS_S) + 1:
+        raise ValueError("cannot send this stats message: wrong number of counts")
+    if not 0.0 <= sum_s < _INF:
+        raise ValueError(f"cannot send this stats message: duration_sum_s is {sum_s!r}")
+    try:
+        return _STATS.pack(0, _STATS_CODE, message.in_flight, sum_s, *responses, *durations)
+    except struct.error as exc:
+        raise ValueError(f"cannot send this stats message: {exc}") from None
+
+
+def _decode_stats(data: bytes) -> Stats:
+    try:
+        fd_count, _, in_flight, sum_s, *counts = _STATS.unpack(data)
+    except struct.error:
+        raise MessageError(f"stats message of {len(data)} bytes, not {_STATS.size}") from None
+    if fd_count:
+        raise MessageError(f"stats message announces {fd_count} fds; it carries none")
+    if not 0.0 <= sum_s < _INF:   # NaN fails too
+        raise MessageError(f"stats message: duration_sum_s: expected a finite number >= 0, found {sum_s!r}")
+    message = _new_object(Stats)
+    set_in_flight, set_responses, set_durations, set_sum = _set_stats
+    set_in_flight(message, in_flight)
+    set_responses(message, tuple(counts[:len(STATUS_CLASSES)]))
+    set_durations(message, tuple(counts[len(STATUS_CLASSES):]))
+    set_sum(message, sum_s)
+    return message
+
+
+_BINARY_ENCODERS = {Conn: _encode_conn, Heartbeat: _encode_heartbeat, Report: _encode_report, Stats: _encode_stats}
 _BINARY_DECODERS = {_CONN_CODE: _decode_conn, _HEARTBEAT_CODE: _decode_heartbeat, _REPORT_CODE: _decode_report,
-                    _REPORT_THREADS_CODE: _decode_report}
+                    _REPORT_THREADS_CODE: _decode_report, _STATS_CODE: _decode_stats}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+from collections.abc import Mapping
 from typing import Callable
 
 from supervisor.balancer import process as balancer_process
@@ -68,12 +69,17 @@ class BalancerHandle:
     def running(self) -> bool:
         return self.process is not None
 
-    def start(self, config: Config, listening: dict[str, socket.socket], links: dict[int, tuple[str, socket.socket]],
+    def start(self, config: Config, listening: dict[str, socket.socket], links: dict[int, tuple],
               health: socket.socket | None, clock_now: float) -> None:
         """Fork the balancer with `links` (worker pid -> (app, this balancer's channel
-        end)); `health` only for balancer 0."""
+        end, a copy of the worker's end or None, the worker's pidfd)); `health` only for
+        balancer 0."""
         identity = self.identity
-        keep = [*(s.fileno() for s in listening.values()), *(s.fileno() for _, s in links.values()), *self.logs.fds]
+        keep = [*(s.fileno() for s in listening.values()), *self.logs.fds]
+        for _, end, worker_end, pidfd in links.values():
+            keep.append(end.fileno())
+            if worker_end is not None:
+                keep.extend((worker_end.fileno(), pidfd))
         if health is not None:
             keep.append(health.fileno())
         payload, master_pid = balancer_process.routing_payload(config), os.getpid()
@@ -143,8 +149,10 @@ class BalancerHandle:
             self.log.warning("restarting %s, which missed a routing change", self.name)
             self.signal(signal.SIGKILL)
 
-    def attach(self, pid: int, app: str, end: socket.socket) -> None:
-        self.send(messages.Attach(key=pid, app=app), [end.fileno()])
+    def attach(self, pid: int, app: str, end: socket.socket, worker_end: socket.socket | None = None,
+               pidfd: int = -1) -> None:
+        if self.send(messages.Attach(key=pid, app=app), [end.fileno()]) and worker_end is not None:
+            self.send(messages.Reclaim(key=pid), [worker_end.fileno(), pidfd])
 
     def detach(self, pid: int) -> None:
         self.send(messages.Detach(key=pid))
@@ -205,26 +213,29 @@ class Balancers:
         return any(handle.running for handle in self.handles)
 
     def start(self, name: str, config: Config, listening: dict[str, socket.socket],
-              links: dict[int, tuple[str, tuple[socket.socket, ...]]], health: socket.socket | None,
+              links: dict[int, tuple], health: socket.socket | None,
               clock_now: float) -> None:
         """Fork balancer `name` with its end of every link in `links` (worker pid ->
-        (app, ends by balancer index)); the health socket goes to balancer 0 only."""
+        (app, ends by balancer index, copies of the worker's ends by the same index,
+        pidfd)); the health socket goes to balancer 0 only."""
         if self.identity is None:
             self.identity, why = privileges.balancer_identity(config.master.balancer_user, config.path or "",
                                                               os.geteuid() == 0)
             self.log.info("the balancer runs as %s (%s)", self.identity.name, why)
         handle = self.by_name[name]
         handle.identity = self.identity
-        own = {pid: (app, ends[handle.index]) for pid, (app, ends) in links.items()}
+        own = {pid: (app, ends[handle.index], worker_ends.get(handle.index), pidfd)
+               for pid, (app, ends, worker_ends, pidfd) in links.items()}
         handle.start(config, listening, own, health if handle.index == 0 else None, clock_now)
 
     def routes(self, config: Config, opened: dict[str, socket.socket]) -> None:
         for handle in self.handles:
             handle.routes(config, opened)
 
-    def attach(self, pid: int, app: str, ends: tuple[socket.socket, ...]) -> None:
-        for handle, end in zip(self.handles, ends):
-            handle.attach(pid, app, end)
+    def attach(self, pid: int, app: str, ends: tuple[socket.socket, ...],
+               worker_ends: Mapping[int, socket.socket] | None = None, pidfd: int = -1) -> None:
+        for index, (handle, end) in enumerate(zip(self.handles, ends)):
+            handle.attach(pid, app, end, (worker_ends or {}).get(index), pidfd)
 
     def detach(self, pid: int) -> None:
         for handle in self.handles:

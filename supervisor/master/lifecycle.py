@@ -9,7 +9,9 @@ bug surfaces at once instead of as a stray process:
 
 * BACKOFF: a replacement waiting out the crash-loop delay before it is forked (or
   dropped, if the app stops or shrinks meanwhile).
-* SPAWNED: the master asked for a fork; the fork has not been confirmed yet.
+* SPAWNED: the master asked for a fork; the fork has not been confirmed yet. (A
+  preloaded app's worker is forked by its template: one retired after the template
+  was asked, before the worker said HELLO, goes to DRAINING, since it may exist.)
 * BOOTING: forked, importing the app; not serving.
 * READY: said READY; serving (routed to, once its generation is current).
 * DRAINING: told to stop (or being killed); finishing its running requests.
@@ -35,7 +37,7 @@ class State(enum.Enum):
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.BACKOFF: frozenset({State.SPAWNED, State.EXITED}),
-    State.SPAWNED: frozenset({State.BOOTING, State.EXITED}),
+    State.SPAWNED: frozenset({State.BOOTING, State.DRAINING, State.EXITED}),
     State.BOOTING: frozenset({State.READY, State.DRAINING, State.EXITED}),
     State.READY: frozenset({State.DRAINING, State.EXITED}),
     State.DRAINING: frozenset({State.EXITED}),

@@ -42,20 +42,30 @@ class Child:
     balancer_ends: tuple[socket.socket, ...]   # by balancer index; kept, so a restarted one gets its own again
     pipes: Pipes                  # its log pipes' read ends
     max_rss_mb: int = 0
+    # Copies of the worker's own ends of those channels, by the same index, held only
+    # until that balancer has its own copy (RECLAIM, or its fork): with it the balancer
+    # reads back what the worker never read. (A replaced balancer gets fresh channels.)
+    worker_ends: dict[int, socket.socket] = field(default_factory=dict)
     # Ends of channels to balancers that were replaced (`relink`): kept until the worker
     # closes its own (it would read our close as its balancer dropping it), and read
     # meanwhile: what it sent the dead balancer is closed, not left hanging.
     retired_ends: list[socket.socket] = field(default_factory=list)
+    # A preloaded app's worker is forked by its template: until it says HELLO, pid is 0
+    # and pidfd -1, and a signal for it waits here (the strongest asked for).
+    uid: int = -1                 # the app's user, which its HELLO's pid must run as
+    pending_signal: int | None = None
 
 
 class WorkerPool:
     """Forks workers from `WorkerSpec`s and feeds `on_event` what happens to them."""
 
-    def __init__(self, loop: Loop, logs: Logs, on_event: Callable[[object], None]):
+    def __init__(self, loop: Loop, logs: Logs, on_event: Callable[[object], None],
+                 on_stats: Callable[[int, str, messages.Stats], None] = lambda key, app, stats: None):
         self.loop = loop
         self.logs = logs
         self.log = logs.error
         self.on_event = on_event
+        self.on_stats = on_stats   # (key, app, STATS): a worker's request figures, for /metrics
         self.children: dict[int, Child] = {}
         self.sink = LogSink(loop, logs, clock=lambda: loop.now)
 
@@ -74,20 +84,90 @@ class WorkerPool:
         except OSError:
             master_end.close()
             _close_all(balancer_ends)
+            _close_all(spec.balancers)
             if pipes is not None:
                 self.sink.discard(pipes)
             raise
         finally:
             spec.channel.close()
-            _close_all(spec.balancers)
         self.sink.follow(spec.app.name, pid, pipes)
         master_end.setblocking(False)
         child = Child(key, spec.app.name, pid, os.pidfd_open(pid), master_end, tuple(balancer_ends), pipes,
-                      spec.app.max_rss)
+                      spec.app.max_rss, worker_ends=dict(enumerate(spec.balancers)))
         self.children[key] = child
         self.loop.register(child.pidfd, lambda: self._reap(child))
         self.loop.register(master_end, lambda: self._on_channel(child))
         return pid
+
+    def spawn_from(self, templates, key: int, spec: worker_process.WorkerSpec, master_end: socket.socket,
+                   balancer_ends: tuple[socket.socket, ...]) -> None:
+        """Ask the template of `spec`'s app and generation to fork the worker `spec`
+        describes, with exactly the fds `spawn` would give it (see `messages.Spawn`).
+        The ends are kept or closed as `spawn` does. The worker is known by its key
+        until it says HELLO (`Spawned` then); if its channel closes first, the fork
+        failed (`SpawnFailed`). Raises OSError when the pipes or the request fail."""
+        pipes = None
+        try:
+            pipes = self.sink.open()
+            fds = [spec.channel.fileno(), pipes.error_w]
+            if pipes.access_w >= 0:
+                fds.append(pipes.access_w)
+            fds.extend(sock.fileno() for sock in spec.balancers)
+            fds.extend(sock.fileno() for sock in spec.listeners.values())
+            message = messages.Spawn(index=spec.index, listeners=tuple(spec.listeners),
+                                     balancers=len(spec.balancers), access=pipes.access_w >= 0,
+                                     log_level=spec.log_level, routes=spec.host_routes)
+            templates.send(spec.app.name, spec.generation, message, fds)
+        except (OSError, ValueError) as exc:
+            master_end.close()
+            _close_all(balancer_ends)
+            _close_all(spec.balancers)
+            if pipes is not None:
+                self.sink.discard(pipes)
+            raise OSError(str(exc)) from None
+        finally:
+            spec.channel.close()
+        pipes.close_write_ends()
+        master_end.setblocking(False)
+        child = Child(key, spec.app.name, 0, -1, master_end, tuple(balancer_ends), pipes, spec.app.max_rss,
+                      worker_ends=dict(enumerate(spec.balancers)), uid=spec.identity.uid)
+        self.children[key] = child
+        self.loop.register(master_end, lambda: self._on_channel(child))
+
+    def _introduce(self, child: Child, pid: int) -> None:
+        """A template's worker said HELLO: watch it as our child, if it is one (the
+        template runs app code, so the pid is checked: our child, as the app's user)."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as exc:
+            self._unborn(child, f"its pid {pid} is gone ({exc.strerror})")
+            return
+        why = _not_ours(pid, child.uid)
+        if why is None:
+            try:
+                signal.pidfd_send_signal(pidfd, 0)   # still the process we read about
+            except ProcessLookupError:
+                why = "it exited"
+        if why is not None:
+            os.close(pidfd)
+            self.log.warning("a template's worker for app %s said it is pid %d, but %s", child.app, pid, why)
+            self._unborn(child, f"pid {pid}: {why}")
+            return
+        child.pid, child.pidfd = pid, pidfd
+        self.sink.follow(child.app, pid, child.pipes)
+        self.loop.register(pidfd, lambda: self._reap(child))
+        self.on_event(sv.Spawned(child.key, pid))
+        if child.pending_signal is not None:
+            self._signal(child, child.pending_signal)
+
+    def _unborn(self, child: Child, reason: str) -> None:
+        """A template's worker that never started (or cannot be trusted): forget it."""
+        self._close_channel(child)
+        self._close_ends(child)
+        self.sink.follow(child.app, 0, child.pipes)   # what it wrote (a traceback) still reaches the log
+        self.sink.finish(child.pipes)
+        del self.children[child.key]
+        self.on_event(sv.SpawnFailed(child.key, reason))
 
     # -- talking to workers -------------------------------------------------------
 
@@ -114,14 +194,17 @@ class WorkerPool:
                 channel.send(child.channel, messages.Relink(index=index), [theirs.fileno()])
             except OSError as exc:
                 ours.close()
+                theirs.close()
                 self.log.warning("could not give worker %d a channel to the new balancer: %s", child.pid, exc)
                 continue
-            finally:
-                theirs.close()
             ends = list(child.balancer_ends)
             retired = ends[index]
             ends[index] = ours
             child.balancer_ends = tuple(ends)
+            stale = child.worker_ends.pop(index, None)
+            if stale is not None:
+                stale.close()
+            child.worker_ends[index] = theirs
             retired.setblocking(False)
             child.retired_ends.append(retired)
             self.loop.register(retired, lambda child=child, retired=retired: self._drain_retired(child, retired))
@@ -155,6 +238,10 @@ class WorkerPool:
 
     @staticmethod
     def _signal(child: Child, signum: int) -> None:
+        if child.pidfd < 0:   # not introduced yet: sent once it is (SIGKILL wins)
+            if child.pending_signal != signal.SIGKILL:
+                child.pending_signal = signum
+            return
         try:
             signal.pidfd_send_signal(child.pidfd, signum)
         except ProcessLookupError:
@@ -169,6 +256,9 @@ class WorkerPool:
         except BlockingIOError:
             return False
         except (ChannelClosed, ConnectionError):
+            if child.pidfd < 0:
+                self._unborn(child, "its template did not start it")
+                return False
             self._close_channel(child)
             return False
         except MessageError as exc:
@@ -181,10 +271,19 @@ class WorkerPool:
         for fd in fds:
             os.close(fd)
         kind = type(message)
+        if child.pidfd < 0:
+            if kind is messages.Hello:
+                self._introduce(child, message.pid)
+            else:
+                self.log.warning("a template's worker for app %s sent %s before HELLO", child.app, message.KIND)
+                self._unborn(child, "it broke the protocol")
+            return child.key in self.children and child.channel.fileno() >= 0
         if kind is messages.Heartbeat:
             rss_kb = status_mod.rss_kb(child.pid) if child.max_rss_mb else None
             self.on_event(sv.Heartbeat(child.key, message.requests, message.connections, message.busy,
                                        message.oldest_s, rss_kb))
+        elif kind is messages.Stats:
+            self.on_stats(child.key, child.app, message)
         elif kind is messages.Ready:
             self.on_event(sv.Ready(child.key))
         elif kind is messages.BootFailed:
@@ -208,11 +307,20 @@ class WorkerPool:
 
     def _close_ends(self, child: Child) -> None:
         _close_all(child.balancer_ends)
+        self.release_worker_ends(child)
         for end in child.retired_ends:
             if self.loop.registered(end):
                 self.loop.unregister(end)
             end.close()
         child.retired_ends.clear()
+
+    @staticmethod
+    def release_worker_ends(child: Child, index: int | None = None) -> None:
+        """Balancer `index` (None: every one) has its copy of the worker's end now."""
+        for number in [index] if index is not None else list(child.worker_ends):
+            end = child.worker_ends.pop(number, None)
+            if end is not None:
+                end.close()
 
     def _close_channel(self, child: Child) -> None:
         if child.channel.fileno() >= 0:
@@ -223,6 +331,11 @@ class WorkerPool:
         """At the master's exit: kill and reap whatever is left, and release its fds."""
         for child in list(self.children.values()):
             self._signal(child, signal.SIGKILL)
+            if child.pidfd < 0:   # a template's worker that never said HELLO: not ours to reap
+                self._close_channel(child)
+                self._close_ends(child)
+                self.sink.discard(child.pipes)
+                continue
             spawn.reap(child.pid, block=True)
             if self.loop.registered(child.pidfd):
                 self.loop.unregister(child.pidfd)
@@ -236,6 +349,22 @@ class WorkerPool:
 def _close_all(socks) -> None:
     for sock in socks:
         sock.close()
+
+
+def _not_ours(pid: int, uid: int) -> str | None:
+    """Why `pid` is not a worker a template forked for us (None: it is): it must be our
+    child (re-parented to us) and run as the app's user."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        parent, real_uid = int(fields["PPid"]), int(fields["Uid"].split()[0])
+    except (OSError, KeyError, ValueError, IndexError):
+        return "it cannot be read in /proc"
+    if parent != os.getpid():
+        return f"it is not the master's child (its parent is {parent})"
+    if real_uid != uid:
+        return f"it runs as uid {real_uid}, not the app's {uid}"
+    return None
 
 
 def describe_status(status: int | None) -> str:

@@ -34,6 +34,7 @@ import setproctitle
 from supervisor.balancer.process import routing_payload
 from supervisor.config import plan as plan_mod
 from supervisor.config import reader as config_mod
+from supervisor.config import tls as tls_config
 from supervisor.config.model import (
     MAX_WORKERS,
     AppConfig,
@@ -46,6 +47,7 @@ from supervisor.config.model import (
 from supervisor.http import hostcheck
 from supervisor.ipc import channel, messages
 from supervisor.master import commands
+from supervisor.master import figures as figures_mod
 from supervisor.master import status as status_mod
 from supervisor.master import supervision as sv
 from supervisor.master.balancer_handle import Balancers
@@ -53,6 +55,7 @@ from supervisor.master.control import ControlError, ControlServer
 from supervisor.master.lifecycle import State
 from supervisor.master.pool import WorkerPool, describe_status
 from supervisor.master.sockets import Sockets
+from supervisor.master.templates import Templates
 from supervisor.master.upgrade import Predecessor, Successors
 from supervisor.master.watcher_handle import WatcherHandle
 from supervisor.master.watcher_handle import needed as watcher_needed
@@ -66,7 +69,8 @@ from supervisor.system.words import count as counted
 from supervisor.worker import access as worker_access
 from supervisor.worker import process as worker_process
 
-METRICS_PUSH_S = 1.0
+METRICS_PUSH_S = 1.0         # the figures to balancer 0 (and /proc sampled) at least this often
+METRICS_SOON_S = 0.05        # ... and this soon after a worker's figures changed, at most this often
 
 def core_settings(master: MasterConfig) -> sv.Settings:
     return sv.Settings(boot_timeout_s=master.boot_timeout, graceful_timeout_s=master.graceful_timeout,
@@ -83,7 +87,12 @@ class Master:
         self.clock = clock
         self.loop = Loop(clock)
         self.core = sv.Supervisor(core_settings(config.master), clock)
-        self.pool = WorkerPool(self.loop, logs, self._on_event)
+        self.pool = WorkerPool(self.loop, logs, self._on_event, on_stats=self._on_stats)
+        self.templates = Templates(self.loop, self.log, self.pool.sink, self._on_event)   # preloaded apps'
+        self.requests = figures_mod.RequestTotals()     # the workers' request figures, per app
+        self.processes = figures_mod.ProcessTotals()    # every child's CPU, memory, fds, per role
+        self._metrics_timer: Timer | None = None
+        self._metrics_pushed_at = float("-inf")
         # How many there are is fixed for this master's life (a change waits for an upgrade).
         self.balancers = Balancers(self.loop, logs, config.master.balancers, self._on_sidecar_exit,
                                    on_alive=lambda name: self._on_event(sv.SidecarHeartbeat(name)))
@@ -100,6 +109,7 @@ class Master:
         self.started_at = clock()
         self.counters = {"reloads": 0, "reloads_rejected": 0}
         self.started_master = config.master   # the values in force of settings that wait for an upgrade
+        self.ticket_secrets: dict[str, str] = {}   # app -> its TLS session-ticket secret (hex)
         self._core_timer: Timer | None = None
         self._commands = commands.Commands(self)
         self._stop_began: tuple[float, str] | None = None   # when the stop began, and what kind
@@ -132,7 +142,7 @@ class Master:
             self._start_sidecar("watcher")
             for app in self.config.apps.values():
                 self._execute(self.core.add_app(app, self._identity(app)))
-            self.loop.every(METRICS_PUSH_S, self._push_metrics)
+            self.loop.every(METRICS_PUSH_S, self._sample_and_push)
             self.loop.before_wait(self._arm_core_timer)
             self.loop.after_events(self._notify_if_ready)
             while not (self.core.stopping and self.core.idle() and not self.balancers.running):
@@ -205,31 +215,72 @@ class Master:
         balancer_ends, worker_balancer_ends = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
         try:
             listeners = self.sockets.for_worker(self.config, app, action.index)
-            spec = worker_process.WorkerSpec(
-                app=app, index=action.index, generation=generation.number, identity=generation.identity,
-                graceful_timeout_s=app.graceful_timeout if app.graceful_timeout is not None
-                else self.config.master.graceful_timeout,
-                master_pid=os.getpid(), heartbeat_s=sv.heartbeat_interval_s(app),
-                channel=child_end, listeners=listeners, balancers=worker_balancer_ends,
-                log_level=logging.getLevelName(self.log.getEffectiveLevel()).lower(),
-                log_format=self.logs.log_format, access_log_format=self.logs.access_log_format,
-                proxy_listeners=frozenset(name for name in app.listeners
-                                          if self.config.listeners[name].proxy_protocol),
-                proxy_allow_ips={name: self.config.listeners[name].proxy_allow_ips for name in app.listeners
-                                 if self.config.listeners[name].proxy_protocol},
-                host_routes=hostcheck.routes_for(routing_payload(self.config), app.name),
-                config_source=worker_access.app_source(self.config, app.name))
+            spec = self._worker_spec(generation, action.index, child_end, listeners, worker_balancer_ends)
         except (ListenerError, OSError) as exc:
             for end in (master_end, child_end, *balancer_ends, *worker_balancer_ends):
                 end.close()
             self._on_event(sv.SpawnFailed(action.key, str(exc)))
             return
         try:
+            if app.preload:   # its template forks it; Spawned comes with its HELLO
+                self.pool.spawn_from(self.templates, action.key, spec, master_end, balancer_ends)
+                return
             pid = self.pool.spawn(action.key, spec, master_end, balancer_ends)
         except OSError as exc:
             self._on_event(sv.SpawnFailed(action.key, str(exc)))
             return
         self._on_event(sv.Spawned(action.key, pid))
+
+    def _worker_spec(self, generation: sv.Generation, index: int, child_end: socket.socket,
+                     listeners: dict[str, socket.socket], worker_balancer_ends: tuple[socket.socket, ...]
+                     ) -> worker_process.WorkerSpec:
+        """What worker `index` of `generation` gets (index 0: its template, which has no
+        listeners nor balancer channels of its own)."""
+        app = generation.config
+        return worker_process.WorkerSpec(
+            app=app, index=index, generation=generation.number, identity=generation.identity,
+            graceful_timeout_s=app.graceful_timeout if app.graceful_timeout is not None
+            else self.config.master.graceful_timeout,
+            master_pid=os.getpid(), heartbeat_s=sv.heartbeat_interval_s(app),
+            channel=child_end, listeners=listeners, balancers=worker_balancer_ends,
+            log_level=logging.getLevelName(self.log.getEffectiveLevel()).lower(),
+            log_format=self.logs.log_format, access_log_format=self.logs.access_log_format,
+            proxy_listeners=frozenset(name for name in app.listeners
+                                      if self.config.listeners[name].proxy_protocol),
+            proxy_allow_ips={name: self.config.listeners[name].proxy_allow_ips for name in app.listeners
+                             if self.config.listeners[name].proxy_protocol},
+            host_routes=hostcheck.routes_for(routing_payload(self.config), app.name),
+            config_source=worker_access.app_source(self.config, app.name),
+            tls_listeners=frozenset(name for name in app.listeners if self.config.listeners[name].tls),
+            tls_ticket_secret=self._ticket_secret(app),
+            redirect_https={name: self.config.listeners[name].redirect_https for name in app.listeners
+                            if self.config.listeners[name].redirect_https is not None})
+
+    def _do_start_template(self, action: sv.StartTemplate) -> None:
+        generation = action.generation
+        master_end, child_end = channel.pair()
+        try:
+            spec = self._worker_spec(generation, 0, child_end, {}, ())
+            pid = self.templates.start(spec, master_end)
+        except OSError as exc:
+            for end in (master_end, child_end):
+                end.close()
+            self._on_event(sv.TemplateExited(generation.app, generation.number, f"not forked ({exc})"))
+            return
+        self._on_event(sv.TemplateStarted(generation.app, generation.number, pid))
+
+    def _do_stop_template(self, action: sv.StopTemplate) -> None:
+        self.templates.stop(action.app, action.generation)
+
+    def _do_kill_template(self, action: sv.KillTemplate) -> None:
+        self.templates.kill(action.app, action.generation, action.signal)
+
+    def _ticket_secret(self, app: AppConfig) -> str:
+        """The app's session-ticket secret, the same for all its workers and generations
+        while this master runs (so a client resumes anywhere in the app); "" without TLS."""
+        if app.certificate is None:
+            return ""
+        return self.ticket_secrets.setdefault(app.name, os.urandom(32).hex())
 
     def _do_stop(self, action: sv.Stop) -> None:
         self.pool.stop(action.key, action.handback)
@@ -240,7 +291,8 @@ class Master:
     def _do_attach(self, action: sv.Attach) -> None:
         child = self.pool.children.get(action.key)
         if child is not None:
-            self.balancers.attach(child.pid, child.app, child.balancer_ends)
+            self.balancers.attach(child.pid, child.app, child.balancer_ends, child.worker_ends, child.pidfd)
+            self.pool.release_worker_ends(child)
 
     def _do_detach(self, action: sv.Detach) -> None:
         child = self.pool.children.get(action.key)
@@ -282,7 +334,8 @@ class Master:
         sv.Spawn: _do_spawn, sv.Stop: _do_stop, sv.Kill: _do_kill, sv.Attach: _do_attach,
         sv.Detach: _do_detach, sv.ReleaseSlot: _do_release_slot, sv.StartSidecar: _do_start_sidecar,
         sv.SignalSidecar: _do_signal_sidecar, sv.DrainBalancer: _do_drain_balancer, sv.Log: _do_log,
-        sv.Notify: _do_notify, sv.GiveUp: _do_give_up,
+        sv.Notify: _do_notify, sv.GiveUp: _do_give_up, sv.StartTemplate: _do_start_template,
+        sv.StopTemplate: _do_stop_template, sv.KillTemplate: _do_kill_template,
     }
 
     # -- sidecars --------------------------------------------------------------------
@@ -292,23 +345,28 @@ class Master:
             handle = self.balancers.by_name[name]
             if handle.starts:   # a replacement: on fresh channels (see WorkerPool.relink)
                 self.pool.relink(handle.index)
-            self.balancers.start(name, self.config, self.sockets.balanced(self.config), self._balancer_links(),
+            links = self._balancer_links()
+            self.balancers.start(name, self.config, self.sockets.balanced(self.config), links,
                                  self.sockets.health, self.clock())
+            for child in self.pool.children.values():   # the forked balancer holds its copies now
+                if child.pid in links:
+                    self.pool.release_worker_ends(child, handle.index)
         else:
             if not watcher_needed(self.config):
                 return
             self.watcher.start(self.config, self.clock())
         self._on_event(sv.SidecarStarted(name))
 
-    def _balancer_links(self) -> dict[int, tuple[str, tuple[socket.socket, ...]]]:
+    def _balancer_links(self) -> dict[int, tuple]:
         """The serving workers of every current generation: what a new balancer routes to
-        (each worker's balancer channel ends, by balancer index)."""
+        (each worker's app, balancer channel ends and copies of its own ends, by balancer
+        index, and its pidfd)."""
         links = {}
         for key, child in self.pool.children.items():
             record, app = self.core.record_of(key), self.core.apps.get(child.app)
             if (record is not None and app is not None and record.state is State.READY
                     and record.generation == app.current.number):
-                links[child.pid] = (child.app, child.balancer_ends)
+                links[child.pid] = (child.app, child.balancer_ends, child.worker_ends, child.pidfd)
         return links
 
     def _on_sidecar_exit(self, name: str, status: int | None) -> None:
@@ -324,21 +382,62 @@ class Master:
         except Exception:   # noqa: BLE001 - a bug must reach the log, not end the master
             self.log.exception("internal error handling a change on disk (%s)", ", ".join(topics))
 
+    def _on_stats(self, key: int, app: str, stats: messages.Stats) -> None:
+        """A worker's request figures changed: balancer 0 hears them soon (coalesced with
+        whatever else changes meanwhile, and at most every METRICS_SOON_S), so /metrics
+        counts a response within about that much of it, in `share` mode too."""
+        self.requests.update(key, app, stats)
+        if self._metrics_timer is None and self.sockets.health is not None:
+            when = max(self.loop.now, self._metrics_pushed_at + METRICS_SOON_S)
+            self._metrics_timer = self.loop.call_at(when, self._push_metrics)
+
+    def _sample_and_push(self) -> None:
+        """Every METRICS_PUSH_S: every child's CPU, memory and fds from /proc, then the push."""
+        if self.sockets.health is None:
+            return   # no /metrics: nothing to sample for
+        master_pid = os.getpid()
+        processes = [(master_pid, "master", "")]
+        processes.extend((handle.pid, "balancer", "") for handle in self.balancers.handles if handle.pid)
+        if self.watcher.process is not None:
+            processes.append((self.watcher.process.pid, "watcher", ""))
+        processes.extend((child.pid, "worker", child.app) for child in self.pool.children.values()
+                         if child.pid > 0)   # (a template's worker has none until its HELLO)
+        processes.extend((template.pid, "template", template.app) for template in self.templates.running.values())
+        samples = {}
+        for key in processes:
+            sample = status_mod.process_sample(key[0])
+            if sample is not None:
+                samples[key] = sample
+        self.processes.observe(samples, self.core.apps)
+        self._push_metrics()
+
     def _push_metrics(self) -> None:
         """The master's figures for the first balancer's /metrics, with the other
         balancers' own (it adds its own)."""
+        if self._metrics_timer is not None:
+            self._metrics_timer.cancel()
+            self._metrics_timer = None
         first = self.balancers.first
         if not first.running:
             return
+        self._metrics_pushed_at = self.loop.now
+        self.requests.keep_only(self.pool.children, self.core.apps)
         others = self.balancers.others_figures()
         apps = {name: dict(figures) for name, figures in others.apps.items()}
+        figures_mod.merge(apps, self.requests.per_app(self.core.apps))
+        process_apps, process_overall = self.processes.figures()
+        figures_mod.merge(apps, process_apps)
         for name, app in self.core.apps.items():
-            serving = self.core.serving(name)
-            apps.setdefault(name, {}).update(
-                {"baton_requests_total": sum(w.load.requests for w in serving) + app.retired_requests,
-                 "baton_workers": len(serving), "baton_worker_restarts_total": app.restarts})
-        first.send(messages.Metrics(apps=apps, overall={**others.overall,
-                                                        "baton_reloads_total": self.counters["reloads"]}))
+            apps.setdefault(name, {}).update({"baton_workers": len(self.core.serving(name)),
+                                              **figures_mod.restart_figures(app.restart_reasons)})
+        overall = {**others.overall, **process_overall, "baton_reloads_total": self.counters["reloads"]}
+        for message in figures_mod.messages_for(apps, overall):
+            try:
+                if not first.send(message):
+                    return
+            except ValueError as exc:   # an app's figures outgrew a message (names of ~1000 characters)
+                self.log.warning("could not send the figures for /metrics to the balancer: %s", exc)
+                return
 
     # -- signals and commands ------------------------------------------------------
 
@@ -367,8 +466,18 @@ class Master:
     def restart_app(self, name: str) -> None:
         """A new generation of just that app (`baton ctl restart`, or its reload_on files)."""
         app = self.core.apps.get(name)
-        if app is not None:
-            self._execute(self.core.restart_app(name, app.current.config, app.current.identity, app.target))
+        if app is None:
+            return
+        config = app.current.config
+        if config.certificate is not None:
+            # A rotated certificate or key: one that does not load is refused here,
+            # naming the file, and the serving generation stays.
+            problems = tls_config.check_files(config.certificate, config.private_key, config.client_ca)
+            if problems:
+                self.log.error("app %r not restarted: %s", name, "; ".join(
+                    f"apps.{name}.{key}: {message}" for key, message in problems))
+                return
+        self._execute(self.core.restart_app(name, config, app.current.identity, app.target))
 
     def scale(self, name: str, workers: int) -> None:
         self._execute(self.core.rescale(name, workers))
@@ -446,7 +555,14 @@ class Master:
 
     def reload(self, restart_all: bool = False) -> dict:
         """Apply the config file as it is now; the answer lists the problems, if any,
-        and the [master] settings that wait for an upgrade."""
+        and the [master] settings that wait for an upgrade. Without a file (`baton
+        serve`), `restart_all` (SIGHUP, `baton ctl reload`) restarts every app, as
+        gunicorn's HUP does: a new generation each, its code imported afresh."""
+        if restart_all and not self.core.stopping and self.config.path is None:
+            self.log.info("reload: no config file to re-read; restarting every app")
+            for name in list(self.core.apps):
+                self.restart_app(name)
+            return {"ok": True, "message": "no config file to re-read: every app restarts"}
         if self.core.stopping or self.config.path is None:
             return {"ok": False, "errors": ["nothing to reload: no config file" if self.config.path is None
                                             else "stopping"]}
@@ -599,6 +715,7 @@ class Master:
 
     def _cleanup(self) -> None:
         self.pool.close()
+        self.templates.close()
         self.balancers.kill_now()
         self.watcher.kill_now()
         self.sockets.close(self.config)

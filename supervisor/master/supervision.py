@@ -18,6 +18,13 @@ Promises:
   `next_deadline()` and by `tick()`, so the two can never disagree.
 * Workers are known by a key the supervisor assigns in its `Spawn` action; the
   executor maps keys to processes. Events about unknown keys are ignored.
+* A preloaded app (`preload`) has a template per generation (`templates`, by app and
+  generation number), started with the generation's first worker. Its workers wait in
+  SPAWNED until it is ready, then each is asked of it (`Spawn`, `asked_at`); one asked
+  for is never just dropped (it may exist), it drains. A template that never gets
+  ready fails its generation's boot like a worker's import error; one that dies later
+  is restarted (with the crash-loop backoff) while its workers serve on; the old
+  generation's template is stopped at the switch, since a template only forks.
 * Sidecars are known by name, and each balancer of `[master] balancers` has its own
   (`balancer_name`): its heartbeat, silence, exit and restart concern that one alone,
   so a stuck or crashed balancer is replaced while the others keep their processes.
@@ -125,6 +132,27 @@ class DrainBalancer:
 
 
 @dataclass(frozen=True)
+class StartTemplate:
+    """Fork the template of a preloaded app's generation (then report `TemplateStarted`,
+    or `TemplateExited` if it could not be forked)."""
+    generation: "Generation"
+
+
+@dataclass(frozen=True)
+class StopTemplate:
+    """The template of (app, generation) is not needed any more: tell it to exit."""
+    app: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class KillTemplate:
+    app: str
+    generation: int
+    signal: str       # SIGKILL: it outstayed its boot or stop, or did not fork
+
+
+@dataclass(frozen=True)
 class Log:
     """A line for the error log, at `level` ("debug", "info", "warning", "error")."""
     level: str
@@ -194,6 +222,36 @@ class Exited:
 
 
 @dataclass(frozen=True)
+class TemplateStarted:
+    app: str
+    generation: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class TemplateReady:
+    """The template imported the app: it forks the generation's workers from now on."""
+    app: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class TemplateBootFailed:
+    """The template's last words before it exits: why the app would not import."""
+    app: str
+    generation: int
+    traceback: str
+
+
+@dataclass(frozen=True)
+class TemplateExited:
+    """The template's process is gone (reaped), or could not be forked."""
+    app: str
+    generation: int
+    status: str
+
+
+@dataclass(frozen=True)
 class SidecarStarted:
     name: str         # "watcher", or a balancer's (`balancer_name`): each is tracked on its own
 
@@ -250,6 +308,7 @@ class WorkerRecord:
     replaces: int | None = None         # a recycled worker's key, retired once this one is READY
     recycling: bool = False             # a replacement for this one is booting
     jitter: int = 0                     # extra requests before max_requests recycles this one
+    asked_at: float | None = None       # preload: when its template was asked to fork it
 
     def move(self, to: State) -> None:
         if to not in TRANSITIONS[self.state]:
@@ -275,12 +334,35 @@ class AppRecord:
     ever_ready: bool = False
     boot_failed: bool = False
     restarts: int = 0                 # workers replaced after dying
+    # Workers replaced, by why: crash, boot_failure, timeout, max_requests, max_rss, reload.
+    restart_reasons: dict[str, int] = field(default_factory=dict)
     retired_requests: int = 0         # requests served by workers that have exited
     last_traceback: str = ""
 
     @property
     def name(self) -> str:
         return self.current.app
+
+
+@dataclass
+class TemplateRecord:
+    """A preloaded app's template for one generation. States: "booting" (forked or
+    being forked, importing the app), "ready" (forks workers), "backoff" (it died;
+    restarted at `restart_at`), "stopping" (told to exit)."""
+    app: str
+    generation: int
+    state: str
+    started_at: float
+    backoff: Backoff
+    pid: int | None = None
+    ready_at: float | None = None
+    restart_at: float | None = None
+    kill_at: float | None = None
+    killed: bool = False
+
+    def describe(self) -> str:
+        pid = f"pid {self.pid}" if self.pid else "not forked"
+        return f"template {self.app} gen {self.generation} ({pid})"
 
 
 @dataclass
@@ -323,6 +405,7 @@ class Supervisor:
         self.apps: dict[str, AppRecord] = {}
         self.workers: dict[int, WorkerRecord] = {}
         self.sidecars: dict[str, SidecarRecord] = {}
+        self.templates: dict[tuple[str, int], TemplateRecord] = {}   # by (app, generation)
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.stopping = False
         self.reloaded = False   # a reload happened: "no app can boot" no longer ends the master
@@ -361,6 +444,9 @@ class Supervisor:
     def remove_app(self, name: str) -> list[Action]:
         for worker in self._workers_of(name):
             self._retire(worker, handback=False)   # with the app's own graceful timeout
+        for app, number in list(self.templates):
+            if app == name:
+                self._stop_template(app, number)
         del self.apps[name]
         return self._take()
 
@@ -384,6 +470,8 @@ class Supervisor:
         self.stopping = True
         for sidecar in self.sidecars.values():
             sidecar.restart_at = None
+        for app, number in list(self.templates):
+            self._stop_template(app, number)
         if graceful:
             if first:
                 for sidecar in self.sidecars.values():
@@ -404,7 +492,7 @@ class Supervisor:
                     self._emit(SignalSidecar(sidecar.name, SIGTERM))
             deadline = now + QUICK_STOP_GRACE_S
             for worker in list(self.workers.values()):
-                if worker.state in (State.BACKOFF, State.SPAWNED):
+                if self._unforked(worker):
                     self._drop(worker)
                     continue
                 if not worker.alive:
@@ -429,6 +517,10 @@ class Supervisor:
 
     def _on_spawned(self, event: Spawned) -> None:
         worker = self.workers.get(event.key)
+        if worker is not None and worker.state is State.DRAINING and worker.pid is None:
+            # Retired while its template forked it: it is told to stop (or killed) as it starts.
+            worker.pid, worker.spawned_at = event.pid, self.clock()
+            return
         if worker is None or worker.state is not State.SPAWNED:
             return
         worker.move(State.BOOTING)
@@ -438,6 +530,9 @@ class Supervisor:
 
     def _on_spawn_failed(self, event: SpawnFailed) -> None:
         worker = self.workers.get(event.key)
+        if worker is not None and worker.state is State.DRAINING and worker.pid is None:
+            self._ended(worker, f"not forked ({event.reason})", never_forked=True)
+            return
         if worker is None or worker.state is not State.SPAWNED:
             return
         self._log("error", f"could not fork worker {worker.describe()}: {event.reason}")
@@ -488,9 +583,10 @@ class Supervisor:
             return
         config = app.current.config
         if config.max_requests and load.requests >= config.max_requests + worker.jitter:
-            self._recycle(app, worker, f"served {_count(load.requests, 'request')}")
+            self._recycle(app, worker, f"served {_count(load.requests, 'request')}", "max_requests")
         elif config.max_rss and event.rss_kb is not None and event.rss_kb > config.max_rss * 1024:
-            self._recycle(app, worker, f"resident memory {event.rss_kb // 1024} MB > {config.max_rss} MB")
+            self._recycle(app, worker, f"resident memory {event.rss_kb // 1024} MB > {config.max_rss} MB",
+                          "max_rss")
 
     def _on_exited(self, event: Exited) -> None:
         worker = self.workers.get(event.key)
@@ -521,11 +617,163 @@ class Supervisor:
         sidecar.restart_at = now + (SIDECAR_RESTART_PAUSE_S if young else 0.0)
         self._log("warning", f"{event.name} exited: {event.status}; restarting it")
 
+    # -- templates (preload) -------------------------------------------------------
+
+    def _on_template_started(self, event: TemplateStarted) -> None:
+        template = self.templates.get((event.app, event.generation))
+        if template is not None and template.state in ("booting", "stopping"):
+            template.pid = event.pid
+            self._log("debug", f"spawned {template.describe()}")
+
+    def _on_template_ready(self, event: TemplateReady) -> None:
+        template = self.templates.get((event.app, event.generation))
+        if template is None or template.state != "booting":
+            return
+        now = self.clock()
+        template.state, template.ready_at = "ready", now
+        self._log("info", f"{template.describe()} ready")
+        for worker in self._workers_of(event.app, event.generation):
+            if worker.state is State.SPAWNED and worker.asked_at is None:
+                self._ask(worker, now)
+
+    def _on_template_boot_failed(self, event: TemplateBootFailed) -> None:
+        app = self.apps.get(event.app)
+        if app is not None and (event.app, event.generation) in self.templates:
+            app.boot_failed = True
+            app.last_traceback = event.traceback
+
+    def _on_template_exited(self, event: TemplateExited) -> None:
+        """A template is gone. Its workers serve on (they are the master's children);
+        the spawns it was asked for fail (their channels close) and are asked again of
+        its successor. One that never got ready fails its generation's boot, as a
+        worker's import error does."""
+        key = (event.app, event.generation)
+        template = self.templates.get(key)
+        if template is None or template.state == "backoff":
+            return
+        app = self.apps.get(event.app)
+        del self.templates[key]
+        if template.state == "stopping" or self.stopping or app is None:
+            return
+        never_ready = template.ready_at is None
+        if never_ready:
+            app.boot_failed = True
+            app.last_traceback = app.last_traceback or event.status
+        if app.next is not None and event.generation == app.next.number:
+            if never_ready:
+                self._log("error", f"app {app.name}: generation {app.next.number} failed to boot:\n"
+                                   f"{app.last_traceback.rstrip() or event.status}")
+                self._abandon_next(app, "its template failed to boot")
+                return
+        elif event.generation != app.current.number:
+            return
+        if never_ready and self._no_app_can_boot():
+            for name, other in self.apps.items():
+                self._log("error", f"app {name} cannot boot:\n{other.last_traceback.rstrip() or '(no traceback)'}")
+            self._log("error", "no app could boot; exiting")
+            self._emit(GiveUp(1))
+            return
+        now = self.clock()
+        delay_s = template.backoff.record_exit(template.ready_at, now)
+        self._log("warning", f"{template.describe()} exited: {event.status}; "
+                             + (f"a new one in {delay_s:.2f}s" if delay_s else "starting a new one"))
+        generation = app.next if app.next is not None and event.generation == app.next.number else app.current
+        replacement = TemplateRecord(event.app, event.generation, "backoff", now, template.backoff,
+                                     restart_at=now + delay_s)
+        self.templates[key] = replacement
+        if not delay_s:
+            self._start_template(generation, replacement)
+
+    def _template_for(self, generation: Generation) -> TemplateRecord:
+        """The generation's template, started if it has none yet."""
+        template = self.templates.get((generation.app, generation.number))
+        if template is None:
+            template = TemplateRecord(generation.app, generation.number, "booting", self.clock(),
+                                      Backoff(max_delay_s=self.settings.crash_backoff_max_s))
+            self.templates[(generation.app, generation.number)] = template
+            self._start_template(generation, template)
+        return template
+
+    def _start_template(self, generation: Generation, template: TemplateRecord) -> None:
+        template.state, template.started_at = "booting", self.clock()
+        template.pid = template.ready_at = template.restart_at = template.kill_at = None
+        template.killed = False
+        self._emit(StartTemplate(generation))
+
+    def _stop_template(self, app: str, number: int) -> None:
+        template = self.templates.get((app, number))
+        if template is None or template.state == "stopping":
+            return
+        if template.state == "backoff":
+            del self.templates[(app, number)]
+            return
+        template.state = "stopping"
+        template.kill_at = self.clock() + QUICK_STOP_GRACE_S
+        self._emit(StopTemplate(app, number))
+
+    def _ask(self, worker: WorkerRecord, now: float) -> None:
+        """Ask the worker's (ready) template to fork it."""
+        worker.asked_at = now
+        app = self.apps[worker.app]
+        generation = app.next if app.next is not None and app.next.number == worker.generation else app.current
+        self._emit(Spawn(worker.key, generation, worker.index))
+
+    def _template_deadline(self, template: TemplateRecord) -> tuple[float, str] | None:
+        if template.state == "backoff":
+            return None if self.stopping else (template.restart_at, "restart")
+        if template.killed:
+            return None
+        if template.kill_at is not None:
+            return template.kill_at, "kill"
+        if template.state == "booting":
+            return template.started_at + self.settings.boot_timeout_s, "boot_timeout"
+        return None
+
+    def _due_template(self, template: TemplateRecord, why: str) -> None:
+        if why == "restart":
+            app = self.apps.get(template.app)
+            generation = None
+            if app is not None:
+                generation = next((g for g in (app.current, app.next)
+                                   if g is not None and g.number == template.generation), None)
+            if generation is None:
+                del self.templates[(template.app, template.generation)]
+            else:
+                self._start_template(generation, template)
+            return
+        if why == "boot_timeout":
+            self._log("error", f"{template.describe()} did not import the app within "
+                               f"{self.settings.boot_timeout_s:g}s")
+            app = self.apps.get(template.app)
+            if app is not None:
+                app.boot_failed = True
+                app.last_traceback = app.last_traceback or f"no READY within {self.settings.boot_timeout_s:g}s"
+        template.killed = True
+        self._emit(KillTemplate(template.app, template.generation, SIGKILL))
+
+    def _due_spawn_timeout(self, worker: WorkerRecord, now: float) -> None:
+        """The template was asked to fork this worker a boot timeout ago and no worker
+        said HELLO: the template is stuck. Killed; the spawns it owed fail as it goes,
+        and its successor is asked."""
+        worker.killed = True
+        self._log("error", f"worker {worker.describe()}: its template did not fork it within "
+                           f"{self.settings.boot_timeout_s:g}s; killing the template")
+        template = self.templates.get((worker.app, worker.generation))
+        if template is not None and not template.killed and template.state != "backoff":
+            template.killed = True
+            self._emit(KillTemplate(worker.app, worker.generation, SIGKILL))
+
+    def _unforked(self, worker: WorkerRecord) -> bool:
+        """No process exists for the record, nor is one on its way."""
+        return worker.state is State.BACKOFF or (worker.state is State.SPAWNED and worker.asked_at is None)
+
     _HANDLERS = {
         Spawned: _on_spawned, SpawnFailed: _on_spawn_failed, Ready: _on_ready,
         BootFailed: _on_boot_failed, Heartbeat: _on_heartbeat, Exited: _on_exited,
         SidecarStarted: _on_sidecar_started, SidecarExited: _on_sidecar_exited,
         SidecarHeartbeat: _on_sidecar_heartbeat,
+        TemplateStarted: _on_template_started, TemplateReady: _on_template_ready,
+        TemplateBootFailed: _on_template_boot_failed, TemplateExited: _on_template_exited,
     }
 
     # -- time ----------------------------------------------------------------------
@@ -533,6 +781,7 @@ class Supervisor:
     def next_deadline(self) -> float | None:
         deadlines = [d[0] for d in map(self._deadline, self.workers.values()) if d is not None]
         deadlines.extend(d[0] for d in map(self._sidecar_deadline, self.sidecars.values()) if d is not None)
+        deadlines.extend(d[0] for d in map(self._template_deadline, self.templates.values()) if d is not None)
         return min(deadlines, default=None)
 
     def tick(self) -> list[Action]:
@@ -554,6 +803,10 @@ class Supervisor:
             else:
                 sidecar.kill_at = None
                 self._emit(SignalSidecar(sidecar.name, SIGKILL))
+        for template in list(self.templates.values()):
+            due = self._template_deadline(template)
+            if due is not None and due[0] <= now:
+                self._due_template(template, due[1])
         return self._take()
 
     def _deadline(self, worker: WorkerRecord) -> tuple[float, str] | None:
@@ -561,6 +814,10 @@ class Supervisor:
         state = worker.state
         if state is State.BACKOFF:
             return None if self.stopping else (worker.respawn_at, "respawn")
+        if state is State.SPAWNED:
+            if worker.asked_at is None or worker.killed:
+                return None
+            return worker.asked_at + self.settings.boot_timeout_s, "spawn_timeout"
         if worker.kill_at is not None and not worker.killed:
             return worker.kill_at, "kill"
         if state is State.BOOTING and not worker.killed:
@@ -642,9 +899,11 @@ class Supervisor:
         self._emit(Kill(worker.key, SIGABRT))
         app = self.apps.get(worker.app)
         if app is not None and worker.generation == app.current.number and not self.stopping:
+            _note_restart(app, "timeout")
             self._spawn(app.current, worker.index)
 
-    _DUE = {"respawn": _due_respawn, "kill": _due_kill, "boot_timeout": _due_boot_timeout, "hung": _due_hung}
+    _DUE = {"respawn": _due_respawn, "kill": _due_kill, "boot_timeout": _due_boot_timeout, "hung": _due_hung,
+            "spawn_timeout": _due_spawn_timeout}
 
     # -- queries -------------------------------------------------------------------
 
@@ -665,7 +924,8 @@ class Supervisor:
 
     def idle(self) -> bool:
         """Nothing is alive any more (after a stop)."""
-        return not any(w.alive for w in self.workers.values())
+        return (not any(w.alive for w in self.workers.values())
+                and all(t.state == "backoff" for t in self.templates.values()))
 
     def wants_fork(self, key: int) -> bool:
         worker = self.workers.get(key)
@@ -694,7 +954,11 @@ class Supervisor:
             # Spread recycling so a fleet of workers started together does not retire together.
             worker.jitter = self.rng.randint(0, config.max_requests_jitter)
         self.workers[key] = worker
-        self._emit(Spawn(key, generation, index))
+        if not config.preload:
+            self._emit(Spawn(key, generation, index))
+        elif self._template_for(generation).state == "ready":
+            self._ask(worker, self.clock())
+        # else it waits in SPAWNED: asked of the template once that is ready
         return worker
 
     def _workers_of(self, app: str, generation: int | None = None) -> list[WorkerRecord]:
@@ -712,7 +976,7 @@ class Supervisor:
         return self.settings.graceful_timeout_s
 
     def _retire(self, worker: WorkerRecord, handback: bool) -> None:
-        if worker.state in (State.BACKOFF, State.SPAWNED):
+        if self._unforked(worker):
             self._drop(worker)
             return
         if worker.state in (State.DRAINING, State.EXITED):
@@ -724,10 +988,11 @@ class Supervisor:
         worker.kill_at = self.clock() + self._graceful_timeout_s(self.apps.get(worker.app))
         self._emit(Stop(worker.key, handback))
 
-    def _recycle(self, app: AppRecord, worker: WorkerRecord, why: str) -> None:
+    def _recycle(self, app: AppRecord, worker: WorkerRecord, why: str, reason: str) -> None:
         """Replace a worker before it leaves: the new one boots, then the old one drains."""
         worker.recycling = True
         self.counters["worker_recycles"] += 1
+        _note_restart(app, reason)
         self._log("info", f"worker {worker.describe()} {why}: recycling it")
         self._spawn(app.current, worker.index).replaces = worker.key
 
@@ -744,7 +1009,10 @@ class Supervisor:
         for worker in new:
             self._emit(Attach(worker.key))
         for worker in self._workers_of(app.name, old_number):
+            if worker.state is State.READY:
+                _note_restart(app, "reload")
             self._retire(worker, handback=True)
+        self._stop_template(app.name, old_number)   # a template only forks; its workers drain alone
         self.counters["generation_switches"] += 1
         self._log("info", f"app {app.name}: generation {app.current.number} serving; "
                           f"generation {old_number} draining")
@@ -757,12 +1025,13 @@ class Supervisor:
         self._emit(Notify(text))
         now = self.clock()
         for worker in self._workers_of(app.name, app.next.number):
-            if worker.state in (State.BACKOFF, State.SPAWNED):
+            if self._unforked(worker):
                 self._drop(worker)
                 continue
             if worker.state is not State.DRAINING:
                 worker.move(State.DRAINING)
             worker.kill_at = now   # killed at once: a generation that is not wanted serves nothing
+        self._stop_template(app.name, app.next.number)
         app.next = None
 
     def _drop(self, worker: WorkerRecord) -> None:
@@ -803,6 +1072,7 @@ class Supervisor:
         if worker.index <= app.target:
             self.counters["worker_restarts"] += 1
             app.restarts += 1
+            _note_restart(app, "boot_failure" if never_ready else "crash")
             delay_s = app.backoff.record_exit(worker.ready_at, self.clock())
             if delay_s:
                 self._log("info", f"app {app.name}: next worker in {delay_s:.2f}s (crash loop backoff)")
@@ -818,6 +1088,10 @@ class Supervisor:
     def _no_app_can_boot(self) -> bool:
         """At startup only: every app has failed to boot and none was ever ready."""
         return not self.reloaded and all(not a.ever_ready and a.boot_failed for a in self.apps.values())
+
+
+def _note_restart(app: AppRecord, reason: str) -> None:
+    app.restart_reasons[reason] = app.restart_reasons.get(reason, 0) + 1
 
 
 def _count(n: int, noun: str) -> str:

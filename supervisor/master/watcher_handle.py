@@ -32,7 +32,7 @@ NAME = "watcher"
 def needed(config: Config) -> bool:
     """Whether a master running `config` has anything to watch: its config file, or an
     app's `reload_on` (`baton serve --reload` has no file, only that)."""
-    return config.path is not None or any(app.reload_on for app in config.apps.values())
+    return config.path is not None or any(app.reload_on or app.certificate for app in config.apps.values())
 
 
 class WatcherHandle:

@@ -316,8 +316,11 @@ def listening_line(listener: ListenerConfig, sock: socket.socket | None) -> str:
     if sock is None:
         bind = listener.bind
         host = f"[{bind.host}]" if ":" in (bind.host or "") else (bind.host or "0.0.0.0")
-        return f"http://{host}:{bind.port} ({listener.name}; reuseport: one socket per worker)"
+        scheme = "https" if listener.tls else "http"
+        return f"{scheme}://{host}:{bind.port} ({listener.name}; reuseport: one socket per worker)"
     line = f"{describe(sock)} ({listener.name})"
+    if listener.tls and line.startswith("http://"):
+        line = "https://" + line[len("http://"):]
     if listener.bind.kind == "unix":
         try:
             why = socket_permissions(listener).why

@@ -2,7 +2,7 @@
 
 A report is a sorted list of *topics*: "config" (the config file, a file it includes,
 or a new file an include glob matches) and "app:NAME" (a file an app's `reload_on`
-globs match). One save is one report: an editor's burst of events (write, close,
+globs match, or its TLS certificate, key or client CAs: a rotation). One save is one report: an editor's burst of events (write, close,
 rename, chmod) is debounced until the paths have been quiet for `quiet_s`.
 
 Glob semantics are glob.glob(recursive=True)'s, which `config.load` uses to expand
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from supervisor.config.model import Config
+from supervisor.config.tls import tls_files
 
 CONFIG = "config"
 APP_PREFIX = "app:"
@@ -186,7 +187,8 @@ def watch_for(config: Config) -> Watch:
     files += [os.path.realpath(path) for path in files
               if os.path.dirname(os.path.realpath(path)) != os.path.realpath(os.path.dirname(path))]
     return Watch(files=tuple(dict.fromkeys(files)), config_globs=config.master.include,
-                 app_globs={name: app.reload_on for name, app in config.apps.items() if app.reload_on})
+                 app_globs={name: app.reload_on + tuple(glob.escape(path) for path in tls_files(app))
+                            for name, app in config.apps.items() if app.reload_on or tls_files(app)})
 
 
 def matches(watch: Watch, path: str | bytes) -> list[str]:

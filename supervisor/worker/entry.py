@@ -18,7 +18,9 @@ the forked child, still running only the master's code:
 
 The new interpreter (`run`) reads the spec, takes the master's `sys.path` (so the
 `supervisor` package and the app are found exactly as the master found them), builds
-its loggers over its pipes, and hands over to `process.main`, which imports the app.
+its loggers over its pipes, and hands over to `process.main`, which imports the app
+(or, for a preloaded app's template, to `template.main`, which imports it once and
+forks the workers: the same steps 1-4 got it here).
 
 A failure before the exec is a boot failure like an import error: BOOT_FAILED with the
 traceback on the channel, and `EXIT_BOOT_FAILED`. So is a new interpreter that could
@@ -43,7 +45,7 @@ from supervisor.ipc import channel
 from supervisor.ipc.messages import TRACEBACK_MAX, BootFailed
 from supervisor.system import log as log_mod
 from supervisor.system import privileges, spawn
-from supervisor.worker import access, process
+from supervisor.worker import access, process, template, tlsboot
 from supervisor.worker.process import EXIT_BOOT_FAILED, WorkerSpec
 
 # Runs before `supervisor` can be imported: standard library only, and short (it is argv).
@@ -116,8 +118,9 @@ def _decode(value):
 
 # -- in the master's forked child ----------------------------------------------------------
 
-def exec_worker(spec) -> int:
-    """Steps 1-4 above; returns (the exit status) only if they failed."""
+def exec_worker(spec, role: str = "worker") -> int:
+    """Steps 1-4 above; returns (the exit status) only if they failed. `role` "template"
+    starts a preloaded app's template (`worker.template`) instead of a worker."""
     error_w, access_w = spec.log_fds
     try:
         os.dup2(error_w, 1)
@@ -127,6 +130,8 @@ def exec_worker(spec) -> int:
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
+        # Still root: the key may be readable by no one else (see worker.tlsboot).
+        spec.tls_fds = tlsboot.material(spec.app)
         privileges.drop(spec.identity)
         refused = access.denied(access.startup_needs(sys.path))
         if refused:
@@ -135,13 +140,14 @@ def exec_worker(spec) -> int:
         env = dict(os.environ)
         env.update(spec.app.env)
         memfd = os.memfd_create("baton-worker-spec", os.MFD_CLOEXEC)
-        payload = json.dumps({"path": sys.path, "spec": encode_spec(spec)}).encode()
+        payload = json.dumps({"path": sys.path, "spec": encode_spec(spec), "role": role}).encode()
         view = memoryview(payload)
         while view:
             view = view[os.write(memfd, view):]
         os.lseek(memfd, 0, os.SEEK_SET)
         keep = [memfd, spec.channel.fileno(), *(s.fileno() for s in spec.listeners.values())]
         keep.extend(sock.fileno() for sock in spec.balancers)
+        keep.extend(fd for fd in spec.tls_fds if fd >= 0)
         if access_w >= 0:
             keep.append(access_w)
         spawn.exec_python(BOOTSTRAP, [str(memfd)], env, keep)
@@ -180,4 +186,6 @@ def run(payload: dict) -> int:
     except ValueError as exc:
         channel.send(spec.channel, BootFailed(traceback=f"bad log settings: {exc}"[-TRACEBACK_MAX:]))
         return EXIT_BOOT_FAILED
+    if payload.get("role") == "template":
+        return template.main(spec)
     return process.main(spec)

@@ -9,7 +9,6 @@ pipes the master reads (stderr, and the access pipe), never to a log file.
 """
 from __future__ import annotations
 
-import faulthandler
 import os
 import select
 import signal
@@ -27,6 +26,7 @@ from supervisor.http.server import Server, ServerSettings
 from supervisor.ipc import channel
 from supervisor.ipc.channel import ChannelClosed
 from supervisor.ipc.messages import (
+    PREFETCH,
     REFUSED_MAX,
     REPORT_MAX_IDS,
     TRACEBACK_MAX,
@@ -45,12 +45,14 @@ from supervisor.ipc.messages import (
 from supervisor.system import privileges, spawn
 from supervisor.system.log import Logs
 from supervisor.system.loop import Loop
-from supervisor.worker import access, appload
+from supervisor.worker import access, appload, hooks, timeouts, tlsboot
+from supervisor.worker.stats import StatsSender
 
 if TYPE_CHECKING:
     from supervisor.config.model import AppConfig
 
 EXIT_BOOT_FAILED = 3
+_STREAM = int(socket.SOCK_STREAM)
 SEND_WAIT_S = 1.0  # how long a worker waits for room in a busy balancer's channel
 
 
@@ -85,6 +87,13 @@ class WorkerSpec:
     host_routes: dict = field(default_factory=dict)
     log_fds: tuple[int, int] = (-1, -1)     # write ends of the error and access pipes (-1: no access log)
     config_source: str | None = None        # the file whose [apps.NAME] defines the app, for messages
+    # TLS (see worker.tlsboot): the listeners whose connections speak it, and the memfds
+    # with the app's key and chain and its client CAs (made by the forked child, as root).
+    tls_listeners: frozenset[str] = frozenset()
+    tls_fds: tuple[int, int] = (-1, -1)
+    tls_ticket_secret: str = ""             # hex: the app's session-ticket secret (the master's, per app)
+    redirect_https: dict[str, int] = field(default_factory=dict)   # plain listeners sending 308s, by name
+    tls_context: object | None = None       # built in the worker, from tls_fds
     logs: Logs | None = None                # the worker's loggers, built in the worker
 
     def owned_fds(self) -> list[int]:
@@ -100,8 +109,9 @@ def title(spec: WorkerSpec) -> str:
 
 def main(spec: WorkerSpec) -> int:
     log = spec.logs.error
+    answerer = timeouts.Answerer()
     try:
-        app = _boot(spec)
+        app, app_hooks = _boot(spec, answerer)
     except BaseException as exc:
         # A permission is the usual cause under a root master (nobody cannot read a
         # project in /root): the traceback alone names a symptom, the hint the cure.
@@ -112,12 +122,13 @@ def main(spec: WorkerSpec) -> int:
         except OSError:
             pass
         return EXIT_BOOT_FAILED
-    return Worker(spec, app).serve()
+    return Worker(spec, app, app_hooks, answerer).serve()
 
 
-def _boot(spec: WorkerSpec):
+def _boot(spec: WorkerSpec, answerer: timeouts.Answerer):
     """Runs in the new interpreter, as the app's user (dropped to before the exec),
-    with the app's environment (given to the exec)."""
+    with the app's environment (given to the exec). Returns the app, its request
+    hooks around it, and its hooks."""
     app = spec.app
     if app.chdir:
         os.chdir(app.chdir)
@@ -133,9 +144,22 @@ def _boot(spec: WorkerSpec):
     spawn.die_with_parent(spec.master_pid)
     setproctitle.setproctitle(title(spec))
     # A hung worker is sent SIGABRT: every thread's stack goes to stderr, a pipe to the
-    # master, which writes it to the error log.
-    faulthandler.enable(file=sys.stderr.fileno(), all_threads=True)
-    return appload.load(app.module)
+    # master, which writes it to the error log (then its clients are answered: timeouts).
+    answerer.install()
+    spec.tls_context = tlsboot.load(spec, spec.logs.error)   # before app code: it never sees the memfds
+    app_hooks = hooks.Hooks.load(app)
+    info = worker_info(spec)
+    if app_hooks.post_fork is not None:
+        app_hooks.post_fork(info)
+    wsgi_app = appload.load(app.module)
+    if app_hooks.post_worker_init is not None:
+        app_hooks.post_worker_init(info)
+    return app_hooks.wrap(wsgi_app, spec.logs.error), app_hooks
+
+
+def worker_info(spec: WorkerSpec) -> hooks.WorkerInfo:
+    return hooks.WorkerInfo(app=spec.app.name, index=spec.index, generation=spec.generation,
+                            pid=os.getpid(), user=spec.identity.name)
 
 
 class Worker:
@@ -148,8 +172,11 @@ class Worker:
         signal.SIGQUIT: "stop_quick",
     }
 
-    def __init__(self, spec: WorkerSpec, app):
+    def __init__(self, spec: WorkerSpec, app, app_hooks: hooks.Hooks | None = None,
+                 answerer: timeouts.Answerer | None = None):
         self.spec = spec
+        self.hooks = app_hooks
+        self.answerer = answerer
         self.loop = Loop()
         settings = ServerSettings(
             threads=spec.app.threads,
@@ -158,7 +185,8 @@ class Worker:
             limit_request_line=spec.app.limit_request_line,
             limit_request_fields=spec.app.limit_request_fields,
             limit_request_field_size=spec.app.limit_request_field_size,
-            max_body_size=spec.app.max_body_size,
+            max_body_size=spec.app.max_body_size or None,   # 0: no limit
+            buffer_body=spec.app.buffer_body,
             forwarded_allow_ips=spec.app.forwarded_allow_ips,
             forwarded_header=spec.app.forwarded_header,
             secure_scheme_headers=spec.app.secure_scheme_headers,
@@ -171,7 +199,10 @@ class Worker:
                                                           if name in spec.proxy_listeners),
                              loop=self.loop, access_format=spec.logs.access_line,
                              proxy_allow_ips=spec.proxy_allow_ips, app_name=spec.app.name,
-                             host_tables=hostcheck.host_tables(spec.host_routes, spec.app.name))
+                             host_tables=hostcheck.host_tables(spec.host_routes, spec.app.name),
+                             tls_context=spec.tls_context, tls_listeners=spec.tls_listeners,
+                             redirect_https=spec.redirect_https)
+        tlsboot.keep_rotating(spec, self.loop, spec.logs.error)
         # One link per balancer; a connection is handed back to the one that gave it
         # (only that one holds its record: any other would take the hand-back for a lie
         # and drop our link), one we accepted ourselves to the first.
@@ -195,12 +226,29 @@ class Worker:
         self.spec.channel.setblocking(False)  # a busy master must never stall the serving loop
         loop.every(self.spec.heartbeat_s, self._heartbeat)
         loop.after_events(self._report)
+        stats = StatsSender(loop, self.spec.channel, self.server.stats)
+        loop.after_events(stats.after_events)
+        if self.answerer is not None:
+            self.answerer.start(self.server, self.spec.logs.error)   # after the loop's signals
         try:
             self.server.run()
         finally:
             self._report()  # connections the shutdown closed
+            stats.flush()
+            if self.answerer is not None:
+                self.answerer.close()
             loop.close()
+        self._worker_exit()
         return 0
+
+    def _worker_exit(self) -> None:
+        hook = self.hooks.worker_exit if self.hooks is not None else None
+        if hook is None:
+            return
+        try:
+            hook(worker_info(self.spec))
+        except Exception:
+            self.spec.logs.error.exception("worker_exit hook failed")
 
     def _report(self) -> None:
         for link in self.links:
@@ -316,10 +364,11 @@ class BalancerLink:
 
     What the balancer must hear (which connections we took, so it can drop its copies;
     which ended, so its counts stay right) goes out in REPORT messages that gather many
-    events, because every message wakes the balancer: the connections received in one
-    read are acknowledged together before any of them is served, and the ones that
-    ended are reported once per loop iteration, after its events (`report` is the
-    loop's after-events callback). So the balancer hears of a close up to one loop
+    events, because every message wakes the balancer: the connections taken and the
+    ones that ended are reported once per loop iteration, after its events (`report`
+    is the loop's after-events callback), or sooner when we become free. So a
+    connection served inline is often acknowledged in the same REPORT that says it
+    ended (see the balancer's links.py for why that loses nothing if we die). So the balancer hears of a close up to one loop
     iteration late, and counts a worker busy with a long inline call a little high.
 
     Busy threads, as the balancer must count them to send a connection only to a worker
@@ -330,8 +379,9 @@ class BalancerLink:
     left a request partly here (a slow client holds no thread), or it closes or is
     parked (a silent one is, after `park_after`; with parking off it is not claimed
     past that first read). A REPORT goes out the moment we are free again while the
-    last one said we
-    were not (claims released, a pool thread done), and only then: a worker the
+    last one said we were not (claims released, a pool thread done), and the moment
+    we have room for one connection ahead (busy below threads + PREFETCH) while the
+    last one said we had none, and only then: a worker the
     balancer already believes free says nothing, so a request on a connection that
     stayed here (a hot keep-alive one) costs no message. Such a request is the one the
     balancer does not see; a connection idle past `park_after` is parked (handed back
@@ -364,12 +414,11 @@ class BalancerLink:
 
     def on_readable(self) -> None:
         taken = self._receive_connections()
-        if taken or self.refused:
-            # Acknowledge before reading a byte of them (a handed-back connection may
-            # even be served at once): from here on they are ours, and the balancer may
-            # drop its copies.
-            self.claimed.update(message.id for message, _ in taken)
-            self.report()
+        # Acknowledged in the loop iteration's REPORT (`report`, after its events), with
+        # whatever else it has to say: often the same connections' ends. Until then the
+        # balancer keeps its copies, and should we die, it reads back from a copy of our
+        # channel end what we never read, and passes on only that.
+        self.claimed.update(message.id for message, _ in taken)
         for message, fd in taken:
             self._serve(message, fd)
 
@@ -405,7 +454,9 @@ class BalancerLink:
 
     def _serve(self, conn: Conn, fd: int) -> None:
         conn_id, peer, listener = conn.id, conn.peer, conn.listener
-        self.server.add_connection(socket.socket(fileno=fd), peer, listener,
+        # The type and protocol given, the kernel is asked only the family (two
+        # getsockopt calls less per connection); the balancer sends only stream sockets.
+        self.server.add_connection(socket.socket(-1, _STREAM, 0, fd), peer, listener,
                                    initial_bytes=conn.data,
                                    on_close=lambda: self._ended(conn_id),
                                    proxy_protocol=conn.proxy,
@@ -423,8 +474,10 @@ class BalancerLink:
             self._maybe_free()
 
     def _maybe_free(self) -> None:
-        """Say we are free, if the balancer was last told we were not (see the class)."""
-        if self.told_busy >= self.threads and self.server.busy_threads + len(self.claimed) < self.threads:
+        """Say we have room, if the balancer was last told we had none: below our threads
+        (free), or below our threads plus PREFETCH (room for one ahead; see the class)."""
+        told, threads = self.told_busy, self.threads
+        if told >= threads and self.server.busy_threads + len(self.claimed) < min(told, threads + PREFETCH):
             self.report(always=True)
 
     def report(self, always: bool = False) -> None:

@@ -411,6 +411,7 @@ BOUNDS = [
     ("app", "max_requests_jitter", 1_000_000_000, "an integer from 0 to 1000000000"),
     ("app", "max_rss", 1 << 20, "an integer from 0 to 1048576"),
     ("app", "max_body_size", 1 << 40, "an integer from 0 to 1099511627776"),
+    ("app", "buffer_body", 64 << 20, "an integer from 0 to 67108864"),
     ("app", "limit_request_line", 65535, "an integer from 64 to 65535"),
     ("app", "limit_request_fields", 32768, "an integer from 1 to 32768"),
     ("app", "limit_request_field_size", 65535, "an integer from 64 to 65535"),
@@ -470,7 +471,8 @@ def test_minimal_config_gets_the_defaults(tmp_path):
     assert (blog.workers, blog.threads, blog.keepalive, blog.header_timeout) == (1, 1, 5.0, 10.0)
     assert (blog.limit_request_line, blog.limit_request_fields, blog.limit_request_field_size) == (8190, 100, 8190)
     assert blog.forwarded_allow_ips == ("127.0.0.1", "::1")
-    assert (blog.graceful_timeout, blog.max_body_size, blog.umask, blog.chdir) == (None, None, None, None)
+    assert (blog.graceful_timeout, blog.umask, blog.chdir) == (None, None, None)
+    assert (blog.max_body_size, blog.buffer_body) == (100 << 20, 65536)
 
 
 def test_full_config_round_trip(tmp_path):

@@ -52,9 +52,13 @@ class Named(Connection):
 
 
 class Driver:
-    def __init__(self, queue_limit=1024, queue_timeout_s=30.0, rng=None):
+    """Drives a core with no connections taken ahead (promise 2b) unless `prefetch`
+    says: SCENARIOS are the free-worker rules, PREFETCH_SCENARIOS what 2b adds."""
+
+    def __init__(self, queue_limit=1024, queue_timeout_s=30.0, rng=None, prefetch=0):
         self.clock = FakeClock()
-        self.core = Dispatcher(self.clock, queue_limit=queue_limit, queue_timeout_s=queue_timeout_s, rng=rng)
+        self.core = Dispatcher(self.clock, queue_limit=queue_limit, queue_timeout_s=queue_timeout_s, rng=rng,
+                               prefetch=prefetch, prefetch_window_s=0.005)
         self.core.set_apps({"a": "least-connections"})
         self.conns: dict[str, Named] = {}
         self.sends: dict[str, Send] = {}
@@ -74,8 +78,11 @@ class Driver:
         if verb == "detach":
             core.detach(core.worker(int(args[0])))
             return []
-        if verb == "gone":
-            return self.render(core.gone(core.worker(int(args[0]))))
+        if verb == "gone":   # gone KEY [unread=c1,c2]: without, it read none of what it holds
+            unread = ({self.sends[name].conn_id for name in options["unread"].split(",") if name}
+                      if "unread" in options else None)
+            decisions, lost = core.gone(core.worker(int(args[0])), unread)
+            return self.render(decisions) + [f"lost {conn.name}" for conn in lost]
         if verb == "dispatch":
             name = args[0]
             conn = self.conns[name] = Named(name, args[1] if len(args) > 1 else "a", options.get("client"))
@@ -421,10 +428,94 @@ SCENARIOS = {
 }
 
 
+# Promise 2b: with no worker free, one that progressed lately takes one connection ahead.
+PREFETCH_SCENARIOS = {
+    "a saturated worker takes one connection ahead, no more": [
+        ("attach 1 a", []),
+        ("dispatch c1", ["send c1 to 1"]),
+        ("dispatch c2", ["send c2 to 1"]),       # ahead: its channel holds it till c1 ends
+        ("dispatch c3", []),
+        ("state", {"queued": 1, "free.1": False}),
+        ("report 1 acked=c1,c2 busy=2", ["taken c1", "taken c2"]),
+        ("next", []),
+        ("report 1 closed=1 busy=1", []),        # c1 done: room for one ahead again
+        ("next", ["send c3 to 1"]),
+        ("next", []),
+    ],
+    "a free worker always comes before one with room ahead": [
+        ("attach 1 a", []), ("attach 2 a", []),
+        ("dispatch c1", ["send c1 to 1"]),
+        ("dispatch c2", ["send c2 to 2"]),
+        ("dispatch c3", ["send c3 to 1"]),       # none free: ahead, the first of a tie
+        ("report 2 acked=c2 busy=0", ["taken c2"]),   # 2 is free
+        ("dispatch c4", ["send c4 to 2"]),
+        ("dispatch c5", ["send c5 to 2"]),       # none free, 1 full with one ahead: 2
+        ("dispatch c6", []),
+    ],
+    "a worker silent past the window gets nothing ahead (it may be in a slow request)": [
+        ("attach 1 a", []), ("attach 2 a", []),
+        ("dispatch c1", ["send c1 to 1"]),
+        ("report 1 acked=c1 busy=1", ["taken c1"]),
+        ("dispatch c2", ["send c2 to 2"]),
+        ("report 2 acked=c2 busy=1", ["taken c2"]),
+        ("time 0.004", []),
+        ("report 2 closed=1 busy=0", []),        # 2 ends a request: progress
+        ("report 2 busy=1", []),                 # and is busy with the next
+        ("time 0.008", []),                      # 1 silent for 8 ms, 2 for 4
+        ("dispatch c3", ["send c3 to 2"]),
+        ("dispatch c4", []),                     # 2 has no room; 1 may be stuck: it waits
+        ("time 0.02", []),
+        ("dispatch c5", []),                     # both silent past the window
+        ("state", {"queued": 2}),
+        ("report 1 closed=1 busy=0", []),        # 1 is free again
+        ("next", ["send c4 to 1"]),
+        ("next", ["send c5 to 1"]),              # and progressed just now: one ahead
+        ("next", []),
+    ],
+    "a worker gone: what it never read goes elsewhere, what it read went with it": [
+        ("attach 1 a threads=4", []), ("attach 2 a threads=4", []),
+        ("dispatch c1", ["send c1 to 1"]),
+        ("dispatch c2", ["send c2 to 2"]),
+        ("dispatch c3", ["send c3 to 1"]),
+        ("dispatch c4", ["send c4 to 2"]),
+        ("dispatch c5", ["send c5 to 1"]),
+        ("report 1 acked=c1 busy=1", ["taken c1"]),
+        ("gone 1 unread=c5", ["send c5 to 2", "lost c3"]),   # it read c3 but had not said so
+        ("state", {"redispatched": 1, "queued": 0}),
+    ],
+    "ip-hash never takes a connection ahead": [
+        ("apps a=ip-hash", []),
+        ("attach 1 a", []),
+        ("dispatch c1 client=10.0.0.1", ["send c1 to 1"]),
+        ("dispatch c2 client=10.0.0.1", []),
+        ("state", {"queued": 1}),
+    ],
+    "a worker gone with a connection taken ahead: it goes elsewhere": [
+        ("attach 1 a", []), ("attach 2 a", []),
+        ("dispatch c1", ["send c1 to 1"]),
+        ("dispatch c2", ["send c2 to 2"]),
+        ("dispatch c3", ["send c3 to 1"]),
+        ("report 2 acked=c2 busy=0", ["taken c2"]),
+        ("gone 1", ["send c1 to 2", "send c3 to 2"]),   # 2 free, then one ahead
+        ("state", {"queued": 0}),
+    ],
+}
+
+
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_scenario(name):
     driver = Driver(queue_limit=3) if "overflow" in name else Driver()
     run(driver, SCENARIOS[name])
+
+
+@pytest.mark.parametrize("name", PREFETCH_SCENARIOS)
+def test_prefetch_scenario(name):
+    run(Driver(prefetch=1), PREFETCH_SCENARIOS[name])
+
+
+def test_prefetch_is_bounded_by_what_workers_report_for():
+    with pytest.raises(ValueError, match="prefetch must be 0 to 1"):
+        Dispatcher(FakeClock(), prefetch=2)
 
 
 def test_random_two_draws_among_the_accepting_workers_only():

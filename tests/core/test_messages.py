@@ -22,15 +22,19 @@ from supervisor.ipc.messages import (
     Drain,
     HandBack,
     Heartbeat,
+    Hello,
     MessageError,
     Metrics,
     Ready,
+    Reclaim,
     Released,
     Relink,
     Reopen,
     Report,
     Routes,
     Sockets,
+    Spawn,
+    Stats,
     Stop,
     Taken,
     Takeover,
@@ -64,11 +68,20 @@ WIRE = [
     (Metrics(apps={"a": {"baton_requests_total": 3, "baton_workers": 2}}, overall={"baton_reloads_total": 1}),
      b'\0metrics\0{"apps":{"a":{"baton_requests_total":3,"baton_workers":2}},"overall":{"baton_reloads_total":1}}'),
     (Drain(), b"\0drain\0{}"),
+    (Stats(in_flight=1, responses=(0, 5, 0, 2, 1), durations=(1,) * 15, duration_sum_s=0.5),
+     b"\0\7" + struct.pack("<Id20Q", 1, 0.5, 0, 5, 0, 2, 1, *(1,) * 15)),
     (Attach(key=4242, app="a"), b'\1attach\0{"key":4242,"app":"a"}'),
     (Attach(key=-1, app=""), b'\1attach\0{"key":-1,"app":""}'),
     (Detach(key=12), b'\0detach\0{"key":12}'),
+    (Reclaim(key=12), b'\2reclaim\0{"key":12}'),
     (Upstream(), b"\1upstream\0{}"),
     (Relink(index=1), b'\1relink\0{"index":1}'),
+    (Spawn(index=2, listeners=("web",), balancers=1, access=True, log_level="info", routes={}),
+     b'\5spawn\0{"index":2,"listeners":["web"],"balancers":1,"access":true,"log_level":"info","routes":{}}'),
+    (Spawn(index=1, listeners=(), balancers=0, access=False, log_level="debug", routes=ROUTING),
+     b'\2spawn\0{"index":1,"listeners":[],"balancers":0,"access":false,"log_level":"debug","routes":'
+     + ROUTING_JSON.encode() + b'}'),
+    (Hello(pid=4243), b'\0hello\0{"pid":4243}'),
     (Takeover(pid=1), b'\0takeover\0{"pid":1}'),
     (Sockets(names=("listener:web", "reuseport:r:a:0", "health")),
      b'\3sockets\0{"names":["listener:web","reuseport:r:a:0","health"]}'),
@@ -89,7 +102,7 @@ WIRE = [
 
 def test_the_cases_cover_every_kind():
     assert {type(message) for message, _ in WIRE} == set(CLASSES)
-    assert {cls.KIND for cls in CLASSES} == KINDS and len(KINDS) == 20
+    assert {cls.KIND for cls in CLASSES} == KINDS and len(KINDS) == 24
 
 
 @pytest.mark.parametrize("message,data", WIRE)
@@ -183,7 +196,7 @@ def test_a_decoded_message_is_a_frozen_slotted_instance_of_its_class():
 
 @pytest.mark.parametrize("message,count", [
     (Ready(1), 0), (Conn(1, PEER, "web"), 1), (HandBack(PEER, "web", b""), 1), (Attach(1, "a"), 1),
-    (Taken(1), 1), (Upstream(), 1), (Sockets(("a", "b")), 2), (Routes(ROUTING, ("web",)), 1),
+    (Reclaim(1), 2), (Taken(1), 1), (Upstream(), 1), (Sockets(("a", "b")), 2), (Routes(ROUTING, ("web",)), 1),
     (Reopen((1, 2, 3)), 3), (Report(0, (), ()), 0), (Heartbeat(0, 0, 0, None), 0),
 ])
 def test_the_fds_a_kind_carries(message, count):
@@ -241,6 +254,7 @@ MALFORMED_FIELDS = {
     Drain: ({}, 0, {}),
     Attach: ({"key": 7, "app": "a"}, 1, {"key": [0, -2, True, "7", 2**31, None, -1.0], "app": NAME}),
     Detach: ({"key": 7}, 0, {"key": PID}),
+    Reclaim: ({"key": 7}, 2, {"key": PID}),
     Upstream: ({}, 1, {}),
     Takeover: ({"pid": 7}, 0, {"pid": PID}),
     Sockets: ({"names": ["listener:web"]}, 1, {"names": [None, "listener:web", [1], ["a", "a"],

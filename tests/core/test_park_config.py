@@ -7,9 +7,9 @@ from test_config import document, problems, write
 from supervisor.config.reader import load
 
 
-@pytest.mark.parametrize("line, expected", [("", 0.0), ("park_after = 0", 0.0), ("park_after = 0.05", 0.05),
+@pytest.mark.parametrize("line, expected", [("", 0.002), ("park_after = 0", 0.0), ("park_after = 0.05", 0.05),
                                             ("park_after = 1", 1.0)])
-def test_park_after_is_read_in_seconds_and_is_off_by_default(tmp_path, line, expected):
+def test_park_after_is_read_in_seconds_and_is_two_ms_by_default(tmp_path, line, expected):
     config = load(write(tmp_path, document(app=line)))
     assert config.apps["blog"].park_after == expected
 

@@ -133,9 +133,8 @@ GUNICORN_CASES = [
     (["-k", "gevent"], "-k (gunicorn): Baton has one worker kind: a process with threads; use --threads"),
     (["-kgevent"], "-k (gunicorn): Baton has one worker kind"),
     (["--worker-connections", "1000"], "--worker-connections (gunicorn): no equivalent"),
-    (["--preload"], "--preload (gunicorn): not yet"),
-    (["--certfile", "c.pem"], "--certfile (gunicorn): TLS: not yet"),
-    (["--keyfile", "k.pem"], "--keyfile (gunicorn): TLS: not yet"),
+    (["--ssl-version", "TLSv1_2"], "--ssl-version (gunicorn): no equivalent: Baton's TLS takes --certfile"),
+    (["--ciphers", "DEFAULT"], "--ciphers (gunicorn): no equivalent: Baton's TLS takes --certfile"),
     (["--daemon"], "--daemon (gunicorn): Baton stays in the foreground: run it under systemd"),
     (["-D"], "-D (gunicorn): Baton stays in the foreground"),
     (["--statsd-host", "localhost:8125"], "--statsd-host (gunicorn): no StatsD"),
@@ -157,8 +156,13 @@ def test_gunicorn_flags_baton_lacks_get_one_line_and_exit_2(flags, message, caps
 
 
 def test_gunicorn_flags_in_baton_cmd_args_are_named_so(where):
-    with pytest.raises(serve_mod.UsageError, match=r"^BATON_CMD_ARGS: --preload \(gunicorn\): not yet"):
-        config_of(where, "m", environ={"BATON_CMD_ARGS": "--preload"})
+    with pytest.raises(serve_mod.UsageError, match=r"^BATON_CMD_ARGS: --daemon \(gunicorn\): Baton stays"):
+        config_of(where, "m", environ={"BATON_CMD_ARGS": "--daemon"})
+
+
+def test_preload_sets_the_apps_preload(where):
+    assert config_of(where, "m", "--preload").apps["app"].preload is True
+    assert config_of(where, "m").apps["app"].preload is False
 
 
 # (flags, the one problem line)

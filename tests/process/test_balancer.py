@@ -194,7 +194,9 @@ def test_batched_reports_release_every_copy_and_count_every_connection(baton, po
 
 
 def test_keep_alive_connections_spread_evenly(baton, port):
-    master = baton(master_config(port) + app_block("alpha", workers=3))
+    # Connections that stay at their workers (parked ones are counted by the balancer
+    # only while they wait, which timing decides): least-connections spreads them.
+    master = baton(master_config(port) + app_block("alpha", workers=3, extra="park_after = 0"))
     master.wait_workers(3)
     connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(9)]
     pids = []

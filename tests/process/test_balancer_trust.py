@@ -116,7 +116,9 @@ def fuzz_rounds(master: Baton, port: int, to: str, scratch) -> int:
         try:
             status, _, _ = http_request(port, f"/?to={to}&seed={seed}&count={FUZZ_PER_ROUND}&leading={FUZZ_LEADING}&tally={tally}",
                                         timeout=10)
-            assert status == 200
+            # 503: a fuzzed REPORT said the request's own connection never reached the
+            # worker (it may lie about what it was given), and the balancer answered.
+            assert status in (200, 503)
         except (ConnectionError, http.client.HTTPException):
             pass   # the master killed the worker mid-request
         wait_for(lambda: not alive(worker), timeout=15, message=lambda: f"worker {worker} to be replaced; log:\n{master.log()}")

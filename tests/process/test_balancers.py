@@ -159,7 +159,7 @@ def test_killing_one_balancer_fails_nothing_the_other_accepted_and_only_it_is_re
     """Parked keep-alive connections are the dead balancer's too, some of them in flight
     in its channels, where no count can find them: with parking off, what it held is
     exactly the connected sockets in its fd table, and that bounds what fails."""
-    master = baton(ops_config(port, master_extra=BALANCERS, app_extra="park_after = 0.002" if parking == "on" else ""))
+    master = baton(ops_config(port, master_extra=BALANCERS, app_extra="park_after = 0.002" if parking == "on" else "park_after = 0"))
     workers = set(master.wait_workers(2))
     with Clients(port, count=8) as clients, NewConnections(port) as fresh:
         before = both_accepted(master)

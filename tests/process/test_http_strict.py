@@ -30,6 +30,7 @@ def config(port, mode="share", listener_extra="", more=""):
         module = "tests.apps.bodies:app"
         listeners = ["web"{', "strict"' if more else ''}]
         workers = 1
+        max_body_size = 0   # no limit: bodies past the default 100 MiB are sent
         chdir = "{REPO}"
     """
 

@@ -42,6 +42,16 @@ def metric(health: int, name: str, app: str | None = None) -> float | None:
     return None
 
 
+def pidfds(pid: int) -> int:
+    found = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[pidfd]"
+        except OSError:
+            pass   # closed meanwhile
+    return found
+
+
 def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -126,6 +136,8 @@ def test_a_parked_connection_the_client_closes_leaks_nothing_in_the_balancer(bat
     master.wait_workers(2)
     balancer = master.balancer()
     wait_for(lambda: metric(health, "baton_parked") == 0, message="the balancer's /metrics")
+    # Each link's RECLAIM (a pidfd and a channel end) follows its ATTACH: both in first.
+    wait_for(lambda: pidfds(balancer) == 2, message="both workers' links complete")
     baseline = fds(balancer)
     clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(5)]
     for client in clients:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 
 import pytest
 from conftest import REPO, free_port, get_json, http_request, probe_config, wait_for
@@ -58,3 +59,71 @@ def test_a_stopped_worker_is_replaced_and_its_stacks_reach_the_log(baton, port):
     wait_for(lambda: "Fatal Python error: Aborted" in master.log().split(f"(pid {stopped}) timed out", 1)[1],
              message=lambda: f"the stopped worker's stacks; log:\n{master.log()}")
     assert "Current thread" in master.log() or "Thread 0x" in master.log()
+
+
+def stalls_config(port, *, threads):
+    return f"""
+        [master]
+        graceful_timeout = 5
+
+        [listeners.web]
+        bind = "127.0.0.1:{port}"
+
+        [apps.stalls]
+        module = "tests.apps.stalls:app"
+        listeners = ["web"]
+        chdir = "{REPO}"
+        threads = {threads}
+        timeout = 1
+    """
+
+
+def raw_exchange(port, path, timeout=30.0) -> bytes:
+    """Send one GET and read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        received = b""
+        while True:
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError:
+                return received
+            if not data:
+                return received
+            received += data
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_request_past_timeout_is_answered_504_before_its_worker_goes(baton, port, threads):
+    """Issue 13 item 4: a closed connection with nothing on it is what nginx reports
+    as 502; the client now gets a 504, the stacks are logged as before, and the
+    replacement serves the next client."""
+    master = baton(stalls_config(port, threads=threads))
+    (hung,) = master.wait_workers(1)
+    answer = raw_exchange(port, "/?sleep=60")
+    assert answer.startswith(b"HTTP/1.1 504 Gateway Timeout\r\n"), answer
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"\r\nConnection: close" in head and body == b"Gateway Timeout\n"
+    master.wait_log(f"(pid {hung}) timed out")
+    wait_for(lambda: "Fatal Python error: Aborted" in master.log(), message=lambda: master.log())
+    assert 'tests/apps/stalls.py", line' in master.log()   # the hung frame, in the stacks
+    assert "answered 504 to 1 running request" in master.log()
+    (replacement,) = master.wait_workers(1, exclude=(hung,), timeout=20)
+    status, _, body = http_request(port, "/")
+    assert (status, body) == (200, str(replacement).encode())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_timed_out_response_that_had_begun_is_only_closed(baton, port, threads):
+    """The head went out: a second status line would corrupt the response, so the
+    client sees it end short (the chunked body never ends)."""
+    master = baton(stalls_config(port, threads=threads))
+    (hung,) = master.wait_workers(1)
+    answer = raw_exchange(port, "/stream?sleep=60")
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+    assert answer.count(b"HTTP/1.1") == 1 and b"504" not in answer
+    assert answer.endswith(f"{hung}\n\r\n".encode()), answer    # the first chunk, nothing after
+    master.wait_log("closed 1 whose response had begun")
+    master.wait_workers(1, exclude=(hung,), timeout=20)
