@@ -21,6 +21,12 @@ if os.environ.get("BIGAPP_IMPORTS"):
         f.write(f"{os.getpid()}\n")
 
 
+def on_preload(worker) -> None:
+    """A `preload_hook`: notes where it ran (BIGAPP_IMPORTS gets "hook PID INDEX")."""
+    with open(os.environ["BIGAPP_IMPORTS"], "a") as f:
+        f.write(f"hook {worker.pid} {worker.index}\n")
+
+
 def make_app(version: str):
     def app(environ, start_response):
         query = environ.get("QUERY_STRING", "")

@@ -81,7 +81,8 @@ def _templates(master) -> list[int]:
 
 
 def _imports(directory: Path) -> list[int]:
-    return [int(line) for line in (directory / "imports.log").read_text().split()]
+    """The pids that imported the app (the import log's other lines are the hook's)."""
+    return [int(line) for line in (directory / "imports.log").read_text().splitlines() if line.isdigit()]
 
 
 def _answers(port: int, want: int) -> dict[int, dict]:
@@ -171,7 +172,8 @@ def test_recycled_and_added_workers_are_forked_from_the_template(baton, port, sc
     _write_app(scratch, "v1")
     (scratch / "imports.log").write_text("")
     (scratch / "imports.log").chmod(0o666)
-    master = baton(_config(port, scratch, "preloaded:app", extra="max_requests = 3", workers=1))
+    extra = 'max_requests = 3\n        preload_hook = "tests.apps.bigapp:on_preload"'
+    master = baton(_config(port, scratch, "preloaded:app", extra=extra, workers=1))
     first = master.wait_workers(1, timeout=30)
     for _ in range(4):
         assert http_request(port)[0] == 200
@@ -182,6 +184,9 @@ def test_recycled_and_added_workers_are_forked_from_the_template(baton, port, sc
     answers = _answers(port, 2)
     assert len({answer["id"] for answer in answers.values()}) == 1
     assert len(_imports(scratch)) == 1   # three workers, one import
+    [template] = _templates(master)
+    hooks = [line for line in (scratch / "imports.log").read_text().splitlines() if line.startswith("hook")]
+    assert hooks == [f"hook {template} 0"]   # the preload_hook ran once, in the template
 
 
 def test_a_code_change_and_a_reload_serve_the_new_code_with_no_failed_request(preloaded, port, scratch):
@@ -229,3 +234,11 @@ def test_a_killed_template_fails_no_request_and_is_replaced(preloaded, port, scr
     assert load.failures == []
     assert set(added) - set(workers)
     assert not [pid for pid in children_of(preloaded.pid) if not alive(pid)]   # no zombie left
+
+
+def test_a_preloaded_app_that_cannot_import_at_start_ends_the_master_with_its_traceback(baton, port, scratch):
+    _write_app(scratch, "v1", broken=True)
+    (scratch / "imports.log").write_text("")
+    master = baton(_config(port, scratch, "preloaded:app"))
+    assert master.wait_exit(timeout=30) == 1
+    assert "SyntaxError" in master.log() and "no app could boot" in master.log()
