@@ -546,6 +546,14 @@ class Server:
             self._cut_short(conn, outcome)
         conn.move(CLOSED)
         self._forget(conn, closing=True)
+        if not conn.sole_copy:
+            # The balancer may still hold a copy (until our REPORT acknowledges it): the
+            # connection ends now, for the client, and its teardown is done here rather
+            # than by whichever process closes the last copy.
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except (OSError, AttributeError):   # (AttributeError: a stream with no shutdown)
+                pass
         conn.sock.close()
         conn.proto.close()   # frees the parser now, not at the next cycle collection
 

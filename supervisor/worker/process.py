@@ -405,6 +405,7 @@ class BalancerLink:
         self.threads = max(1, server.settings.threads)
         self.claimed: set[int] = set()   # acknowledged, their first request not started
         self.told_busy = 0               # what the last report said
+        self.room_news = False           # we have room the balancer has not heard of
         sock.setblocking(False)
         server.watch_free(self._maybe_free)
         try:   # how many threads we have, before the first connection (the balancer counts one till then)
@@ -464,8 +465,12 @@ class BalancerLink:
                                    on_started=lambda: self._unclaim(conn_id))
 
     def _ended(self, conn_id: int) -> None:
+        # No REPORT from here, even if we are free now: a connection handed back or
+        # parked ends here just before its HANDBACK goes, and a REPORT saying it ended
+        # must not overtake that (the balancer would have dropped its record, and take
+        # the hand-back for a lie). The iteration's REPORT says it, and that we are free.
         self.closed.append(conn_id)
-        self._unclaim(conn_id)
+        self.claimed.discard(conn_id)
 
     def _unclaim(self, conn_id: int) -> None:
         claimed = self.claimed
@@ -478,7 +483,10 @@ class BalancerLink:
         (free), or below our threads plus PREFETCH (room for one ahead; see the class)."""
         told, threads = self.told_busy, self.threads
         if told >= threads and self.server.busy_threads + len(self.claimed) < min(told, threads + PREFETCH):
-            self.report(always=True)
+            # Said by the iteration's REPORT (`report`, after its events; this is always
+            # on the loop's thread): one message for every connection served inline in
+            # one wakeup, instead of one each.
+            self.room_news = True
 
     def report(self, always: bool = False) -> None:
         """Tell the balancer what it has not heard yet (nothing is sent if nothing
@@ -500,12 +508,13 @@ class BalancerLink:
                 self.log.warning("the balancer is not reading; lost the news of %d refused connections",
                                  len(refused))
             sent = True
-        if always and not sent:
+        if (always or self.room_news) and not sent:
             self._send_report((), ())
 
     def _send_report(self, acked, closed, refused=()) -> bool:
         busy = self.server.busy_threads + len(self.claimed)
         self.told_busy = busy
+        self.room_news = False
         return self._send_patiently(Report(busy=busy, acked=acked, closed=closed, refused=refused,
                                            threads=self.threads))
 

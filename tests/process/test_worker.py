@@ -1,5 +1,6 @@
 """The worker's end of its balancer channel: what it acknowledges and reports, and when."""
 import logging
+import os
 import socket
 from types import SimpleNamespace
 
@@ -25,6 +26,7 @@ class RecordingServer:
         self.on_close: dict[int, object] = {}
         self.heard: list[Message] = []
         self.free_watchers = []
+        self.serve_inline = True   # False: each stays claimed, waiting for its first request
 
     def watch_free(self, callback):
         self.free_watchers.append(callback)
@@ -36,7 +38,7 @@ class RecordingServer:
         self.acked_before_added[conn_id] = any(conn_id in m.acked for m in self.heard)
         self.on_close[conn_id] = on_close
         sock.close()
-        if on_started is not None:
+        if on_started is not None and self.serve_inline:
             on_started()   # as if its request ran inline
 
     def stop(self, graceful):
@@ -115,12 +117,44 @@ def test_closes_wait_for_the_end_of_the_loop_iteration_and_go_with_the_acknowled
     assert drain(balancer_end) == [Report(busy=1, acked=(), closed=(2,), threads=2)]
 
 
+def test_a_connection_handed_back_goes_before_the_news_that_it_ended(pair, loop):
+    """The server ends a connection it hands back (on_close) just before the hand-back
+    itself: a REPORT saying it ended must not go first, or the balancer drops its record
+    and takes the hand-back for a connection it never gave."""
+    worker_end, balancer_end = pair
+    server = RecordingServer(balancer_end)
+    server.serve_inline = False
+    link = BalancerLink(worker_end, server, logging.getLogger("test"), loop)
+    send_connection(balancer_end, 1)
+    link.on_readable()
+    link.report()   # acknowledged: one busy thread and one claimed connection, full
+    assert drain(balancer_end)[-1] == Report(busy=2, acked=(1,), closed=(), threads=2)
+    ours, theirs = socket.socketpair()
+    server.on_close[1]()   # what the server's hand-back does first ...
+    link.hand_back(theirs, b"", ("192.0.2.1", 1001), "web")   # ... then this
+    ours.close()
+    received = []
+    while True:
+        try:
+            message, fds = channel.receive(balancer_end)
+        except BlockingIOError:
+            break
+        for fd in fds:
+            os.close(fd)
+        received.append(type(message).__name__)
+    link.report()
+    assert received == ["HandBack"]
+    assert drain(balancer_end) == [Report(busy=1, acked=(), closed=(1,), threads=2)]
+
+
 def test_a_freed_thread_is_reported_only_when_the_balancer_was_told_none_was_free(three_taken):
     link, server, balancer_end = three_taken
+    link.report()                          # the three acknowledged
     drain(balancer_end)
     server.busy_threads = 0
     for watcher in server.free_watchers:   # a pool thread finished
         watcher()
+    link.report()                          # the iteration's end
     assert drain(balancer_end) == []       # it was told we had one free already
     server.busy_threads = 2
     link.report(always=True)               # (a report that said both were busy)
@@ -128,7 +162,11 @@ def test_a_freed_thread_is_reported_only_when_the_balancer_was_told_none_was_fre
     server.busy_threads = 1
     for watcher in server.free_watchers:
         watcher()
+    assert drain(balancer_end) == []       # said once, at the iteration's end
+    link.report()
     assert drain(balancer_end) == [Report(busy=1, acked=(), closed=(), threads=2)]
+    link.report()
+    assert drain(balancer_end) == []
 
 
 def test_more_ids_than_one_report_holds_go_in_several(pair, loop):
