@@ -108,21 +108,29 @@ def title(spec: WorkerSpec) -> str:
 
 
 def main(spec: WorkerSpec) -> int:
-    log = spec.logs.error
     answerer = timeouts.Answerer()
+    booted = boot_or_fail(spec, f"worker {spec.app.name}#{spec.index}", lambda: _boot(spec, answerer))
+    if booted is None:
+        return EXIT_BOOT_FAILED
+    app, app_hooks = booted
+    return Worker(spec, app, app_hooks, answerer).serve()
+
+
+def boot_or_fail(spec: WorkerSpec, who: str, boot):
+    """`boot()`'s result; or, if it raises anything, None, with the traceback logged
+    as `who`'s and sent to the master (BOOT_FAILED)."""
     try:
-        app, app_hooks = _boot(spec, answerer)
+        return boot()
     except BaseException as exc:
         # A permission is the usual cause under a root master (nobody cannot read a
         # project in /root): the traceback alone names a symptom, the hint the cure.
         text = traceback.format_exc() + access.boot_hint(spec, exc)
-        log.error("worker %s#%d failed to boot:\n%s", spec.app.name, spec.index, text.rstrip())
+        spec.logs.error.error("%s failed to boot:\n%s", who, text.rstrip())
         try:
             channel.send(spec.channel, BootFailed(traceback=text[-TRACEBACK_MAX:]))
         except OSError:
             pass
-        return EXIT_BOOT_FAILED
-    return Worker(spec, app, app_hooks, answerer).serve()
+        return None
 
 
 def _boot(spec: WorkerSpec, answerer: timeouts.Answerer):

@@ -51,7 +51,7 @@ from supervisor.ipc.messages import (
 )
 from supervisor.system import log as log_mod
 from supervisor.system import spawn
-from supervisor.worker import access, appload, hooks, process, timeouts, tlsboot
+from supervisor.worker import appload, hooks, process, timeouts, tlsboot
 from supervisor.worker.process import EXIT_BOOT_FAILED, WorkerSpec
 
 
@@ -61,18 +61,12 @@ def title(spec: WorkerSpec) -> str:
 
 def main(spec: WorkerSpec) -> int:
     """The template, from its decoded spec: boot, then fork workers until told to stop."""
-    log = spec.logs.error
     answerer = timeouts.Answerer()
-    try:
-        app, app_hooks = _boot(spec, answerer)
-    except BaseException as exc:
-        text = traceback.format_exc() + access.boot_hint(spec, exc)
-        log.error("template %s gen %d failed to boot:\n%s", spec.app.name, spec.generation, text.rstrip())
-        try:
-            channel.send(spec.channel, BootFailed(traceback=text[-TRACEBACK_MAX:]))
-        except OSError:
-            pass
+    booted = process.boot_or_fail(spec, f"template {spec.app.name} gen {spec.generation}",
+                                  lambda: _boot(spec, answerer))
+    if booted is None:
         return EXIT_BOOT_FAILED
+    app, app_hooks = booted
     return Template(spec, app, app_hooks, answerer).serve()
 
 

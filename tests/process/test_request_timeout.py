@@ -123,7 +123,7 @@ def test_a_timed_out_response_that_had_begun_is_only_closed(baton, port, threads
     (hung,) = master.wait_workers(1)
     answer = raw_exchange(port, "/stream?sleep=60")
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
-    assert answer.count(b"HTTP/1.1") == 1 and b"504" not in answer
+    assert answer.count(b"HTTP/1.1") == 1 and b"Gateway Timeout" not in answer, answer   # (a pid in the body may hold "504")
     assert answer.endswith(f"{hung}\n\r\n".encode()), answer    # the first chunk, nothing after
     master.wait_log("closed 1 whose response had begun")
     master.wait_workers(1, exclude=(hung,), timeout=20)
