@@ -103,18 +103,30 @@ def startup_needs(search_path: list[str]) -> list[Need]:
 
 def app_needs(app, search_path: list[str]) -> list[Need]:
     """What importing `app`'s module needs beyond `startup_needs`: its chdir, its
-    pythonpath entries, and the files and package directories of its module, as
-    found on the worker's sys.path (`app_search_path`) by `PathFinder` alone."""
+    pythonpath entries, and the files and package directories of its module and of
+    each hook's module (named by their keys), as found on the worker's sys.path
+    (`app_search_path`) by `PathFinder` alone."""
     needs = []
     if app.chdir:
         needs.append(Need(app.chdir, "the app's chdir", "chdir", os.R_OK | os.X_OK))
     for entry in app.pythonpath:
         needs.append(Need(entry, "a pythonpath entry", "pythonpath", os.R_OK | os.X_OK))
-    try:
-        dotted = modulespec.parse(app.module).module
-    except ValueError:
-        return needs
     where = app_search_path(app, search_path)
+    modules = [("module", app.module)]
+    modules.extend((key, getattr(app, key, None)) for key in (*modulespec.HOOKS, "preload_hook"))
+    for key, text in modules:
+        if text:
+            try:
+                dotted = modulespec.parse(text).module
+            except ValueError:
+                continue
+            needs.extend(_module_needs(dotted, where, key))
+    return _unique(needs)
+
+
+def _module_needs(dotted: str, where: list[str], key: str) -> list[Need]:
+    """The files and package directories importing `dotted` reads, blamed on `key`."""
+    needs = []
     name = ""
     for part in dotted.split("."):
         name = f"{name}.{part}" if name else part
@@ -125,14 +137,14 @@ def app_needs(app, search_path: list[str]) -> list[Need]:
         if spec is None:
             break   # not found is not a permission matter (or an entry above says why)
         if spec.origin and os.path.isabs(spec.origin):
-            needs.append(Need(spec.origin, f"the file of module {name}", "module", os.R_OK))
+            needs.append(Need(spec.origin, f"the file of module {name}", key, os.R_OK))
         locations = list(spec.submodule_search_locations or ())
-        needs.extend(Need(location, f"the directory of package {name}", "module", os.R_OK | os.X_OK)
+        needs.extend(Need(location, f"the directory of package {name}", key, os.R_OK | os.X_OK)
                      for location in locations)
         if not locations:
             break
         where = locations
-    return _unique(needs)
+    return needs
 
 
 def app_search_path(app, search_path: list[str]) -> list[str]:

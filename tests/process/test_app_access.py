@@ -116,6 +116,19 @@ def test_check_names_a_module_file_and_a_pythonpath_entry_the_user_cannot_read(s
     ]
 
 
+def test_check_names_a_hook_module_the_user_cannot_read_by_its_key(scratch, tmp_path, port):
+    site = project(scratch, private=False)
+    (site / "hookmod.py").write_text("def fork(worker):\n    pass\n")
+    (site / "hookmod.py").chmod(0o600)
+    config = write_config(tmp_path / "baton.toml", port, site, 'user = "www-data"\npost_fork = "hookmod:fork"')
+    result = check(config)
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.splitlines() == [
+        f"{config}: apps.site.post_fork: www-data (uid 33) cannot read {site}/hookmod.py, the file of module hookmod: "
+        f"set apps.site.user to a user that can, or chmod o+r {site}/hookmod.py",
+    ]
+
+
 def test_a_worker_that_cannot_read_its_project_fails_to_boot_saying_who_and_how_to_fix_it(baton, scratch, port):
     site = project(scratch, private=True)
     master = baton(f"""
