@@ -151,25 +151,14 @@ class Links:
                 self._pass_on(pending.sock.detach(), pending.peer, pending.listener, pending.data, pending.app,
                               pending.client, as_handback=False)
 
-    def pass_upstream(self, pendings: list[Pending]) -> list[Pending]:
+    def pass_upstream(self, pendings: list[Pending]) -> None:
         """Give queued connections to the new master's balancer (after an upgrade our
-        workers only drain); those it could not take are returned. (Not one whose PROXY
-        header no worker has read yet: a hand-back's stream has none; see `movable`.)"""
-        kept = []
+        workers only drain), as hand-backs; one it cannot take is dispatched here again.
+        (Not one whose PROXY header no worker has read yet: a hand-back's stream has
+        none; see `movable`.)"""
         for pending in pendings:
-            if self.upstream is None:
-                kept.append(pending)
-                continue
-            try:
-                channel.send(self.upstream, HandBack(_presented_peer(pending), pending.listener, pending.data,
-                                                     pending.app), [pending.sock.fileno()])
-            except (OSError, ValueError) as exc:
-                self.log.warning("could not pass a connection to the new master: %s", exc)
-                kept.append(pending)
-                continue
-            pending.sock.close()
-            self.handed_back += 1
-        return kept
+            self._pass_on(pending.sock.detach(), _presented_peer(pending), pending.listener, pending.data,
+                          pending.app, pending.client)
 
     @staticmethod
     def movable(pending: Pending) -> bool:

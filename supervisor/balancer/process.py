@@ -171,8 +171,7 @@ class Balancer:
         if core.queued and self.links.upstream is not None:
             # After an upgrade: what waits here is the new master's to serve; our
             # workers only drain (parked connections went there already).
-            for pending in self.links.pass_upstream(core.take_waiting(self.links.movable)):
-                self._dispatch(pending)   # (rare: the new master's balancer is gone)
+            self.links.pass_upstream(core.take_waiting(self.links.movable))
         if core.queued:
             # Before accepting: connections that waited go first.
             while (send := core.next_queued()) is not None:

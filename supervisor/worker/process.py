@@ -138,14 +138,7 @@ def _boot(spec: WorkerSpec, answerer: timeouts.Answerer):
     with the app's environment (given to the exec). Returns the app, its request
     hooks around it, and its hooks."""
     app = spec.app
-    if app.chdir:
-        os.chdir(app.chdir)
-    if app.umask is not None:
-        os.umask(app.umask)
-    for path in reversed(app.pythonpath):
-        sys.path.insert(0, path)
-    if app.chdir and app.chdir not in sys.path:
-        sys.path.insert(0, app.chdir)
+    enter_app_environment(app)
     # Set before the exec already (after the privilege drop, which clears it); asked
     # again because an exec of a set-id interpreter would clear it too, and the check
     # against the master's pid is what closes the race with its death.
@@ -163,6 +156,19 @@ def _boot(spec: WorkerSpec, answerer: timeouts.Answerer):
     if app_hooks.post_worker_init is not None:
         app_hooks.post_worker_init(info)
     return app_hooks.wrap(wsgi_app, spec.logs.error), app_hooks
+
+
+def enter_app_environment(app) -> None:
+    """The app's chdir, umask and import path, as its code expects them (a worker's,
+    or a template's before it imports the app)."""
+    if app.chdir:
+        os.chdir(app.chdir)
+    if app.umask is not None:
+        os.umask(app.umask)
+    for path in reversed(app.pythonpath):
+        sys.path.insert(0, path)
+    if app.chdir and app.chdir not in sys.path:
+        sys.path.insert(0, app.chdir)
 
 
 def worker_info(spec: WorkerSpec) -> hooks.WorkerInfo:

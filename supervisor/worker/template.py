@@ -73,14 +73,7 @@ def main(spec: WorkerSpec) -> int:
 def _boot(spec: WorkerSpec, answerer: timeouts.Answerer):
     """Steps 1-2 of the module docstring; returns the app (hooks around it) and its hooks."""
     app = spec.app
-    if app.chdir:
-        os.chdir(app.chdir)
-    if app.umask is not None:
-        os.umask(app.umask)
-    for path in reversed(app.pythonpath):
-        sys.path.insert(0, path)
-    if app.chdir and app.chdir not in sys.path:
-        sys.path.insert(0, app.chdir)
+    process.enter_app_environment(app)
     spawn.die_with_parent(spec.master_pid)
     setproctitle.setproctitle(title(spec))
     answerer.install()   # the workers inherit the handler; each starts its own answerer

@@ -579,3 +579,17 @@ def test_a_connection_refused_by_the_only_worker_is_refused_at_once_never_queued
     assert [(type(d), d.reason) for d in core.refused(send.worker, (send.conn_id,))] == [(Refuse, WORKER_REFUSED)]
     assert core.queued == 0
     assert core.refused(send.worker, (send.conn_id,)) == []   # told twice: once counts
+
+
+def test_take_waiting_moves_only_what_it_may_and_the_rest_keeps_its_place():
+    driver = Driver()
+    driver.step("attach 1 a")
+    driver.step("dispatch c0")                      # 1 is busy with it: what follows waits
+    for name, client in (("c1", "10.0.0.1"), ("c2", "10.0.0.2"), ("c3", "10.0.0.3")):
+        driver.step(f"dispatch {name} client={client}")
+    driver.clock.now = 5.0
+    taken = driver.core.take_waiting(lambda conn: conn.name != "c2")
+    assert [conn.name for conn in taken] == ["c1", "c3"]
+    assert driver.state()["queued"] == 1 and driver.core.next_deadline() == 30.0   # c2's wait is unchanged
+    driver.step("report 1 acked=c0 busy=0")
+    assert driver.step("next") == ["send c2 to 1"]
