@@ -549,13 +549,16 @@ class Supervisor:
         now = self.clock()
         worker.move(State.READY)
         worker.ready_at = worker.load.heard_at = now
-        self._log("info", f"worker {worker.describe()} ready")
         app = self.apps.get(worker.app)
+        serving = app is not None and worker.generation == app.current.number
+        if serving:
+            self._emit(Attach(worker.key))
+        # Logged after the attach is carried out, so "ready" in the log means it serves.
+        self._log("info", f"worker {worker.describe()} ready")
         if app is None:
             return
         app.ever_ready = True
-        if worker.generation == app.current.number:
-            self._emit(Attach(worker.key))
+        if serving:
             old = self.workers.get(worker.replaces) if worker.replaces else None
             if old is not None:
                 self._retire(old, handback=True)
