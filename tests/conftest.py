@@ -51,6 +51,19 @@ def http_request(port, path="/", method="GET", headers=None, body=None, timeout=
         conn.close()
 
 
+def pidfd_count(pid: int) -> int:
+    """How many pidfds process `pid` holds: one per process it watches (a master: its
+    children; a balancer: its linked workers), so a count that matches says the process
+    has caught up with every exit."""
+    found = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[pidfd]"
+        except OSError:
+            pass   # closed meanwhile
+    return found
+
+
 def get_json(port, path="/"):
     status, _, body = http_request(port, path)
     assert status == 200, body

@@ -11,7 +11,7 @@ import socket
 import threading
 from pathlib import Path
 
-from conftest import REPO, free_port, http_request, wait_for
+from conftest import REPO, free_port, http_request, pidfd_count, wait_for
 
 
 def config(port: int, health: int, workers: int = 2, app: str = "") -> str:
@@ -51,16 +51,6 @@ def metric(health: int, name: str, app: str | None = None) -> float | None:
         if line.startswith(prefix):
             return float(line[len(prefix):])
     return None
-
-
-def pidfds(pid: int) -> int:
-    found = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            found += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[pidfd]"
-        except OSError:
-            pass   # closed meanwhile
-    return found
 
 
 def fds(pid: int) -> int:
@@ -148,7 +138,7 @@ def test_a_parked_connection_the_client_closes_leaks_nothing_in_the_balancer(bat
     balancer = master.balancer()
     wait_for(lambda: metric(health, "baton_parked") == 0, message="the balancer's /metrics")
     # Each link's RECLAIM (a pidfd and a channel end) follows its ATTACH: both in first.
-    wait_for(lambda: pidfds(balancer) == 2, message="both workers' links complete")
+    wait_for(lambda: pidfd_count(balancer) == 2, message="both workers' links complete")
     baseline = fds(balancer)
     clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(5)]
     for client in clients:

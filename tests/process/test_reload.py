@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, get_json, wait_for
+from conftest import REPO, get_json, pidfd_count, wait_for
 
 
 def reload_config(port, value, workers=2, mode="balance", module="tests.apps.probe:app", extra=""):
@@ -215,16 +215,22 @@ def test_two_hundred_reloads_leak_no_fds_memory_or_zombies(baton, port):
     master = baton(reload_config(port, "v0", workers=1))
     master.wait_workers(1)
     balancer = master.balancer()
+    watched = pidfd_count(master.pid)   # its balancer, watcher and one worker
+
+    def drained():
+        # Gone from /proc is not enough: the master reaps, and the balancer unlinks, a
+        # moment later (each then closes that worker's fds, its pidfd among them).
+        return len(master.workers()) == 1 and pidfd_count(master.pid) == watched and pidfd_count(balancer) == 1
     for n in range(1, 11):  # warm up: caches, lazily imported modules
         master.signal(signal.SIGHUP)
         master.wait_log(f"generation {n + 1} serving")
-    wait_for(lambda: len(master.workers()) == 1, message="the warm-up generations to drain")
+    wait_for(drained, message="the warm-up generations to drain")
     fds = (_fd_count(master.pid), _fd_count(balancer))
     rss = (_rss_kb(master.pid), _rss_kb(balancer))
     for n in range(11, 211):
         master.signal(signal.SIGHUP)
         master.wait_log(f"generation {n + 1} serving", timeout=20)
-    wait_for(lambda: len(master.workers()) == 1, message="the old generations to drain")
+    wait_for(drained, message="the old generations to drain")
     assert master.balancer() == balancer
     assert (_fd_count(master.pid), _fd_count(balancer)) == fds
     states = [Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] for pid in master.workers()]
