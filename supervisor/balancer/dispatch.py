@@ -279,6 +279,17 @@ class Dispatcher:
             accepting = self._apps[worker.app].accepting
             accepting[:] = [other for other in accepting if other is not worker]
 
+    def resume(self, worker: Worker) -> None:
+        """A detached worker takes connections again (an attached worker's tag is live
+        again). Nothing for a worker that accepts already, or is gone."""
+        if worker.accepting or self._workers.get(worker.key) is not worker:
+            return
+        worker.accepting = True
+        state = self._app(worker.app)
+        state.accepting.append(worker)
+        if state.waiting:
+            self._ready.add(worker.app)
+
     def report(self, worker: Worker, acked: tuple[int, ...], closed: tuple[int, ...], busy: int,
                threads: int | None = None) -> list[Connection]:
         """The worker's REPORT: the connections it now owns (returned: the shell drops

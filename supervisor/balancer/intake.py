@@ -48,6 +48,7 @@ from collections.abc import Callable, Mapping
 
 from supervisor.balancer import routing
 from supervisor.balancer.dispatch import Connection
+from supervisor.balancer.untouched import FRESH
 from supervisor.http import proxyproto
 from supervisor.system.loop import EDGE, HANGUP, READ, Loop, Timer
 
@@ -75,12 +76,14 @@ class Pending(Connection):
     header leads the stream) and, while peeking, its deadline's timer. Set later, and
     read only then: `origin`, the client address a PROXY header gave (None: it gave
     none), set before a `proxy` connection is dispatched; `ident`, the socket's
-    (st_dev, st_ino), set when it is sent to a worker (see links.py)."""
+    (st_dev, st_ino), set when it is sent to a worker (see links.py). `passed`: the
+    socket's counts (`untouched.counts`) as we pass it on, FRESH for one we accepted."""
 
-    __slots__ = ("sock", "peer", "listener", "data", "proxy", "peek_timer", "origin", "ident")
+    __slots__ = ("sock", "peer", "listener", "data", "proxy", "peek_timer", "origin", "ident", "passed")
 
     def __init__(self, sock: socket.socket, peer, listener: str, app: str | None = None,
-                 client: str | None = None, data: bytes = b"", proxy: bool = False) -> None:
+                 client: str | None = None, data: bytes = b"", proxy: bool = False,
+                 passed: tuple[int, int] | None = FRESH) -> None:
         # Connection's fields set here rather than through super().__init__: one call
         # less per accepted connection.
         self.app = app
@@ -94,6 +97,7 @@ class Pending(Connection):
         self.data = data
         self.proxy = proxy
         self.peek_timer: Timer | None = None
+        self.passed = passed
 
 
 class _Listener:

@@ -17,8 +17,10 @@ a worker only about the connections the balancer gave it. Promises:
   iteration, not one per connection, so it may have read, even served, a connection it
   has not acknowledged yet. So when a worker exits (its pidfd, from the master's
   RECLAIM, says so), what it never read is read back from a copy of its own channel
-  end (the CONNs still queued there): exactly those connections go to another worker;
-  the others it took, and went with it. A link without RECLAIM (a moment after its
+  end (the CONNs still queued there): those connections go to another worker, and so
+  does each one it read but never touched (`untouched`: the kernel's counters say no
+  byte was read from or written to it since we passed it on); the others it took, and
+  went with it. A link without RECLAIM (a moment after its
   ATTACH) falls back to the channel's end, and passes on every unacknowledged one.
 * **A worker hands back only what it was given, to its own app.** Each connection sent
   is recorded (its socket's (st_dev, st_ino), the same file on both sides of
@@ -59,6 +61,7 @@ import os
 import socket
 from collections.abc import Callable
 
+from supervisor.balancer import untouched
 from supervisor.balancer.dispatch import Decision, Dispatcher, Send, Worker
 from supervisor.balancer.intake import Intake, Pending
 from supervisor.ipc import channel
@@ -140,6 +143,13 @@ class Links:
         link = self.by_key.get(key)
         if link is not None:
             self.core.detach(link.worker)
+
+    def gone(self, key: int) -> None:
+        """The master says the worker is gone (an attached one that went silent): what
+        it never read goes elsewhere, now."""
+        link = self.by_key.get(key)
+        if link is not None:
+            self._gone(link)
 
     def set_upstream(self, sock: socket.socket) -> None:
         if self.upstream is not None:
@@ -280,8 +290,8 @@ class Links:
                           recorded.client, as_handback=False)
             return
         sock = socket.socket(fileno=fd)
-        self.intake.park(Pending(sock, _presented_peer(recorded), recorded.listener, link.app, recorded.client),
-                         message.keepalive_s)
+        self.intake.park(Pending(sock, _presented_peer(recorded), recorded.listener, link.app, recorded.client,
+                                 passed=untouched.counts(sock)), message.keepalive_s)
 
     def _handed_back_unrecorded(self, link: WorkerLink, message: HandBack, fd: int) -> bool:
         """A connection we did not give: see the module's promises."""
@@ -337,7 +347,8 @@ class Links:
             os.close(fd)
             self.log.warning("handed back something that is not a connection: %s", exc)
             return
-        self.perform(self.core.dispatch(Pending(sock, peer, listener, app, client, data=data)))
+        self.perform(self.core.dispatch(Pending(sock, peer, listener, app, client, data=data,
+                                                passed=untouched.counts(sock))))
 
     def _drop(self, link: WorkerLink, why: str) -> None:
         """The worker lied: use it no more. The master holds a copy of this channel end
@@ -356,6 +367,10 @@ class Links:
         unread = None
         if link.worker_end is not None:   # before the shutdown below
             unread = _read_back(link.worker_end)
+            # Read but never touched (sent ahead, or taken just before it died): the
+            # request is whole in the socket, and nothing was answered.
+            unread.update(conn_id for conn_id, conn in link.worker.unacked.items()
+                          if conn_id not in unread and untouched.untouched(conn.sock, conn.passed))
             link.worker_end.close()
             self.loop.unregister(link.pidfd)
             os.close(link.pidfd)

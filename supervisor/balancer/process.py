@@ -48,6 +48,7 @@ from supervisor.ipc.messages import (
     Attach,
     Detach,
     Drain,
+    Gone,
     Heartbeat,
     MessageError,
     Metrics,
@@ -111,6 +112,7 @@ class Balancer:
             Attach: self._on_attach,
             Reclaim: self._on_reclaim,
             Detach: self._on_detach,
+            Gone: self._on_gone,
             Routes: self._on_routes,
             Metrics: self._on_metrics,
             Drain: self._on_drain,
@@ -226,8 +228,15 @@ class Balancer:
             self.log.debug("could not send our figures to the master: %s", exc)
 
     def _on_attach(self, message: Attach, fds: list[int]) -> None:
-        if self.core.worker(message.key) is not None:
-            raise Malformed(f"worker {message.key} is attached already")
+        worker = self.core.worker(message.key)
+        if worker is not None:
+            # An attached worker whose tag is live again (a rollback): the link it has
+            # serves; the fd is a copy of its end.
+            if worker.accepting or worker.app != message.app:
+                raise Malformed(f"worker {message.key} is attached already")
+            os.close(fds[0])
+            self.core.resume(worker)
+            return
         self.links.attach(message.key, message.app, _channel_end(fds[0]))
 
     def _on_reclaim(self, message: Reclaim, fds: list[int]) -> None:
@@ -237,6 +246,9 @@ class Balancer:
 
     def _on_detach(self, message: Detach, fds: list[int]) -> None:
         self.links.detach(message.key)   # a worker that never attached: nothing to do
+
+    def _on_gone(self, message: Gone, fds: list[int]) -> None:
+        self.links.gone(message.key)
 
     def _on_routes(self, message: Routes, fds: list[int]) -> None:
         opened: dict[str, socket.socket] = {}

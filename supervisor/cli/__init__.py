@@ -51,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--version", action="version", version=f"baton {__version__}")
     serve_mod.add_options(serve)
 
+    worker = commands.add_parser("worker", help="serve an app as a worker attached to a running master",
+                                 description="Attach to an app's attach socket and serve it as one of its workers: "
+                                             "this process's own Python, code and user (see README, "
+                                             "\"Workers from elsewhere\").")
+    worker.add_argument("--attach", required=True, metavar="PATH", help="the app's attach socket")
+    worker.add_argument("--tag", default=os.environ.get("BATON_TAG", ""),
+                        help="this worker's version tag, for blue/green deploys (default: $BATON_TAG, or \"\")")
+    worker.add_argument("--app", default="", help="the app it serves (default: the socket's)")
+    worker.add_argument("module", metavar="MODULE:APP", help="the WSGI app, as in config (pkg.mod:app)")
+
     ctl_mod.add_parser(commands)
     return parser
 
@@ -72,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().parse_args(argv)   # argparse's own message and exit status 2
     if args.command == "ctl":
         return ctl_mod.run(args)
+    if args.command == "worker":
+        # A worker needs nothing of the master's.
+        from supervisor.worker import attach as attach_mod
+        return attach_mod.main(args.attach, args.module, args.tag, args.app)
     try:
         if args.command == "check":
             config = config_mod.load(_config_path(args.config))

@@ -74,6 +74,11 @@ def add_parser(commands) -> None:
     stop = action("stop", "stop the master: gracefully, or --now")
     stop.add_argument("--now", action="store_true", help="do not wait for running requests")
     action("upgrade", "start a new master that takes over the listeners (like SIGUSR2)")
+    promote = action("promote", "route an app's attached workers of TAG; the others stand by (blue/green)",
+                     "Route the app's attached workers of TAG (those ready); workers of its other tags stand by, "
+                     "handing their kept connections back as they go idle. Rolling back is promoting the old tag.")
+    promote.add_argument("app", metavar="APP")
+    promote.add_argument("tag", metavar="TAG")
 
 
 def run(args) -> int:
@@ -139,6 +144,8 @@ def _arguments(args) -> dict:
         return {"app": args.app, "workers": args.workers}
     if args.action == "stop":
         return {"now": args.now}
+    if args.action == "promote":
+        return {"app": args.app, "tag": args.tag}
     return {}
 
 
@@ -176,6 +183,13 @@ def format_status(response: dict) -> str:
              *((_size_kb(w.get("pss_kb")), _size_kb(w.get("private_dirty_kb"))) if shares else ()),
              _duration(w.get("uptime_s")))
             for name, w in workers])]
+    attached = [(app.get("name"), worker) for app in apps for worker in (app.get("attached") or [])]
+    if attached:
+        # The pid and uid as SO_PEERCRED saw them (pid 0: in a PID namespace the master cannot see).
+        lines += ["", *_table(("APP", "ATTACHED PID", "UID", "TAG", "STATE", "REQUESTS", "CONNS", "UP"), [
+            (name, w.get("pid"), w.get("uid"), w.get("tag") or '""', w.get("state"), w.get("requests"),
+             w.get("connections"), _duration(w.get("uptime_s")))
+            for name, w in attached])]
     listeners = response.get("listeners") or []
     lines += ["", *_table(("LISTENER", "ADDRESS", "MODE", "QUEUE"), [
         (listener.get("name"), listener.get("address"), listener.get("mode"), listener.get("queue"))

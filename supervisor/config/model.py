@@ -34,7 +34,7 @@ class ListenerConfig:
 @dataclass(frozen=True)
 class AppConfig:
     name: str
-    module: str                       # "pkg.mod:callable" or "pkg:create_app()"
+    module: str | None                # "pkg.mod:callable" or "pkg:create_app()" (None: attached workers only)
     listeners: tuple[str, ...]
     workers: int = 1
     threads: int = 1
@@ -44,6 +44,8 @@ class AppConfig:
     pythonpath: tuple[str, ...] = ()  # absolute
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     umask: int | None = None
+    # Namespaces its workers (and its template) run in, new and empty: system.namespaces.NAMES.
+    isolate: tuple[str, ...] = ()
     keepalive: float = 5.0            # seconds a keep-alive connection may sit idle
     # Seconds a `balance` connection may sit idle at its worker before it is parked in
     # the balancer (which passes its next request to a free worker); 0: never.
@@ -88,6 +90,14 @@ class AppConfig:
     private_key: str | None = None    # PEM, unencrypted; may be readable by root only
     client_ca: str | None = None      # PEM CAs a client certificate must chain to (mutual TLS)
     tls_min_version: str = "1.2"      # "1.2" or "1.3"
+    # Workers started elsewhere (`baton worker --attach PATH`) attach through this UNIX
+    # socket (absolute path; None: none may). See master.attach_points.
+    attach: str | None = None
+    attach_mode: int = 0o660
+    attach_group: str | None = None   # the socket file's group (None: the app's)
+    # Who may attach: user names, "@group" names, numeric uids (None: the app's user only).
+    attach_allow: tuple[str | int, ...] | None = None
+    attach_promote: int = 0           # N ready workers of a new tag take over routing (0: `baton ctl promote`)
 
 
 @dataclass(frozen=True)

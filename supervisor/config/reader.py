@@ -69,7 +69,7 @@ from supervisor.config.tables import (
 )
 from supervisor.http import accesslog, proxyproto
 from supervisor.http.forwarded import FORWARDED_HEADERS
-from supervisor.system import users
+from supervisor.system import namespaces, users
 
 try:
     import tomllib
@@ -144,6 +144,7 @@ def from_mapping(data: dict, path: str | None, *, running_as_root: bool | None =
         # so one typo is not echoed as a routing conflict.
         _check_routes(owners, listeners, apps)
         _check_tls(owners, listeners, apps)
+        _check_attach(owners, listeners, apps)
     _check_balancer_apart(owners, master, apps, running_as_root)
     top.finish(elsewhere=_elsewhere())
     lines = [line for document in documents for line in document.problems.lines]
@@ -421,7 +422,8 @@ def _app(problems: Problems, name: str, data: Any, listener_names: tuple[str, ..
         problems.expected(key, "a table", data)
         return None
     table = Table(problems, key, data)
-    module = table.string("module", required=modulespec.FORMS)
+    attach_only = "attach" in data and data.get("workers") == 0
+    module = table.string("module", required=None if attach_only else modulespec.FORMS)
     if module is not None:
         try:
             modulespec.parse(module)
@@ -443,7 +445,7 @@ def _app(problems: Problems, name: str, data: Any, listener_names: tuple[str, ..
         name=name,
         module=module,
         listeners=listeners,
-        workers=table.integer("workers", defaults.workers, low=1, high=MAX_WORKERS),
+        workers=table.integer("workers", defaults.workers, low=0 if "attach" in data else 1, high=MAX_WORKERS),
         threads=table.integer("threads", defaults.threads, low=1, high=MAX_THREADS),
         user=user,
         group=group,
@@ -451,6 +453,7 @@ def _app(problems: Problems, name: str, data: Any, listener_names: tuple[str, ..
         pythonpath=pythonpath or (),
         env=_env(table),
         umask=_umask(table),
+        isolate=_isolate(table, running_as_root),
         keepalive=table.seconds("keepalive", defaults.keepalive, high=MAX_DURATION_S),
         park_after=table.seconds("park_after", defaults.park_after, high=MAX_DURATION_S),
         graceful_timeout=table.seconds("graceful_timeout", None, high=MAX_DURATION_S),
@@ -485,6 +488,7 @@ def _app(problems: Problems, name: str, data: Any, listener_names: tuple[str, ..
         private_key=table.path("private_key", base_dir),
         client_ca=table.path("client_ca", base_dir),
         tls_min_version=table.choice("tls_min_version", defaults.tls_min_version, tls_config.TLS_VERSIONS),
+        **_attach(table, base_dir, defaults),
     )
     table.finish(elsewhere={"bind": "a [listeners.NAME] table that this app names in 'listeners'"})
     _check_identity(problems, key, user, group, running_as_root)
@@ -514,6 +518,25 @@ def _check_routes(owners: Mapping[tuple[str, str], Problems], listeners: Mapping
             routing.HostTable([(app.name, app.hosts, app.default) for app in sharing])
         except ValueError as exc:
             owners["listeners", name].add(("listeners", name), f"apps sharing this listener conflict: {exc}")
+
+
+def _check_attach(owners: Mapping[tuple[str, str], Problems], listeners: Mapping[str, ListenerConfig],
+                  apps: Mapping[str, AppConfig]) -> None:
+    """Attached workers are reached through the balancer only, and terminate no TLS (the
+    key would have to leave the master for a process it did not start)."""
+    for name, app in apps.items():
+        if app.attach is None:
+            continue
+        key = ("apps", name)
+        for listener in app.listeners or ():
+            config = listeners.get(listener)
+            if config is not None and config.mode != "balance":
+                owners[key].add(key + ("attach",), f"attached workers are reached through the balancer: "
+                                                   f"expected listener {listener!r} in mode 'balance', "
+                                                   f"found {config.mode!r}")
+            elif config is not None and config.tls:
+                owners[key].add(key + ("attach",), f"attached workers terminate no TLS: listener "
+                                                   f"{listener!r} has tls = true")
 
 
 def _check_tls(owners: Mapping[tuple[str, str], Problems], listeners: Mapping[str, ListenerConfig],
@@ -641,6 +664,32 @@ def _check_known(problems: Problems, key: tuple, name: str, known_id: int | None
                           f"({id_name} {known_id}): the master must run as root to start {switch}")
 
 
+def _isolate(table: Table, running_as_root: bool) -> tuple[str, ...]:
+    """`isolate`: names of namespaces (`namespaces.NAMES`), each once. Only root can
+    make one, so without root no worker of the app could start: said here, where
+    `baton check` sees it."""
+    key = table.key + ("isolate",)
+    before = len(table.problems.lines)
+    names = table.strings("isolate", item=_namespace_name)
+    if names is None or len(table.problems.lines) > before:
+        return ()
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        table.problems.add(key, f"names {or_list(tuple(twice))} twice")
+        return ()
+    if names and not running_as_root:
+        table.problems.add(key, "expected a master running as root: only root (with CAP_SYS_ADMIN) can "
+                                "create the namespaces isolate names; run the master as root, or remove isolate")
+    return names
+
+
+def _namespace_name(text: str) -> str:
+    if text not in namespaces.NAMES:
+        raise ValueError(f"one of {or_list(namespaces.NAMES)} (the namespaces isolate may name)",
+                         did_you_mean(text, namespaces.NAMES))
+    return text
+
+
 def _env(table: Table) -> Mapping[str, str]:
     env = {}
     for name, value in table.table("env").items():
@@ -701,6 +750,46 @@ def _umask(table: Table) -> int | None:
     table.problems.expected(table.key + ("umask",), "an octal string like \"022\" or an integer from 0 to 0o777",
                             value)
     return None
+
+
+def _attach(table: Table, base_dir: str, defaults: AppConfig) -> dict:
+    """The attach keys (see master.attach_points): an "unix:PATH" socket, its file's
+    mode and group, who may attach, and the promote policy."""
+    keys = ("attach_mode", "attach_group", "attach_allow", "attach_promote")
+    spec = table.string("attach", what='"unix:PATH" (the socket workers started elsewhere attach through)')
+    path = None
+    if spec is not None:
+        try:
+            bind = parse_bind(spec, base_dir)
+        except ValueError as exc:
+            table.problems.add(table.key + ("attach",), str(exc))
+        else:
+            if bind.kind != "unix":
+                table.problems.expected(table.key + ("attach",), '"unix:PATH"', spec)
+            else:
+                path = bind.path
+    elif any(key in table.data for key in keys):
+        first = next(key for key in keys if key in table.data)
+        table.problems.add(table.key + (first,), 'applies with attach = "unix:PATH" only')
+    mode = _octal(table, "attach_mode", "0660")
+    allow = table.raw("attach_allow")
+    if allow is MISSING:
+        allow = None
+    elif not isinstance(allow, list) or not all(_allow_entry(item) for item in allow):
+        table.problems.expected(table.key + ("attach_allow",),
+                                'an array of user names, "@group" names and numeric uids', allow)
+        allow = None
+    else:
+        allow = tuple(allow)
+    return {"attach": path, "attach_mode": defaults.attach_mode if mode is None else mode,
+            "attach_group": _identity(table, "attach_group"), "attach_allow": allow,
+            "attach_promote": table.integer("attach_promote", defaults.attach_promote, low=0, high=MAX_WORKERS)}
+
+
+def _allow_entry(item) -> bool:
+    if is_int(item):
+        return item >= 0
+    return is_text(item) and item not in ("", "@")
 
 
 def _forwarded_allow_ips(table: Table, default: tuple[str, ...]) -> tuple[str, ...]:

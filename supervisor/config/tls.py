@@ -14,11 +14,13 @@ Promises:
 from __future__ import annotations
 
 import os
-import ssl
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ssl  # imported where OpenSSL is used: the master imports this module for every config
 
 TLS_VERSIONS = ("1.2", "1.3")
-MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 TLS_KEYS = ("certificate", "private_key", "client_ca", "tls_min_version")
 HTTPS_PORT = 443
 
@@ -63,6 +65,7 @@ def check_files(certificate: str, private_key: str, client_ca: str | None) -> li
             problems.append((key, f"cannot read {path}: {why}"))
     if problems:
         return problems
+    import ssl
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_verify_locations(cafile=certificate)

@@ -357,6 +357,16 @@ class Server:
         self._graceful = self._graceful and graceful
         self._wake()   # `run` checks between iterations: end the current wait
 
+    def set_park_after(self, seconds: float) -> None:
+        """Park idle connections after `seconds` from now on, the ones idle now
+        included (connections added while it was 0 stay unparkable)."""
+        self._park_after_s = seconds
+        if self._park_timer is not None:
+            self._park_timer.cancel()
+            self._park_timer = None
+        if self._idle and seconds > 0:
+            self._park_timer = self._loop.call_at(self._loop.now, self._park_idle)
+
     def hand_back_with(self, handback: Callable[[socket.socket, bytes, object, str], None]) -> None:
         """On a graceful stop, give idle keep-alive connections to `handback(sock,
         unparsed_bytes, peer, listener_name)` instead of closing them, so a client
@@ -902,6 +912,12 @@ class Server:
         self.stats.started()
         pool = self._pool
         if pool is None:
+            # The loop is about to be held by the app: what is due to park goes now,
+            # not after the call (the timer cannot fire meanwhile), so its next request
+            # can go to a free worker instead of waiting behind this one.
+            if self._park_timer is not None and self._park_timer.when <= self._loop.now:
+                self._park_timer.cancel()
+                self._park_idle()
             self._handle(conn, stream)
             # The clock read again: the app may have taken long, and the deadlines set
             # next count from the end of its response.

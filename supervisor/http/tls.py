@@ -31,9 +31,10 @@ import os
 import ssl
 import time
 
-from supervisor.config.tls import MIN_VERSIONS
 from supervisor.http.connection import ClientConnection
 from supervisor.system.loop import READ, WRITE
+
+MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}   # config.tls.TLS_VERSIONS
 
 RECORD_BYTES = 16384          # a TLS record's most plaintext: what one write encrypts
 SEND_LIMIT = 1 << 18          # plaintext encrypted per send call (the loop goes round meanwhile)

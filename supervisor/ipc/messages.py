@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field
@@ -241,6 +242,61 @@ class Hello(Message):
     pid: int = _field(fields.PID)
 
 
+# -- an attached worker <-> master (see master.attach_points) ----------------------------
+
+_TAG = re.compile(r"[A-Za-z0-9._:+-]{0,64}")
+
+
+def TAG(value):
+    """An attached worker's version tag: up to 64 of A-Z a-z 0-9 . _ : + - ("" is one)."""
+    if type(value) is not str or not _TAG.fullmatch(value):
+        raise FieldError(f"expected a tag of up to 64 letters, digits and ._:+-, found {show(value)}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Introduce(Message):
+    """A worker started elsewhere -> master, its first words on an attach socket: the
+    app it serves ("": the socket's), its pid as it sees it (for the log: the master
+    believes SO_PEERCRED), and its version tag."""
+    KIND = "introduce"
+    app: str = _field(NAME)
+    pid: int = _field(fields.PID)
+    tag: str = _field(TAG)
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    """Master -> an attached worker: its settings. The fds, in this order: a memfd with
+    the worker spec (JSON, as `worker.entry` writes it, without fds), the worker's end of
+    its life line (it holds the only other copy: its exit is seen there), its access log
+    pipe's write end (if `access`), then its channel to each balancer (`balancers` of
+    them). `key` is what the master knows it by."""
+    KIND = "welcome"
+    balancers: int = _field(fields.integer(0, 64))
+    key: int = _field(fields.PID)
+    access: bool = _field(fields.boolean)
+
+    def fd_count(self) -> int:
+        return 2 + self.access + self.balancers
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal(Message):
+    """Master -> a process on an attach socket: why it may not attach (then the end)."""
+    KIND = "refusal"
+    reason: str = _field(fields.text(1000))
+
+
+@dataclass(frozen=True, slots=True)
+class Standby(Message):
+    """Master -> an attached worker: `standby` true, its tag no longer serves (it gets no
+    new connections, and hands each kept connection back once idle, at once); false,
+    it serves again (parking as configured)."""
+    KIND = "standby"
+    standby: bool = _field(fields.boolean)
+
+
 # -- watcher -> master ----------------------------------------------------------------
 
 
@@ -340,6 +396,14 @@ class Reclaim(Message):
 class Detach(Message):
     """The worker `key` retires or exited: send it no more connections."""
     KIND = "detach"
+    key: int = _field(fields.PID)
+
+
+@dataclass(frozen=True, slots=True)
+class Gone(Message):
+    """Master -> balancer: the attached worker `key` is gone for the master (silent, or
+    it broke the protocol): read back what it never read, and end its link now."""
+    KIND = "gone"
     key: int = _field(fields.PID)
 
 
@@ -457,7 +521,8 @@ class HandBack(Message):
 
 
 CLASSES = (Ready, BootFailed, Heartbeat, Stats, Reopen, Stop, Changed, Routes, Metrics, Drain, Attach, Detach,
-           Upstream, Takeover, Sockets, Taken, Released, Conn, Report, HandBack, Relink, Reclaim, Spawn, Hello)
+           Upstream, Takeover, Sockets, Taken, Released, Conn, Report, HandBack, Relink, Reclaim, Spawn, Hello,
+           Introduce, Welcome, Refusal, Standby, Gone)
 KINDS = frozenset(cls.KIND for cls in CLASSES)
 
 # Per class, its fields in wire order: (name, check, dump, default or MISSING).

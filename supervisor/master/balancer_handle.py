@@ -241,6 +241,10 @@ class Balancers:
         for handle in self.handles:
             handle.detach(pid)
 
+    def gone(self, key: int) -> None:
+        """An attached worker is gone for us (see messages.Gone)."""
+        self.send_all(messages.Gone(key=key))
+
     def send_all(self, message: messages.Message, fds: list[int] = ()) -> None:
         for handle in self.handles:
             handle.send(message, fds)

@@ -82,6 +82,14 @@ class Commands:
         self.master.stop(now=now)
         return {"ok": True}
 
+    def _promote(self, app: str, tag: str) -> dict:
+        """Route an app's attached workers of `tag`; the others stand by (blue/green)."""
+        try:
+            lines = self.master.attached.promote(app, tag)
+        except ValueError as exc:
+            return control.error(str(exc))
+        return {"ok": True, "message": "; ".join(lines) or f"tag {tag!r} of app {app} is live already"}
+
     def _upgrade(self) -> dict:
         return self.master.upgrade()
 

@@ -43,6 +43,8 @@ from functools import partial
 from typing import Any, Callable
 
 from supervisor.config.model import MAX_WORKERS
+from supervisor.ipc import messages
+from supervisor.ipc.fields import FieldError
 from supervisor.system import users
 from supervisor.system.loop import WRITE, Loop, Timer
 
@@ -81,6 +83,13 @@ def _flag(value: Any) -> bool:
     raise ValueError("true or false")
 
 
+def _tag(value: Any) -> str:
+    try:
+        return messages.TAG(value)
+    except FieldError:
+        raise ValueError("a tag of up to 64 letters, digits and ._:+-") from None
+
+
 COMMANDS: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "status": {},
     "stats": {},
@@ -89,6 +98,7 @@ COMMANDS: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "scale": {"app": (_app_name, REQUIRED), "workers": (_workers, REQUIRED)},
     "stop": {"now": (_flag, False)},
     "upgrade": {},
+    "promote": {"app": (_app_name, REQUIRED), "tag": (_tag, REQUIRED)},
 }
 
 

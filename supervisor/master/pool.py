@@ -28,7 +28,7 @@ from supervisor.system import spawn
 from supervisor.system.log import Logs
 from supervisor.system.loop import Loop
 from supervisor.worker import entry as worker_entry
-from supervisor.worker import process as worker_process
+from supervisor.worker import spec as worker_spec
 
 
 @dataclass(eq=False)
@@ -54,22 +54,40 @@ class Child:
     # and pidfd -1, and a signal for it waits here (the strongest asked for).
     uid: int = -1                 # the app's user, which its HELLO's pid must run as
     pending_signal: int | None = None
+    # A worker started elsewhere (master.attach_points): never signalled, never reaped;
+    # `life` is the other end of a line whose only other copy it holds (its exit reads
+    # there), given to each balancer in place of a pidfd.
+    attached: bool = False
+    life: socket.socket | None = None
+
+    @property
+    def link_key(self) -> int:
+        """What the balancers know it by: its pid, or an attached worker's key."""
+        return self.key if self.attached else self.pid
+
+    @property
+    def exit_fd(self) -> int:
+        """The fd a balancer watches for its exit: the pidfd, or an attached one's life line."""
+        return self.life.fileno() if self.life is not None else self.pidfd
 
 
 class WorkerPool:
     """Forks workers from `WorkerSpec`s and feeds `on_event` what happens to them."""
 
     def __init__(self, loop: Loop, logs: Logs, on_event: Callable[[object], None],
-                 on_stats: Callable[[int, str, messages.Stats], None] = lambda key, app, stats: None):
+                 on_stats: Callable[[int, str, messages.Stats], None] = lambda key, app, stats: None,
+                 on_attached: Callable[[int, messages.Message | None], None] = lambda key, message: None):
         self.loop = loop
         self.logs = logs
         self.log = logs.error
         self.on_event = on_event
+        # An attached worker's READY, HEARTBEAT and BOOT_FAILED, and None when it is gone.
+        self.on_attached = on_attached
         self.on_stats = on_stats   # (key, app, STATS): a worker's request figures, for /metrics
         self.children: dict[int, Child] = {}
         self.sink = LogSink(loop, logs, clock=lambda: loop.now)
 
-    def spawn(self, key: int, spec: worker_process.WorkerSpec, master_end: socket.socket,
+    def spawn(self, key: int, spec: worker_spec.WorkerSpec, master_end: socket.socket,
               balancer_ends: tuple[socket.socket, ...]) -> int:
         """Start the worker `spec` describes (its `log_fds` are set here). The master
         keeps `master_end` (the other end of `spec.channel`) and `balancer_ends` (of
@@ -99,7 +117,7 @@ class WorkerPool:
         self.loop.register(master_end, lambda: self._on_channel(child))
         return pid
 
-    def spawn_from(self, templates, key: int, spec: worker_process.WorkerSpec, master_end: socket.socket,
+    def spawn_from(self, templates, key: int, spec: worker_spec.WorkerSpec, master_end: socket.socket,
                    balancer_ends: tuple[socket.socket, ...]) -> None:
         """Ask the template of `spec`'s app and generation to fork the worker `spec`
         describes, with exactly the fds `spawn` would give it (see `messages.Spawn`).
@@ -133,6 +151,24 @@ class WorkerPool:
                       worker_ends=dict(enumerate(spec.balancers)), uid=spec.identity.uid)
         self.children[key] = child
         self.loop.register(master_end, lambda: self._on_channel(child))
+
+    def adopt(self, child: Child) -> None:
+        """An attached worker, welcomed: its channel is heard from now on."""
+        child.channel.setblocking(False)
+        self.children[child.key] = child
+        self.loop.register(child.channel, lambda: self._on_channel(child))
+
+    def drop_attached(self, key: int) -> None:
+        """Forget an attached worker: its channel's end is what it hears (it stops)."""
+        child = self.children.get(key)
+        if child is None or not child.attached:
+            return
+        self._close_channel(child)
+        self._close_ends(child)
+        if child.life is not None:
+            child.life.close()
+        self.sink.finish(child.pipes)
+        del self.children[key]
 
     def _introduce(self, child: Child, pid: int) -> None:
         """A template's worker said HELLO: watch it as our child, if it is one (the
@@ -238,6 +274,8 @@ class WorkerPool:
 
     @staticmethod
     def _signal(child: Child, signum: int) -> None:
+        if child.attached:
+            return   # not ours: the master never signals a pid it did not fork
         if child.pidfd < 0:   # not introduced yet: sent once it is (SIGKILL wins)
             if child.pending_signal != signal.SIGKILL:
                 child.pending_signal = signum
@@ -256,6 +294,10 @@ class WorkerPool:
         except BlockingIOError:
             return False
         except (ChannelClosed, ConnectionError):
+            if child.attached:
+                self.drop_attached(child.key)
+                self.on_attached(child.key, None)
+                return False
             if child.pidfd < 0:
                 self._unborn(child, "its template did not start it")
                 return False
@@ -265,12 +307,24 @@ class WorkerPool:
             # Only app code writes garbage on this channel: nothing more it says can be
             # trusted. The worker is replaced (its exit goes the way of any crash).
             self.log.warning("worker %d sent a bad message: %s; replacing it", child.pid, exc)
+            if child.attached:
+                self.drop_attached(child.key)
+                self.on_attached(child.key, None)
+                return False
             self._close_channel(child)
             self._signal(child, signal.SIGKILL)
             return False
         for fd in fds:
             os.close(fd)
         kind = type(message)
+        if child.attached:
+            if kind is messages.Stats:
+                self.on_stats(child.key, child.app, message)
+            elif kind in (messages.Ready, messages.Heartbeat, messages.BootFailed):
+                self.on_attached(child.key, message)
+            else:
+                self.log.warning("attached worker %d sent an unexpected %s message", child.pid, message.KIND)
+            return child.key in self.children
         if child.pidfd < 0:
             if kind is messages.Hello:
                 self._introduce(child, message.pid)
@@ -330,6 +384,9 @@ class WorkerPool:
     def close(self) -> None:
         """At the master's exit: kill and reap whatever is left, and release its fds."""
         for child in list(self.children.values()):
+            if child.attached:
+                self.drop_attached(child.key)
+                continue
             self._signal(child, signal.SIGKILL)
             if child.pidfd < 0:   # a template's worker that never said HELLO: not ours to reap
                 self._close_channel(child)
@@ -373,4 +430,4 @@ def describe_status(status: int | None) -> str:
     if os.WIFSIGNALED(status):
         return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
     code = os.WEXITSTATUS(status)
-    return "failed to boot" if code == worker_process.EXIT_BOOT_FAILED else f"exit status {code}"
+    return "failed to boot" if code == worker_spec.EXIT_BOOT_FAILED else f"exit status {code}"

@@ -23,6 +23,7 @@ generation beside the serving one (see the core for the rules).
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -50,6 +51,7 @@ from supervisor.master import commands
 from supervisor.master import figures as figures_mod
 from supervisor.master import status as status_mod
 from supervisor.master import supervision as sv
+from supervisor.master.attaching import AttachedWorkers
 from supervisor.master.balancer_handle import Balancers
 from supervisor.master.control import ControlError, ControlServer
 from supervisor.master.lifecycle import State
@@ -59,7 +61,8 @@ from supervisor.master.templates import Templates
 from supervisor.master.upgrade import Predecessor, Successors
 from supervisor.master.watcher_handle import WatcherHandle
 from supervisor.master.watcher_handle import needed as watcher_needed
-from supervisor.system import activation, limits, privileges, sdnotify
+from supervisor.master.watcher_handle import prepare as prepare_watcher
+from supervisor.system import activation, limits, namespaces, privileges, sdnotify
 from supervisor.system import listeners as listeners_mod
 from supervisor.system.listeners import ListenerError
 from supervisor.system.log import Logs
@@ -67,7 +70,7 @@ from supervisor.system.loop import Loop, Timer
 from supervisor.system.privileges import PrivilegeError
 from supervisor.system.words import count as counted
 from supervisor.worker import access as worker_access
-from supervisor.worker import process as worker_process
+from supervisor.worker import spec as worker_spec
 
 METRICS_PUSH_S = 1.0         # the figures to balancer 0 (and /proc sampled) at least this often
 METRICS_SOON_S = 0.05        # ... and this soon after a worker's figures changed, at most this often
@@ -87,7 +90,8 @@ class Master:
         self.clock = clock
         self.loop = Loop(clock)
         self.core = sv.Supervisor(core_settings(config.master), clock)
-        self.pool = WorkerPool(self.loop, logs, self._on_event, on_stats=self._on_stats)
+        self.pool = WorkerPool(self.loop, logs, self._on_event, on_stats=self._on_stats,
+                               on_attached=lambda key, message: self.attached.on_message(key, message))
         self.templates = Templates(self.loop, self.log, self.pool.sink, self._on_event)   # preloaded apps'
         self.requests = figures_mod.RequestTotals()     # the workers' request figures, per app
         self.processes = figures_mod.ProcessTotals()    # every child's CPU, memory, fds, per role
@@ -112,6 +116,7 @@ class Master:
         self.ticket_secrets: dict[str, str] = {}   # app -> its TLS session-ticket secret (hex)
         self._core_timer: Timer | None = None
         self._commands = commands.Commands(self)
+        self.attached = AttachedWorkers(self)   # workers started elsewhere (master.attaching)
         self._stop_began: tuple[float, str] | None = None   # when the stop began, and what kind
 
     # -- running -------------------------------------------------------------------
@@ -137,11 +142,17 @@ class Master:
                               listeners_mod.describe(self.sockets.health))
             setproctitle.setproctitle(f"baton: master [{self.config.path or 'serve'}]")
             self._log_listening(self.config, tuple(self.config.listeners), self.sockets.listening)
+            prepare_watcher(self.config)
+            # What the master holds by now (its modules, the first config) lives as long
+            # as it does: out of its collector's reach, no collection of the master's
+            # writes to the pages its sidecars share (the sidecars freeze theirs: spawn).
+            gc.freeze()
             for handle in self.balancers.handles:
                 self._start_sidecar(handle.name)
             self._start_sidecar("watcher")
             for app in self.config.apps.values():
                 self._execute(self.core.add_app(app, self._identity(app)))
+            self.attached.apply(self.config)
             self.loop.every(METRICS_PUSH_S, self._sample_and_push)
             self.loop.before_wait(self._arm_core_timer)
             self.loop.after_events(self._notify_if_ready)
@@ -233,11 +244,11 @@ class Master:
 
     def _worker_spec(self, generation: sv.Generation, index: int, child_end: socket.socket,
                      listeners: dict[str, socket.socket], worker_balancer_ends: tuple[socket.socket, ...]
-                     ) -> worker_process.WorkerSpec:
+                     ) -> worker_spec.WorkerSpec:
         """What worker `index` of `generation` gets (index 0: its template, which has no
         listeners nor balancer channels of its own)."""
         app = generation.config
-        return worker_process.WorkerSpec(
+        return worker_spec.WorkerSpec(
             app=app, index=index, generation=generation.number, identity=generation.identity,
             graceful_timeout_s=app.graceful_timeout if app.graceful_timeout is not None
             else self.config.master.graceful_timeout,
@@ -367,6 +378,7 @@ class Master:
             if (record is not None and app is not None and record.state is State.READY
                     and record.generation == app.current.number):
                 links[child.pid] = (child.app, child.balancer_ends, child.worker_ends, child.pidfd)
+        links.update(self.attached.routed_links())
         return links
 
     def _on_sidecar_exit(self, name: str, status: int | None) -> None:
@@ -607,6 +619,7 @@ class Master:
             if name not in restart and name in new.apps and name not in plan.apps_start:
                 self.core.update_app(name, new.apps[name])   # settings no new worker is needed for
         self.watcher.follow(new, self.clock())
+        self.attached.apply(new)
         answer: dict = {"ok": True}
         if waiting:
             answer["after_upgrade"] = waiting
@@ -711,9 +724,12 @@ class Master:
         identity = privileges.resolve(user, app.group)
         if announce:
             self.log.info("%s", worker_access.user_line(app, identity.name, running_as_root))
+            if app.isolate:
+                self.log.info("%s", namespaces.boot_line(app.name, app.isolate))
         return identity
 
     def _cleanup(self) -> None:
+        self.attached.close()
         self.pool.close()
         self.templates.close()
         self.balancers.kill_now()

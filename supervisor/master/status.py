@@ -95,8 +95,14 @@ def report(master) -> dict:
                       **(memory_kb(t.pid) if t.pid else {"pss_kb": None, "private_dirty_kb": None}),
                       "uptime_s": round(now - t.started_at, 1)}
                      for (owner, _), t in sorted(master.core.templates.items()) if owner == name]
+        attached = [{"key": w.key, "pid": w.pid, "uid": w.uid, "gid": w.gid, "tag": w.tag, "state": w.state,
+                     "requests": w.requests, "connections": w.connections,
+                     "uptime_s": round(now - w.joined_at, 1)}
+                    for w in sorted(master.attached.registry.of_app(name), key=lambda w: w.key)]
+        live = master.attached.registry.apps.get(name)
         apps.append({"name": name, "generation": app.current.number, "target": app.target,
-                     "user": app.current.identity.name, "workers": workers, "templates": templates})
+                     "user": app.current.identity.name, "workers": workers, "templates": templates,
+                     "attached": attached, "live_tag": live.live if live is not None else None})
     listeners = []
     for name, listener in master.config.listeners.items():
         sock = master.sockets.listening.get(name)

@@ -35,6 +35,14 @@ def needed(config: Config) -> bool:
     return config.path is not None or any(app.reload_on or app.certificate for app in config.apps.values())
 
 
+def prepare(config: Config) -> None:
+    """For the master, before its first fork: import what a watcher for `config` runs
+    (`watcher.import_watchdog`), so no sidecar sees the master write pages for that
+    import later (each page the master writes after a fork is a copy)."""
+    if needed(config):
+        watcher_mod.import_watchdog()
+
+
 class WatcherHandle:
     def __init__(self, loop: Loop, logs: Logs, on_changed: Callable[[list[str]], None],
                  on_exit: Callable[[str, int | None], None],
@@ -58,6 +66,7 @@ class WatcherHandle:
             return
         watch = topics.watch_for(config)
         identity, why = self._identity(config)
+        watcher_mod.import_watchdog()
         process = Sidecar.start(NAME, lambda end: watcher_mod.main(watch, end, identity, why, self.log),
                                 self.logs.fds, clock_now)
         self.process, self.watching = process, watch

@@ -6,8 +6,9 @@ the forked child, still running only the master's code:
 
 1. points its stdout and stderr at its error pipe (stdin at /dev/null), so anything it
    says from here on reaches the master's error log, tagged;
-2. drops to the app's user (`privileges.drop`), so the new interpreter, its site
-   imports and `.pth` files never run as root;
+2. enters the new, empty namespaces the app's `isolate` names (`namespaces.enter`,
+   which needs root), then drops to the app's user (`privileges.drop`), so the new
+   interpreter, its site imports and `.pth` files never run as root;
 3. asks to be killed when the master dies (`PR_SET_PDEATHSIG`, which the credential
    change of step 2 would have cleared, so it comes after), and checks that the master
    is still its parent, closing the race with the master's death;
@@ -44,9 +45,9 @@ from collections.abc import Mapping
 from supervisor.ipc import channel
 from supervisor.ipc.messages import TRACEBACK_MAX, BootFailed
 from supervisor.system import log as log_mod
-from supervisor.system import privileges, spawn
-from supervisor.worker import access, process, template, tlsboot
-from supervisor.worker.process import EXIT_BOOT_FAILED, WorkerSpec
+from supervisor.system import namespaces, privileges, spawn
+from supervisor.worker import access, tlsboot
+from supervisor.worker.spec import EXIT_BOOT_FAILED, WorkerSpec
 
 # Runs before `supervisor` can be imported: standard library only, and short (it is argv).
 BOOTSTRAP = ("import json, os, sys\n"
@@ -132,6 +133,11 @@ def exec_worker(spec, role: str = "worker") -> int:
         os.close(null)
         # Still root: the key may be readable by no one else (see worker.tlsboot).
         spec.tls_fds = tlsboot.material(spec.app)
+        # Still root, which making a namespace takes; a template's workers inherit its own.
+        try:
+            namespaces.enter(spec.app.isolate)
+        except namespaces.IsolationError as exc:
+            return _refuse(spec, [f"app {spec.app.name}: {exc}"])
         privileges.drop(spec.identity)
         refused = access.denied(access.startup_needs(sys.path))
         if refused:
@@ -186,6 +192,10 @@ def run(payload: dict) -> int:
     except ValueError as exc:
         channel.send(spec.channel, BootFailed(traceback=f"bad log settings: {exc}"[-TRACEBACK_MAX:]))
         return EXIT_BOOT_FAILED
+    # Imported here, in the new interpreter: the master, which imports this module to
+    # start workers, never loads the serving code.
     if payload.get("role") == "template":
+        from supervisor.worker import template
         return template.main(spec)
+    from supervisor.worker import process
     return process.main(spec)

@@ -16,8 +16,6 @@ import socket
 import sys
 import traceback
 import weakref
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import setproctitle
 
@@ -40,67 +38,20 @@ from supervisor.ipc.messages import (
     Relink,
     Report,
     Routes,
+    Standby,
     Stop,
 )
-from supervisor.system import privileges, spawn
-from supervisor.system.log import Logs
+from supervisor.system import spawn
 from supervisor.system.loop import Loop
 from supervisor.worker import access, appload, hooks, timeouts, tlsboot
+from supervisor.worker.spec import EXIT_BOOT_FAILED, WorkerSpec
 from supervisor.worker.stats import StatsSender
 
-if TYPE_CHECKING:
-    from supervisor.config.model import AppConfig
-
-EXIT_BOOT_FAILED = 3
 _STREAM = int(socket.SOCK_STREAM)
+# Standing by, every kept connection goes back to the balancer this soon after its
+# response: at once, in effect, so a client sending without a pause moves too.
+STANDBY_PARK_S = 0.0001
 SEND_WAIT_S = 1.0  # how long a worker waits for room in a busy balancer's channel
-
-
-@dataclass
-class WorkerSpec:
-    """Everything a worker needs, decided by the master before the fork.
-
-    It reaches the worker's new interpreter as plain data (`entry.encode_spec`), so
-    every field holds plain data, a dataclass of plain data, or sockets: in the worker
-    `app` and `identity` are `entry.Record`s with the same fields, arrays are tuples,
-    and each socket is the same fd. `logs` alone never travels: the worker builds its
-    own over its pipes."""
-    app: AppConfig
-    index: int
-    generation: int
-    identity: privileges.Identity
-    graceful_timeout_s: float
-    master_pid: int
-    heartbeat_s: float
-    channel: socket.socket
-    listeners: dict[str, socket.socket]
-    log_level: str = "info"
-    log_format: str = "text"
-    access_log_format: str | None = None
-    # Connections arrive on these in `balance` mode: one channel per balancer of
-    # `[master] balancers`, by balancer index.
-    balancers: tuple[socket.socket, ...] = ()
-    proxy_listeners: frozenset[str] = frozenset()  # listeners whose streams open with a PROXY header
-    proxy_allow_ips: dict[str, tuple[str, ...]] = field(default_factory=dict)  # theirs, by name
-    # The routing of the balance listeners it shares with other apps by Host, which it
-    # checks every request against (hostcheck.routes_for: plain data, as ROUTES has it).
-    host_routes: dict = field(default_factory=dict)
-    log_fds: tuple[int, int] = (-1, -1)     # write ends of the error and access pipes (-1: no access log)
-    config_source: str | None = None        # the file whose [apps.NAME] defines the app, for messages
-    # TLS (see worker.tlsboot): the listeners whose connections speak it, and the memfds
-    # with the app's key and chain and its client CAs (made by the forked child, as root).
-    tls_listeners: frozenset[str] = frozenset()
-    tls_fds: tuple[int, int] = (-1, -1)
-    tls_ticket_secret: str = ""             # hex: the app's session-ticket secret (the master's, per app)
-    redirect_https: dict[str, int] = field(default_factory=dict)   # plain listeners sending 308s, by name
-    tls_context: object | None = None       # built in the worker, from tls_fds
-    logs: Logs | None = None                # the worker's loggers, built in the worker
-
-    def owned_fds(self) -> list[int]:
-        fds = [self.channel.fileno(), *(s.fileno() for s in self.listeners.values()),
-               *(fd for fd in self.log_fds if fd >= 0)]
-        fds.extend(sock.fileno() for sock in self.balancers)
-        return fds
 
 
 def title(spec: WorkerSpec) -> str:
@@ -142,7 +93,8 @@ def _boot(spec: WorkerSpec, answerer: timeouts.Answerer):
     # Set before the exec already (after the privilege drop, which clears it); asked
     # again because an exec of a set-id interpreter would clear it too, and the check
     # against the master's pid is what closes the race with its death.
-    spawn.die_with_parent(spec.master_pid)
+    if spec.master_pid:   # 0: an attached worker, whose master is not its parent
+        spawn.die_with_parent(spec.master_pid)
     setproctitle.setproctitle(title(spec))
     # A hung worker is sent SIGABRT: every thread's stack goes to stderr, a pipe to the
     # master, which writes it to the error log (then its clients are answered: timeouts).
@@ -325,8 +277,9 @@ class Worker:
         except BlockingIOError:
             return
         except (ChannelClosed, ConnectionError):
-            # The master is gone; the death signal normally beats us to this.
-            self.server.stop(graceful=False)
+            # The master is gone; the death signal normally beats us to this. An attached
+            # worker has none: it lets its running requests finish.
+            self.server.stop(graceful=not self.spec.master_pid)
             return
         except MessageError as exc:
             self.spec.logs.error.error("bad message from master: %s", exc)
@@ -341,6 +294,9 @@ class Worker:
                 self.server.set_host_tables(hostcheck.host_tables(message.routes, self.spec.app.name))
             except ValueError as exc:
                 self.spec.logs.error.error("bad routing table from master: %s", exc)
+            return
+        if type(message) is Standby:   # an attached worker's tag stands by, or serves again
+            self.server.set_park_after(STANDBY_PARK_S if message.standby else self.spec.app.park_after)
             return
         if type(message) is Stop:
             if message.graceful and message.handback and self.link is not None:

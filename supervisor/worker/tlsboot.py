@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 
 from supervisor.config import tls as tls_config
-from supervisor.http import tickets
-from supervisor.http import tls as http_tls
+
+# `supervisor.http.tls` and `.tickets` (ssl, OpenSSL) are imported by the functions that
+# use them, for an app with TLS only: the master imports this module, and what it
+# imports its balancer and watcher carry too.
 
 
 def material(app) -> tuple[int, int]:
@@ -20,6 +22,7 @@ def material(app) -> tuple[int, int]:
     saying which file is wrong."""
     if app.certificate is None:
         return -1, -1
+    from supervisor.http import tls as http_tls
     problems = tls_config.check_files(app.certificate, app.private_key, app.client_ca)
     if problems:
         raise ValueError("; ".join(f"apps.{app.name}.{key}: {message}" for key, message in problems))
@@ -32,6 +35,8 @@ def load(spec, log):
     spec.tls_fds = (-1, -1)
     if material_fd < 0:
         return None
+    from supervisor.http import tickets
+    from supervisor.http import tls as http_tls
     app = spec.app
     try:
         context = http_tls.context_for(material_fd, ca_fd, app.tls_min_version)
@@ -50,7 +55,11 @@ def keep_rotating(spec, loop, log) -> None:
     the next period's key when it starts: every worker of the app does the same at the
     same wall-clock time."""
     context = spec.tls_context
-    if context is None or not spec.tls_ticket_secret or tickets.has_ticket_callback(context):
+    if context is None or not spec.tls_ticket_secret:
+        return
+    from supervisor.http import tickets
+    from supervisor.http import tls as http_tls
+    if tickets.has_ticket_callback(context):
         return
     keys = http_tls.TicketKeys(bytes.fromhex(spec.tls_ticket_secret))
 
@@ -61,6 +70,7 @@ def keep_rotating(spec, loop, log) -> None:
 
 
 def _set_ticket_key(context, keys, log) -> None:
+    from supervisor.http import tickets
     why = tickets.set_ticket_key(context, keys.key(keys.period()))
     if why is not None:
         log.warning("session tickets are not shared with the app's other workers (%s): a client resumes "

@@ -213,6 +213,16 @@ ONE_PROBLEM = [
      "apps.blog.user", ["expected a user name or numeric id", "found boolean true"]),
     ("group negative", document(app="group = -1"),
      "apps.blog.group", ["expected a group name or numeric id", "found integer -1"]),
+    ("isolate unknown name", document(app='isolate = ["network", "pid"]'),
+     "apps.blog.isolate[1]", ["expected one of 'network' (the namespaces isolate may name)", "found string 'pid'"]),
+    ("isolate misspelt", document(app='isolate = ["net"]'),
+     "apps.blog.isolate[0]", ["expected one of 'network'", "found string 'net'; did you mean 'network'?"]),
+    ("isolate twice", document(app='isolate = ["network", "network"]'),
+     "apps.blog.isolate", ["names 'network' twice"]),
+    ("isolate not an array", document(app='isolate = "network"'),
+     "apps.blog.isolate", ["expected an array of strings", "found string 'network'"]),
+    ("isolate not a string", document(app="isolate = [true]"),
+     "apps.blog.isolate[0]", ["expected a non-empty string", "found boolean true"]),
 
     ("unknown master key", document(master="graceful_timout = 5"),
      "master.graceful_timout", ["unknown key; did you mean 'graceful_timeout'?"]),
@@ -355,6 +365,23 @@ def test_root_may_name_any_existing_user_and_group(tmp_path):
     config = load(write(tmp_path, document(app=f'user = "{other.pw_uid}"\ngroup = "{group.gr_name}"')),
                   running_as_root=True)
     assert (config.apps["blog"].user, config.apps["blog"].group) == (str(other.pw_uid), group.gr_name)
+
+
+@pytest.mark.parametrize("line, running_as_root, expected", [
+    ("", True, ()),
+    ("isolate = []", False, ()),
+    ('isolate = ["network"]', True, ("network",)),
+])
+def test_isolate_names_namespaces(tmp_path, line, running_as_root, expected):
+    config = load(write(tmp_path, document(app=line)), running_as_root=running_as_root)
+    assert config.apps["blog"].isolate == expected
+
+
+def test_non_root_cannot_isolate(tmp_path):
+    path, found = problems(tmp_path, document(app='isolate = ["network"]'), running_as_root=False)
+    assert found == [f"{path}: apps.blog.isolate: expected a master running as root: only root (with "
+                     "CAP_SYS_ADMIN) can create the namespaces isolate names; run the master as root, "
+                     "or remove isolate"]
 
 
 def test_nonexistent_balancer_user(tmp_path):
@@ -935,3 +962,59 @@ def test_auto_balancers_is_one_per_four_cores_within_the_bounds(cores, balancers
                                             ('balancers = "auto"', auto_balancers(os.cpu_count() or 1))])
 def test_balancers(tmp_path, line, expected):
     assert load(write(tmp_path, document(master=line))).master.balancers == expected
+
+
+# -- attach sockets: [apps.NAME] attach and its keys ----------------------------------
+
+ATTACHED = 'attach = "unix:/run/baton/blog.sock"'
+
+
+def test_attach_keys_default_to_the_apps_user_and_group(tmp_path):
+    app = load(write(tmp_path, document(app=ATTACHED)), running_as_root=True).apps["blog"]
+    assert (app.attach, app.attach_mode, app.attach_group, app.attach_allow, app.attach_promote) == (
+        "/run/baton/blog.sock", 0o660, None, None, 0)
+    assert load(write(tmp_path, document()), running_as_root=True).apps["blog"].attach is None
+
+
+def test_attach_only_needs_no_module_and_may_have_no_workers(tmp_path):
+    text = document(app=f'{ATTACHED}\nworkers = 0\nattach_mode = "0600"\nattach_group = "nogroup"\n'
+                        'attach_allow = ["nobody", "@nogroup", 33]\nattach_promote = 2')
+    app = load(write(tmp_path, text.replace('module = "blog.wsgi:app"\n', "")), running_as_root=True).apps["blog"]
+    assert (app.module, app.workers, app.attach_mode, app.attach_group, app.attach_allow, app.attach_promote) == (
+        None, 0, 0o600, "nogroup", ("nobody", "@nogroup", 33), 2)
+
+
+@pytest.mark.parametrize("text, key, fragments", [
+    (document(listener='mode = "share"', app=ATTACHED), "apps.blog.attach",
+     ["attached workers are reached through the balancer", "expected listener 'web' in mode 'balance'",
+      "found 'share'"]),
+    (document(app='attach = "127.0.0.1:9"'), "apps.blog.attach",
+     ['expected "unix:PATH"', "found string '127.0.0.1:9'"]),
+    (document(app="attach = 9"), "apps.blog.attach", ['expected "unix:PATH"', "found integer 9"]),
+    (document(app=f'{ATTACHED}\nattach_allow = [""]'), "apps.blog.attach_allow",
+     ['expected an array of user names, "@group" names and numeric uids', "found array ['']"]),
+    (document(app=f'{ATTACHED}\nattach_allow = ["@"]'), "apps.blog.attach_allow", ["found array ['@']"]),
+    (document(app=f"{ATTACHED}\nattach_allow = [-1]"), "apps.blog.attach_allow", ["found array [-1]"]),
+    (document(app=f'{ATTACHED}\nattach_allow = "nobody"'), "apps.blog.attach_allow",
+     ['expected an array of user names', "found string 'nobody'"]),
+    (document(app=f'{ATTACHED}\nattach_mode = "0999"'), "apps.blog.attach_mode",
+     ['expected an octal string like "0660"', "found string '0999'"]),
+    (document(app=f"{ATTACHED}\nattach_promote = -1"), "apps.blog.attach_promote",
+     ["expected an integer from 0 to", "found integer -1"]),
+    (document(app='attach_mode = "0600"'), "apps.blog.attach_mode", ['applies with attach = "unix:PATH" only']),
+    (document(app='attach_allow = ["nobody"]'), "apps.blog.attach_allow", ['applies with attach = "unix:PATH" only']),
+    (document(app="workers = 0"), "apps.blog.workers", ["expected an integer from 1 to", "found integer 0"]),
+], ids=["share listener", "tcp address", "not a string", "empty name", "bare @", "negative uid",
+        "not an array", "mode", "promote", "mode without attach", "allow without attach",
+        "no workers without attach"])
+def test_attach_keys_refuse(tmp_path, text, key, fragments):
+    path, found = problems(tmp_path, text, running_as_root=True)
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{path}: {key}: "), found
+    assert all(fragment in found[0] for fragment in fragments), found
+
+
+def test_attached_workers_terminate_no_tls(tmp_path):
+    text = document(listener="tls = true", app=f'{ATTACHED}\ncertificate = "/x.pem"\nprivate_key = "/x.key"')
+    path, found = problems(tmp_path, text, running_as_root=True)
+    assert f"{path}: apps.blog.attach: attached workers terminate no TLS: listener 'web' has tls = true" in found

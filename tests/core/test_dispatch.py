@@ -78,6 +78,9 @@ class Driver:
         if verb == "detach":
             core.detach(core.worker(int(args[0])))
             return []
+        if verb == "resume":
+            core.resume(core.worker(int(args[0])))
+            return []
         if verb == "gone":   # gone KEY [unread=c1,c2]: without, it read none of what it holds
             unread = ({self.sends[name].conn_id for name in options["unread"].split(",") if name}
                       if "unread" in options else None)
@@ -289,6 +292,19 @@ SCENARIOS = {
         ("report 1 acked=c1 closed=1", ["taken c1"]),
         ("dispatch c4", ["send c4 to 2"]),
         ("state", {"a.connections": 3, "load.1": (0, 0)}),
+    ],
+    "a resumed worker (an attached worker's tag live again) takes connections again": [
+        ("attach 1 a threads=1", []),
+        ("detach 1", []),
+        ("dispatch c1", []),
+        ("state", {"queued": 1}),
+        ("resume 1", []),
+        ("next", ["send c1 to 1"]),
+        ("resume 1", []),   # twice: still one entry
+        ("report 1 acked=c1 closed=1", ["taken c1"]),
+        ("dispatch c2", ["send c2 to 1"]),
+        ("dispatch c3", []),
+        ("state", {"queued": 1}),
     ],
     "a peer balancer (negative key) only hands over: it takes nothing": [
         ("attach -1 a", []),

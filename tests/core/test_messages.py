@@ -20,13 +20,16 @@ from supervisor.ipc.messages import (
     Conn,
     Detach,
     Drain,
+    Gone,
     HandBack,
     Heartbeat,
     Hello,
+    Introduce,
     MessageError,
     Metrics,
     Ready,
     Reclaim,
+    Refusal,
     Released,
     Relink,
     Reopen,
@@ -34,11 +37,13 @@ from supervisor.ipc.messages import (
     Routes,
     Sockets,
     Spawn,
+    Standby,
     Stats,
     Stop,
     Taken,
     Takeover,
     Upstream,
+    Welcome,
 )
 
 PEER = ("203.0.113.7", 51234)
@@ -82,6 +87,11 @@ WIRE = [
      b'\2spawn\0{"index":1,"listeners":[],"balancers":0,"access":false,"log_level":"debug","routes":'
      + ROUTING_JSON.encode() + b'}'),
     (Hello(pid=4243), b'\0hello\0{"pid":4243}'),
+    (Introduce(app="", pid=9, tag="v2.1-rc:1"), b'\0introduce\0{"app":"","pid":9,"tag":"v2.1-rc:1"}'),
+    (Welcome(balancers=2, key=1 << 30, access=True), b'\5welcome\0{"balancers":2,"key":1073741824,"access":true}'),
+    (Refusal(reason="uid 33 is not in attach_allow"), b'\0refusal\0{"reason":"uid 33 is not in attach_allow"}'),
+    (Standby(standby=True), b'\0standby\0{"standby":true}'),
+    (Gone(key=1 << 30), b'\0gone\0{"key":1073741824}'),
     (Takeover(pid=1), b'\0takeover\0{"pid":1}'),
     (Sockets(names=("listener:web", "reuseport:r:a:0", "health")),
      b'\3sockets\0{"names":["listener:web","reuseport:r:a:0","health"]}'),
@@ -102,7 +112,7 @@ WIRE = [
 
 def test_the_cases_cover_every_kind():
     assert {type(message) for message, _ in WIRE} == set(CLASSES)
-    assert {cls.KIND for cls in CLASSES} == KINDS and len(KINDS) == 24
+    assert {cls.KIND for cls in CLASSES} == KINDS and len(KINDS) == 29
 
 
 @pytest.mark.parametrize("message,data", WIRE)
@@ -268,6 +278,15 @@ MALFORMED_FIELDS = {
         "closed": [None, "1"] + [[bad] for bad in U64]}),
     HandBack: ({"peer": ["h", 1], "listener": "web", "data": "QQ==", "app": "a"}, 1,
                {"peer": PEERS, "listener": NAME, "data": BASE64, "app": NAME}),
+    # What a process on an attach socket (anyone allowed, running its own code) sends.
+    Introduce: ({"app": "a", "pid": 7, "tag": "v1"}, 0, {
+        "app": [None, 1, "x" * (NAME_MAX + 1)], "pid": PID,
+        "tag": [None, 1, "a b", "v1\n", "x" * 65, "\u00e9", "$(id)", ["v1"]]}),
+    Welcome: ({"balancers": 1, "key": 7, "access": True}, 4, {"balancers": [None, -1, 65, True], "key": PID,
+                                                             "access": BOOL}),
+    Refusal: ({"reason": "no"}, 0, {"reason": [None, 1, "x" * 1001]}),
+    Standby: ({"standby": True}, 0, {"standby": BOOL}),
+    Gone: ({"key": 7}, 0, {"key": PID}),
 }
 OPTIONAL = {(Conn, "data"), (Conn, "proxy"), (HandBack, "app")}
 

@@ -1,4 +1,5 @@
 """Post-fork hygiene of every child Baton forks."""
+import gc
 import os
 import select
 
@@ -40,6 +41,18 @@ def test_the_child_keeps_only_the_fds_it_owns():
     assert os.read(kept_r, 1) == b"0"
     for fd in (kept_r, kept_w, other_r, other_w):
         os.close(fd)
+
+
+def test_the_child_keeps_what_it_inherited_out_of_its_collectors_reach():
+    # A collection would write to every inherited object's header, copying each page
+    # the child shares with the parent: what it inherited is frozen instead.
+    inherited = [object()]
+
+    def child():
+        return 0 if not any(o is inherited for o in gc.get_objects()) and gc.get_freeze_count() else 1
+
+    assert any(o is inherited for o in gc.get_objects())
+    assert os.WEXITSTATUS(_exit_status_of(child)) == 0
 
 
 def test_an_exception_in_the_child_never_returns_into_the_parent():
