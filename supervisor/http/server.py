@@ -134,6 +134,9 @@ DISCARD_BYTES = http11.DISCARD_LIMIT   # unread body a keep-alive response may l
 LINGER_S = 2.0                # a closing connection whose client may still send: how long it is drained
 LINGER_BYTES = 1 << 20        # ... and how much of what it sends is dropped, at most
 RECV_BYTES = 65536
+# Before a one-thread worker's loop runs an app call, a connection idle this long (or
+# park_after, if shorter) is parked: its client is not sending back to back.
+INLINE_PARK_AFTER_S = 0.0005
 ACCEPT_BATCH = 64             # connections accepted per listener per loop iteration
 PROXY_REFUSAL_LOG_S = 60.0    # PROXY headers from peers not allowed: one log line per this
 _RESUME = None                # a pool item's mode: go on with a response that waited
@@ -912,12 +915,8 @@ class Server:
         self.stats.started()
         pool = self._pool
         if pool is None:
-            # The loop is about to be held by the app: what is due to park goes now,
-            # not after the call (the timer cannot fire meanwhile), so its next request
-            # can go to a free worker instead of waiting behind this one.
-            if self._park_timer is not None and self._park_timer.when <= self._loop.now:
-                self._park_timer.cancel()
-                self._park_idle()
+            if self._park_timer is not None:
+                self._park_before_inline()
             self._handle(conn, stream)
             # The clock read again: the app may have taken long, and the deadlines set
             # next count from the end of its response.
@@ -1180,16 +1179,34 @@ class Server:
         if self._park_timer is None:
             self._park_timer = self._loop.call_at(now + self._park_after_s, self._park_idle)
 
-    def _park_idle(self) -> None:
+    def _park_before_inline(self) -> None:
+        """The loop is about to be held by an app call, which may be long: park now the
+        connections idle for INLINE_PARK_AFTER_S already (not only those due), since no
+        timer fires meanwhile, so that their next requests go to a free worker instead of
+        waiting behind this one. A connection whose client sends again at once (idle for
+        less, or its next request in its socket already) stays: it is hot, and parking it
+        would cost more than it spares; so does everything while the loop is busy (more
+        than one fd was ready at its wakeup), when its connections queue anyway."""
+        if self._loop.batch > 1:
+            return   # a busy loop: what is idle here is most likely read next, not parked
+        first = next(iter(self._idle.values()), None)
+        if first is None or first.idle_since > self._loop.now - min(self._park_after_s, INLINE_PARK_AFTER_S):
+            return
+        self._park_timer.cancel()
+        self._park_idle(min(self._park_after_s, INLINE_PARK_AFTER_S), hot_stays=True)
+
+    def _park_idle(self, after_s: float | None = None, hot_stays: bool = False) -> None:
         """The park timer: park every connection IDLE since before the last poll by
-        ``park_after_s``; entries of connections busy again (noted anew when idle) or
-        gone are dropped; the timer is armed again for the oldest left."""
+        ``park_after_s`` (or `after_s`); entries of connections busy again (noted anew
+        when idle) or gone are dropped; the timer is armed again for the oldest left.
+        `hot_stays`: one whose next request is in its socket already (this loop has not
+        read it yet) is not parked but left to be read."""
         self._park_timer = None
         idle = self._idle
         if self._stopping:
             idle.clear()   # a drain hands idle connections back (or closes them) itself
             return
-        limit = self._loop.now - self._park_after_s
+        limit = self._loop.now - (self._park_after_s if after_s is None else after_s)
         conns = self._conns
         while idle:
             fd, conn = next(iter(idle.items()))
@@ -1201,6 +1218,8 @@ class Server:
                 return
             del idle[fd]
             if conn.events == READ and not conn.outbuf and not conn.proto.has_unparsed and conn.proto.idle:
+                if hot_stays and _has_bytes(conn.sock):
+                    continue
                 self._park(conn)
 
     def _park(self, conn: ClientConnection) -> None:
@@ -1228,5 +1247,17 @@ class Server:
             self._clock(), headers, environ))
 
 
+def _has_bytes(sock) -> bool:
+    """Whether bytes (or the client's EOF) wait to be read on `sock`."""
+    try:
+        sock.recv(1, _PEEK)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True   # an error to be read: the loop's read will see it
+    return True
+
+
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 421: "Misdirected Request",
             414: "URI Too Long", 431: "Request Header Fields Too Large"}

@@ -76,6 +76,7 @@ class Loop:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.now = clock()
+        self.batch = 0   # how many fds the last wakeup found ready (more than one: busy)
         self._epoll = select.epoll()
         self._handlers: dict[int, Handler] = {}
         self._stale: set[int] = set()     # unregistered during the batch being dispatched
@@ -275,6 +276,7 @@ class Loop:
             timeout = max_wait_s
         events = self._epoll.poll(timeout)
         self.now = self.clock()
+        self.batch = len(events)
         handlers, stale = self._handlers, self._stale
         self._dispatching = True
         try:

@@ -9,12 +9,15 @@ import http.client
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 from conftest import REPO, free_port, http_request, pidfd_count, wait_for
 
+from supervisor.http.server import INLINE_PARK_AFTER_S
 
-def config(port: int, health: int, workers: int = 2, app: str = "") -> str:
+
+def config(port: int, health: int, workers: int = 2, app: str = "", park_after: float = 0.002) -> str:
     return f"""
         [master]
         graceful_timeout = 5
@@ -28,7 +31,7 @@ def config(port: int, health: int, workers: int = 2, app: str = "") -> str:
         listeners = ["web"]
         workers = {workers}
         threads = 1
-        park_after = 0.002
+        park_after = {park_after}
         chdir = "{REPO}"
         {app}
     """
@@ -127,6 +130,38 @@ def test_a_parked_keep_alive_connection_is_served_by_another_worker_when_its_fir
         for slow in slows:
             slow.join()
         assert metric(health, "baton_parks_total", "sleeper") >= 2
+    finally:
+        kept.close()
+
+
+def test_a_one_thread_worker_parks_its_idle_connections_as_an_app_call_starts(baton, port, scratch):
+    """park_after is long here, so only the park as the slow call starts on the kept
+    connection's worker can move it (http.server.INLINE_PARK_AFTER_S): its next request
+    is then served by the other worker, not after the slow one."""
+    health = free_port()
+    # Round robin: least-connections would keep the slow requests off the worker that
+    # holds the kept connection.
+    master = baton(config(port, health, park_after=30, app='balance = "round-robin"'))
+    master.wait_workers(2)
+    kept = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        first = ask(kept)
+        answered_at = time.monotonic()
+        # Its worker decides by how long the connection has been idle (its own clock).
+        wait_for(lambda: time.monotonic() - answered_at > 20 * INLINE_PARK_AFTER_S, interval=0.001)
+        slows = []
+        for attempt in range(3):
+            slow = Slow(port, scratch / f"slow-{attempt}")
+            slows.append(slow)
+            if slow.pid == first:
+                break
+            slow.join()
+        assert slows[-1].pid == first
+        second = ask(kept)
+        assert second != first
+        for slow in slows:
+            slow.join()
+        assert metric(health, "baton_parks_total", "sleeper") == 1
     finally:
         kept.close()
 
