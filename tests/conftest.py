@@ -250,3 +250,13 @@ def scratch():
 @pytest.fixture
 def port():
     return free_port()
+
+
+@pytest.fixture
+def attach_dir():
+    """A directory other users may traverse, for attach sockets (pytest's tmp_path is
+    root's, 0700, and a worker running as nobody must reach the socket)."""
+    path = Path(tempfile.mkdtemp(prefix="baton-attach-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

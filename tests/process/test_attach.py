@@ -10,11 +10,9 @@ import json
 import os
 import pwd
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,15 +38,6 @@ def attach_config(port: int, path: Path, app: str = "", workers: int = 0) -> str
         attach_allow = ["nobody"]
         {app}
     """)
-
-
-@pytest.fixture
-def attach_dir():
-    """A directory other users may traverse (pytest's tmp_path is root's, 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="baton-attach-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class Worker:

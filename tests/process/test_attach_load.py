@@ -10,12 +10,10 @@ import http.client
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -31,15 +29,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run wor
 
 # Requests each client makes at most: the tests stop them sooner, this bounds a stuck test.
 CLIENT_LIMIT = 20000
-
-
-@pytest.fixture
-def attach_dir():
-    """A directory other users may traverse (pytest's tmp_path is root's, 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="baton-attach-load-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class Worker:

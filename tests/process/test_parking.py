@@ -75,6 +75,19 @@ def ask(conn: http.client.HTTPConnection, path: str = "/") -> int:
     return int(response.read())
 
 
+def slow_on(port: int, scratch: Path, pid: int) -> list["Slow"]:
+    """Slow requests until one runs on worker `pid` (the balancer picks: one that lands
+    elsewhere is waited out); all of them, that one last."""
+    slows = []
+    for attempt in range(3):
+        slow = Slow(port, scratch / f"slow-{attempt}")
+        slows.append(slow)
+        if slow.pid == pid:
+            return slows
+        slow.join()
+    raise AssertionError(f"no slow request ran on worker {pid}: {[slow.pid for slow in slows]}")
+
+
 class Slow:
     """A slow request in a thread; `pid` is the worker that runs it (from its mark)."""
 
@@ -115,16 +128,7 @@ def test_a_parked_keep_alive_connection_is_served_by_another_worker_when_its_fir
     try:
         first = ask(kept)
         wait_for(lambda: metric(health, "baton_parked") == 1, message="the kept connection to be parked")
-        # A slow request on the first worker (the balancer picks: the one that lands
-        # elsewhere is waited out, and the next goes to the first, the only one free).
-        slows = []
-        for attempt in range(3):
-            slow = Slow(port, scratch / f"slow-{attempt}")
-            slows.append(slow)
-            if slow.pid == first:
-                break
-            slow.join()
-        assert slows[-1].pid == first
+        slows = slow_on(port, scratch, first)   # the next, on the only one free, is on the first
         second = ask(kept)   # the same connection, while its first worker is busy
         assert second != first
         for slow in slows:
@@ -149,14 +153,7 @@ def test_a_one_thread_worker_parks_its_idle_connections_as_an_app_call_starts(ba
         answered_at = time.monotonic()
         # Its worker decides by how long the connection has been idle (its own clock).
         wait_for(lambda: time.monotonic() - answered_at > 20 * INLINE_PARK_AFTER_S, interval=0.001)
-        slows = []
-        for attempt in range(3):
-            slow = Slow(port, scratch / f"slow-{attempt}")
-            slows.append(slow)
-            if slow.pid == first:
-                break
-            slow.join()
-        assert slows[-1].pid == first
+        slows = slow_on(port, scratch, first)
         second = ask(kept)
         assert second != first
         for slow in slows:
