@@ -30,7 +30,9 @@ RECREATE_FIELDS = ("bind", "backlog", "mode")
 # the recycling limits are judged by the master from heartbeats.
 ROUTING_FIELDS = ("hosts", "default", "balance")
 MASTER_FIELDS = ("max_requests", "max_requests_jitter", "max_rss")
-NO_RESTART_FIELDS = ("name", "workers", *ROUTING_FIELDS, *MASTER_FIELDS, "reload_on")
+# Attached workers' socket and policy: the master applies them (master.attaching).
+ATTACH_FIELDS = ("attach", "attach_mode", "attach_group", "attach_allow", "attach_promote")
+NO_RESTART_FIELDS = ("name", "workers", *ROUTING_FIELDS, *MASTER_FIELDS, "reload_on", *ATTACH_FIELDS)
 # Listener modes in which workers hold the listening socket themselves.
 WORKER_HELD_MODES = ("share", "reuseport")
 # A UNIX socket file's permissions: the master applies a change to the live file

@@ -119,7 +119,9 @@ class AttachPoints:
         wanted = {name: app for name, app in config.apps.items() if app.attach is not None}
         for name in list(self.points):
             point = self.points[name]
-            if name not in wanted or wanted[name].attach != point.path:
+            # A new path, mode or group: a new socket (the workers attached keep their
+            # connections; the next ones attach through the new file).
+            if name not in wanted or _file_of(wanted[name]) != _file_of(point.app):
                 self._close_point(point)
         for name, app in wanted.items():
             point = self.points.get(name)
@@ -273,6 +275,10 @@ class AttachPoints:
     def close(self) -> None:
         for point in list(self.points.values()):
             self._close_point(point)
+
+
+def _file_of(app: AppConfig) -> tuple:
+    return app.attach, app.attach_mode, app.attach_group, app.group, app.user
 
 
 def _group_name(gid: int) -> str:

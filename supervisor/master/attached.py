@@ -112,6 +112,15 @@ class Attached:
         else:
             policy.boot_s, policy.silent_s, policy.promote_after = boot_s, silent_s, promote_after
 
+    def forget_app(self, app: str, why: str) -> list[Action]:
+        """The app takes no attached workers any more (a reload): each is dropped."""
+        self.apps.pop(app, None)
+        actions: list[Action] = []
+        for worker in [w for w in self.workers.values() if w.app == app]:
+            del self.workers[worker.key]
+            actions += [Log("warning", f"worker {worker.describe()}: {why}; dropping it"), Drop(worker.key, why)]
+        return actions
+
     # -- events ------------------------------------------------------------------------
 
     def joined(self, key: int, app: str, tag: str, pid: int, uid: int, gid: int) -> list[Action]:

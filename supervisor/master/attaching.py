@@ -66,14 +66,13 @@ class AttachedWorkers:
     def apply(self, config: Config) -> list[str]:
         """At start and on each reload: the attach sockets and each app's policy. The
         workers of an app that no longer takes attached workers are dropped."""
+        for name in list(self.registry.apps):
+            app = config.apps.get(name)
+            if app is None or app.attach is None:
+                self._execute(self.registry.forget_app(name, "its app takes no attached workers now"))
         for name, app in config.apps.items():
             if app.attach is not None:
                 self.registry.configure(name, config.master.boot_timeout, silent_s(app), app.attach_promote)
-        for worker in list(self.registry.workers.values()):
-            app = config.apps.get(worker.app)
-            if app is None or app.attach is None:
-                self._execute([attached_mod.Drop(worker.key, "its app takes no attached workers now")])
-                del self.registry.workers[worker.key]
         return self.points.apply(config)
 
     def close(self) -> None:

@@ -142,3 +142,12 @@ ALLOW_CASES = [
                          ids=[case[0] for case in ALLOW_CASES])
 def test_who_may_attach(allow, app_user, peer, refusal):
     assert allowed(allow, app_user, peer) == refusal
+
+
+def test_an_app_that_no_longer_takes_attached_workers_drops_each_and_forgets_its_tag():
+    attached, clock = registry()
+    run(attached, clock, [("join", 1, "blue"), ("ready", 1), ("join", 2, "green")])
+    actions = attached.forget_app("blog", "its app takes no attached workers now")
+    assert [a for a in actions if not isinstance(a, Log)] == [Drop(1, "its app takes no attached workers now"),
+                                                               Drop(2, "its app takes no attached workers now")]
+    assert attached.of_app("blog") == [] and "blog" not in attached.apps and attached.next_deadline() is None

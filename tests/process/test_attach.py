@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,29 @@ def test_an_attach_socket_in_a_directory_of_its_own_draws_no_warning(baton, port
     master.wait_workers(1)
     master.wait_log(f"app probe: workers may attach at {path}")
     assert "world-writable" not in master.log()
+
+
+def test_a_reload_applies_attach_settings_without_a_restart_and_dropping_attach_drops_them(
+        baton, port, attach_dir, workers):
+    path = attach_dir / "probe.sock"
+    master = baton(attach_config(port, path, workers=1))
+    (own,) = master.wait_workers(1)
+    attached = workers(NOBODY, path)
+    pid = attached.host_pid()
+    master.wait_log(f"worker attached probe tag v1 (pid {pid}, uid 65534) ready, serving")
+    # A new policy and mode: applied by the master, no app restarts, the worker stays.
+    master.config.write_text(textwrap.dedent(attach_config(port, path, "attach_promote = 2\nattach_mode = \"0600\"",
+                                                            workers=1)))
+    master.wait_log(f"app probe: workers may attach at {path} (mode 0600", timeout=15)
+    assert "generation 2" not in master.log() and master.workers() == [own]
+    assert [(w["pid"], w["state"]) for w in status(master)["attached"]] == [(pid, "serving")]
+    assert "left:" not in master.log()
+    # No attach any more: the attached worker is dropped (it hears its channel end and exits).
+    master.config.write_text(textwrap.dedent(probe_config(port, "workers = 1")))
+    master.wait_log(f"worker attached probe tag v1 (pid {pid}, uid 65534): its app takes no attached workers now; "
+                    "dropping it", timeout=15)
+    code, _ = attached.finish()
+    assert code == 0
+    assert not path.exists()
+    assert {get_json(port)["pid"] for _ in range(4)} == {own}
+    assert status(master)["attached"] == []
