@@ -16,7 +16,9 @@ Promises:
    the app is never without a worker; each routed worker is told `Standby(False)`, each
    unrouted one `Standby(True)`.
 3. With `attach_promote = N` (> 0), a tag that is not live is promoted by itself once
-   N of its workers are ready.
+   N of its workers are ready. A live tag with no ready worker left gives way by
+   itself too: to the tag with the most ready workers standing by, or, if none, to the
+   next tag that has one ready.
 4. A worker not ready within `boot_s` of joining, or silent (no heartbeat) for
    `silent_s`, is dropped: `Drop(key, why)`, and it is forgotten. A worker whose
    channel ended is forgotten (`left`): the shell has closed everything of it.
@@ -144,6 +146,9 @@ class Attached:
             policy.live = worker.tag
             actions.append(Log("info", f"app {worker.app}: tag {worker.tag or chr(34) * 2} is live "
                                        "(its first ready attached worker)"))
+        elif worker.tag != policy.live and not self._ready_count(worker.app, policy.live):
+            return [*self.promote(worker.app, worker.tag, why=f"tag {policy.live!r} has no ready worker"),
+                    Log("info", f"worker {worker.describe()} ready, serving")]
         if worker.tag == policy.live:
             worker.routed = True
             actions += [Route(key), Log("info", f"worker {worker.describe()} ready, serving")]
@@ -165,7 +170,23 @@ class Attached:
         worker = self.workers.pop(key, None)
         if worker is None:
             return []
-        return [Log("warning" if worker.ready_at is None else "info", f"worker {worker.describe()} left: {why}")]
+        return [Log("warning" if worker.ready_at is None else "info", f"worker {worker.describe()} left: {why}"),
+                *self._fall_back(worker.app)]
+
+    def _fall_back(self, app: str) -> list[Action]:
+        """The live tag has no ready worker left: the tag with the most ready workers
+        that stand by serves instead (an app is never left unserved for a tag)."""
+        policy = self.apps.get(app)
+        if policy is None or policy.live is None or self._ready_count(app, policy.live):
+            return []
+        counts: dict[str, int] = {}
+        for worker in self.workers.values():
+            if worker.app == app and worker.ready_at is not None:
+                counts[worker.tag] = counts.get(worker.tag, 0) + 1
+        if not counts:
+            return []
+        best = max(sorted(counts), key=lambda tag: counts[tag])
+        return self.promote(app, best, why=f"tag {policy.live!r} has no ready worker left")
 
     def promote(self, app: str, tag: str, why: str = "promoted") -> list[Action]:
         """Make `tag` the app's live one (see promise 2)."""
@@ -180,7 +201,8 @@ class Attached:
             return []
         old, policy.live = policy.live, tag
         mine = [w for w in self.workers.values() if w.app == app and w.ready_at is not None]
-        actions: list[Action] = [Log("info", f"app {app}: tag {tag!r} is live, {old!r} stands by ({why})")]
+        others = f", {old!r} stands by" if old is not None and self._ready_count(app, old) else ""
+        actions: list[Action] = [Log("info", f"app {app}: tag {tag!r} is live{others} ({why})")]
         for worker in mine:
             if worker.tag == tag and not worker.routed:
                 worker.routed = True
@@ -199,7 +221,8 @@ class Attached:
             why = self._overdue(worker, now)
             if why is not None:
                 del self.workers[worker.key]
-                actions += [Log("warning", f"worker {worker.describe()} {why}; dropping it"), Drop(worker.key, why)]
+                actions += [Log("warning", f"worker {worker.describe()} {why}; dropping it"), Drop(worker.key, why),
+                            *self._fall_back(worker.app)]
         return actions
 
     def next_deadline(self) -> float | None:

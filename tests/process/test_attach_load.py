@@ -483,3 +483,49 @@ def test_the_attach_socket_survives_a_fuzz_and_leaks_nothing(baton, port, attach
     worker = workers(path, "v1")
     master.wait_log(f"worker attached probe tag v1 (pid {worker.pid}, uid 65534) ready, serving", timeout=20)
     wait_for(lambda: get_json(port)["pid"] == worker.pid, message="the attached worker serving")
+
+
+@pytest.mark.timeout(120)
+def test_a_welcomed_peer_that_then_speaks_garbage_is_dropped_and_leaks_nothing(baton, port, attach_dir):
+    """After the welcome the peer is a worker, on channels any worker has: what it then
+    sends is judged as a forked worker's is. Garbage on its balancer channel (once it
+    serves) loses it that link; garbage on its master channel, the master's trust."""
+    path = attach_dir / "probe.sock"
+    master = baton(probe_config(port, f"""
+        workers = 1
+        attach = "unix:{path}"
+        attach_allow = ["root"]
+    """))
+    (own,) = master.wait_workers(1)
+    master.wait_log(f"app probe: workers may attach at {path}")
+    balancer = master.balancer()
+    baseline = (fds(master.pid), fds(balancer))
+    rng = random.Random(7)
+    for round_ in range(5):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as peer:
+            peer.settimeout(20)
+            peer.connect(str(path))
+            peer.send(messages.encode(messages.Introduce(app="probe", pid=1, tag=f"garbage{round_}")))
+            data, ancillary, _, _ = peer.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
+            received = [fd for level, kind, payload in ancillary
+                        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+                        for fd in array.array("i", payload[:len(payload) - len(payload) % 4])]
+            try:
+                welcome = messages.decode(data)
+                assert type(welcome) is messages.Welcome and len(received) == welcome.fd_count()
+                with socket.socket(fileno=os.dup(received[-1])) as to_balancer:
+                    peer.send(messages.encode(messages.Ready(pid=1)))
+                    master.wait_log(f"worker attached probe tag garbage{round_} (pid ", count=1)
+                    wait_for(lambda: f"tag garbage{round_} (pid {os.getpid()}, uid 0) ready, serving" in master.log(),
+                             message=lambda: f"it serving; log:\n{master.log()[-3000:]}")
+                    to_balancer.send(rng.randbytes(rng.randrange(1, 200)))
+                    peer.send(rng.randbytes(rng.randrange(1, 200)))
+                master.wait_log(f"tag garbage{round_} (pid {os.getpid()}, uid 0) left: its channel closed")
+            finally:
+                for fd in received:
+                    os.close(fd)
+        assert get_json(port)["pid"] == own
+    wait_for(lambda: (fds(master.pid), fds(balancer)) == baseline, 15,
+             message=lambda: f"fds back to {baseline} (now {(fds(master.pid), fds(balancer))})")
+    assert master.proc.poll() is None and master.balancer() == balancer
+    assert "Traceback" not in master.log() and "internal error" not in master.log()
