@@ -419,7 +419,6 @@ class BalancerLink:
                 for fd in fds:
                     os.close(fd)
                 continue
-            self.acked.append(message.id)
             taken.append((message, fds[0]))  # a Conn comes with its one fd
         return taken
 
@@ -440,12 +439,17 @@ class BalancerLink:
         # must not overtake that (the balancer would have dropped its record, and take
         # the hand-back for a lie). The iteration's REPORT says it, and that we are free.
         self.closed.append(conn_id)
-        self.claimed.discard(conn_id)
+        if conn_id in self.claimed:   # it ends before any request started: ours to close
+            self.claimed.discard(conn_id)
+            self.acked.append(conn_id)
 
     def _unclaim(self, conn_id: int) -> None:
+        """Its first request started (or cannot wait here unread): from now on it is
+        ours, and the balancer may drop its copy."""
         claimed = self.claimed
         if conn_id in claimed:
             claimed.discard(conn_id)
+            self.acked.append(conn_id)
             self._maybe_free()
 
     def _maybe_free(self) -> None:
@@ -482,11 +486,11 @@ class BalancerLink:
             self._send_report((), ())
 
     def _send_report(self, acked, closed, refused=()) -> bool:
-        busy = self.server.busy_threads + len(self.claimed)
-        self.told_busy = busy
+        # The claimed ones are not acknowledged yet: the balancer counts them itself.
+        self.told_busy = self.server.busy_threads + len(self.claimed)
         self.room_news = False
-        return self._send_patiently(Report(busy=busy, acked=acked, closed=closed, refused=refused,
-                                           threads=self.threads))
+        return self._send_patiently(Report(busy=self.server.busy_threads, acked=acked, closed=closed,
+                                           refused=refused, threads=self.threads))
 
     def _park(self, conn_id: int, sock: socket.socket, peer, listener: str, left_s: float) -> None:
         """The server parks an idle connection we were given: back to the balancer,
@@ -499,7 +503,9 @@ class BalancerLink:
                 self.closed.append(conn_id)   # no hand-back said it ended here
         finally:
             sock.close()  # the balancer holds its own copy now (or the client sees a close)
-        self._unclaim(conn_id)
+        if conn_id in self.claimed:   # never acknowledged: the balancer's park handling drops its record
+            self.claimed.discard(conn_id)
+            self._maybe_free()
 
     def hand_back(self, sock: socket.socket, unparsed: bytes, peer, listener: str) -> None:
         """Give an idle keep-alive connection, and what we read of it, to the balancer."""

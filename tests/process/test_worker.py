@@ -127,8 +127,8 @@ def test_a_connection_handed_back_goes_before_the_news_that_it_ended(pair, loop)
     link = BalancerLink(worker_end, server, logging.getLogger("test"), loop)
     send_connection(balancer_end, 1)
     link.on_readable()
-    link.report()   # acknowledged: one busy thread and one claimed connection, full
-    assert drain(balancer_end)[-1] == Report(busy=2, acked=(1,), closed=(), threads=2)
+    link.report()   # not acknowledged while no request of it started: nothing to say
+    assert drain(balancer_end) == []
     ours, theirs = socket.socketpair()
     server.on_close[1]()   # what the server's hand-back does first ...
     link.hand_back(theirs, b"", ("192.0.2.1", 1001), "web")   # ... then this
@@ -144,7 +144,24 @@ def test_a_connection_handed_back_goes_before_the_news_that_it_ended(pair, loop)
         received.append(type(message).__name__)
     link.report()
     assert received == ["HandBack"]
-    assert drain(balancer_end) == [Report(busy=1, acked=(), closed=(1,), threads=2)]
+    assert drain(balancer_end) == [Report(busy=1, acked=(1,), closed=(1,), threads=2)]
+
+
+def test_a_connection_is_acknowledged_only_once_its_first_request_starts(pair, loop):
+    """Until then the balancer keeps its copy, so should we die it can pass the
+    connection to another worker (its request is still whole in the socket: see
+    balancer/untouched.py); the claim counts on the balancer's side meanwhile."""
+    worker_end, balancer_end = pair
+    server = RecordingServer(balancer_end)
+    server.serve_inline = False
+    link = BalancerLink(worker_end, server, logging.getLogger("test"), loop)
+    send_connection(balancer_end, 1)
+    link.on_readable()
+    link.report()
+    assert drain(balancer_end) == []
+    link._unclaim(1)   # what the server's on_started does
+    link.report()
+    assert drain(balancer_end) == [Report(busy=1, acked=(1,), closed=(), threads=2)]
 
 
 def test_a_freed_thread_is_reported_only_when_the_balancer_was_told_none_was_free(three_taken):
