@@ -13,9 +13,9 @@ a worker only about the connections the balancer gave it. Promises:
 
 * The balancer's copy of a connection is closed when the worker's REPORT acknowledges
   it, never before; one it refused (its fd never reached it) goes to another worker or
-  gets a 503. A worker acknowledges in the REPORT it sends at the end of its loop
-  iteration, not one per connection, so it may have read, even served, a connection it
-  has not acknowledged yet. So when a worker exits (its pidfd, from the master's
+  gets a 503. A worker acknowledges a connection once its first request starts, in the
+  REPORT it sends at the end of its loop iteration, not one per connection, so it may
+  have read, even served, a connection it has not acknowledged yet. So when a worker exits (its pidfd, from the master's
   RECLAIM, says so), what it never read is read back from a copy of its own channel
   end (the CONNs still queued there): those connections go to another worker, and so
   does each one it read but never touched (`untouched`: the kernel's counters say no

@@ -336,15 +336,18 @@ class BalancerLink:
     which ended, so its counts stay right) goes out in REPORT messages that gather many
     events, because every message wakes the balancer: the connections taken and the
     ones that ended are reported once per loop iteration, after its events (`report`
-    is the loop's after-events callback), or sooner when we become free. So a
-    connection served inline is often acknowledged in the same REPORT that says it
-    ended (see the balancer's links.py for why that loses nothing if we die). So the balancer hears of a close up to one loop
+    is the loop's after-events callback), or sooner when we become free. A connection
+    is acknowledged once its first request starts (or it ends, or is parked) rather
+    than when it is read from the channel: until then the balancer keeps its copy and
+    counts it, and should we die, passes it to another worker if we never touched it
+    (see the balancer's links.py). So a connection served inline is often
+    acknowledged in the same REPORT that says it ended. So the balancer hears of a close up to one loop
     iteration late, and counts a worker busy with a long inline call a little high.
 
     Busy threads, as the balancer must count them to send a connection only to a worker
     that can serve it now: every REPORT says how many threads we have and how many are
-    busy, the connections it acknowledges among them (they are claimed: each may be a
-    request about to run). Each is read at once after the acknowledgement, and stays
+    busy (the threads alone: the connections we hold unacknowledged, claimed, each a
+    request about to run, the balancer counts itself). Each is read at once, and stays
     claimed until its first request ran (inline) or holds a pool thread, or that read
     left a request partly here (a slow client holds no thread), or it closes or is
     parked (a silent one is, after `park_after`; with parking off it is not claimed

@@ -224,17 +224,24 @@ def blue_green_config(port: int, path: Path, app: str = "") -> str:
     return attach_config(port, path, f"park_after = 5\n{app}")
 
 
-@pytest.mark.timeout(180)
-def test_blue_green_promote_and_rollback_keep_every_connection(baton, port, attach_dir, workers):
-    path = attach_dir / "probe.sock"
-    master = baton(blue_green_config(port, path))
+def blue_under_load(baton, port: int, path: Path, workers, app: str = ""):
+    """A master whose app is served by two attached workers of tag blue, and 16
+    keep-alive clients that have made 10 requests each (stopped by the caller)."""
+    master = baton(blue_green_config(port, path, app))
     master.wait_log(f"app probe: workers may attach at {path}")
     blue = set(attach_ready(master, workers, path, "blue", 2))
     clients = [KeptClient(port) for _ in range(16)]
     for client in clients:
         client.start()
+    progressed(clients, 10)
+    return master, blue, clients
+
+
+@pytest.mark.timeout(180)
+def test_blue_green_promote_and_rollback_keep_every_connection(baton, port, attach_dir, workers):
+    path = attach_dir / "probe.sock"
+    master, blue, clients = blue_under_load(baton, port, path, workers)
     try:
-        progressed(clients, 10)
         green = set(attach_ready(master, workers, path, "green", 2, state="standby"))
         progressed(clients, 20)
         before = [list(client.pids) for client in clients]
@@ -258,14 +265,8 @@ def test_blue_green_promote_and_rollback_keep_every_connection(baton, port, atta
 @pytest.mark.timeout(180)
 def test_attach_promote_switches_by_itself_once_enough_of_the_new_tag_are_ready(baton, port, attach_dir, workers):
     path = attach_dir / "probe.sock"
-    master = baton(blue_green_config(port, path, "attach_promote = 2"))
-    master.wait_log(f"app probe: workers may attach at {path}")
-    blue = set(attach_ready(master, workers, path, "blue", 2))
-    clients = [KeptClient(port) for _ in range(16)]
-    for client in clients:
-        client.start()
+    master, blue, clients = blue_under_load(baton, port, path, workers, "attach_promote = 2")
     try:
-        progressed(clients, 10)
         first = set(attach_ready(master, workers, path, "green", 1, state="standby"))
         progressed(clients, 20)
         assert {pid for client in clients for pid in client.pids} <= blue   # one of two: no switch
