@@ -280,10 +280,7 @@ class WorkerPool:
             if child.pending_signal != signal.SIGKILL:
                 child.pending_signal = signum
             return
-        try:
-            signal.pidfd_send_signal(child.pidfd, signum)
-        except ProcessLookupError:
-            pass
+        spawn.signal_pidfd(child.pidfd, signum)
 
     # -- hearing from workers -----------------------------------------------------
 

@@ -37,10 +37,7 @@ class Sidecar:
         return cls(name, pid, os.pidfd_open(pid), parent_end, now)
 
     def signal(self, signum: int) -> None:
-        try:
-            signal.pidfd_send_signal(self.pidfd, signum)
-        except ProcessLookupError:
-            pass
+        spawn.signal_pidfd(self.pidfd, signum)
 
     def reap(self) -> int | None:
         """Collect the exit status of a child that has exited (see `spawn.reap`); release its fds."""

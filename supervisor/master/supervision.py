@@ -664,17 +664,11 @@ class Supervisor:
             app.last_traceback = app.last_traceback or event.status
         if app.next is not None and event.generation == app.next.number:
             if never_ready:
-                self._log("error", f"app {app.name}: generation {app.next.number} failed to boot:\n"
-                                   f"{app.last_traceback.rstrip() or event.status}")
-                self._abandon_next(app, "its template failed to boot")
+                self._fail_next(app, event.status, "its template failed to boot")
                 return
         elif event.generation != app.current.number:
             return
-        if never_ready and self._no_app_can_boot():
-            for name, other in self.apps.items():
-                self._log("error", f"app {name} cannot boot:\n{other.last_traceback.rstrip() or '(no traceback)'}")
-            self._log("error", "no app could boot; exiting")
-            self._emit(GiveUp(1))
+        if never_ready and self._gave_up():
             return
         now = self.clock()
         delay_s = template.backoff.record_exit(template.ready_at, now)
@@ -943,6 +937,23 @@ class Supervisor:
         actions, self._actions = self._actions, []
         return actions
 
+    def _fail_next(self, app: AppRecord, status: str, why: str) -> None:
+        """The app's next generation failed to boot: say why, and keep the current one."""
+        self._log("error", f"app {app.name}: generation {app.next.number} failed to boot:\n"
+                           f"{app.last_traceback.rstrip() or status}")
+        self._abandon_next(app, why)
+
+    def _gave_up(self) -> bool:
+        """If no app can boot (each one's last try failed), log each one's traceback and
+        give up (the master exits 1): True."""
+        if not self._no_app_can_boot():
+            return False
+        for name, other in self.apps.items():
+            self._log("error", f"app {name} cannot boot:\n{other.last_traceback.rstrip() or '(no traceback)'}")
+        self._log("error", "no app could boot; exiting")
+        self._emit(GiveUp(1))
+        return True
+
     def _emit(self, action: Action) -> None:
         self._actions.append(action)
 
@@ -1060,17 +1071,11 @@ class Supervisor:
         if not never_forked:
             self._log("warning", f"worker {worker.describe()} exited: {status}")
         if app.next is not None and worker.generation == app.next.number:
-            self._log("error", f"app {app.name}: generation {app.next.number} failed to boot:\n"
-                               f"{app.last_traceback.rstrip() or status}")
-            self._abandon_next(app, "a worker failed to boot")
+            self._fail_next(app, status, "a worker failed to boot")
             return
         if worker.generation != app.current.number:
             return
-        if never_ready and self._no_app_can_boot():
-            for name, other in self.apps.items():
-                self._log("error", f"app {name} cannot boot:\n{other.last_traceback.rstrip() or '(no traceback)'}")
-            self._log("error", "no app could boot; exiting")
-            self._emit(GiveUp(1))
+        if never_ready and self._gave_up():
             return
         if worker.index <= app.target:
             self.counters["worker_restarts"] += 1

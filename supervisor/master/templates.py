@@ -111,10 +111,7 @@ class Templates:
 
     @staticmethod
     def _signal(template: TemplateProcess, signum: int) -> None:
-        try:
-            signal.pidfd_send_signal(template.pidfd, signum)
-        except ProcessLookupError:
-            pass
+        spawn.signal_pidfd(template.pidfd, signum)
 
     def _on_channel(self, template: TemplateProcess) -> bool:
         try:

@@ -57,11 +57,7 @@ def fork(child_main: Callable[[], int | None], keep_fds: Iterable[int]) -> int:
     except BaseException:
         traceback.print_exc()
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(status)
+        exit_now(status)
 
 
 def reap(pid: int, *, block: bool) -> int | None:
@@ -136,3 +132,22 @@ def die_with_parent(parent_pid: int) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent_pid:
         raise RuntimeError("the parent exited while this child was starting")
+
+
+def exit_now(status: int) -> None:
+    """Leave a forked child at once, as `fork`'s children do: what it printed is
+    flushed, and nothing of the parent's (atexit, finalizers) runs."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(status)
+
+
+def signal_pidfd(pidfd: int, signum: int) -> bool:
+    """Send `signum` through `pidfd`; False if the process is gone already."""
+    try:
+        signal.pidfd_send_signal(pidfd, signum)
+    except ProcessLookupError:
+        return False
+    return True

@@ -136,11 +136,7 @@ class Template:
             except BaseException:
                 traceback.print_exc()
             finally:
-                try:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                finally:
-                    os._exit(status)
+                spawn.exit_now(status)
         for fd in fds:
             os.close(fd)
         if middle > 0:

@@ -73,6 +73,28 @@ def pki(tmp_path):
     return ca
 
 
+def one_app_config(port, cert, key, app="", master="", listener="") -> str:
+    """App a alone behind a `tls = true` listener on `port`, with its certificate and
+    key; `app`, `master` and `listener` add lines to those tables."""
+    return f"""
+        [master]
+        {master}
+
+        [listeners.web]
+        bind = "127.0.0.1:{port}"
+        tls = true
+        {listener}
+
+        [apps.a]
+        module = "tests.apps.tlsprobe:app"
+        listeners = ["web"]
+        chdir = "{REPO}"
+        certificate = "{cert}"
+        private_key = "{key}"
+        {app}
+    """
+
+
 def two_app_config(port, certs, extra_a="", extra_b="", listener_extra="", master_extra=""):
     (cert_a, key_a), (cert_b, key_b) = certs
     return f"""
@@ -319,22 +341,7 @@ class Clients:
 
 def test_ten_reloads_under_sixteen_tls_keep_alive_clients_fail_no_request(baton, port, pki):
     cert, key = pki.issue("a.test", ["a.test"])
-    master = baton(f"""
-        [master]
-        graceful_timeout = 10
-
-        [listeners.web]
-        bind = "127.0.0.1:{port}"
-        tls = true
-
-        [apps.a]
-        module = "tests.apps.tlsprobe:app"
-        listeners = ["web"]
-        chdir = "{REPO}"
-        workers = 2
-        certificate = "{cert}"
-        private_key = "{key}"
-    """)
+    master = baton(one_app_config(port, cert, key, master="graceful_timeout = 10", app="workers = 2"))
     master.wait_workers(2)
     clients = Clients(port, "a.test", client_context(pki), 16)
     try:
@@ -351,22 +358,7 @@ def test_ten_reloads_under_sixteen_tls_keep_alive_clients_fail_no_request(baton,
 
 def test_a_retiring_worker_closes_an_idle_tls_connection_after_its_next_request(baton, port, pki):
     cert, key = pki.issue("a.test", ["a.test"])
-    master = baton(f"""
-        [master]
-        graceful_timeout = 10
-
-        [listeners.web]
-        bind = "127.0.0.1:{port}"
-        tls = true
-
-        [apps.a]
-        module = "tests.apps.tlsprobe:app"
-        listeners = ["web"]
-        chdir = "{REPO}"
-        keepalive = 30
-        certificate = "{cert}"
-        private_key = "{key}"
-    """)
+    master = baton(one_app_config(port, cert, key, master="graceful_timeout = 10", app="keepalive = 30"))
     old = master.wait_workers(1)
     context = client_context(pki)
     conn = SNIConnection(port, "a.test", context)
@@ -410,19 +402,7 @@ def test_certificate_rotation_under_load_drops_nothing(baton, port, pki, tmp_pat
     shutil.copyfile(first[0], cert)
     shutil.copyfile(first[1], key)
     key.chmod(0o600)
-    master = baton(f"""
-        [listeners.web]
-        bind = "127.0.0.1:{port}"
-        tls = true
-
-        [apps.a]
-        module = "tests.apps.tlsprobe:app"
-        listeners = ["web"]
-        chdir = "{REPO}"
-        workers = 2
-        certificate = "{cert}"
-        private_key = "{key}"
-    """)
+    master = baton(one_app_config(port, cert, key, app="workers = 2"))
     master.wait_workers(2)
     master.wait_log("is watching")
     clients = Clients(port, "a.test", client_context(pki), 8)
@@ -448,18 +428,7 @@ def test_a_broken_or_mismatched_key_is_refused_and_the_old_generation_serves(bat
     cert, key = live / "a.crt", live / "a.key"
     shutil.copyfile(first[0], cert)
     shutil.copyfile(first[1], key)
-    master = baton(f"""
-        [listeners.web]
-        bind = "127.0.0.1:{port}"
-        tls = true
-
-        [apps.a]
-        module = "tests.apps.tlsprobe:app"
-        listeners = ["web"]
-        chdir = "{REPO}"
-        certificate = "{cert}"
-        private_key = "{key}"
-    """)
+    master = baton(one_app_config(port, cert, key))
     workers = master.wait_workers(1)
     master.wait_log("is watching")
     context = client_context(pki)
@@ -483,23 +452,7 @@ def test_a_broken_or_mismatched_key_is_refused_and_the_old_generation_serves(bat
 
 def test_sessions_resume_at_another_worker_and_across_generations(baton, port, pki):
     cert, key = pki.issue("a.test", ["a.test"])
-    master = baton(f"""
-        [master]
-        graceful_timeout = 5
-
-        [listeners.web]
-        bind = "127.0.0.1:{port}"
-        tls = true
-
-        [apps.a]
-        module = "tests.apps.tlsprobe:app"
-        listeners = ["web"]
-        chdir = "{REPO}"
-        workers = 2
-        balance = "round-robin"
-        certificate = "{cert}"
-        private_key = "{key}"
-    """)
+    master = baton(one_app_config(port, cert, key, master="graceful_timeout = 5", app='workers = 2\nbalance = "round-robin"'))
     master.wait_workers(2)
 
     def first_session(context):
@@ -571,20 +524,7 @@ def test_a_slow_handshake_holds_up_no_one(baton, port, pki):
     """A client that sends half a ClientHello and stops blocks no other client of the
     worker (one worker, one thread)."""
     cert, key = pki.issue("a.test", ["a.test"])
-    master = baton(f"""
-        [listeners.web]
-        bind = "127.0.0.1:{port}"
-        mode = "share"
-        tls = true
-
-        [apps.a]
-        module = "tests.apps.tlsprobe:app"
-        listeners = ["web"]
-        chdir = "{REPO}"
-        header_timeout = 30
-        certificate = "{cert}"
-        private_key = "{key}"
-    """)
+    master = baton(one_app_config(port, cert, key, listener='mode = "share"', app="header_timeout = 30"))
     master.wait_workers(1)
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     hello = client_context(pki).wrap_bio(incoming, outgoing, server_hostname="a.test")
