@@ -33,8 +33,8 @@ Promises:
    is free again. A worker's thread count is its reports' word; until its first
    report it is taken to have one. Policies choose among the free workers, except
    ip-hash, whose connection waits for the client's own worker when that one is busy.
-2b. **When no worker is free, one may take a connection ahead** (`prefetch`, one by
-   default): a worker whose busy and unacknowledged count is below its threads plus
+2b. **When no worker is free, one may take connections ahead** (`prefetch`, PREFETCH
+   by default): a worker whose busy and unacknowledged count is below its threads plus
    `prefetch`, and that made progress (a REPORT saying fewer busy than the one before,
    or closing connections) within the last `prefetch_window_s`, gets it; of several,
    the one that progressed last. A saturated worker then finds its next connection in
@@ -495,6 +495,13 @@ class Dispatcher:
         return refused
 
     # -- time ------------------------------------------------------------------
+
+    def waiting_for(self, app: str) -> int:
+        """How many of the app's connections wait in the queue."""
+        if not self.queued:
+            return 0
+        state = self._apps.get(app)
+        return len(state.waiting) if state is not None else 0
 
     def next_deadline(self) -> float | None:
         """When `expire` next has something to do, if anything waits."""

@@ -26,6 +26,14 @@ Promises:
   ACCEPT_PAUSE_S, so its level-triggered readiness cannot spin the balancer; then it
   accepts again, by itself. Failed accepts are logged at most once per
   ACCEPT_LOG_INTERVAL_S, with how many there were.
+* **While an app's connections wait in the queue, its listeners' new ones wait in the
+  kernel's backlog** (a listener of that one app only: one shared by Host must be
+  accepted to learn the app). Accepting them would only lengthen the queue, and
+  waking for each one is most of a saturated balancer's cost. The listener is taken
+  off the loop (`_defer`) and accepted again in the wakeup whose dispatching empties
+  that queue (`resume_deferred`), or ACCEPT_DEFER_S later at the latest, when one
+  batch is taken whatever the queue holds: so workers that make no progress still
+  see `queue_limit` and `queue_timeout` apply, late by at most that.
 * A peeking connection costs a registration and a timer only when its first look
   (right after accept) did not settle it; the timer refuses it after PEEK_TIMEOUT_S.
 * **A parked connection** (an idle keep-alive connection a serving worker handed back,
@@ -56,6 +64,7 @@ ACCEPT_BATCH = 64
 PEEK_BYTES = 8192
 PEEK_TIMEOUT_S = 10.0
 ACCEPT_PAUSE_S = 0.1          # a listener rests this long after accept ran out of fds
+ACCEPT_DEFER_S = 0.01         # the longest a listener waits for its app's queue to empty
 ACCEPT_LOG_INTERVAL_S = 10.0  # failed accepts are logged at most once per this
 SHED_BATCH = 64               # peeking connections closed per accept that ran out of fds
 _OUT_OF_FDS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
@@ -101,14 +110,16 @@ class Pending(Connection):
 
 
 class _Listener:
-    __slots__ = ("name", "sock", "open", "_ready", "pause_timer")
+    __slots__ = ("name", "sock", "open", "_ready", "pause_timer", "deferred", "forced")
 
     def __init__(self, name: str, sock: socket.socket, ready: list) -> None:
         self.name = name
         self.sock = sock
         self.open = True
         self._ready = ready
-        self.pause_timer: Timer | None = None   # set while off the loop, out of fds
+        self.pause_timer: Timer | None = None   # set while off the loop (out of fds, or deferred)
+        self.deferred = False   # off the loop until its app's queue empties
+        self.forced = False     # its next batch is accepted whatever the queue holds
 
     def readable(self) -> None:
         self._ready.append(self)
@@ -118,14 +129,17 @@ class Intake:
     """Accepts and peeks on the loop; hands each connection whose app is known to
     `dispatch`. Counts what it accepted and what it refused itself."""
 
-    def __init__(self, loop: Loop, dispatch: Callable[[Pending], None], log) -> None:
+    def __init__(self, loop: Loop, dispatch: Callable[[Pending], None], log,
+                 waiting_for: Callable[[str], int] = lambda app: 0) -> None:
         self.loop = loop
         self.dispatch = dispatch
+        self.waiting_for = waiting_for   # how many of an app's connections are queued
         self.log = log
         self.routes: dict[str, routing.ListenerRoute] = {}
         self.proxy_listeners: frozenset[str] = frozenset()
         self.listeners: dict[str, _Listener] = {}
         self._ready: list[_Listener] = []     # readable in this wakeup, accepted after it
+        self._deferred: list[_Listener] = []  # off the loop while their app's queue is not empty
         self.peeking: dict[int, Pending] = {}   # by fd
         self.parked: dict[int, Pending] = {}    # by fd, oldest first
         # Counters, for /metrics.
@@ -170,6 +184,7 @@ class Intake:
 
     def _close_listener(self, listener: _Listener) -> None:
         listener.open = False   # it may be in this wakeup's `_ready` still
+        listener.deferred = False
         if listener.pause_timer is not None:   # off the loop already
             listener.pause_timer.cancel()
             listener.pause_timer = None
@@ -197,7 +212,12 @@ class Intake:
         # socket.accept() without its per-call enum conversions of family and type.
         raw_accept, family, kind = listening._accept, int(listening.family), int(listening.type)
         make_socket = socket.socket
+        waiting_for = self.waiting_for if direct_app is not None and not listener.forced else None
+        listener.forced = False
         for _ in range(ACCEPT_BATCH):
+            if waiting_for is not None and waiting_for(direct_app):
+                self._defer(listener)
+                return
             try:
                 fd, peer = raw_accept()
                 sock = make_socket(family, kind, 0, fd)
@@ -245,6 +265,39 @@ class Intake:
         listener.pause_timer = None
         if listener.open:
             self.loop.register(listener.sock, listener.readable)
+
+    def _defer(self, listener: _Listener) -> None:
+        """Leave the listener's connections in the backlog while its app's queue is not
+        empty (see the promises)."""
+        self.loop.unregister(listener.sock)
+        listener.deferred = True
+        listener.pause_timer = self.loop.call_later(ACCEPT_DEFER_S, lambda: self._deferred_too_long(listener))
+        self._deferred.append(listener)
+
+    def _deferred_too_long(self, listener: _Listener) -> None:
+        listener.deferred = False
+        listener.forced = True
+        self._resume(listener)
+        self._ready.append(listener)   # accepted in this wakeup, not the next
+
+    def resume_deferred(self) -> None:
+        """Take back on the loop, and accept in this wakeup, every deferred listener
+        whose app's queue is empty now (call before `accept_ready`)."""
+        if not self._deferred:
+            return
+        still = []
+        for listener in self._deferred:
+            if not listener.deferred:   # its timer took it back, or it closed
+                continue
+            route = self.routes.get(listener.name)
+            if route is not None and route.only_app is not None and self.waiting_for(route.only_app):
+                still.append(listener)
+                continue
+            listener.deferred = False
+            listener.pause_timer.cancel()
+            self._resume(listener)
+            self._ready.append(listener)
+        self._deferred = still
 
     # -- peeking ---------------------------------------------------------------
 

@@ -98,7 +98,7 @@ class Balancer:
         self.logs = logs
         self.loop = loop = Loop(clock)
         self.core = Dispatcher(lambda: loop.now)
-        self.intake = Intake(loop, self._dispatch, self.log)
+        self.intake = Intake(loop, self._dispatch, self.log, self.core.waiting_for)
         self.links = Links(loop, self.core, self._perform, self.log, self.intake)
         self.master = master
         self.master_figures = Metrics(apps={}, overall={})
@@ -178,6 +178,7 @@ class Balancer:
             # Before accepting: connections that waited go first.
             while (send := core.next_queued()) is not None:
                 self._perform(send)
+        self.intake.resume_deferred()
         self.intake.accept_ready()
         if core.queued and self._queue_timer is None:
             self._queue_timer = self.loop.call_at(core.next_deadline(), self._expire_queue)

@@ -86,9 +86,10 @@ REPORT_MAX_IDS = (MAX_MESSAGE_BYTES - _REPORT_HEAD_SIZE) // 8
 REFUSED_MAX = 1024
 # A balancer may send a worker this many connections beyond its threads when no worker
 # of the app is free (so a saturated worker finds its next connection waiting instead of
-# idling through a round trip); a worker therefore reports each time its busy count
+# idling through a round trip, and serves several per wakeup: each wakeup costs both
+# processes a context switch); a worker therefore reports each time its busy count
 # drops below its threads, and below its threads plus this.
-PREFETCH = 1
+PREFETCH = 8
 
 
 class MessageError(ValueError):

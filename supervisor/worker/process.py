@@ -353,7 +353,7 @@ class BalancerLink:
     parked (a silent one is, after `park_after`; with parking off it is not claimed
     past that first read). A REPORT goes out the moment we are free again while the
     last one said we were not (claims released, a pool thread done), and the moment
-    we have room for one connection ahead (busy below threads + PREFETCH) while the
+    we have room for connections ahead (busy below threads + PREFETCH) while the
     last one said we had none, and only then: a worker the
     balancer already believes free says nothing, so a request on a connection that
     stayed here (a hot keep-alive one) costs no message. Such a request is the one the
@@ -457,7 +457,7 @@ class BalancerLink:
 
     def _maybe_free(self) -> None:
         """Say we have room, if the balancer was last told we had none: below our threads
-        (free), or below our threads plus PREFETCH (room for one ahead; see the class)."""
+        (free), or below our threads plus PREFETCH (room ahead; see the class)."""
         told, threads = self.told_busy, self.threads
         if told >= threads and self.server.busy_threads + len(self.claimed) < min(told, threads + PREFETCH):
             # Said by the iteration's REPORT (`report`, after its events; this is always

@@ -223,6 +223,58 @@ def test_reports_of_the_same_wakeup_count_before_a_new_connection_picks_a_worker
     assert (len(harness.conn_ids_at(busier)), len(harness.conn_ids_at(other))) == (1, 0)
 
 
+def saturate(harness, key=1):
+    """Connect until the balancer queues one (its worker took all it may ahead); the
+    ids the worker was sent."""
+    sent = []
+    while harness.balancer.core.queued == 0:
+        harness.connect()
+        assert select.select([harness.listener], [], [], 5)[0]
+        harness.turn()
+        sent.extend(harness.conn_ids_at(key))
+        assert len(sent) <= 64, "the balancer never queued a connection"
+    return sent
+
+
+def backlog(harness, count):
+    """`count` more clients whose connections wait in the listener's backlog."""
+    for _ in range(count):
+        harness.connect()
+    assert select.select([harness.listener], [], [], 5)[0]
+
+
+def test_while_an_app_has_queued_connections_new_ones_wait_in_the_backlog_until_the_queue_empties(harnesses):
+    harness = harnesses(threads=1)
+    sent = saturate(harness)
+    accepted = harness.balancer.intake.accepted
+    backlog(harness, 3)
+    harness.turn()
+    harness.turn(max_wait_s=0.05)
+    assert harness.balancer.intake.accepted == accepted   # not woken for them: they wait in the kernel
+    # The worker finishes everything it held: the queued one goes out, the queue is
+    # empty, and the three are accepted in that same wakeup.
+    ids = tuple(sent)
+    channel.send(harness.workers[1], Report(busy=0, acked=ids, closed=ids))
+    harness.turn()
+    assert harness.balancer.intake.accepted == accepted + 3
+    assert len(harness.conn_ids_at(1)) == 4
+
+
+def test_a_listener_whose_app_queue_never_empties_is_still_accepted_every_defer_interval(harnesses):
+    from supervisor.balancer.intake import ACCEPT_DEFER_S
+    harness = harnesses(threads=1)
+    saturate(harness)   # the worker makes no progress from here on
+    queued, accepted = harness.balancer.core.queued, harness.balancer.intake.accepted
+    backlog(harness, 3)
+    harness.turn(max_wait_s=0.05)
+    assert harness.balancer.intake.accepted == accepted
+    harness.clock.now += ACCEPT_DEFER_S
+    harness.turn()
+    # Taken into the queue, where its limit and timeout apply.
+    assert harness.balancer.intake.accepted == accepted + 3
+    assert harness.balancer.core.queued == queued + 3
+
+
 # -- the health server -------------------------------------------------------------------
 
 

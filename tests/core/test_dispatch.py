@@ -30,6 +30,7 @@ from supervisor.balancer.dispatch import (
     Send,
 )
 from supervisor.balancer.policies import RandomTwo
+from supervisor.ipc.messages import PREFETCH
 
 
 class FakeClock:
@@ -530,8 +531,8 @@ def test_prefetch_scenario(name):
 
 
 def test_prefetch_is_bounded_by_what_workers_report_for():
-    with pytest.raises(ValueError, match="prefetch must be 0 to 1"):
-        Dispatcher(FakeClock(), prefetch=2)
+    with pytest.raises(ValueError, match=f"prefetch must be 0 to {PREFETCH}"):
+        Dispatcher(FakeClock(), prefetch=PREFETCH + 1)
 
 
 def test_random_two_draws_among_the_accepting_workers_only():
