@@ -51,6 +51,7 @@ Promises:
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from collections.abc import Callable, Mapping
 
@@ -86,13 +87,19 @@ class Pending(Connection):
     read only then: `origin`, the client address a PROXY header gave (None: it gave
     none), set before a `proxy` connection is dispatched; `ident`, the socket's
     (st_dev, st_ino), set when it is sent to a worker (see links.py). `passed`: the
-    socket's counts (`untouched.counts`) as we pass it on, FRESH for one we accepted."""
+    socket's counts (`untouched.counts`) as we pass it on, FRESH for one we accepted.
 
-    __slots__ = ("sock", "peer", "listener", "data", "proxy", "peek_timer", "origin", "ident", "passed")
+    A connection accepted on a listener of one app is a bare fd (`fd`, of `family`):
+    most go to a worker and are closed without the balancer ever touching them, and a
+    socket object costs a getsockname call (CPython checks the fd) and its own upkeep.
+    `sock` makes one when something needs it; `close` and `detach` work either way."""
 
-    def __init__(self, sock: socket.socket, peer, listener: str, app: str | None = None,
+    __slots__ = ("fd", "family", "_sock", "peer", "listener", "data", "proxy", "peek_timer", "origin", "ident",
+                 "passed")
+
+    def __init__(self, sock: socket.socket | int, peer, listener: str, app: str | None = None,
                  client: str | None = None, data: bytes = b"", proxy: bool = False,
-                 passed: tuple[int, int] | None = FRESH) -> None:
+                 passed: tuple[int, int] | None = FRESH, family: int = socket.AF_INET) -> None:
         # Connection's fields set here rather than through super().__init__: one call
         # less per accepted connection.
         self.app = app
@@ -100,13 +107,39 @@ class Pending(Connection):
         self.queued_at = 0.0
         self.deadline = 0.0
         self.refusals = 0
-        self.sock = sock
+        if sock.__class__ is int:
+            self.fd, self.family, self._sock = sock, family, None
+        else:
+            self.fd, self.family, self._sock = sock.fileno(), sock.family, sock
         self.peer = peer
         self.listener = listener
         self.data = data
         self.proxy = proxy
         self.peek_timer: Timer | None = None
         self.passed = passed
+
+    @property
+    def sock(self) -> socket.socket:
+        sock = self._sock
+        if sock is None:
+            if self.fd < 0:
+                raise OSError(errno.EBADF, "the connection was closed or handed on")
+            sock = self._sock = socket.socket(self.family, socket.SOCK_STREAM, 0, self.fd)
+        return sock
+
+    def close(self) -> None:
+        """Close our copy (again: nothing)."""
+        if self._sock is not None:
+            self._sock.close()
+        elif self.fd >= 0:
+            os.close(self.fd)
+        self.fd, self._sock = -1, None
+
+    def detach(self) -> int:
+        """The fd, now the caller's."""
+        fd = self._sock.detach() if self._sock is not None else self.fd
+        self.fd, self._sock = -1, None
+        return fd
 
 
 class _Listener:
@@ -177,10 +210,10 @@ class Intake:
         self.close_listeners()
         for pending in list(self.peeking.values()):
             self._stop_peeking(pending)
-            pending.sock.close()
+            pending.close()
         for pending in list(self.parked.values()):
             self._unpark(pending)
-            pending.sock.close()
+            pending.close()
 
     def _close_listener(self, listener: _Listener) -> None:
         listener.open = False   # it may be in this wakeup's `_ready` still
@@ -209,9 +242,10 @@ class Intake:
         proxy = name in self.proxy_listeners
         direct_app = route.only_app if not proxy else None  # nothing to peek at before dispatching
         dispatch = self.dispatch
-        # socket.accept() without its per-call enum conversions of family and type.
+        # socket.accept() without its per-call enum conversions, nor a socket object
+        # (see Pending) where nothing needs to look at the connection.
         raw_accept, family, kind = listening._accept, int(listening.family), int(listening.type)
-        make_socket = socket.socket
+        make_socket = socket.socket if direct_app is None else None
         waiting_for = self.waiting_for if direct_app is not None and not listener.forced else None
         listener.forced = False
         for _ in range(ACCEPT_BATCH):
@@ -220,7 +254,7 @@ class Intake:
                 return
             try:
                 fd, peer = raw_accept()
-                sock = make_socket(family, kind, 0, fd)
+                sock = make_socket(family, kind, 0, fd) if make_socket is not None else fd
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -228,7 +262,7 @@ class Intake:
                 return
             self.accepted += 1
             pending = Pending(sock, peer, name, direct_app, peer[0] if type(peer) is tuple else None,
-                              proxy=proxy)
+                              proxy=proxy, family=family)
             if direct_app is not None:
                 dispatch(pending)
             else:
@@ -247,7 +281,7 @@ class Intake:
             while parked and shed < SHED_BATCH:
                 pending = next(iter(parked.values()))
                 self._unpark(pending)
-                pending.sock.close()
+                pending.close()
                 shed += 1
             self.shed += shed
             if listener.pause_timer is None:
@@ -314,7 +348,7 @@ class Intake:
             pending.peek_timer = self.loop.call_later(PEEK_TIMEOUT_S, lambda: self._refuse(pending, TIMEOUT))
 
     def _stop_peeking(self, pending: Pending) -> None:
-        fd = pending.sock.fileno()
+        fd = pending.fd
         if self.peeking.get(fd) is pending:
             del self.peeking[fd]
             # Before the fd travels: its registration would outlive our close while the
@@ -334,7 +368,7 @@ class Intake:
         route = self.routes.get(pending.listener)
         if not data or route is None:  # the client left before saying which host, or the listener went away
             self._stop_peeking(pending)
-            pending.sock.close()
+            pending.close()
             return False
         if pending.proxy:
             header = proxyproto.parse(data)
@@ -390,7 +424,7 @@ class Intake:
         pending.peek_timer = self.loop.call_later(idle_s, lambda: self._parked_expire(pending))
 
     def _unpark(self, pending: Pending) -> None:
-        fd = pending.sock.fileno()
+        fd = pending.fd
         if self.parked.get(fd) is pending:
             del self.parked[fd]
             self.loop.unregister(fd)
@@ -408,7 +442,7 @@ class Intake:
     def _parked_expire(self, pending: Pending) -> None:
         self.parked_expired += 1
         self._unpark(pending)
-        pending.sock.close()
+        pending.close()
 
     def _parked_readable(self, pending: Pending) -> None:
         sock = pending.sock

@@ -158,7 +158,7 @@ class Links:
         self.upstream = sock
         if self.intake is not None:   # what waits parked here goes to the new master's balancer too
             for pending in self.intake.unpark_all():
-                self._pass_on(pending.sock.detach(), pending.peer, pending.listener, pending.data, pending.app,
+                self._pass_on(pending.detach(), pending.peer, pending.listener, pending.data, pending.app,
                               pending.client, as_handback=False)
 
     def pass_upstream(self, pendings: list[Pending]) -> None:
@@ -167,7 +167,7 @@ class Links:
         (Not one whose PROXY header no worker has read yet: a hand-back's stream has
         none; see `movable`.)"""
         for pending in pendings:
-            self._pass_on(pending.sock.detach(), _presented_peer(pending), pending.listener, pending.data,
+            self._pass_on(pending.detach(), _presented_peer(pending), pending.listener, pending.data,
                           pending.app, pending.client)
 
     @staticmethod
@@ -182,7 +182,7 @@ class Links:
         if type(peer) is not tuple:   # a UNIX socket's peer: a path, or nothing
             peer = (str(peer or ""), 0)
         message = encode_conn(send.conn_id, peer, pending.listener, pending.data, pending.proxy)
-        fd = pending.sock.fileno()
+        fd = pending.fd
         link = self.by_key[send.worker.key]
         try:
             channel.send_encoded(link.sock, message, [fd])
@@ -222,7 +222,7 @@ class Links:
                 if closed:   # only what it was given counts (and stops being handed back)
                     closed = [conn_id for conn_id in closed if owned.pop(conn_id, None) is not None]
                 for conn in core.report(worker, message.acked, closed, message.busy, message.threads):
-                    conn.sock.close()   # the worker owns it now
+                    conn.close()   # the worker owns it now
                 if message.refused:
                     self._refused(link, message.refused)
             elif kind is HandBack:   # with its one fd
@@ -271,7 +271,7 @@ class Links:
         # It ended at this worker (its REPORT's word for it, which follows, counts for
         # nothing now); if it was never acknowledged, our copy goes.
         for conn in self.core.report(worker, (conn_id,), (conn_id,), worker.busy):
-            conn.sock.close()
+            conn.close()
         self._pass_on(fd, _presented_peer(recorded), recorded.listener, message.data, link.app, recorded.client)
         if message.app:
             self._drop(link, f"handed back a connection naming app {message.app!r}")
@@ -283,7 +283,7 @@ class Links:
         here for its next request (or goes on at once, with bytes the worker read)."""
         worker = link.worker
         for conn in self.core.report(worker, (conn_id,), (conn_id,), worker.busy):
-            conn.sock.close()   # never acknowledged: our copy goes
+            conn.close()   # never acknowledged: our copy goes
         self.parks[link.app] = self.parks.get(link.app, 0) + 1
         if self.upstream is not None or self.intake is None or message.data:
             self._pass_on(fd, _presented_peer(recorded), recorded.listener, message.data, link.app,
@@ -382,7 +382,7 @@ class Links:
         link.sock.close()
         decisions, lost = self.core.gone(link.worker, unread)
         for conn in lost:
-            conn.sock.close()   # the worker took it, and it went with the worker
+            conn.close()   # the worker took it, and it went with the worker
         for decision in decisions:
             self.perform(decision)
 

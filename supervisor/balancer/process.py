@@ -139,7 +139,7 @@ class Balancer:
         """Release every socket and the loop (the master's channel stays the caller's)."""
         self.intake.close()
         for conn in self.core.held():
-            conn.sock.close()
+            conn.close()
         self.links.close()
         if self.health is not None:
             self.health.close()

@@ -64,3 +64,39 @@ def test_out_of_fds_the_oldest_peeking_connections_are_shed_and_the_listener_res
     finally:
         for client in waiting:
             client.close()
+
+
+# -- a connection as a bare fd -------------------------------------------------------
+
+
+def test_a_bare_fd_connection_makes_its_socket_on_demand_and_closes_once():
+    ours, theirs = socket.socketpair()
+    try:
+        fd = ours.detach()
+        pending = intake.Pending(fd, ("127.0.0.1", 1), "web", "a", family=socket.AF_UNIX)
+        assert pending.fd == fd
+        assert pending.sock.fileno() == fd and pending.sock.family == socket.AF_UNIX
+        pending.close()
+        pending.close()   # again: nothing (the fd number may be someone else's by now)
+        assert pending.fd == -1
+        try:
+            pending.sock
+        except OSError:
+            pass
+        else:
+            raise AssertionError("a closed connection made a socket")
+        assert theirs.recv(1) == b""   # the peer saw the close
+    finally:
+        theirs.close()
+
+
+def test_a_bare_fd_connection_detached_is_the_callers_and_never_closed_by_it():
+    ours, theirs = socket.socketpair()
+    try:
+        pending = intake.Pending(ours.detach(), ("127.0.0.1", 1), "web", "a", family=socket.AF_UNIX)
+        fd = pending.detach()
+        pending.close()
+        os.fstat(fd)   # still open: it is the caller's now
+        os.close(fd)
+    finally:
+        theirs.close()
