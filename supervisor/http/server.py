@@ -254,6 +254,11 @@ class Server:
         self._listening = False
         self._handback: Callable | None = None
         self._builders: dict[str, EnvironBuilder] = {}
+        # Per listener whose connections another process accepts: whether they still
+        # need TCP_NODELAY set. Its first connection says (a listener with it set gives
+        # it to every connection it accepts): one getsockopt per listener instead of a
+        # setsockopt per connection.
+        self._needs_nodelay: dict[str, bool] = {}
         names = dict(zip((s.fileno() for s in listeners), listener_names or ()))
         # Each listener's accept handler, with what accepting needs to know of it.
         self._accept_handlers: list[tuple[int, Callable[[], None]]] = []
@@ -314,7 +319,10 @@ class Server:
         comes. (A connection that leaves the server first tells ``on_close`` only.)"""
         builder = self._builders.get(listener_name) or self._builder_for(sock, listener_name)
         tls = listener_name in self._tls_listeners
-        conn = self._new_conn(sock, peer, builder, proxy_protocol, tls=tls)
+        nodelay = self._needs_nodelay.get(listener_name)
+        if nodelay is None:
+            nodelay = self._needs_nodelay[listener_name] = _tcp_option(sock, socket.TCP_NODELAY) == 0
+        conn = self._new_conn(sock, peer, builder, proxy_protocol, nodelay, tls=tls)
         conn.on_close = on_close
         conn.listener = listener_name
         if on_park is not None and self._park_after_s > 0 and not tls:

@@ -363,6 +363,29 @@ def test_a_handed_over_connection_is_bounded_by_its_deadlines(serve, initial, an
     wait_for(lambda: r.server.active_connections == 0, "the connection forgotten")
 
 
+@pytest.mark.parametrize("listener_nodelay", [0, 1])
+def test_handed_over_tcp_connections_all_get_tcp_nodelay_whatever_their_listener_gave(serve, listener_nodelay):
+    """The server learns from a listener's first handed-over connection whether its
+    connections need TCP_NODELAY set; each one of them ends up with it."""
+    r = serve()
+    other = socket.socket()
+    other.bind(("127.0.0.1", 0))
+    other.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, listener_nodelay)
+    other.listen(8)
+    try:
+        handed = []
+        for _ in range(3):
+            client = socket.create_connection(other.getsockname(), timeout=DEADLINE_S)
+            r.clients.append(client)
+            sock, peer = other.accept()
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == listener_nodelay   # the kernel's copy
+            handed.append(sock)
+            r.in_loop(lambda sock=sock, peer=peer: r.server.add_connection(sock, peer, "elsewhere"))
+        assert all(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for sock in handed)
+    finally:
+        other.close()
+
+
 def test_threads_pool(serve) -> None:
     gate = threading.Event()
 
