@@ -444,6 +444,13 @@ class Dispatcher:
             return self._send(conn, worker, app, True, frozenset())
         return None
 
+    def waiting_for(self, app: str) -> int:
+        """How many of the app's connections wait in the queue."""
+        if not self.queued:
+            return 0
+        state = self._apps.get(app)
+        return len(state.waiting) if state is not None else 0
+
     def _ahead(self, app: _App) -> Worker | None:
         """No worker is free: the one that may take a connection ahead (promise 2b)."""
         since = self.clock() - self.prefetch_window_s
@@ -495,13 +502,6 @@ class Dispatcher:
         return refused
 
     # -- time ------------------------------------------------------------------
-
-    def waiting_for(self, app: str) -> int:
-        """How many of the app's connections wait in the queue."""
-        if not self.queued:
-            return 0
-        state = self._apps.get(app)
-        return len(state.waiting) if state is not None else 0
 
     def next_deadline(self) -> float | None:
         """When `expire` next has something to do, if anything waits."""

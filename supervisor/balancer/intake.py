@@ -143,7 +143,7 @@ class Pending(Connection):
 
 
 class _Listener:
-    __slots__ = ("name", "sock", "open", "_ready", "pause_timer", "deferred", "forced")
+    __slots__ = ("name", "sock", "open", "_ready", "pause_timer", "forced")
 
     def __init__(self, name: str, sock: socket.socket, ready: list) -> None:
         self.name = name
@@ -151,7 +151,6 @@ class _Listener:
         self.open = True
         self._ready = ready
         self.pause_timer: Timer | None = None   # set while off the loop (out of fds, or deferred)
-        self.deferred = False   # off the loop until its app's queue empties
         self.forced = False     # its next batch is accepted whatever the queue holds
 
     def readable(self) -> None:
@@ -172,7 +171,7 @@ class Intake:
         self.proxy_listeners: frozenset[str] = frozenset()
         self.listeners: dict[str, _Listener] = {}
         self._ready: list[_Listener] = []     # readable in this wakeup, accepted after it
-        self._deferred: list[_Listener] = []  # off the loop while their app's queue is not empty
+        self._deferred: set[_Listener] = set()   # off the loop while their app's queue is not empty
         self.peeking: dict[int, Pending] = {}   # by fd
         self.parked: dict[int, Pending] = {}    # by fd, oldest first
         # Counters, for /metrics.
@@ -217,7 +216,7 @@ class Intake:
 
     def _close_listener(self, listener: _Listener) -> None:
         listener.open = False   # it may be in this wakeup's `_ready` still
-        listener.deferred = False
+        self._deferred.discard(listener)
         if listener.pause_timer is not None:   # off the loop already
             listener.pause_timer.cancel()
             listener.pause_timer = None
@@ -304,12 +303,11 @@ class Intake:
         """Leave the listener's connections in the backlog while its app's queue is not
         empty (see the promises)."""
         self.loop.unregister(listener.sock)
-        listener.deferred = True
         listener.pause_timer = self.loop.call_later(ACCEPT_DEFER_S, lambda: self._deferred_too_long(listener))
-        self._deferred.append(listener)
+        self._deferred.add(listener)
 
     def _deferred_too_long(self, listener: _Listener) -> None:
-        listener.deferred = False
+        self._deferred.discard(listener)
         listener.forced = True
         self._resume(listener)
         self._ready.append(listener)   # accepted in this wakeup, not the next
@@ -317,21 +315,16 @@ class Intake:
     def resume_deferred(self) -> None:
         """Take back on the loop, and accept in this wakeup, every deferred listener
         whose app's queue is empty now (call before `accept_ready`)."""
-        if not self._deferred:
+        if not self._deferred:   # (every wakeup comes here)
             return
-        still = []
-        for listener in self._deferred:
-            if not listener.deferred:   # its timer took it back, or it closed
-                continue
+        for listener in list(self._deferred):
             route = self.routes.get(listener.name)
             if route is not None and route.only_app is not None and self.waiting_for(route.only_app):
-                still.append(listener)
                 continue
-            listener.deferred = False
+            self._deferred.discard(listener)
             listener.pause_timer.cancel()
             self._resume(listener)
             self._ready.append(listener)
-        self._deferred = still
 
     # -- peeking ---------------------------------------------------------------
 
