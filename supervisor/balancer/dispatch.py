@@ -35,7 +35,9 @@ Promises:
    ip-hash, whose connection waits for the client's own worker when that one is busy.
 2b. **When no worker is free, one may take connections ahead** (`prefetch`, PREFETCH
    by default): a worker whose busy and unacknowledged count is below its threads plus
-   `prefetch`, and that made progress (a REPORT saying fewer busy than the one before,
+   `prefetch` (plus at most as many as its last REPORT that closed connections closed,
+   one before any did: so a worker takes ahead what it shows it gets through in one
+   go, and a burst never piles onto a worker that might be stuck), and that made progress (a REPORT saying fewer busy than the one before,
    or closing connections) within the last `prefetch_window_s`, gets it; of several,
    the one that progressed last. A saturated worker then finds its next connection in
    its channel when a request ends, instead of idling through a round trip; a worker
@@ -120,6 +122,7 @@ class Worker(WorkerLoad):
         self.accepting = key >= 0
         self.unacked: dict[int, Connection] = {}
         self.progressed_at = float("-inf")   # its last REPORT that showed a request done (2b)
+        self.ahead = 1   # how many it may take ahead: what its last closing REPORT closed (2b)
 
     def refresh(self) -> None:
         """Recompute `free` after its busy count, threads or unacknowledged ones moved."""
@@ -301,12 +304,14 @@ class Dispatcher:
             worker.connections = max(0, worker.connections - len(closed))
         if closed or busy < worker.busy:
             worker.progressed_at = self.clock()
+        if closed:
+            worker.ahead = len(closed)
         worker.busy = busy
         if threads:
             worker.threads = threads
         load = busy + len(unacked)
         worker.free = load < worker.threads   # refresh(), inlined: once per report
-        if self.queued and worker.accepting and load < worker.threads + self.prefetch:
+        if self.queued and worker.accepting and load < worker.threads + min(self.prefetch, worker.ahead):
             self._ready.add(worker.app)
         return taken
 
@@ -457,7 +462,7 @@ class Dispatcher:
         best = None
         for worker in app.accepting:
             if (worker.progressed_at >= since
-                    and worker.busy + len(worker.unacked) < worker.threads + self.prefetch
+                    and worker.busy + len(worker.unacked) < worker.threads + min(self.prefetch, worker.ahead)
                     and (best is None or worker.progressed_at > best.progressed_at)):
                 best = worker
         return best

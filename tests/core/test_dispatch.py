@@ -530,6 +530,24 @@ def test_prefetch_scenario(name):
     run(Driver(prefetch=1), PREFETCH_SCENARIOS[name])
 
 
+def test_a_worker_takes_ahead_only_as_many_as_its_last_report_closed():
+    clock = FakeClock()
+    core = Dispatcher(clock, prefetch=PREFETCH, prefetch_window_s=0.005)
+    core.set_apps({"a": "least-connections"})
+    worker = core.attach(1, "a")
+    core.report(worker, (), (), 0, threads=1)
+    # Before any report closed a connection: one ahead, and the rest of a burst waits.
+    sends = [core.dispatch(Connection("a")) for _ in range(2 + PREFETCH)]
+    assert [type(send) for send in sends[:2]] == [Send, Send] and set(sends[2:]) == {None}
+    # It closes both in one report: two ahead from now on (the queue moves that far).
+    ids = tuple(send.conn_id for send in sends[:2])
+    core.report(worker, ids, ids, 0)
+    moved = []
+    while (send := core.next_queued()) is not None:
+        moved.append(send)
+    assert len(moved) == 3   # one free slot, and two ahead
+
+
 def test_prefetch_is_bounded_by_what_workers_report_for():
     with pytest.raises(ValueError, match=f"prefetch must be 0 to {PREFETCH}"):
         Dispatcher(FakeClock(), prefetch=PREFETCH + 1)
