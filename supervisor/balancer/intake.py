@@ -86,7 +86,7 @@ class Pending(Connection):
     header leads the stream) and, while peeking, its deadline's timer. Set later, and
     read only then: `origin`, the client address a PROXY header gave (None: it gave
     none), set before a `proxy` connection is dispatched; `ident`, the socket's
-    (st_dev, st_ino), set when it is sent to a worker (see links.py). `passed`: the
+    (st_dev, st_ino), None or set once it is sent to a worker (see links.py). `passed`: the
     socket's counts (`untouched.counts`) as we pass it on, FRESH for one we accepted.
 
     A connection accepted on a listener of one app is a bare fd (`fd`, of `family`):

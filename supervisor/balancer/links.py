@@ -27,7 +27,10 @@ a worker only about the connections the balancer gave it. Promises:
   SCM_RIGHTS, with its peer, listener and PROXY origin) until the worker reports it
   closed or hands it back. A HANDBACK whose fd is one of that worker's records gets the
   record's peer and listener and the link's app; only its unparsed bytes are the
-  worker's word. The cost per connection is one fstat and a dict entry.
+  worker's word. The cost per connection is a dict entry, and an fstat of our copy
+  only if it can still come back: when a REPORT acknowledges it without also saying it
+  closed (a connection per request, acknowledged and closed in one REPORT, needs none),
+  or when the worker first hands one back while we still hold it.
 * A connection the worker accepted itself (on a `share` or `reuseport` listener, which
   the balancer never sees) has no record. It is taken only as a connected stream
   socket that names no `balance` listener (those connections it would have been
@@ -188,11 +191,12 @@ class Links:
             channel.send_encoded(link.sock, message, [fd])
         except OSError:
             return False
-        stat = os.fstat(fd)
-        pending.ident = ident = (stat.st_dev, stat.st_ino)
         link.owned[send.conn_id] = pending
         if link.by_ident is not None:
+            pending.ident = ident = _ident(fd)
             link.by_ident[ident] = send.conn_id
+        else:
+            pending.ident = None   # taken from our copy only if it may still come back
         return True
 
     def _readable(self, link: WorkerLink, limit: int | None = READS_PER_WAKEUP) -> None:
@@ -221,6 +225,10 @@ class Links:
                 closed = message.closed
                 if closed:   # only what it was given counts (and stops being handed back)
                     closed = [conn_id for conn_id in closed if owned.pop(conn_id, None) is not None]
+                for conn_id in message.acked:   # our copy goes: note who it is while we can
+                    pending = owned.get(conn_id)
+                    if pending is not None and pending.ident is None and pending.fd >= 0:
+                        pending.ident = _ident(pending.fd)
                 for conn in core.report(worker, message.acked, closed, message.busy, message.threads):
                     conn.close()   # the worker owns it now
                 if message.refused:
@@ -255,10 +263,13 @@ class Links:
             self._pass_on(fd, message.peer, message.listener, message.data, message.app or link.app,
                           message.peer[0])
             return True
-        stat = os.fstat(fd)
-        ident = (stat.st_dev, stat.st_ino)
+        ident = _ident(fd)
         if link.by_ident is None:   # once per worker: its first hand-back
-            link.by_ident = {pending.ident: conn_id for conn_id, pending in link.owned.items()}
+            for pending in link.owned.values():
+                if pending.ident is None and pending.fd >= 0:   # still ours, unacknowledged
+                    pending.ident = _ident(pending.fd)
+            link.by_ident = {pending.ident: conn_id for conn_id, pending in link.owned.items()
+                             if pending.ident is not None}
         conn_id = link.by_ident.pop(ident, None)
         recorded = link.owned.pop(conn_id, None) if conn_id is not None else None
         if recorded is None or recorded.ident != ident:
@@ -399,6 +410,12 @@ class Links:
         if self.upstream is not None:
             self.upstream.close()
             self.upstream = None
+
+
+def _ident(fd: int) -> tuple[int, int]:
+    """The socket's (st_dev, st_ino): the same file on both sides of SCM_RIGHTS."""
+    stat = os.fstat(fd)
+    return (stat.st_dev, stat.st_ino)
 
 
 def _read_back(worker_end: socket.socket) -> set[int]:

@@ -67,6 +67,37 @@ def test_a_hand_back_of_a_given_connection_keeps_the_recorded_peer_and_goes_to_i
     assert harness.balancer.core.figures()["a"].connections == 1
 
 
+def test_a_hand_back_of_a_connection_never_acknowledged_is_known_by_the_copy_the_balancer_holds(harnesses):
+    harness = harnesses(workers=(1, 2))
+    key, conn, sock, client = given(harness)
+    with sock:   # no REPORT first: the balancer still holds its copy, and no record of its identity yet
+        channel.send(harness.workers[key], HandBack(peer=FORGED, listener="other", data=b""), [sock.fileno()])
+    harness.turn()
+    again, sock2 = take(harness, 3 - key)
+    with sock2:
+        assert (again.peer, again.listener) == (client.getsockname(), "web")
+        client.sendall(b"y")
+        assert sock2.recv(1) == b"y"
+
+
+def test_a_connection_acknowledged_and_closed_in_one_report_costs_no_fstat(harnesses, monkeypatch):
+    """A connection per request never comes back, so its identity is never asked of
+    the kernel; one acknowledged and kept is (it may be handed back later)."""
+    asked = []
+    monkeypatch.setattr(os, "fstat", lambda fd, real=os.fstat: asked.append(fd) or real(fd))
+    harness = harnesses(workers=(1,))
+    _, conn, sock, client = given(harness)
+    with sock, client:
+        channel.send(harness.workers[1], Report(busy=0, acked=(conn.id,), closed=(conn.id,)))
+        harness.turn()
+    assert asked == []
+    _, conn, sock, client = given(harness)
+    with sock, client:
+        channel.send(harness.workers[1], Report(busy=1, acked=(conn.id,), closed=()))
+        harness.turn()
+        assert len(asked) == 1
+
+
 def test_a_socket_the_worker_made_is_refused_its_link_dropped_and_nothing_it_held_is_lost(harnesses, caplog):
     harness = harnesses(workers=(1, 2))
     key, conn, sock, client = given(harness)   # sent, never acknowledged
