@@ -341,8 +341,10 @@ class Server:
             conn.request_started = self._loop.now
             conn.proto.receive_data(initial_bytes)
             self._process(conn)
+            self._await_bytes(conn)
         elif not proxy_protocol:
             self._on_readable(conn)
+            self._await_bytes(conn)
         self._arm_connect_deadline(conn)
         state = conn.state
         if conn.on_started is not None and (state is READING or state is HANDSHAKE
@@ -447,18 +449,28 @@ class Server:
             conn = ClientConnection(sock, peer, builder, proto, s.write_timeout_s, PROXY if proxy else IDLE,
                                     self._on_deadline)
         self._conns[conn.fd] = conn
-        conn.events = READ
         if tls and not proxy:
             conn.sock = TLSStream(sock, self._tls_context)
+            conn.events = READ
             self._loop.register(conn.fd, partial(self._on_handshake, conn))
         elif proxy:
             # Until its header is complete the connection has a handler of its own, so
             # the HTTP read path carries no PROXY test.
             conn.proxy_buf = bytearray()
+            conn.events = READ
             self._loop.register(conn.fd, partial(self._on_proxy_readable, conn))
-        else:
-            self._loop.register(conn.fd, partial(self._on_readable, conn))
+        # else not on the loop yet: its first read is tried at once, and a connection
+        # that brought its request and closes after the response never joins the loop
+        # (see _await_bytes).
         return conn   # the caller arms its deadline: see _arm_connect_deadline
+
+    def _await_bytes(self, conn: ClientConnection) -> None:
+        """After a new plain connection's first read: put it on the loop if it now waits
+        for bytes (if it was served and closed, or went to a thread, or waits to write,
+        that step saw to it)."""
+        if conn.events == 0 and (conn.state is IDLE or conn.state is READING) and self._conns.get(conn.fd) is conn:
+            conn.events = READ
+            self._loop.register(conn.fd, partial(self._on_readable, conn))
 
     def _arm_connect_deadline(self, conn: ClientConnection) -> None:
         """Give a new connection its header_timeout_s deadline from the connect, unless
@@ -497,8 +509,10 @@ class Server:
                     self._on_handshake(conn)
                 else:
                     self._on_readable(conn)
+                    self._await_bytes(conn)
                 self._arm_connect_deadline(conn)
             else:   # _arm_connect_deadline, inlined: nothing was read, nothing armed
+                self._await_bytes(conn)
                 deadline = conn.deadline = loop.now + header_timeout_s
                 conn.timer = loop.call_at(deadline, conn.deadline_passed)
 
@@ -535,9 +549,12 @@ class Server:
 
     def _set_events(self, conn: ClientConnection, events: int) -> None:
         if conn.events != events:
-            conn.events = events
             handler = self._on_readable if events == READ else self._on_writable
-            self._loop.modify(conn.fd, events, partial(handler, conn))
+            if conn.events:
+                self._loop.modify(conn.fd, events, partial(handler, conn))
+            else:   # a new connection not on the loop yet (see _await_bytes)
+                self._loop.register(conn.fd, partial(handler, conn), events)
+            conn.events = events
 
     def _forget(self, conn: ClientConnection, closing: bool) -> None:
         """Take ``conn`` out of the server (and off the loop); it is about to be
@@ -933,8 +950,9 @@ class Server:
                 self._started(conn)
             return more
         # The connection leaves the loop while a thread owns it.
-        self._loop.unregister(conn.fd)
-        conn.events = 0
+        if conn.events:
+            self._loop.unregister(conn.fd)
+            conn.events = 0
         conn.busy_since = self._loop.now
         pool.submit((conn, stream))
         if pool.busy >= pool.size:
@@ -1124,8 +1142,9 @@ class Server:
         conn.move(BUSY)
         pool = self._pool
         if pool is not None:
-            self._loop.unregister(conn.fd)
-            conn.events = 0
+            if conn.events:
+                self._loop.unregister(conn.fd)
+                conn.events = 0
             conn.busy_since = self._loop.now
             pool.submit((conn, _RESUME))
             if pool.busy >= pool.size:

@@ -363,6 +363,39 @@ def test_a_handed_over_connection_is_bounded_by_its_deadlines(serve, initial, an
     wait_for(lambda: r.server.active_connections == 0, "the connection forgotten")
 
 
+@pytest.mark.parametrize("close, joins", [(True, False), (False, True)])
+def test_a_handed_over_connection_joins_the_loop_only_if_it_waits_for_bytes(serve, close, joins):
+    """One that brought its whole request and closes after the response is served and
+    closed without an epoll registration (two syscalls less per connection); one kept
+    alive waits on the loop for its next request, and is served when it comes."""
+    r = serve()
+    registered: list[int] = []
+    register = r.loop.register
+    r.loop.register = lambda fileobj, *args: registered.append(
+        fileobj if type(fileobj) is int else fileobj.fileno()) or register(fileobj, *args)
+    other = socket.socket()
+    other.bind(("127.0.0.1", 0))
+    other.listen(8)
+    try:
+        client = socket.create_connection(other.getsockname(), timeout=DEADLINE_S)
+        r.clients.append(client)
+        get(client, "/first", "Connection: close\r\n" if close else "")
+        sock, peer = other.accept()
+        assert select.select([sock], [], [], DEADLINE_S)[0], "the request arrived"
+        fd = sock.fileno()
+        r.in_loop(lambda: r.server.add_connection(sock, peer, "elsewhere"))
+        buf = bytearray()
+        assert read_response(client, buf)[2] == b"hello /first"
+        if close:
+            assert client.recv(10) == b""
+        else:
+            get(client, "/second")
+            assert read_response(client, buf)[2] == b"hello /second"
+        assert (fd in registered) is joins
+    finally:
+        other.close()
+
+
 @pytest.mark.parametrize("listener_nodelay", [0, 1])
 def test_handed_over_tcp_connections_all_get_tcp_nodelay_whatever_their_listener_gave(serve, listener_nodelay):
     """The server learns from a listener's first handed-over connection whether its
