@@ -44,6 +44,23 @@ Promises:
    stuck in a slow request soon stops progressing and gets none, so a connection never
    waits behind a slow request while another worker would free up sooner. Promise 2a
    is kept first: a spare slot is used only when no worker is free (ip-hash: never).
+2c. **A connection a worker has not read yet is taken back for a worker that is free.**
+   When an app's queue is empty and one of its workers has a free thread, while another
+   has unacknowledged connections and has shown no progress for `steal_after_s` (it may
+   be in a slow request, or stopped), `steals` names that worker, once per connection
+   the free threads could take, longest silent first. The shell reads the oldest CONN
+   still unread in that worker's channel (from its copy of the worker's end, the same
+   one a dead worker's unread connections are read back from) and calls `stolen`,
+   which takes the connection back; the shell dispatches it again. When there was
+   nothing left to read (the worker read them all), `steal_missed` says so, and that
+   worker is not tried again until it progresses. When a worker is silent but not yet
+   for long enough, `steals` says when to look again. (Not for ip-hash, whose
+   connections wait for their own worker.) A worker something was taken back from is
+   stalled: not free, and given nothing ahead, until a REPORT shows it progressed, or
+   for `STALL_S` (then `steals` counts it free again; it says when to call for that),
+   so a stopped worker does not take back at once what was just taken from it. So a connection sent ahead to a worker
+   that then stayed in a slow request does not wait for it while another is free,
+   which the kernel's queue cannot do once a worker accepted.
 3. **The queue is bounded, and first in first out per app** (per worker for ip-hash,
    whose connections wait for their own). A connection no free worker could take
    waits; when `queue_limit` connections already wait (all apps together),
@@ -85,6 +102,8 @@ from supervisor.ipc.messages import PREFETCH
 QUEUE_LIMIT = 1024
 QUEUE_TIMEOUT_S = 30.0
 PREFETCH_WINDOW_S = 0.005   # a worker silent longer may be stuck in a slow request
+STEAL_AFTER_S = 0.001       # a worker silent this long with unread connections: take them back (2c)
+STALL_S = 0.1               # how long one something was taken back from gets nothing, unless it progresses
 
 # Why a connection is refused; the two 503s are also the counters' names.
 OVERFLOW = "overflow_503"
@@ -123,10 +142,13 @@ class Worker(WorkerLoad):
         self.unacked: dict[int, Connection] = {}
         self.progressed_at = float("-inf")   # its last REPORT that showed a request done (2b)
         self.ahead = 1   # how many it may take ahead: what its last closing REPORT closed (2b)
+        self.steal_missed_at = float("-inf")   # when its channel last had nothing to take back (2c)
+        self.stalled = False         # a connection was taken back from it: not free until it progresses
+        self.stalled_until = 0.0     # ... or until then (2c)
 
     def refresh(self) -> None:
         """Recompute `free` after its busy count, threads or unacknowledged ones moved."""
-        self.free = self.busy + len(self.unacked) < self.threads
+        self.free = self.busy + len(self.unacked) < self.threads and not self.stalled
 
 
 class Send:
@@ -196,7 +218,8 @@ class Dispatcher:
 
     def __init__(self, clock: Callable[[], float], queue_limit: int = QUEUE_LIMIT,
                  queue_timeout_s: float = QUEUE_TIMEOUT_S, rng: random.Random | None = None,
-                 prefetch: int = PREFETCH, prefetch_window_s: float = PREFETCH_WINDOW_S) -> None:
+                 prefetch: int = PREFETCH, prefetch_window_s: float = PREFETCH_WINDOW_S,
+                 steal_after_s: float = STEAL_AFTER_S) -> None:
         if queue_limit < 1:
             raise ValueError(f"queue_limit must be at least 1, not {queue_limit}")
         if not 0 <= prefetch <= PREFETCH:
@@ -204,18 +227,22 @@ class Dispatcher:
         self.clock = clock
         self.prefetch = prefetch
         self.prefetch_window_s = prefetch_window_s
+        self.steal_after_s = steal_after_s
         self.queue_limit = queue_limit
         self.queue_timeout_s = queue_timeout_s
         self._rng = rng
         self._apps: dict[str, _App] = {}
         self._workers: dict[int, Worker] = {}
         self._ready: set[str] = set()   # apps whose queue may move now (promise 4)
+        self.steal_ready: set[str] = set()   # apps with a free worker, which may take back (2c)
+        self.stalled: dict[int, Worker] = {}   # by key: those not free since something was taken back (2c)
         self._ids = itertools.count(1)
         self.queued = 0                 # connections waiting, all apps together
         self.draining = False
         # Counters, for /metrics.
         self.dispatched = 0
         self.redispatched = 0
+        self.taken_back = 0
         self.overflow_503 = 0
         self.queue_timeout_503 = 0
         self.worker_refused_503 = 0
@@ -304,16 +331,91 @@ class Dispatcher:
             worker.connections = max(0, worker.connections - len(closed))
         if closed or busy < worker.busy:
             worker.progressed_at = self.clock()
+            if worker.stalled:
+                worker.stalled = False
+                del self.stalled[worker.key]
         if closed:
             worker.ahead = len(closed)
         worker.busy = busy
         if threads:
             worker.threads = threads
         load = busy + len(unacked)
-        worker.free = load < worker.threads   # refresh(), inlined: once per report
+        free = worker.free = load < worker.threads and not worker.stalled   # refresh(), inlined
+        if free:
+            self.steal_ready.add(worker.app)
         if self.queued and worker.accepting and load < worker.threads + min(self.prefetch, worker.ahead):
             self._ready.add(worker.app)
         return taken
+
+    def steals(self) -> tuple[list[Worker], float | None]:
+        """Promise 2c: the workers to take an unread connection back from now, one entry
+        per connection (longest silent first), and when to call again (None: no need
+        until a worker reports itself free)."""
+        ready = self.steal_ready
+        victims: list[Worker] = []
+        recheck: float | None = None
+        if not ready and not self.stalled:
+            return victims, recheck
+        now, after = self.clock(), self.steal_after_s
+        for worker in list(self.stalled.values()):
+            if worker.stalled_until <= now:   # no sign of life, but it had its time
+                worker.stalled = False
+                del self.stalled[worker.key]
+                worker.refresh()
+                ready.add(worker.app)
+                state = self._apps.get(worker.app)
+                if state is not None and state.waiting:
+                    self._ready.add(worker.app)
+            else:
+                recheck = worker.stalled_until if recheck is None else min(recheck, worker.stalled_until)
+        for name in list(ready):
+            app = self._apps.get(name)
+            if app is None or app.policy is None or app.policy.AFFINE or app.waiting:
+                ready.discard(name)
+                continue
+            room = sum(worker.threads - worker.busy - len(worker.unacked) for worker in app.accepting if worker.free)
+            silent = [worker for worker in app.accepting
+                      if worker.unacked and not worker.free and worker.steal_missed_at < worker.progressed_at]
+            if room <= 0 or not silent:
+                ready.discard(name)
+                continue
+            later = [worker.progressed_at + after for worker in silent if worker.progressed_at + after > now]
+            if later:
+                recheck = min(later) if recheck is None else min(recheck, *later)
+            else:
+                ready.discard(name)
+            for worker in sorted((worker for worker in silent if worker.progressed_at + after <= now),
+                                 key=lambda worker: worker.progressed_at):
+                take = min(room, len(worker.unacked))
+                victims.extend([worker] * take)
+                room -= take
+                if not room:
+                    break
+        return victims, recheck
+
+    def stolen(self, worker: Worker, conn_id: int) -> Connection | None:
+        """The shell took connection `conn_id` back unread from `worker`'s channel: it is
+        no longer that worker's (None if it never was). Dispatch it again."""
+        conn = worker.unacked.pop(conn_id, None)
+        if conn is None:
+            return None
+        worker.connections = max(0, worker.connections - 1)
+        if not worker.stalled:
+            worker.stalled = True
+            self.stalled[worker.key] = worker
+        worker.stalled_until = self.clock() + STALL_S
+        worker.refresh()
+        app = self._apps.get(conn.app)
+        if app is not None:
+            app.handoffs -= 1   # that handoff did not happen; the next one counts
+        self.dispatched -= 1
+        self.taken_back += 1
+        conn.queued_at = 0.0
+        return conn
+
+    def steal_missed(self, worker: Worker) -> None:
+        """Nothing was left unread in `worker`'s channel: not again until it progresses."""
+        worker.steal_missed_at = self.clock()
 
     def refused(self, worker: Worker, conn_ids) -> list[Decision]:
         """The worker's REPORT says these connections never reached it (promise 5): each
@@ -352,6 +454,7 @@ class Dispatcher:
             return [], []
         self.detach(worker)
         del self._workers[worker.key]
+        self.stalled.pop(worker.key, None)
         decisions, lost = [], []
         for conn_id, conn in worker.unacked.items():
             if unread is not None and conn_id not in unread:
@@ -461,7 +564,7 @@ class Dispatcher:
         since = self.clock() - self.prefetch_window_s
         best = None
         for worker in app.accepting:
-            if (worker.progressed_at >= since
+            if (worker.progressed_at >= since and not worker.stalled
                     and worker.busy + len(worker.unacked) < worker.threads + min(self.prefetch, worker.ahead)
                     and (best is None or worker.progressed_at > best.progressed_at)):
                 best = worker

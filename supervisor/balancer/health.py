@@ -71,6 +71,8 @@ METRICS = {
                                  None),
     "baton_reloads_total": ("counter", "Configuration reloads applied.", None),
     "baton_accepted_total": ("counter", "Connections the balancer accepted.", None),
+    "baton_taken_back_total": ("counter", "Connections taken back unread from a silent worker for a free one.",
+                               None),
     "baton_refused_total": ("counter", "Connections the balancer answered itself (unknown host, overflow, timeout).",
                             None),
     "process_cpu_seconds_total": ("counter", "User and system CPU time of Baton's processes, by role "

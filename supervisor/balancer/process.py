@@ -104,6 +104,7 @@ class Balancer:
         self.master_figures = Metrics(apps={}, overall={})
         self._figure_parts: list[Metrics] = []   # of the master's figures, until the last part
         self._queue_timer: Timer | None = None
+        self._steal_timer: Timer | None = None
         self.health = (HealthServer(loop, health_socket, lambda: self.core.draining, self.metrics_text)
                        if health_socket is not None else None)
         # Each handler owns the message's fds once it returns; one that raises
@@ -178,12 +179,37 @@ class Balancer:
             # Before accepting: connections that waited go first.
             while (send := core.next_queued()) is not None:
                 self._perform(send)
+        if core.steal_ready or core.stalled:
+            self._take_back()
+            # A stalled worker that had its time may take what waits now.
+            while core.queued and (send := core.next_queued()) is not None:
+                self._perform(send)
         self.intake.resume_deferred()
         self.intake.accept_ready()
         if core.queued and self._queue_timer is None:
             self._queue_timer = self.loop.call_at(core.next_deadline(), self._expire_queue)
         if core.draining and core.done:
             self.loop.stop()
+
+    def _take_back(self) -> None:
+        """Connections unread at a silent worker go to a free one (the core's 2c)."""
+        core = self.core
+        victims, recheck = core.steals()
+        missed = set()
+        for worker in victims:
+            if worker.key in missed:
+                continue
+            pending = self.links.take_back(worker)
+            if pending is None:
+                core.steal_missed(worker)
+                missed.add(worker.key)
+                continue
+            self._dispatch(pending)
+        if recheck is not None and self._steal_timer is None:
+            self._steal_timer = self.loop.call_at(recheck, self._steal_due)
+
+    def _steal_due(self) -> None:
+        self._steal_timer = None   # the iteration's `_after_events` looks again
 
     def _expire_queue(self) -> None:
         self._queue_timer = None   # `_after_events` arms the next one
@@ -318,7 +344,8 @@ class Balancer:
                    "baton_refused_total": (self.intake.refused_host + self.intake.refused_proxy
                                            + self.core.overflow_503 + self.core.queue_timeout_503
                                            + self.core.worker_refused_503),
-                   "baton_parked": len(self.intake.parked)}
+                   "baton_parked": len(self.intake.parked),
+                   "baton_taken_back_total": self.core.taken_back}
         return per_app, overall
 
     def metrics_text(self) -> str:

@@ -387,18 +387,24 @@ class BalancerLink:
             pass   # the acknowledging reports say it too
 
     def on_readable(self) -> None:
-        taken = self._receive_connections()
         # Acknowledged in the loop iteration's REPORT (`report`, after its events), with
         # whatever else it has to say: often the same connections' ends. Until then the
         # balancer keeps its copies, and should we die, it reads back from a copy of our
-        # channel end what we never read, and passes on only that.
-        self.claimed.update(message.id for message, _ in taken)
-        for message, fd in taken:
+        # channel end what we never read, and passes on only that. One is read only when
+        # the one before it was served (inline) or went to a thread: while we are in a
+        # slow request, the rest stay unread, and the balancer may take them back for a
+        # worker that is free (its core's promise 2c).
+        for _ in range(64):
+            taken = self._receive_connections(1)
+            if not taken:
+                return
+            message, fd = taken[0]
+            self.claimed.add(message.id)
             self._serve(message, fd)
 
-    def _receive_connections(self) -> list[tuple[Conn, int]]:
+    def _receive_connections(self, limit: int = 64) -> list[tuple[Conn, int]]:
         taken = []
-        for _ in range(64):
+        for _ in range(limit):
             try:
                 message, fds = channel.receive(self.sock)
             except BlockingIOError:

@@ -23,6 +23,7 @@ from supervisor.balancer.dispatch import (
     APP_GONE,
     OVERFLOW,
     QUEUE_TIMEOUT,
+    STALL_S,
     WORKER_REFUSED,
     Connection,
     Dispatcher,
@@ -628,3 +629,77 @@ def test_take_waiting_moves_only_what_it_may_and_the_rest_keeps_its_place():
     assert driver.state()["queued"] == 1 and driver.core.next_deadline() == 30.0   # c2's wait is unchanged
     driver.step("report 1 acked=c0 busy=0")
     assert driver.step("next") == ["send c2 to 1"]
+
+
+# -- promise 2c: taking back what a silent worker has not read ----------------------
+
+
+def two_workers(policy="least-connections"):
+    clock = FakeClock(1.0)
+    core = Dispatcher(clock, prefetch=PREFETCH, steal_after_s=0.001)
+    core.set_apps({"a": policy})
+    slow, fast = core.attach(1, "a"), core.attach(2, "a")
+    for worker in (slow, fast):
+        core.report(worker, (), (), 0, threads=1)
+    return clock, core, slow, fast
+
+
+def test_a_silent_workers_unread_connection_is_named_for_a_free_worker_once_it_was_silent_long_enough():
+    clock, core, slow, fast = two_workers()
+    # Both take one; then one more goes ahead to the slow one (it progressed last).
+    first = core.dispatch(Connection("a"))
+    second = core.dispatch(Connection("a"))
+    assert {first.worker.key, second.worker.key} == {slow.key, fast.key}
+    at_slow = first if first.worker is slow else second
+    at_fast = second if at_slow is first else first
+    clock.now += 0.0001
+    core.report(slow, (at_slow.conn_id,), (), 1)       # in its slow request now
+    ahead = core.dispatch(Connection("a"))
+    assert ahead.worker is slow
+    core.report(fast, (at_fast.conn_id,), (at_fast.conn_id,), 0)   # free again, the queue empty
+    victims, recheck = core.steals()
+    assert victims == [] and recheck == pytest.approx(slow.progressed_at + 0.001)
+    clock.now = recheck
+    victims, _ = core.steals()
+    assert victims == [slow]
+    conn = core.stolen(slow, ahead.conn_id)
+    assert conn is ahead.conn and ahead.conn_id not in slow.unacked and core.taken_back == 1
+    assert not slow.free   # stalled: what was taken from it does not go straight back
+    again = core.dispatch(conn)
+    assert again.worker is fast
+    # Nothing more unread at the slow one: it is not tried again until it progresses.
+    core.report(fast, (again.conn_id,), (again.conn_id,), 0)
+    core.steal_missed(slow)
+    clock.now += 0.01
+    victims, recheck = core.steals()
+    assert victims == [] and recheck == pytest.approx(1.0 + 0.001 + STALL_S)   # its stall ends then
+    # It finishes its slow request: no longer stalled, and free once its one is done.
+    core.report(slow, (), (at_slow.conn_id,), 0)
+    assert slow.free and core.stalled == {}
+
+
+def test_a_stalled_worker_that_shows_no_life_is_free_again_after_its_stall():
+    clock, core, slow, fast = two_workers()
+    sent = core.dispatch(Connection("a"))
+    stuck = sent.worker
+    clock.now += 0.5
+    assert core.stolen(stuck, sent.conn_id) is sent.conn and not stuck.free
+    clock.now += STALL_S
+    core.steals()
+    assert stuck.free and core.stalled == {}
+
+
+def test_nothing_is_taken_back_while_the_queue_waits_or_for_ip_hash():
+    for policy in ("least-connections", "ip-hash"):
+        clock, core, slow, fast = two_workers(policy)
+        sent = core.dispatch(Connection("a", "10.0.0.1"))
+        clock.now += 1.0
+        if policy == "least-connections":
+            core.dispatch(Connection("a"))   # the other takes one, and a third waits
+            assert core.dispatch(Connection("a")) is None
+            other = fast if sent.worker is slow else slow
+            (conn_id,) = other.unacked
+            core.report(other, (conn_id,), (conn_id,), 0)   # it frees, and the queue moves first
+        else:
+            core.report(fast if sent.worker is slow else slow, (), (), 0)
+        assert core.steals() == ([], None)

@@ -279,6 +279,28 @@ def test_a_connection_sent_to_a_dying_worker_is_handed_to_another(baton, port):
     assert frozen not in {pid for _, pid in results}
 
 
+def test_connections_sent_to_a_stopped_worker_are_taken_back_for_the_other_while_it_lives(baton, port):
+    """What a worker has not read yet is taken back from its channel once it is silent
+    and another worker is free: none of the six waits for the stopped one, which is
+    never killed."""
+    master = baton(master_config(port) + app_block("alpha", workers=2))
+    pids = master.wait_workers(2)
+    frozen = pids[0]
+    os.kill(frozen, signal.SIGSTOP)  # it will read nothing more
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(request_pid(port))) for _ in range(6)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert len(results) == 6
+        assert {status for status, _ in results} == {200}
+        assert {pid for _, pid in results} == {pids[1]}
+    finally:
+        _resume(frozen)
+
+
 def test_reuseport_connections_queued_at_a_dead_worker_are_served_by_its_replacement(baton, port):
     master = baton(master_config(port, mode="reuseport") + app_block("alpha", workers=2))
     pids = master.wait_workers(2)
