@@ -46,21 +46,21 @@ Promises:
    is kept first: a spare slot is used only when no worker is free (ip-hash: never).
 2c. **A connection a worker has not read yet is taken back for a worker that is free.**
    When an app's queue is empty and one of its workers has a free thread, while another
-   has unacknowledged connections and has shown no progress for `steal_after_s` (it may
-   be in a slow request, or stopped), `steals` names that worker, once per connection
-   the free threads could take, longest silent first. The shell reads the oldest CONN
-   still unread in that worker's channel (from its copy of the worker's end, the same
-   one a dead worker's unread connections are read back from) and calls `stolen`,
-   which takes the connection back; the shell dispatches it again. When there was
-   nothing left to read (the worker read them all), `steal_missed` says so, and that
-   worker is not tried again until it progresses. When a worker is silent but not yet
-   for long enough, `steals` says when to look again. (Not for ip-hash, whose
-   connections wait for their own worker.) A worker something was taken back from is
-   stalled: not free, and given nothing ahead, until a REPORT shows it progressed, or
-   for `STALL_S` (then `steals` counts it free again; it says when to call for that),
-   so a stopped worker does not take back at once what was just taken from it. So a connection sent ahead to a worker
-   that then stayed in a slow request does not wait for it while another is free,
-   which the kernel's queue cannot do once a worker accepted.
+   has unacknowledged connections and has been silent for `steal_after_s` (in a slow
+   request, or stopped), `steals` names that worker, once per connection the free
+   threads could take, longest silent first. Silent means: no progress since it was
+   last given a connection while it had none unacknowledged, nor since its last REPORT
+   that showed progress (an idle worker is not silent the moment it gets one). The
+   shell reads the oldest CONN still unread in that worker's channel (from its copy of
+   the worker's end, the same one a dead worker's unread connections are read back
+   from) and calls `stolen`, which takes the connection back and answers for it as
+   `dispatch` does, with any worker but that one. When there was nothing left to read
+   (the worker read them all), `steal_missed` says so, and that worker is not tried
+   again until it progresses. When a worker is silent but not yet for long enough,
+   `steals` says when to look again. (Not for ip-hash, whose connections wait for
+   their own worker.) So a connection sent ahead to a worker that then stayed in a
+   slow request does not wait for it while another is free, which the kernel's queue
+   cannot do once a worker accepted.
 3. **The queue is bounded, and first in first out per app** (per worker for ip-hash,
    whose connections wait for their own). A connection no free worker could take
    waits; when `queue_limit` connections already wait (all apps together),
@@ -103,7 +103,6 @@ QUEUE_LIMIT = 1024
 QUEUE_TIMEOUT_S = 30.0
 PREFETCH_WINDOW_S = 0.005   # a worker silent longer may be stuck in a slow request
 STEAL_AFTER_S = 0.001       # a worker silent this long with unread connections: take them back (2c)
-STALL_S = 0.1               # how long one something was taken back from gets nothing, unless it progresses
 
 # Why a connection is refused; the two 503s are also the counters' names.
 OVERFLOW = "overflow_503"
@@ -143,12 +142,16 @@ class Worker(WorkerLoad):
         self.progressed_at = float("-inf")   # its last REPORT that showed a request done (2b)
         self.ahead = 1   # how many it may take ahead: what its last closing REPORT closed (2b)
         self.steal_missed_at = float("-inf")   # when its channel last had nothing to take back (2c)
-        self.stalled = False         # a connection was taken back from it: not free until it progresses
-        self.stalled_until = 0.0     # ... or until then (2c)
+        self.unacked_since = float("-inf")   # when it was last given one while it had none unacknowledged
 
     def refresh(self) -> None:
         """Recompute `free` after its busy count, threads or unacknowledged ones moved."""
-        self.free = self.busy + len(self.unacked) < self.threads and not self.stalled
+        self.free = self.busy + len(self.unacked) < self.threads
+
+
+def _silent_since(worker: Worker) -> float:
+    """Since when it has shown no sign of taking what it was given (2c)."""
+    return max(worker.progressed_at, worker.unacked_since)
 
 
 class Send:
@@ -235,7 +238,6 @@ class Dispatcher:
         self._workers: dict[int, Worker] = {}
         self._ready: set[str] = set()   # apps whose queue may move now (promise 4)
         self.steal_ready: set[str] = set()   # apps with a free worker, which may take back (2c)
-        self.stalled: dict[int, Worker] = {}   # by key: those not free since something was taken back (2c)
         self._ids = itertools.count(1)
         self.queued = 0                 # connections waiting, all apps together
         self.draining = False
@@ -331,16 +333,13 @@ class Dispatcher:
             worker.connections = max(0, worker.connections - len(closed))
         if closed or busy < worker.busy:
             worker.progressed_at = self.clock()
-            if worker.stalled:
-                worker.stalled = False
-                del self.stalled[worker.key]
         if closed:
             worker.ahead = len(closed)
         worker.busy = busy
         if threads:
             worker.threads = threads
         load = busy + len(unacked)
-        free = worker.free = load < worker.threads and not worker.stalled   # refresh(), inlined
+        free = worker.free = load < worker.threads   # refresh(), inlined: once per report
         if free:
             self.steal_ready.add(worker.app)
         if self.queued and worker.accepting and load < worker.threads + min(self.prefetch, worker.ahead):
@@ -354,20 +353,9 @@ class Dispatcher:
         ready = self.steal_ready
         victims: list[Worker] = []
         recheck: float | None = None
-        if not ready and not self.stalled:
+        if not ready:
             return victims, recheck
         now, after = self.clock(), self.steal_after_s
-        for worker in list(self.stalled.values()):
-            if worker.stalled_until <= now:   # no sign of life, but it had its time
-                worker.stalled = False
-                del self.stalled[worker.key]
-                worker.refresh()
-                ready.add(worker.app)
-                state = self._apps.get(worker.app)
-                if state is not None and state.waiting:
-                    self._ready.add(worker.app)
-            else:
-                recheck = worker.stalled_until if recheck is None else min(recheck, worker.stalled_until)
         for name in list(ready):
             app = self._apps.get(name)
             if app is None or app.policy is None or app.policy.AFFINE or app.waiting:
@@ -379,13 +367,13 @@ class Dispatcher:
             if room <= 0 or not silent:
                 ready.discard(name)
                 continue
-            later = [worker.progressed_at + after for worker in silent if worker.progressed_at + after > now]
+            later = [_silent_since(worker) + after for worker in silent if _silent_since(worker) + after > now]
             if later:
                 recheck = min(later) if recheck is None else min(recheck, *later)
             else:
                 ready.discard(name)
-            for worker in sorted((worker for worker in silent if worker.progressed_at + after <= now),
-                                 key=lambda worker: worker.progressed_at):
+            for worker in sorted((worker for worker in silent if _silent_since(worker) + after <= now),
+                                 key=_silent_since):
                 take = min(room, len(worker.unacked))
                 victims.extend([worker] * take)
                 room -= take
@@ -393,25 +381,26 @@ class Dispatcher:
                     break
         return victims, recheck
 
-    def stolen(self, worker: Worker, conn_id: int) -> Connection | None:
+    def stolen(self, worker: Worker, conn_id: int) -> tuple[bool, Decision | None]:
         """The shell took connection `conn_id` back unread from `worker`'s channel: it is
-        no longer that worker's (None if it never was). Dispatch it again."""
+        no longer that worker's. (False, None) if it never was; else (True, what becomes
+        of it, as from `dispatch`), another worker than that one."""
         conn = worker.unacked.pop(conn_id, None)
         if conn is None:
-            return None
+            return False, None
         worker.connections = max(0, worker.connections - 1)
-        if not worker.stalled:
-            worker.stalled = True
-            self.stalled[worker.key] = worker
-        worker.stalled_until = self.clock() + STALL_S
         worker.refresh()
-        app = self._apps.get(conn.app)
-        if app is not None:
-            app.handoffs -= 1   # that handoff did not happen; the next one counts
+        app = self._apps[conn.app]   # it was sent, so its app has a record
+        app.handoffs -= 1   # that handoff did not happen; the next one counts
         self.dispatched -= 1
         self.taken_back += 1
-        conn.queued_at = 0.0
-        return conn
+        if app.policy is None:
+            return True, Refuse(conn, APP_GONE)
+        others = [other for other in app.accepting if other is not worker]
+        choice = app.policy.pick(others, conn.client) if others else None
+        if choice is not None and choice.free:
+            return True, self._send(conn, choice, app, False, frozenset((worker.key,)))
+        return True, self._enqueue(conn, app)
 
     def steal_missed(self, worker: Worker) -> None:
         """Nothing was left unread in `worker`'s channel: not again until it progresses."""
@@ -454,7 +443,6 @@ class Dispatcher:
             return [], []
         self.detach(worker)
         del self._workers[worker.key]
-        self.stalled.pop(worker.key, None)
         decisions, lost = [], []
         for conn_id, conn in worker.unacked.items():
             if unread is not None and conn_id not in unread:
@@ -484,6 +472,8 @@ class Dispatcher:
         if worker is not None and (worker.free or not policy.AFFINE):
             conn_id = next(self._ids)
             unacked = worker.unacked
+            if not unacked:
+                worker.unacked_since = self.clock()
             unacked[conn_id] = conn
             worker.connections += 1
             worker.free = worker.busy + len(unacked) < worker.threads   # refresh(), inlined
@@ -564,7 +554,7 @@ class Dispatcher:
         since = self.clock() - self.prefetch_window_s
         best = None
         for worker in app.accepting:
-            if (worker.progressed_at >= since and not worker.stalled
+            if (worker.progressed_at >= since
                     and worker.busy + len(worker.unacked) < worker.threads + min(self.prefetch, worker.ahead)
                     and (best is None or worker.progressed_at > best.progressed_at)):
                 best = worker
@@ -585,6 +575,8 @@ class Dispatcher:
 
     def _send(self, conn: Connection, worker: Worker, app: _App, from_queue: bool, tried: frozenset[int]) -> Send:
         conn_id = next(self._ids)
+        if not worker.unacked:
+            worker.unacked_since = self.clock()
         worker.unacked[conn_id] = conn
         worker.connections += 1
         worker.refresh()

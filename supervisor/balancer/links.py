@@ -199,30 +199,30 @@ class Links:
             pending.ident = None   # taken from our copy only if it may still come back
         return True
 
-    def take_back(self, worker: Worker) -> Pending | None:
+    def take_back(self, worker: Worker) -> tuple[bool, Decision | None]:
         """The oldest connection still unread in the worker's channel, taken back from
-        our copy of its end (see the dispatch core's promise 2c); None when it read them
-        all, or we hold no copy of its end. The fd that came with it is closed: ours is
-        the one that goes on."""
+        our copy of its end (see the dispatch core's promise 2c), and what becomes of it;
+        (False, None) when it read them all, or we hold no copy of its end. The fd that
+        came with it is closed: ours is the one that goes on."""
         link = self.by_key.get(worker.key)
         if link is None or link.worker_end is None:
-            return None
+            return False, None
         try:
             message, fds = channel.receive(link.worker_end)
         except Truncated as exc:   # we are out of fds: our copy still serves
             message, fds = exc.message, []
         except (BlockingIOError, ChannelClosed, MessageError, OSError):
-            return None
+            return False, None
         for fd in fds:
             os.close(fd)
         if type(message) is not Conn:   # only CONNs travel this way: nothing to take
-            return None
+            return False, None
         pending = link.owned.pop(message.id, None)
-        if pending is None or self.core.stolen(worker, message.id) is None:
-            return None
+        if pending is None:
+            return False, None
         if link.by_ident is not None and pending.ident is not None:
             link.by_ident.pop(pending.ident, None)
-        return pending
+        return self.core.stolen(worker, message.id)
 
     def _readable(self, link: WorkerLink, limit: int | None = READS_PER_WAKEUP) -> None:
         """Read the worker's messages, `limit` of them at most (None: all there are)."""

@@ -179,11 +179,8 @@ class Balancer:
             # Before accepting: connections that waited go first.
             while (send := core.next_queued()) is not None:
                 self._perform(send)
-        if core.steal_ready or core.stalled:
+        if core.steal_ready:
             self._take_back()
-            # A stalled worker that had its time may take what waits now.
-            while core.queued and (send := core.next_queued()) is not None:
-                self._perform(send)
         self.intake.resume_deferred()
         self.intake.accept_ready()
         if core.queued and self._queue_timer is None:
@@ -199,12 +196,12 @@ class Balancer:
         for worker in victims:
             if worker.key in missed:
                 continue
-            pending = self.links.take_back(worker)
-            if pending is None:
+            taken, decision = self.links.take_back(worker)
+            if not taken:
                 core.steal_missed(worker)
                 missed.add(worker.key)
                 continue
-            self._dispatch(pending)
+            self._perform(decision)
         if recheck is not None and self._steal_timer is None:
             self._steal_timer = self.loop.call_at(recheck, self._steal_due)
 

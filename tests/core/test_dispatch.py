@@ -23,7 +23,6 @@ from supervisor.balancer.dispatch import (
     APP_GONE,
     OVERFLOW,
     QUEUE_TIMEOUT,
-    STALL_S,
     WORKER_REFUSED,
     Connection,
     Dispatcher,
@@ -657,36 +656,35 @@ def test_a_silent_workers_unread_connection_is_named_for_a_free_worker_once_it_w
     ahead = core.dispatch(Connection("a"))
     assert ahead.worker is slow
     core.report(fast, (at_fast.conn_id,), (at_fast.conn_id,), 0)   # free again, the queue empty
+    # Silent since it was given one with none unacknowledged (just now), not since it
+    # last progressed.
     victims, recheck = core.steals()
-    assert victims == [] and recheck == pytest.approx(slow.progressed_at + 0.001)
+    assert victims == [] and recheck == pytest.approx(1.0001 + 0.001)
     clock.now = recheck
     victims, _ = core.steals()
     assert victims == [slow]
-    conn = core.stolen(slow, ahead.conn_id)
-    assert conn is ahead.conn and ahead.conn_id not in slow.unacked and core.taken_back == 1
-    assert not slow.free   # stalled: what was taken from it does not go straight back
-    again = core.dispatch(conn)
-    assert again.worker is fast
+    taken, again = core.stolen(slow, ahead.conn_id)
+    assert taken and ahead.conn_id not in slow.unacked and core.taken_back == 1
+    assert again.conn is ahead.conn and again.worker is fast
     # Nothing more unread at the slow one: it is not tried again until it progresses.
     core.report(fast, (again.conn_id,), (again.conn_id,), 0)
     core.steal_missed(slow)
     clock.now += 0.01
-    victims, recheck = core.steals()
-    assert victims == [] and recheck == pytest.approx(1.0 + 0.001 + STALL_S)   # its stall ends then
-    # It finishes its slow request: no longer stalled, and free once its one is done.
-    core.report(slow, (), (at_slow.conn_id,), 0)
-    assert slow.free and core.stalled == {}
+    assert core.steals() == ([], None)
+    assert core.stolen(slow, 12345) == (False, None)   # not one of its
 
 
-def test_a_stalled_worker_that_shows_no_life_is_free_again_after_its_stall():
+def test_what_is_taken_back_never_goes_straight_back_to_that_worker():
     clock, core, slow, fast = two_workers()
     sent = core.dispatch(Connection("a"))
-    stuck = sent.worker
+    stuck, other = sent.worker, (fast if sent.worker is slow else slow)
+    core.dispatch(Connection("a"))    # the other is busy now
     clock.now += 0.5
-    assert core.stolen(stuck, sent.conn_id) is sent.conn and not stuck.free
-    clock.now += STALL_S
-    core.steals()
-    assert stuck.free and core.stalled == {}
+    taken, decision = core.stolen(stuck, sent.conn_id)
+    assert taken and decision is None and core.queued == 1   # no other free: it waits
+    (conn_id,) = other.unacked
+    core.report(other, (conn_id,), (conn_id,), 0)
+    assert core.next_queued().conn is sent.conn   # it goes out when a worker frees
 
 
 def test_nothing_is_taken_back_while_the_queue_waits_or_for_ip_hash():
