@@ -202,8 +202,13 @@ class Balancer:
                 missed.add(worker.key)
                 continue
             self._perform(decision)
-        if recheck is not None and self._steal_timer is None:
-            self._steal_timer = self.loop.call_at(recheck, self._steal_due)
+        if recheck is not None:
+            timer = self._steal_timer
+            if timer is not None and timer.when > recheck:
+                timer.cancel()
+                timer = None
+            if timer is None:
+                self._steal_timer = self.loop.call_at(recheck, self._steal_due)
 
     def _steal_due(self) -> None:
         self._steal_timer = None   # the iteration's `_after_events` looks again
