@@ -362,18 +362,18 @@ class Dispatcher:
                 ready.discard(name)
                 continue
             room = sum(worker.threads - worker.busy - len(worker.unacked) for worker in app.accepting if worker.free)
-            silent = [worker for worker in app.accepting
-                      if worker.unacked and not worker.free and worker.steal_missed_at < worker.progressed_at]
-            if room <= 0 or not silent:
-                ready.discard(name)
-                continue
-            later = [_silent_since(worker) + after for worker in silent if _silent_since(worker) + after > now]
-            if later:
-                recheck = min(later) if recheck is None else min(recheck, *later)
+            silent = [] if room <= 0 else [
+                worker for worker in app.accepting
+                if worker.unacked and not worker.free and worker.steal_missed_at < worker.progressed_at]
+            due = sorted((_silent_since(worker) + after, worker.key, worker) for worker in silent)
+            later = next((when for when, _, _ in due if when > now), None)   # the soonest not yet due
+            if later is not None:
+                recheck = later if recheck is None else min(recheck, later)
             else:
                 ready.discard(name)
-            for worker in sorted((worker for worker in silent if _silent_since(worker) + after <= now),
-                                 key=_silent_since):
+            for when, _, worker in due:
+                if when > now:
+                    break
                 take = min(room, len(worker.unacked))
                 victims.extend([worker] * take)
                 room -= take

@@ -395,25 +395,26 @@ class BalancerLink:
         # slow request, the rest stay unread, and the balancer may take them back for a
         # worker that is free (its core's promise 2c).
         for _ in range(64):
-            taken = self._receive_connections(1)
-            if not taken:
+            taken = self._next_connection()
+            if taken is None:
                 return
-            message, fd = taken[0]
+            message, fd = taken
             self.claimed.add(message.id)
             self._serve(message, fd)
 
-    def _receive_connections(self, limit: int = 64) -> list[tuple[Conn, int]]:
-        taken = []
-        for _ in range(limit):
+    def _next_connection(self) -> tuple[Conn, int] | None:
+        """The next CONN in the channel, with its one fd (what else comes is noted or
+        dropped on the way); None when there is none now."""
+        for _ in range(64):
             try:
                 message, fds = channel.receive(self.sock)
             except BlockingIOError:
-                break
+                return None
             except (ChannelClosed, ConnectionError):
                 self.loop.unregister(self.sock)
                 self.log.error("the balancer dropped this worker's link; stopping")
                 self.server.stop(graceful=True)
-                break
+                return None
             except channel.Truncated as exc:
                 if type(exc.message) is Conn:
                     if not self.refused:   # one line per report, not per connection
@@ -428,8 +429,8 @@ class BalancerLink:
                 for fd in fds:
                     os.close(fd)
                 continue
-            taken.append((message, fds[0]))  # a Conn comes with its one fd
-        return taken
+            return message, fds[0]
+        return None   # (the level-triggered loop comes back for the rest)
 
     def _serve(self, conn: Conn, fd: int) -> None:
         conn_id, peer, listener = conn.id, conn.peer, conn.listener
